@@ -1,0 +1,24 @@
+"""OIALR as a plain-PyTorch library (no Ray, no Optuna): drop it into any training loop.
+
+    controller = OIALR(model, optimizer, delay=1000, stability_frequency=100)
+    ...
+    optimizer.step()
+    controller.step()
+"""
+
+from .controller import OIALR, LayerStats, RankEvent, apply_low_rank_structure, low_rank_structure, svd
+from .export import export_dense
+from .lowrank import LowRankLayer, LowRankWeight, factorized_is_cheaper
+
+__all__ = [
+    "OIALR",
+    "LayerStats",
+    "LowRankLayer",
+    "LowRankWeight",
+    "RankEvent",
+    "apply_low_rank_structure",
+    "export_dense",
+    "factorized_is_cheaper",
+    "low_rank_structure",
+    "svd",
+]
