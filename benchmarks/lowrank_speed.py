@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (50 if on_gpu else 7)
     tokens = 16384 if on_gpu else 1024
     images = 64 if on_gpu else 8
-    name = torch.cuda.get_device_name(device) if on_gpu else f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+    cpu = f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if on_gpu else cpu
 
     rows = []
     for kind in ("vit_mlp", "resnet_conv"):
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Forward+backward of one stack, median of {repeats}; inputs: {tokens} tokens (vit_mlp), "
         f"{images}×256×16×16 (resnet_conv). Times are ratios to the dense stack in the same run.",
         "",
-        "| stack | rank | our path | dense time (ms) | ours / dense | rebuilt-W / dense | FLOP ratio | ours / (FLOP ratio × dense) |",
+        "| stack | rank | our path | dense time (ms) | ours / dense | rebuilt-W / dense | FLOP ratio "
+        "| ours / (FLOP ratio × dense) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for kind, frac, mode, dense_t, ours_r, rebuilt_r, flop_r in rows:
