@@ -4,7 +4,7 @@ Two layer stacks, each at ranks 5/10/25/50/100 % of full rank:
 
 * ``vit_mlp``: ViT-B-sized Linear 768 → 3072 → 768 on a batch of tokens (no activation between:
   its cost does not depend on the rank, and at 5 % rank a GELU alone takes longer than both layers);
-* ``resnet_conv``: a ResNet-sized Conv2d 256 → 256, 3×3, on 16×16 feature maps.
+* ``resnet_conv``: a ResNet-sized Conv2d 256 → 256, 3×3, on 16×16 (CPU) or 32×32 (GPU) feature maps.
 
 "ours" is :class:`oialr_tune.oialr.LowRankLayer`, which runs factorized when that is cheaper;
 "rebuilt" computes W = U S Vᵀ in every forward and runs the dense op, as the authors' code does.
@@ -58,12 +58,12 @@ def make_stack(kind: str, rank_fraction: float | None, variant: str, device: tor
     return nn.Sequential(*layers).to(device)
 
 
-def stack_flops(kind: str, rank_fraction: float | None, batch: int) -> float:
+def stack_flops(kind: str, rank_fraction: float | None, batch: int, side: int) -> float:
     """Multiply-adds of forward + backward (input needs no grad; frozen bases get none)."""
     if kind == "vit_mlp":
         shapes = [(3072, 768, batch, True), (768, 3072, batch, False)]  # (m, n, positions, first)
     else:
-        shapes = [(256, 256 * 9, batch * 16 * 16, True)]
+        shapes = [(256, 256 * 9, batch * side * side, True)]
     total = 0.0
     for m, n, pos, first in shapes:
         dense = pos * m * n * (2 if first else 3)  # fwd + grad W (+ grad x)
@@ -111,25 +111,26 @@ def main(argv: list[str] | None = None) -> None:
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     repeats = args.repeats or (50 if on_gpu else 7)
-    tokens = 16384 if on_gpu else 1024
-    images = 64 if on_gpu else 8
+    tokens = 65536 if on_gpu else 1024  # on the GPU, big enough that launches do not dominate
+    images = 256 if on_gpu else 8
+    side = 32 if on_gpu else 16
     cpu = f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
     name = torch.cuda.get_device_name(device) if on_gpu else cpu
 
     rows = []
     for kind in ("vit_mlp", "resnet_conv"):
         g = torch.Generator().manual_seed(1)
-        shape = (tokens, 768) if kind == "vit_mlp" else (images, 256, 16, 16)
+        shape = (tokens, 768) if kind == "vit_mlp" else (images, 256, side, side)
         x = torch.randn(*shape, generator=g).to(device)
         batch = tokens if kind == "vit_mlp" else images
         dense_t = time_stack(make_stack(kind, None, "dense", device), x, dtype, repeats)
-        dense_f = stack_flops(kind, None, batch)
+        dense_f = stack_flops(kind, None, batch, side)
         for frac in RANK_FRACTIONS:
             ours = make_stack(kind, frac, "ours", device)
             mode = "factorized" if next(m for m in ours if isinstance(m, LowRankLayer)).factorized else "rebuilt"
             ours_t = time_stack(ours, x, dtype, repeats)
             rebuilt_t = time_stack(make_stack(kind, frac, "rebuilt", device), x, dtype, repeats)
-            flop_ratio = stack_flops(kind, frac, batch) / dense_f
+            flop_ratio = stack_flops(kind, frac, batch, side) / dense_f
             rows.append((kind, frac, mode, dense_t, ours_t / dense_t, rebuilt_t / dense_t, flop_ratio))
             print(f"{kind:12s} rank {frac:4.0%}: ours {ours_t / dense_t:.2f}x ({mode}), "
                   f"rebuilt {rebuilt_t / dense_t:.2f}x, FLOP ratio {flop_ratio:.2f}", flush=True)
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Device: {name}. torch {torch.__version__}. Command: `{cmd}`.",
         f"Forward+backward of one stack, median of {repeats}; inputs: {tokens} tokens (vit_mlp), "
-        f"{images}×256×16×16 (resnet_conv). Times are ratios to the dense stack in the same run.",
+        f"{images}×256×{side}×{side} (resnet_conv). Times are ratios to the dense stack in the same run.",
         "",
         "| stack | rank | our path | dense time (ms) | ours / dense | rebuilt-W / dense | FLOP ratio "
         "| ours / (FLOP ratio × dense) |",
