@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from scipy import stats as _scipy_stats
 
-__all__ = ["Interval", "welch_interval", "verdict"]
+__all__ = ["Interval", "verdict", "welch_interval"]
 
 
 @dataclass(frozen=True)
