@@ -1,0 +1,239 @@
+"""Model registry: networks built by name, so a YAML file can name them.
+
+`build_model(name, in_shape, num_classes, **args)` looks the name up in `MODELS`. Each builder's
+keyword arguments (after `in_shape` and `num_classes`) are the model's `args` in the config; their
+type hints are what `check_model_args` validates against, so adding a builder needs no other change.
+
+All layers that OIALR should factorize are plain nn.Linear / nn.Conv2d (or torchvision's
+nn.MultiheadAttention in `vit_b16`). No pretrained weights are ever fetched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oialr_tune.config import convert_value
+from oialr_tune.errors import UserError
+
+InShape = tuple[int, ...]  # (C, H, W) of one example
+
+
+# --- MLP and small CNN -------------------------------------------------------------------------
+
+
+def mlp(
+    in_shape: InShape, num_classes: int, hidden: tuple[int, ...] = (256, 256), dropout: float = 0.0
+) -> nn.Module:
+    """Flatten, then Linear + ReLU (+ dropout) per entry of `hidden`, then a Linear classifier."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = 1
+    for d in in_shape:
+        width *= d
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn(
+    in_shape: InShape,
+    num_classes: int,
+    channels: tuple[int, ...] = (32, 64),
+    hidden: int = 128,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Conv3×3 + BN + ReLU + 2×2 max-pool per entry of `channels`, then Linear + ReLU + Linear.
+
+    The feature map is average-pooled to at most 4×4 before the Linear layers so the first of
+    them stays small on 32×32 inputs.
+    """
+    c, h, w = in_shape
+    layers: list[nn.Module] = []
+    for out in channels:
+        layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        if min(h, w) >= 2:
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        c = out
+    side_h, side_w = min(h, 4), min(w, 4)
+    layers += [nn.AdaptiveAvgPool2d((side_h, side_w)), nn.Flatten(), nn.Linear(c * side_h * side_w, hidden)]
+    layers.append(nn.ReLU(inplace=True))
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(hidden, num_classes))
+    return nn.Sequential(*layers)
+
+
+# --- ResNets (torchvision) ----------------------------------------------------------------------
+
+
+def _resnet(factory: Callable[..., nn.Module], in_shape: InShape, num_classes: int, cifar_stem: bool | None):
+    model = factory(weights=None, num_classes=num_classes)
+    channels, h, w = in_shape
+    if cifar_stem is None:  # small images lose too much to a 7×7/2 conv and a max-pool
+        cifar_stem = min(h, w) <= 64
+    if cifar_stem:
+        model.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif channels != 3:
+        model.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
+    return model
+
+
+def resnet18(in_shape: InShape, num_classes: int, cifar_stem: bool | None = None) -> nn.Module:
+    """torchvision ResNet-18, random init. `cifar_stem` (default: images ≤ 64 px): 3×3/1 conv1, no max-pool."""
+    from torchvision.models import resnet18 as factory
+
+    return _resnet(factory, in_shape, num_classes, cifar_stem)
+
+
+def resnet50(in_shape: InShape, num_classes: int, cifar_stem: bool | None = None) -> nn.Module:
+    """torchvision ResNet-50, random init; `cifar_stem` as for `resnet18`."""
+    from torchvision.models import resnet50 as factory
+
+    return _resnet(factory, in_shape, num_classes, cifar_stem)
+
+
+# --- a small ViT for small images --------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.Linear projections (factorizable by OIALR) and SDPA."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Vision transformer: conv patch embedding, class token, learned positions, `depth` blocks."""
+
+    def __init__(self, in_shape: InShape, num_classes: int, patch_size: int, dim: int, depth: int,
+                 heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        c, h, w = in_shape
+        self.patch_embed = nn.Conv2d(c, dim, patch_size, stride=patch_size)
+        tokens = (h // patch_size) * (w // patch_size) + 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+def vit_small(
+    in_shape: InShape,
+    num_classes: int,
+    patch_size: int = 4,
+    dim: int = 192,
+    depth: int = 6,
+    heads: int = 3,
+    mlp_ratio: float = 4.0,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """A small ViT for CIFAR-size images (ViT-Tiny width by default, patch 4 → 64 tokens on 32×32)."""
+    _, h, w = in_shape
+    if h % patch_size or w % patch_size:
+        raise UserError(f"model.args.patch_size: {patch_size} does not divide the {h}x{w} images")
+    if dim % heads:
+        raise UserError(f"model.args.heads: {heads} does not divide dim {dim}")
+    return ViT(in_shape, num_classes, patch_size, dim, depth, heads, mlp_ratio, dropout)
+
+
+def vit_b16(in_shape: InShape, num_classes: int, dropout: float = 0.0, attention_dropout: float = 0.0) -> nn.Module:
+    """torchvision ViT-B/16 (random init) at the data's image size, which must be square and a multiple of 16."""
+    from torchvision.models import vit_b_16
+
+    c, h, w = in_shape
+    if h != w or h % 16:
+        raise UserError(f"model.name: vit_b16 needs square images with a side divisible by 16, got {h}x{w}")
+    model = vit_b_16(weights=None, image_size=h, num_classes=num_classes, dropout=dropout,
+                     attention_dropout=attention_dropout)
+    if c != 3:
+        model.conv_proj = nn.Conv2d(c, model.hidden_dim, 16, stride=16)
+    return model
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "vit_small": vit_small,
+    "vit_b16": vit_b16,
+}
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    if name not in MODELS:
+        raise UserError(f"model.name: unknown model {name!r} (known: {', '.join(MODELS)})")
+    return MODELS[name]
+
+
+def check_model_args(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate `model.args` against the builder's signature; returns them converted to their types.
+
+    Raises UserError naming ``model.args.X`` for an unknown argument, a wrong type or a bad value.
+    """
+    builder = _builder(name)
+    params = list(inspect.signature(builder).parameters)[2:]  # after in_shape, num_classes
+    hints = typing.get_type_hints(builder)
+    out = {}
+    for key, value in args.items():
+        where = f"model.args.{key}"
+        if key not in params:
+            raise UserError(f"{where}: unknown argument for model {name!r} (known: {', '.join(params)})")
+        value = convert_value(value, hints[key], where)
+        sizes = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in sizes):
+            raise UserError(f"{where}: sizes must be >= 1, got {value!r}")
+        if "dropout" in key and not 0 <= value < 1:
+            raise UserError(f"{where}: must be in [0, 1), got {value!r}")
+        if key == "mlp_ratio" and value <= 0:
+            raise UserError(f"{where}: must be > 0, got {value!r}")
+        out[key] = value
+    return out
+
+
+def build_model(name: str, in_shape: InShape, num_classes: int, **args: Any) -> nn.Module:
+    """Build model `name` for inputs of shape `in_shape` (C, H, W) and `num_classes` outputs."""
+    return _builder(name)(tuple(in_shape), num_classes, **check_model_args(name, args))
