@@ -1,0 +1,453 @@
+"""One training run (OIALR or full rank) from a `TrainConfig`: the loop a Ray Tune trial calls.
+
+Read `train` top to bottom: data, model, optimizer, OIALR controller, then per epoch the training
+steps, validation, metrics, checkpoint and callbacks. It imports neither Ray nor Optuna; the tuning
+layer plugs in through `Callback`.
+
+Guarantees the tuning layer relies on:
+
+* **Deterministic**: the same config and seed give the same metrics (bit-identical on CPU).
+* **Resumable**: a checkpoint holds model, optimizer, OIALR controller, GradScaler, RNG states
+  (including the data order generator), step, epoch and history; a run stopped after epoch k and
+  resumed gives the same metrics as one that was never stopped.
+* **Cheap per step**: the loss is summed on the device and read once per epoch; the learning rate
+  is a pure function of the step (`lr_at`), so there is no scheduler state to save.
+* **Never raises for a diverged run**: a non-finite loss ends it with ``status="diverged"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oialr_tune.config import TrainConfig, resolve_device, train_config_from_dict, train_config_to_dict
+from oialr_tune.data import load_data
+from oialr_tune.errors import UserError
+from oialr_tune.models import build_model
+from oialr_tune.oialr import OIALR, apply_low_rank_structure
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_CHECKPOINT_FORMAT = 1
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --- plug-in point ------------------------------------------------------------------------------
+
+
+class Callback:
+    """Hooks the trainer calls; subclass and override what you need (all are no-ops here).
+
+    The tuning layer's Ray callback forwards `on_epoch_end` to ``ray.tune.report``. A callback may
+    raise to stop the run (the last checkpoint stays valid).
+    """
+
+    def on_epoch_end(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        """After each epoch's validation, with that epoch's metrics (see `train`).
+
+        `checkpoint_dir` is the folder holding ``checkpoint.pt`` if one was written for this epoch,
+        else None. The file is replaced at the next checkpoint: copy it to keep it.
+        """
+
+    def on_train_end(self, result: TrainResult) -> None:
+        """Once, when the run has finished or diverged (not when it was stopped by an exception)."""
+
+
+@dataclass
+class TrainResult:
+    """What a run returns. `final` is the last epoch's metrics; test_* only with evaluate_test."""
+
+    history: list[dict[str, Any]]
+    final: dict[str, Any]
+    test_loss: float | None
+    test_acc: float | None
+    status: str
+    model: nn.Module
+    controller: OIALR | None
+    wall_time_s: float
+    checkpoint_path: Path | None = field(default=None)
+
+
+# --- learning rate ------------------------------------------------------------------------------
+
+
+def lr_at(
+    step: int,
+    total_steps: int,
+    *,
+    base_lr: float,
+    warmup_steps: int = 0,
+    decay: str = "cosine",
+    min_lr_fraction: float = 0.0,
+    last_event_step: int | None = None,
+    rewarm_steps: int = 0,
+    rewarm_start: float = 0.1,
+) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total_steps`.
+
+    Linear warm-up from base_lr/warmup_steps to base_lr, then cosine decay to
+    ``min_lr_fraction * base_lr`` at the last step (or constant). If OIALR changed the model's form
+    just before step `last_event_step` (a factorization resets S's optimizer state; a cut changes
+    its shape), the rate is scaled by a linear ramp from `rewarm_start` to 1 over `rewarm_steps`.
+    """
+    if step < warmup_steps:
+        lr = base_lr * (step + 1) / warmup_steps
+    elif decay == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps - 1)
+        floor = min_lr_fraction * base_lr
+        lr = floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    else:
+        lr = base_lr
+    if last_event_step is not None and rewarm_steps > 0:
+        since = step - last_event_step
+        if 0 <= since < rewarm_steps:
+            lr *= rewarm_start + (1.0 - rewarm_start) * since / rewarm_steps
+    return lr
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+             precision: str = "fp32") -> tuple[float, float]:
+    """Mean cross-entropy (no label smoothing) and accuracy of `model` over `loader`.
+
+    Runs in eval mode (restoring the model's previous mode) and reads the device once at the end.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = correct = None
+    n = 0
+    for x, y in loader:
+        with _autocast(x.device, precision):
+            out = model(x)
+        batch_loss = F.cross_entropy(out.float(), y, reduction="sum")
+        batch_correct = (out.argmax(dim=1) == y).sum()
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        correct = batch_correct if correct is None else correct + batch_correct
+        n += len(y)
+    model.train(was_training)
+    if n == 0:
+        return float("nan"), float("nan")
+    return float(loss_sum) / n, float(correct) / n
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()  # cheaper per step than a disabled autocast
+    return torch.autocast(device.type, dtype=_AMP_DTYPES[precision])
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD; weight decay only on matrices and kernels (not biases or norm scales)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    o = cfg.optimizer
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+def oialr_delay_steps(delay: int | float, total_steps: int) -> int:
+    """`oialr.delay` in optimizer steps: a float < 1 is a fraction of the run, an int a step count."""
+    steps = round(delay * total_steps) if isinstance(delay, float) else delay
+    return max(1, int(steps))
+
+
+def _count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`.
+
+    A reader (or a resume after a crash) sees either the old or the new checkpoint, never half.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by `train` (tensors on the CPU). Raises UserError naming the path."""
+    path = Path(path)
+    try:
+        # weights_only: our checkpoints hold only tensors and plain data, so refuse anything else.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except Exception as e:
+        raise UserError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint written by oialr-tune's trainer")
+    return state
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
+    """Rebuild the model (low-rank layers included) and its config from a checkpoint, without data."""
+    state = read_checkpoint(path)
+    cfg = train_config_from_dict(state["config"])
+    model = build_model(cfg.model.name, tuple(state["in_shape"]), state["num_classes"], **cfg.model.args)
+    if state.get("controller"):
+        apply_low_rank_structure(model, state["controller"]["ranks"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: checkpoint does not match its model config ({e})") from None
+    return model.to(device), cfg
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    callbacks: Sequence[Callback] = (),
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    evaluate_test: bool = False,
+    checkpoint_epochs: Iterable[int] | None = None,
+) -> TrainResult:
+    """Train one model as `cfg` says; report each epoch to `callbacks`; return a `TrainResult`.
+
+    Per-epoch metrics: epoch (1-based), train_loss, val_loss, val_acc, lr (last step's),
+    trainable_params, total_params (trainable parameters at full rank), trainable_fraction,
+    ranks (OIALR layer → rank; {} for full rank), examples_per_s (training steps only),
+    train_time_s (training steps + validation of this epoch, excluding checkpoint and callbacks),
+    oialr_events (this epoch's rank events as dicts), status ("running", "finished", "diverged").
+
+    With `checkpoint_dir`, ``checkpoint.pt`` is written atomically every `checkpoint_every` epochs,
+    at the (1-based) epochs in `checkpoint_epochs` and after the last epoch; with `resume` an
+    existing one is continued exactly. `evaluate_test` scores the final model on the test split
+    (never used for tuning).
+    """
+    wall_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    sch, ocfg = cfg.schedule, cfg.oialr
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
+    state = read_checkpoint(ckpt_path) if resume and ckpt_path is not None and ckpt_path.exists() else None
+    if ckpt_dir is not None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # Data and model. The model is initialised from the seed right before it is built, so a cached
+    # dataset (or none) leaves the initial weights the same.
+    splits = load_data(cfg.data, device)
+    channels_last = cfg.channels_last and len(splits.in_shape) == 3
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.name, splits.in_shape, splits.num_classes, **cfg.model.args)
+    model = model.to(device, memory_format=memory_format)
+    optimizer = make_optimizer(model, cfg)
+    train_loader = splits.loader("train", sch.batch_size, train=True, augment=cfg.data.augment, seed=cfg.seed,
+                                 memory_format=memory_format)
+    val_loader = splits.loader("val", 2 * sch.batch_size, memory_format=memory_format)
+    steps_per_epoch = len(train_loader)
+    total_steps = sch.epochs * steps_per_epoch
+    warmup_steps = round(sch.warmup_fraction * total_steps)
+
+    controller = None
+    if ocfg.enabled:
+        controller = OIALR(
+            model, optimizer, delay=oialr_delay_steps(ocfg.delay, total_steps),
+            stability_frequency=ocfg.stability_frequency, stability_threshold=ocfg.stability_threshold,
+            sigma_cutoff_fraction=ocfg.sigma_cutoff_fraction, min_rank=ocfg.min_rank,
+            keep_first_layer=ocfg.keep_first_layer, keep_last_layer=ocfg.keep_last_layer,
+            layer_step_fraction=ocfg.layer_step_fraction, skip_ratio=ocfg.skip_ratio,
+        )
+    full_rank_params = controller.full_rank_parameters if controller else _count_trainable(model)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+
+    step, start_epoch, history, last_event = 0, 0, [], None
+    if state is not None:
+        try:
+            # Order matters: the controller rebuilds low-rank layers (shapes) and swaps them into the
+            # optimizer; then weights and optimizer state fill them in.
+            if controller is not None:
+                controller.load_state_dict(state["controller"])
+                last_event = max((e.step for e in controller.history), default=None)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scaler is not None and state["scaler"] is not None:
+                scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if device.type == "cuda" and state["rng"]["cuda"] is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+            train_loader.generator.set_state(state["rng"]["data"])
+            step, start_epoch, history = state["step"], state["epoch"], state["history"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{ckpt_path}: checkpoint does not match this config ({type(e).__name__}: {e})") from None
+
+    # torch.compile (GPU only) wraps the forward lazily; the controller keeps editing `model` itself.
+    forward = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    # A non-finite loss check reads the device: free on the CPU, every few steps on a GPU.
+    nan_check_every = 1 if device.type == "cpu" else 32
+    checkpoint_epochs = set(checkpoint_epochs or ())
+    progress = _progress_bar(total_steps, step)
+    status = history[-1]["status"] if history else "running"
+
+    def lr_for(s: int) -> float:
+        return lr_at(s, total_steps, base_lr=cfg.optimizer.lr, warmup_steps=warmup_steps, decay=sch.decay,
+                     min_lr_fraction=sch.min_lr_fraction, last_event_step=last_event,
+                     rewarm_steps=sch.rewarm_steps, rewarm_start=sch.rewarm_start)
+
+    for epoch in range(start_epoch, sch.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        batches, examples, events, lr = 0, 0, [], lr_for(step)
+        for x, y in train_loader:
+            lr = lr_for(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(device, cfg.precision):
+                loss = F.cross_entropy(forward(x), y, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            step += 1
+            loss_sum += loss.detach()
+            batches += 1
+            examples += len(y)
+            if progress is not None:
+                progress.update(1)
+            if step % nan_check_every == 0 and not torch.isfinite(loss_sum):
+                status = "diverged"
+                break
+            if controller is not None:
+                new_events = controller.step()
+                if new_events:
+                    events += new_events
+                    last_event = controller.step_count
+                    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+                    if forward is not model:
+                        torch._dynamo.reset()  # recompile once for the new shapes, not per guard miss
+        train_loss = (loss_sum / max(1, batches)).item()
+        t_train = time.perf_counter() - t0
+        if status != "diverged" and not math.isfinite(train_loss):
+            status = "diverged"
+        if status == "diverged":
+            # No validation of a broken model: report the worst values so searchers rank it last.
+            val_loss, val_acc = float("inf"), 0.0
+        else:
+            val_loss, val_acc = evaluate(forward, val_loader, precision=cfg.precision)
+            status = "finished" if epoch + 1 == sch.epochs else "running"
+        t_epoch = time.perf_counter() - t0
+
+        trainable_now = controller.trainable_parameters() if controller else _count_trainable(model)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": lr,
+            "trainable_params": trainable_now,
+            "total_params": full_rank_params,
+            "trainable_fraction": trainable_now / full_rank_params,
+            "ranks": controller.layer_ranks() if controller else {},
+            "examples_per_s": examples / t_train if t_train > 0 else float("nan"),
+            "train_time_s": t_epoch,
+            "oialr_events": [asdict(e) for e in events],
+            "status": status,
+        }
+        history.append(metrics)
+        if progress is not None:
+            progress.set_postfix(epoch=epoch + 1, val_acc=f"{val_acc:.3f}", frac=f"{metrics['trainable_fraction']:.2f}")
+
+        written = None
+        due = (epoch + 1 == sch.epochs or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)
+               or (epoch + 1) in checkpoint_epochs)
+        if ckpt_path is not None and due and status != "diverged":
+            _save_atomic({
+                "format": _CHECKPOINT_FORMAT,
+                "config": train_config_to_dict(cfg),
+                "in_shape": list(splits.in_shape),
+                "num_classes": splits.num_classes,
+                "epoch": epoch + 1,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "controller": controller.state_dict() if controller else None,
+                "scaler": scaler.state_dict() if scaler else None,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "data": train_loader.generator.get_state(),
+                },
+                "history": history,
+            }, ckpt_path)
+            written = ckpt_dir
+        for cb in callbacks:
+            cb.on_epoch_end(metrics, written)
+        if status == "diverged":
+            break
+    if progress is not None:
+        progress.close()
+
+    test_loss = test_acc = None
+    if evaluate_test and status != "diverged":
+        test_loader = splits.loader("test", 2 * sch.batch_size, memory_format=memory_format)
+        test_loss, test_acc = evaluate(forward, test_loader, precision=cfg.precision)
+    result = TrainResult(
+        history=history, final=history[-1] if history else {}, test_loss=test_loss, test_acc=test_acc,
+        status=status, model=model, controller=controller, wall_time_s=time.perf_counter() - wall_start,
+        checkpoint_path=ckpt_path if ckpt_path is not None and ckpt_path.exists() else None,
+    )
+    for cb in callbacks:
+        cb.on_train_end(result)
+    return result
+
+
+def _progress_bar(total: int, initial: int) -> Any:
+    """A tqdm bar over optimizer steps, only for a person watching (stderr is a terminal)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
