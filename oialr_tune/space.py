@@ -1,0 +1,587 @@
+"""Search spaces: what a sweep searches, against which objective, with which budget.
+
+A search space is one YAML file (see ``search_spaces/`` at the repository root and the packaged
+copies in ``oialr_tune/search_spaces/``)::
+
+    name: quickstart
+    base: {...}                  # a full trainer config (``oialr_tune.config``), validated as such
+    search:                      # dotted trainer keys -> distributions
+      optimizer.lr: {type: loguniform, low: 1.0e-4, high: 3.0e-2}
+      oialr.delay: {type: uniform, low: 0.05, high: 0.5}
+      oialr.stability_threshold: {type: categorical, choices: [null, 0.9, 0.99]}
+    objective: {metric: val_acc, mode: max}      # or mode: multi (+ minimize trainable_fraction)
+    budget: {num_samples: 16, max_epochs: 10, grace_period: 2, reduction_factor: 2}
+    resources: {cpu: 1, gpu: 0}
+    baseline: same-budget        # same-budget | once | none
+    seed: 0
+    checkpoint: {every: 0, num_to_keep: 2}
+    strategy: {sampler: tpe, scheduler: auto}
+
+Everything is checked here, before Ray starts, and a mistake raises
+:class:`~oialr_tune.errors.UserError` naming the dotted key (``search.optimizer.lr.low: ...``).
+Each range endpoint is also applied to the base config and validated by the trainer's own config
+rules, so a trial can never fail on a value the space allowed at its ends.
+
+This module imports neither Ray nor Optuna: the tuning layer (``oialr_tune.tune``) turns a
+:class:`SearchSpace` into their objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources as importlib_resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from oialr_tune.config import (
+    ROOT_DATASETS,
+    TrainConfig,
+    convert_value,
+    train_config_from_dict,
+    train_config_to_dict,
+    with_overrides,
+)
+from oialr_tune.errors import UserError
+
+PARAM_TYPES = ("uniform", "loguniform", "int", "categorical")
+BASELINES = ("same-budget", "once", "none")
+ARMS = ("oialr", "baseline")
+# Metric name -> the direction that makes it better (the trainer reports both every epoch).
+METRIC_DIRECTIONS = {"val_acc": "max", "val_loss": "min"}
+# Second objective of ``mode: multi``: fewer trainable parameters is better.
+SIZE_METRIC = "trainable_fraction"
+# Schedule keys that only act after an OIALR rank event: the full-rank baseline does not search them.
+OIALR_ONLY_KEYS = ("schedule.rewarm_steps", "schedule.rewarm_start")
+# Keys the sweep itself decides, so searching them would silently fight the sweep.
+UNSEARCHABLE = {
+    "schedule.epochs": "set budget.max_epochs instead",
+    "oialr.enabled": "the sweep runs the OIALR arm with it on and the baseline arm with it off",
+    "checkpoint_every": "set checkpoint.every instead",
+}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# --- the parts of a space ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched trainer key and the distribution its values are drawn from.
+
+    `uniform`/`loguniform` draw floats in [low, high] (`step` quantizes uniform), `int` draws
+    integers in [low, high] (`step`, or `log: true` for a log scale), `categorical` picks one of
+    `choices` (numbers, strings, booleans or null).
+    """
+
+    key: str
+    type: Literal["uniform", "loguniform", "int", "categorical"]
+    low: float | int | None = None
+    high: float | int | None = None
+    step: float | int | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    def endpoints(self) -> list[tuple[str, Any]]:
+        """(field name, value) of every extreme value a trial can get, for validation."""
+        if self.type == "categorical":
+            return [(f"choices[{i}]", c) for i, c in enumerate(self.choices or ())]
+        return [("low", self.low), ("high", self.high)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form (only the fields this type uses)."""
+        out: dict[str, Any] = {"type": self.type}
+        if self.type == "categorical":
+            out["choices"] = list(self.choices or ())
+            return out
+        out["low"], out["high"] = self.low, self.high
+        if self.step is not None:
+            out["step"] = self.step
+        if self.log:
+            out["log"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a trial is judged by: one metric, or (``multi``) that metric and the trainable fraction."""
+
+    metric: Literal["val_acc", "val_loss"] = "val_acc"
+    mode: Literal["max", "min", "multi"] = "max"
+
+    @property
+    def is_multi(self) -> bool:
+        return self.mode == "multi"
+
+    @property
+    def direction(self) -> str:
+        """'max' or 'min' for the main metric (in multi mode too)."""
+        return METRIC_DIRECTIONS[self.metric]
+
+    def metrics(self, arm: str = "oialr") -> list[str]:
+        """Metric names handed to the searcher; the baseline arm is always single-objective
+        (its trainable fraction is 1 by construction)."""
+        return [self.metric, SIZE_METRIC] if self.is_multi and arm == "oialr" else [self.metric]
+
+    def modes(self, arm: str = "oialr") -> list[str]:
+        return [self.direction, "min"] if self.is_multi and arm == "oialr" else [self.direction]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much to spend per arm. `max_epochs` is the trainer's ``schedule.epochs``; ASHA's rungs are
+    at ``grace_period * reduction_factor**i`` epochs. `max_concurrent` None lets the per-trial
+    resources decide; `max_failures` is how often a failing trial is retried (from its checkpoint)."""
+
+    num_samples: int = 16
+    max_epochs: int = 10
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    max_concurrent: int | None = None
+    max_failures: int = 0
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-trial resources for Ray. Fractions of a GPU pack several trials onto one device."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When trials save state. Besides every `every` epochs (0 = no periodic checkpoints), a trial
+    always checkpoints at the ASHA rungs (where it may be stopped) and at its last epoch, which is
+    what resuming and retrieving the best model need; more would only cost time and disk."""
+
+    every: int = 0
+    num_to_keep: int = 2
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Which sampler proposes configs and which scheduler stops trials early.
+
+    ``scheduler: auto`` is ASHA for a single objective and FIFO (every trial runs to `max_epochs`)
+    for ``mode: multi``: ASHA ranks trials by one metric only, and stopping on accuracy alone would
+    cut the small-but-slower-to-converge trials the Pareto front is about. ``asha`` with multi
+    stops on the accuracy metric anyway, if asked. ``random`` exists for the efficiency benchmark.
+    """
+
+    sampler: Literal["tpe", "random"] = "tpe"
+    scheduler: Literal["auto", "asha", "fifo"] = "auto"
+
+
+@dataclass
+class SearchSpace:
+    """A validated search space. Build it with :func:`load_space` or :func:`space_from_dict`.
+
+    `base` is the full, normalized trainer config (every default filled in, ``schedule.epochs`` =
+    ``budget.max_epochs``), so a sweep stored as ``sweep.yaml`` reruns identically even if defaults
+    change later.
+    """
+
+    name: str
+    base: dict[str, Any]
+    search: tuple[Param, ...]
+    objective: Objective = field(default_factory=Objective)
+    budget: Budget = field(default_factory=Budget)
+    resources: Resources = field(default_factory=Resources)
+    baseline: Literal["same-budget", "once", "none"] = "same-budget"
+    seed: int = 0
+    checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    strategy: Strategy = field(default_factory=Strategy)
+    description: str = ""
+
+    # -- per arm --
+
+    def arms(self) -> list[str]:
+        """The arms this sweep runs, in order: always ``oialr``, plus ``baseline`` unless disabled."""
+        return ["oialr"] if self.baseline == "none" else ["oialr", "baseline"]
+
+    def arm_base(self, arm: str) -> dict[str, Any]:
+        """The base trainer config of an arm: the baseline arm is the same run with OIALR off."""
+        base = copy.deepcopy(self.base)
+        if arm == "baseline":
+            base["oialr"]["enabled"] = False
+        return base
+
+    def arm_params(self, arm: str) -> tuple[Param, ...]:
+        """Searched keys of an arm. The baseline searches the same non-OIALR ranges (LR, schedule,
+        ...) under the same budget with ``baseline: same-budget``, and nothing with ``once``. Keys that
+        only act on OIALR events (``oialr.*``, the re-warm after a rank cut) are left out."""
+        if arm == "oialr":
+            return self.search
+        if self.baseline == "once":
+            return ()
+        return tuple(p for p in self.search if not (p.key.startswith("oialr.") or p.key in OIALR_ONLY_KEYS))
+
+    def arm_num_samples(self, arm: str) -> int:
+        """Trials in an arm: the budget's, or 1 where there is nothing to search."""
+        return self.budget.num_samples if self.arm_params(arm) else 1
+
+    def scheduler(self) -> str:
+        """'asha' or 'fifo', with ``auto`` resolved (see :class:`Strategy`)."""
+        if self.strategy.scheduler != "auto":
+            return self.strategy.scheduler
+        return "fifo" if self.objective.is_multi else "asha"
+
+    def rungs(self) -> list[int]:
+        """Epochs at which ASHA may stop a trial (empty under FIFO), as Ray computes them:
+        ``grace_period * reduction_factor**k`` below ``max_epochs``, rounded up to whole epochs."""
+        if self.scheduler() != "asha":
+            return []
+        b = self.budget
+        count = int(math.log(b.max_epochs / b.grace_period) / math.log(b.reduction_factor) + 1)
+        return sorted({math.ceil(b.grace_period * b.reduction_factor**k) for k in range(count)})
+
+    def checkpoint_epochs(self) -> list[int]:
+        """1-based epochs at which a trial saves a checkpoint: every `checkpoint.every`, the ASHA
+        rungs and the last epoch."""
+        last = self.budget.max_epochs
+        every = self.checkpoint.every
+        epochs = {e for e in self.rungs() if e <= last} | {last}
+        if every:
+            epochs |= set(range(every, last + 1, every))
+        return sorted(epochs)
+
+    def trial_config(self, arm: str, params: Mapping[str, Any]) -> TrainConfig:
+        """The validated trainer config of one trial: the arm's base with the sampled values."""
+        base = train_config_from_dict(self.arm_base(arm))
+        return with_overrides(base, dict(params)) if params else base
+
+    # -- (de)serialization --
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that :func:`space_from_dict` reads back to an equal space (``sweep.yaml``)."""
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out["base"] = copy.deepcopy(self.base)
+        out["search"] = {p.key: p.to_dict() for p in self.search}
+        out["objective"] = dataclasses.asdict(self.objective)
+        out["budget"] = dataclasses.asdict(self.budget)
+        out["resources"] = dataclasses.asdict(self.resources)
+        out["baseline"] = self.baseline
+        out["seed"] = self.seed
+        out["checkpoint"] = dataclasses.asdict(self.checkpoint)
+        out["strategy"] = dataclasses.asdict(self.strategy)
+        return out
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+_TOP_KEYS = (
+    "name", "description", "base", "search", "objective", "budget", "resources", "baseline", "seed",
+    "checkpoint", "strategy",
+)  # fmt: skip
+
+
+def _section(cls: type, data: Any, key: str) -> Any:
+    """Build a small frozen dataclass from a mapping with strict types; errors name ``key.field``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise UserError(f"{key}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in known:
+            raise UserError(f"{key}.{k}: unknown key (known: {', '.join(known)})")
+    return cls(**{k: convert_value(v, hints[k], f"{key}.{k}") for k, v in data.items()})
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _flat_keys(d: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf of a nested mapping (``optimizer.lr``, ...)."""
+    out = []
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, Mapping) and k != "args":
+            out += _flat_keys(v, path + ".")
+        else:
+            out.append(path)
+    return out
+
+
+def _parse_param(key: str, spec: Any, trainer_keys: list[str]) -> Param:
+    """One ``search`` entry; checks the key names a trainer setting and the distribution is sound."""
+    where = f"search.{key}"
+    if not isinstance(key, str) or not key:
+        raise UserError(f"search: keys must be dotted trainer config keys, got {key!r}")
+    if key in UNSEARCHABLE:
+        raise UserError(f"{where}: cannot be searched ({UNSEARCHABLE[key]})")
+    if key not in trainer_keys and not key.startswith("model.args."):
+        raise UserError(f"{where}: not a trainer config key{_suggest(key, trainer_keys)}")
+    if not isinstance(spec, Mapping):
+        raise UserError(f"{where}: expected a mapping like {{type: uniform, low: 0, high: 1}}, got {spec!r}")
+    kind = spec.get("type")
+    if kind not in PARAM_TYPES:
+        raise UserError(f"{where}.type: expected one of {', '.join(PARAM_TYPES)}, got {kind!r}")
+    allowed = {"categorical": {"type", "choices"}}.get(kind, {"type", "low", "high", "step", "log"})
+    if kind == "loguniform":
+        allowed = {"type", "low", "high"}
+    for k in spec:
+        if k not in allowed:
+            raise UserError(f"{where}.{k}: not used by type {kind} (allowed: {', '.join(sorted(allowed))})")
+
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"{where}.choices: expected a non-empty list, got {choices!r}")
+        for i, c in enumerate(choices):
+            # Optuna stores categorical choices as JSON scalars; anything else cannot be persisted.
+            if c is not None and not isinstance(c, (bool, int, float, str)):
+                raise UserError(f"{where}.choices[{i}]: must be a number, string, boolean or null, got {c!r}")
+        if len({repr(c) for c in choices}) != len(choices):
+            raise UserError(f"{where}.choices: has duplicates: {choices!r}")
+        return Param(key, kind, choices=tuple(choices))
+
+    for k in ("low", "high"):
+        if k not in spec:
+            raise UserError(f"{where}.{k}: required for type {kind}")
+    tp: Any = int if kind == "int" else float
+    low = convert_value(spec["low"], tp, f"{where}.low")
+    high = convert_value(spec["high"], tp, f"{where}.high")
+    if low > high:
+        raise UserError(f"{where}.low: must be <= high, got low={low} > high={high}")
+    if kind == "loguniform" and low <= 0:
+        raise UserError(f"{where}.low: loguniform needs low > 0, got {low}")
+    log = convert_value(spec.get("log", False), bool, f"{where}.log")
+    if log and low <= 0:
+        raise UserError(f"{where}.low: log: true needs low > 0, got {low}")
+    step = spec.get("step")
+    if step is not None:
+        step = convert_value(step, tp, f"{where}.step")
+        if step <= 0:
+            raise UserError(f"{where}.step: must be > 0, got {step}")
+        if log:
+            raise UserError(f"{where}.step: cannot be combined with log: true (Optuna does not support it)")
+        span = (high - low) / step
+        if abs(span - round(span)) > 1e-9 * max(1.0, abs(span)):
+            raise UserError(f"{where}.step: high - low ({high - low}) must be a multiple of step ({step})")
+    return Param(key, kind, low=low, high=high, step=step, log=log)
+
+
+def _check_endpoints(param: Param, base: TrainConfig) -> None:
+    """Apply each extreme value to the base config and run the trainer's validation on it."""
+    for name, value in param.endpoints():
+        try:
+            with_overrides(base, {param.key: value})
+        except UserError as e:
+            msg = str(e)
+            # The trainer names the key too; keep one name, the one in the space file.
+            msg = msg.removeprefix(f"{param.key}: ")
+            raise UserError(f"search.{param.key}.{name}: {msg}") from None
+
+
+def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
+    """Build and validate a :class:`SearchSpace` from plain data (parsed YAML).
+
+    Raises UserError naming the dotted key for an unknown key, a wrong type, an inconsistent
+    budget, a searched key the trainer does not have, or a range endpoint the trainer rejects.
+    """
+    if not isinstance(data, Mapping):
+        raise UserError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    for k in data:
+        if k not in _TOP_KEYS:
+            raise UserError(f"{k}: unknown key{_suggest(str(k), list(_TOP_KEYS))} (known: {', '.join(_TOP_KEYS)})")
+    for k in ("name", "base", "search"):
+        if k not in data:
+            raise UserError(f"{k}: required")
+
+    name = data["name"]
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UserError(f"name: expected letters, digits, '_', '-' or '.', got {name!r}")
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise UserError(f"description: expected a string, got {description!r}")
+
+    budget = _section(Budget, data.get("budget"), "budget")
+    if budget.num_samples < 1:
+        raise UserError(f"budget.num_samples: must be >= 1, got {budget.num_samples}")
+    if budget.max_epochs < 1:
+        raise UserError(f"budget.max_epochs: must be >= 1, got {budget.max_epochs}")
+    if not 1 <= budget.grace_period <= budget.max_epochs:
+        raise UserError(
+            f"budget.grace_period: must be in [1, max_epochs={budget.max_epochs}], got {budget.grace_period}"
+        )
+    if budget.reduction_factor <= 1:
+        raise UserError(f"budget.reduction_factor: must be > 1, got {budget.reduction_factor}")
+    if budget.max_concurrent is not None and budget.max_concurrent < 1:
+        raise UserError(f"budget.max_concurrent: must be >= 1 or null, got {budget.max_concurrent}")
+    if budget.max_failures < 0:
+        raise UserError(f"budget.max_failures: must be >= 0, got {budget.max_failures}")
+
+    # The base: the trainer's own validation, with errors re-rooted under `base.`.
+    raw_base = data["base"]
+    if not isinstance(raw_base, Mapping):
+        raise UserError(f"base: expected a trainer config mapping, got {raw_base!r}")
+    raw_base = copy.deepcopy(dict(raw_base))
+    schedule = raw_base.get("schedule") or {}
+    if not isinstance(schedule, Mapping):
+        raise UserError(f"base.schedule: expected a mapping, got {schedule!r}")
+    epochs = schedule.get("epochs")
+    if "max_epochs" not in (data.get("budget") or {}):
+        if epochs is not None:  # take the epochs from the base when the budget does not say
+            budget = dataclasses.replace(budget, max_epochs=convert_value(epochs, int, "base.schedule.epochs"))
+            if budget.grace_period > budget.max_epochs:
+                raise UserError(f"budget.grace_period: must be <= max_epochs={budget.max_epochs}")
+    elif epochs is not None and epochs != budget.max_epochs:
+        raise UserError(
+            f"base.schedule.epochs: {epochs} differs from budget.max_epochs {budget.max_epochs} (set only one)"
+        )
+    raw_base["schedule"] = {**schedule, "epochs": budget.max_epochs}
+    try:
+        base_cfg = train_config_from_dict(raw_base)
+    except UserError as e:
+        raise UserError(f"base.{e}") from None
+    if not base_cfg.oialr.enabled:
+        raise UserError("base.oialr.enabled: must be true (the sweep makes the full-rank baseline arm itself)")
+    base = train_config_to_dict(base_cfg)
+
+    search_data = data["search"]
+    if not isinstance(search_data, Mapping) or not search_data:
+        raise UserError("search: expected a non-empty mapping of dotted trainer keys to distributions")
+    trainer_keys = _flat_keys(base)
+    params = tuple(_parse_param(k, v, trainer_keys) for k, v in search_data.items())
+    for p in params:
+        _check_endpoints(p, base_cfg)
+
+    objective = _section(Objective, data.get("objective"), "objective")
+    if objective.mode != "multi" and objective.mode != objective.direction:
+        raise UserError(
+            f"objective.mode: {objective.metric} is better when {objective.direction}imized; "
+            f"use mode: {objective.direction} (or multi), got {objective.mode}"
+        )
+    resources = _section(Resources, data.get("resources"), "resources")
+    if resources.cpu <= 0:
+        raise UserError(f"resources.cpu: must be > 0, got {resources.cpu}")
+    if resources.gpu < 0:
+        raise UserError(f"resources.gpu: must be >= 0, got {resources.gpu}")
+    if resources.gpu > 1 and resources.gpu != int(resources.gpu):
+        raise UserError(f"resources.gpu: above 1 it must be a whole number of GPUs, got {resources.gpu}")
+    if resources.gpu == 0 and base["device"].startswith("cuda"):
+        raise UserError(
+            f"base.device: {base['device']!r} needs resources.gpu > 0 (Ray hides GPUs from a trial without one)"
+        )
+    if resources.gpu > 0 and base["device"] == "cpu":
+        raise UserError("resources.gpu: trials would run on base.device 'cpu'; set base.device to auto or cuda")
+
+    baseline = data.get("baseline", "same-budget")
+    if baseline not in BASELINES:
+        raise UserError(f"baseline: expected one of {', '.join(BASELINES)}, got {baseline!r}")
+    seed = convert_value(data.get("seed", 0), int, "seed")
+    if seed < 0:
+        raise UserError(f"seed: must be >= 0, got {seed}")
+    checkpoint = _section(CheckpointPolicy, data.get("checkpoint"), "checkpoint")
+    if checkpoint.every < 0:
+        raise UserError(f"checkpoint.every: must be >= 0 (0 = only at ASHA rungs and the end), got {checkpoint.every}")
+    if checkpoint.num_to_keep < 1:
+        raise UserError(f"checkpoint.num_to_keep: must be >= 1, got {checkpoint.num_to_keep}")
+    strategy = _section(Strategy, data.get("strategy"), "strategy")
+
+    return SearchSpace(
+        name=name, base=base, search=params, objective=objective, budget=budget, resources=resources,
+        baseline=baseline, seed=seed, checkpoint=checkpoint, strategy=strategy, description=description,
+    )  # fmt: skip
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def packaged_spaces() -> list[str]:
+    """Names of the search spaces that ship with the package (``quickstart``, ...)."""
+    root = importlib_resources.files("oialr_tune") / "search_spaces"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _resolve_path(path: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
+    """(YAML text, its path): a file, or a packaged space by name (``quickstart``); None = quickstart."""
+    if path is None:
+        path = "quickstart"
+    p = Path(path)
+    if not p.exists() and p.suffix == "" and str(path) in packaged_spaces():
+        resource = importlib_resources.files("oialr_tune") / "search_spaces" / f"{path}.yaml"
+        return resource.read_text(), None
+    try:
+        return p.read_text(), p
+    except OSError as e:
+        hint = f" (packaged spaces: {', '.join(packaged_spaces())})" if not p.exists() else ""
+        raise UserError(f"{p}: cannot read search space ({e.strerror or e}){hint}") from None
+
+
+def load_space(path: str | os.PathLike[str] | None = None) -> SearchSpace:
+    """Read and validate a search-space YAML file.
+
+    `path` may also name a packaged space (``"cifar10_resnet18"``); None is the packaged
+    ``quickstart``. A relative ``base.data.root`` is taken relative to the current directory, as the
+    user typed it on the command line; :func:`preflight` makes it absolute for the trials.
+    """
+    text, p = _resolve_path(path)
+    where = str(p) if p else f"packaged space {path or 'quickstart'}"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{where}: invalid YAML{line}") from None
+    if data is None:
+        raise UserError(f"{where}: empty search space file")
+    return space_from_dict(data, source=where)
+
+
+def dump_space(space: SearchSpace, path: str | os.PathLike[str]) -> None:
+    """Write a space as YAML (what the sweep stores as ``sweep.yaml``)."""
+    Path(path).write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+
+
+# --- checks that depend on the machine ---------------------------------------------------------
+
+
+def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
+    """Checks that need the machine the sweep runs on, before Ray starts; returns the space to run.
+
+    On a local sweep (`local`): GPUs must exist if trials ask for them, per-trial CPUs must fit the
+    machine, and a dataset root must exist. Trials run in their own working directories, so a
+    relative ``data.root`` is made absolute here (on a cluster it is left as given: it names a path
+    on the workers).
+    """
+    base = copy.deepcopy(space.base)
+    data = base["data"]
+    if data["name"] in ROOT_DATASETS and data.get("root"):
+        root = Path(data["root"]).expanduser()
+        if local:
+            if not root.exists() and not data.get("download"):
+                raise UserError(f"base.data.root: {root} does not exist (set data.download: true to fetch it)")
+            data["root"] = str(root.resolve())
+    if local:
+        if space.resources.gpu > 0:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError(
+                    f"resources.gpu: {space.resources.gpu} GPU per trial requested but this machine has no CUDA GPU"
+                )
+            if space.resources.gpu > torch.cuda.device_count():
+                raise UserError(
+                    f"resources.gpu: {space.resources.gpu} per trial but only {torch.cuda.device_count()} GPU(s)"
+                )
+        cpus = os.cpu_count() or 1
+        if space.resources.cpu > cpus:
+            raise UserError(f"resources.cpu: {space.resources.cpu} per trial but this machine has {cpus} CPU(s)")
+    return dataclasses.replace(space, base=base)
