@@ -1,0 +1,452 @@
+"""Reading a sweep's results directory: its trials, the best configuration, the Pareto set.
+
+A results directory is what ``oialr-tune sweep`` writes under ``results/<name>/``:
+
+* ``sweep.yaml``: the validated search space (base trainer config, ranges, objective, budget);
+* ``trials.csv``: one row per trial of every arm (arm, trial_id, status, the sampled values as
+  ``config.<dotted key>`` columns, final metrics, checkpoint path, error);
+* ``summary.json``, ``study.db`` and Ray's experiment folders (``oialr/``, ``baseline/``).
+
+Everything here reads only ``sweep.yaml`` and ``trials.csv`` (and never starts Ray), so ``best``
+works on a copied or archived results folder. A trial's full trainer config is rebuilt from the
+stored search space and its sampled values with the same code the sweep used
+(:meth:`SearchSpace.trial_config`), so it is exactly the config the trial ran.
+
+Failed, diverged and unfinished trials are ignored: a trial counts when Ray ended it normally
+(``TERMINATED``: ran to the last epoch or stopped early by ASHA), it reported no error, the trainer
+did not report it diverged (``trainer_status``), and its objective metric is finite.
+
+Per-epoch histories (for plots) come from Ray's own ``<arm>/trial_<id>/result.json`` files; the
+per-layer ``ranks`` of each epoch are stored there as a JSON string.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from oialr_tune.errors import UserError
+from oialr_tune.space import SIZE_METRIC, Param, SearchSpace, load_space
+
+__all__ = [
+    "BestTrial",
+    "SweepResults",
+    "TrialInfo",
+    "best_trial",
+    "format_best",
+    "open_results",
+    "pareto_mask",
+]
+
+SWEEP_FILE = "sweep.yaml"
+TRIALS_FILE = "trials.csv"
+SUMMARY_FILE = "summary.json"
+STUDY_FILE = "study.db"
+CONFIG_PREFIX = "config."
+# Direction that makes each selectable metric better.
+DIRECTIONS = {"val_acc": "max", "val_loss": "min", SIZE_METRIC: "min"}
+# Ray's status of a trial that ended without error (ran out its epochs or was stopped by ASHA).
+FINISHED_STATUSES = {"TERMINATED"}
+# The trainer's verdict (``trainer_status`` column) of runs that produced nothing usable.
+BROKEN_TRAINER_STATUSES = {"diverged", "error"}
+# Metric columns copied into a trial's `metrics`, when present.
+METRIC_COLUMNS = (
+    "val_acc", "val_loss", "train_loss", SIZE_METRIC, "trainable_params", "total_params",
+    "training_iteration", "time_total_s", "train_time_s",
+)  # fmt: skip
+
+
+@dataclass
+class TrialInfo:
+    """One trial: its sampled values, its full trainer config, its final metrics and checkpoint."""
+
+    arm: str
+    trial_id: str
+    params: dict[str, Any]
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    checkpoint: str | None
+
+    @property
+    def trainable_fraction(self) -> float:
+        return float(self.metrics.get(SIZE_METRIC, float("nan")))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        return {
+            "arm": self.arm,
+            "trial_id": self.trial_id,
+            "params": self.params,
+            "metrics": self.metrics,
+            "trainable_fraction": self.trainable_fraction,
+            "checkpoint": self.checkpoint,
+            "config": self.config,
+        }
+
+
+@dataclass
+class BestTrial:
+    """The answer of :func:`best_trial`: the chosen trial and how it was chosen.
+
+    `pareto` is the Pareto set (objective metric vs trainable fraction) of the arm's finished
+    trials, sorted by trainable fraction; it is filled for a multi-objective sweep.
+    """
+
+    results_dir: Path
+    arm: str
+    objective: str
+    mode: str
+    multi: bool
+    trial: TrialInfo
+    pareto: list[TrialInfo] = field(default_factory=list)
+    max_trainable_fraction: float | None = None
+    finished_trials: int = 0
+    ignored_trials: int = 0
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.trial.config
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.trial.checkpoint
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (what ``best --format json`` prints)."""
+        out = {
+            "results_dir": str(self.results_dir),
+            "arm": self.arm,
+            "objective": {"metric": self.objective, "mode": self.mode, "multi": self.multi},
+            "max_trainable_fraction": self.max_trainable_fraction,
+            "finished_trials": self.finished_trials,
+            "ignored_trials": self.ignored_trials,
+            **self.trial.to_dict(),
+        }
+        if self.multi:
+            out["pareto"] = [{k: v for k, v in t.to_dict().items() if k != "config"} for t in self.pareto]
+        return out
+
+
+def pareto_mask(score: Sequence[float], size: Sequence[float]) -> np.ndarray:
+    """Which points are Pareto-optimal when `score` is maximized and `size` minimized.
+
+    A point is dropped when another is at least as good in both and strictly better in one.
+    Exact duplicates are all kept.
+    """
+    s, z = np.asarray(score, dtype=float), np.asarray(size, dtype=float)
+    keep = np.ones(len(s), dtype=bool)
+    for i in range(len(s)):
+        dominated = (s >= s[i]) & (z <= z[i]) & ((s > s[i]) | (z < z[i]))
+        keep[i] = not dominated.any()
+    return keep
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars to Python, NaN to None: values that YAML and JSON print plainly."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class SweepResults:
+    """A results directory opened for reading (see the module docstring for its layout)."""
+
+    def __init__(self, path: Path, space: SearchSpace, trials: pd.DataFrame, summary: dict[str, Any] | None):
+        self.path, self.space, self.trials, self.summary = path, space, trials, summary
+
+    @property
+    def name(self) -> str:
+        return self.space.name
+
+    @property
+    def arms(self) -> list[str]:
+        """Arms that have at least one trial row, in the sweep's order."""
+        present = set(self.trials["arm"]) if "arm" in self.trials else set()
+        return [a for a in self.space.arms() if a in present]
+
+    @property
+    def study_path(self) -> Path:
+        return self.path / STUDY_FILE
+
+    # -- which trials count --
+
+    def usable(self, arm: str, metric: str = "val_acc") -> pd.DataFrame:
+        """The arm's trials that ended normally, without error, with a finite `metric`."""
+        df = self.trials[self.trials["arm"] == arm]
+        ok = df["status"].astype(str).str.upper().isin(FINISHED_STATUSES)
+        if "error" in df:
+            ok &= df["error"].map(_is_blank)
+        if "trainer_status" in df:  # the trainer's own verdict: a diverged run also ends TERMINATED
+            ok &= ~df["trainer_status"].astype(str).isin(BROKEN_TRAINER_STATUSES)
+        if "val_loss" in df:  # a diverged run reports val_loss = inf
+            ok &= np.isfinite(pd.to_numeric(df["val_loss"], errors="coerce"))
+        if metric not in df:
+            raise UserError(f"--objective: {self.path / TRIALS_FILE} has no column {metric!r}")
+        ok &= np.isfinite(pd.to_numeric(df[metric], errors="coerce"))
+        return df[ok]
+
+    # -- one trial --
+
+    def params_of(self, row: Mapping[str, Any], arm: str) -> dict[str, Any]:
+        """The values the searcher gave this trial, typed as the search space declares them."""
+        out = {}
+        for p in self.space.arm_params(arm):
+            col = CONFIG_PREFIX + p.key
+            if col not in row:
+                raise UserError(f"{self.path / TRIALS_FILE}: column {col!r} missing for searched key {p.key}")
+            out[p.key] = _typed(row[col], p)
+        return out
+
+    def trial_info(self, row: Mapping[str, Any]) -> TrialInfo:
+        """A trial row as a :class:`TrialInfo` with its full, validated trainer config."""
+        arm = str(row["arm"])
+        params = self.params_of(row, arm)
+        cfg = self.space.trial_config(arm, params)
+        from oialr_tune.config import train_config_to_dict
+
+        metrics = {c: _plain(row[c]) for c in METRIC_COLUMNS if c in row}
+        ckpt = row.get("checkpoint")
+        checkpoint = None
+        if not _is_blank(ckpt):
+            p = Path(str(ckpt))
+            checkpoint = str(p if p.is_absolute() else (self.path / p))
+        return TrialInfo(arm, str(row["trial_id"]), params, train_config_to_dict(cfg), metrics, checkpoint)
+
+    def trial_dir(self, arm: str, trial_id: str) -> Path | None:
+        """Ray's folder of a trial (``<arm>/trial_<id>`` or any folder whose name ends in the id)."""
+        arm_dir = self.path / arm
+        if not arm_dir.is_dir():
+            return None
+        for candidate in [arm_dir / f"trial_{trial_id}", *sorted(arm_dir.glob(f"*{trial_id}*"))]:
+            if (candidate / "result.json").is_file():
+                return candidate
+        return None
+
+    def history(self, arm: str, trial_id: str) -> pd.DataFrame | None:
+        """A trial's per-epoch results (Ray's ``result.json``: one JSON object per line), or None.
+
+        ``ranks`` (a JSON string per epoch) is decoded into a dict. Unreadable lines are skipped:
+        a trial killed mid-write leaves a partial last line.
+        """
+        folder = self.trial_dir(arm, trial_id)
+        if folder is None:
+            return None
+        records = []
+        for line in (folder / "result.json").read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+        if not records:
+            return None
+        df = pd.DataFrame.from_records(records)
+        if "ranks" in df:
+            df["ranks"] = df["ranks"].map(_decode_ranks)
+        return df
+
+    def find_trial(self, trial_id: str) -> TrialInfo:
+        """The trial with this id (any arm). Raises UserError naming the id."""
+        rows = self.trials[self.trials["trial_id"].astype(str) == str(trial_id)]
+        if rows.empty:
+            known = ", ".join(self.trials["trial_id"].astype(str).head(5))
+            raise UserError(f"--from-trial: no trial {trial_id!r} in {self.path / TRIALS_FILE} (e.g. {known})")
+        return self.trial_info(rows.iloc[0].to_dict())
+
+
+def _decode_ranks(value: Any) -> dict[str, int]:
+    """The ``ranks`` entry of a result: a JSON string (as the sweep logs it) or already a dict."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        with contextlib.suppress(json.JSONDecodeError):
+            decoded = json.loads(value)
+            if isinstance(decoded, dict):
+                return decoded
+    return {}
+
+
+def _typed(value: Any, param: Param) -> Any:
+    """A CSV cell back to the type the search space gives it (CSV loses int vs float and null)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if param.type == "categorical":
+        for choice in param.choices or ():
+            if choice is None and _is_blank(value):
+                return None
+            if choice is not None and not _is_blank(value) and (choice == value or str(choice) == str(value)):
+                return choice
+        raise UserError(f"trials.csv: value {value!r} of {param.key} is not one of its choices {param.choices}")
+    if _is_blank(value):
+        raise UserError(f"trials.csv: no value for searched key {param.key}")
+    return round(float(value)) if param.type == "int" else float(value)
+
+
+def open_results(results_dir: str | Path) -> SweepResults:
+    """Open a results directory written by ``oialr-tune sweep``.
+
+    Raises UserError naming the path when it does not exist or holds no experiment (no
+    ``sweep.yaml`` or no ``trials.csv``), or when those files are unreadable.
+    """
+    path = Path(results_dir)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such results directory")
+    sweep_file, trials_file = path / SWEEP_FILE, path / TRIALS_FILE
+    if not sweep_file.is_file():
+        raise UserError(f"{path}: holds no experiment (no {SWEEP_FILE}; run `oialr-tune sweep` first)")
+    if not trials_file.is_file():
+        raise UserError(
+            f"{path}: holds no finished sweep (no {TRIALS_FILE}; resume it with `oialr-tune sweep --resume {path}`)"
+        )
+    try:
+        space = load_space(sweep_file)
+    except UserError as e:
+        raise UserError(f"{sweep_file}: not a valid stored search space ({e})") from None
+    try:
+        trials = pd.read_csv(trials_file)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{trials_file}: unreadable ({type(e).__name__})") from None
+    for col in ("arm", "trial_id", "status"):
+        if col not in trials:
+            raise UserError(f"{trials_file}: column {col!r} missing")
+    summary = None
+    if (path / SUMMARY_FILE).is_file():
+        try:
+            summary = json.loads((path / SUMMARY_FILE).read_text())
+        except json.JSONDecodeError:
+            summary = None  # only informative; trials.csv is the source of truth
+    return SweepResults(path, space, trials, summary)
+
+
+def best_trial(
+    results_dir: str | Path | SweepResults,
+    *,
+    arm: str = "oialr",
+    objective: str | None = None,
+    max_trainable_fraction: float | None = None,
+) -> BestTrial:
+    """The best finished trial of `arm` and (multi-objective sweeps) its Pareto set.
+
+    Args:
+        results_dir: a results directory (or an already opened one).
+        arm: ``oialr`` or ``baseline``.
+        objective: metric to rank by (``val_acc``, ``val_loss`` or ``trainable_fraction``);
+            default: the sweep's objective metric.
+        max_trainable_fraction: only trials at or under this trainable fraction count; for a
+            multi-objective sweep this picks the most accurate Pareto point under the budget.
+
+    Raises UserError for a directory without an experiment, an arm the sweep did not run, or no
+    trial that qualifies.
+    """
+    res = results_dir if isinstance(results_dir, SweepResults) else open_results(results_dir)
+    if arm not in res.space.arms():
+        raise UserError(f"--arm: sweep {res.name!r} has no {arm!r} arm (arms: {', '.join(res.space.arms())})")
+    metric = objective or res.space.objective.metric
+    if metric not in DIRECTIONS:
+        raise UserError(f"--objective: expected one of {', '.join(DIRECTIONS)}, got {metric!r}")
+    mode = DIRECTIONS[metric]
+    if max_trainable_fraction is not None and not max_trainable_fraction > 0:
+        raise UserError(f"--max-trainable-fraction: must be > 0, got {max_trainable_fraction}")
+    all_rows = res.trials[res.trials["arm"] == arm]
+    usable = res.usable(arm, metric)
+    if usable.empty:
+        raise UserError(
+            f"{res.path}: no finished trial in arm {arm!r} ({len(all_rows)} trials, all failed, diverged or unfinished)"
+        )
+    multi = res.space.objective.is_multi and arm == "oialr" and metric != SIZE_METRIC
+    score = pd.to_numeric(usable[metric], errors="coerce")
+    score = score if mode == "max" else -score
+    size = pd.to_numeric(usable.get(SIZE_METRIC, pd.Series(1.0, index=usable.index)), errors="coerce").fillna(1.0)
+
+    pareto_rows = usable[pareto_mask(score, size)].assign(_size=size).sort_values("_size")
+    candidates = pareto_rows if multi else usable
+    if max_trainable_fraction is not None:
+        under = size.loc[candidates.index] <= max_trainable_fraction
+        if not under.any():
+            smallest = float(size.loc[candidates.index].min())
+            raise UserError(
+                f"--max-trainable-fraction: no finished {arm} trial at or under {max_trainable_fraction} "
+                f"(smallest is {smallest:.4g})"
+            )
+        candidates = candidates[under]
+    # Ties on the metric go to the smaller model, then to the earlier trial (stable order).
+    order = pd.DataFrame({"score": score.loc[candidates.index], "size": size.loc[candidates.index]})
+    chosen = order.sort_values(["score", "size"], ascending=[False, True], kind="stable").index[0]
+    return BestTrial(
+        results_dir=res.path,
+        arm=arm,
+        objective=metric,
+        mode=mode,
+        multi=multi,
+        trial=res.trial_info(usable.loc[chosen].to_dict()),
+        pareto=[res.trial_info(r.to_dict()) for _, r in pareto_rows.iterrows()] if multi else [],
+        max_trainable_fraction=max_trainable_fraction,
+        finished_trials=len(usable),
+        ignored_trials=len(all_rows) - len(usable),
+    )
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_best(best: BestTrial, fmt: str = "table") -> str:
+    """Render a :class:`BestTrial` as ``table`` (for people), ``json`` or ``yaml``.
+
+    ``yaml`` is the trainer config only (metrics as comments), ready for ``oialr-tune train``.
+    """
+    t = best.trial
+    if fmt == "json":
+        return json.dumps(best.to_dict(), indent=2, default=_plain)
+    if fmt == "yaml":
+        m = t.metrics
+        header = [
+            f"# best {best.arm} trial {t.trial_id} of {best.results_dir} by {best.objective} ({best.mode})",
+            f"# {best.objective}={_fmt(m.get(best.objective))} trainable_fraction={_fmt(t.trainable_fraction)} "
+            f"epochs={_fmt(m.get('training_iteration'))}",
+            f"# checkpoint: {t.checkpoint}",
+        ]
+        return "\n".join(header) + "\n" + yaml.safe_dump(t.config, sort_keys=False)
+    if fmt != "table":
+        raise UserError(f"--format: expected table, yaml or json, got {fmt!r}")
+    lines = [
+        f"results   {best.results_dir}",
+        f"arm       {best.arm}   objective {best.objective} ({'multi: ' if best.multi else ''}{best.mode})   "
+        f"finished trials {best.finished_trials} (ignored {best.ignored_trials} failed/diverged/unfinished)",
+    ]
+    if best.max_trainable_fraction is not None:
+        lines.append(f"budget    trainable_fraction <= {best.max_trainable_fraction}")
+    lines += ["", f"best trial {t.trial_id}"]
+    for k, v in t.metrics.items():
+        lines.append(f"  {k:<20} {_fmt(v)}")
+    lines.append(f"  {'checkpoint':<20} {t.checkpoint}")
+    if t.params:
+        lines += ["", "searched values"]
+        lines += [f"  {k:<32} {_fmt(v)}" for k, v in t.params.items()]
+    if best.multi:
+        lines += ["", f"Pareto set ({len(best.pareto)} trials, {best.objective} vs trainable_fraction)"]
+        lines.append(f"  {'trial_id':<24} {best.objective:>10} {'fraction':>10}")
+        for p in best.pareto:
+            mark = "  <- chosen" if p.trial_id == t.trial_id else ""
+            lines.append(
+                f"  {p.trial_id:<24} {_fmt(p.metrics.get(best.objective)):>10} {_fmt(p.trainable_fraction):>10}{mark}"
+            )
+    lines += ["", f"full trainer config: oialr-tune best {best.results_dir} --arm {best.arm} --format yaml"]
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""`best` and `oialr_tune.results` on a real tiny sweep: JSON/YAML/table output, Pareto, budgets, bad dirs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from tiny_sweep import tiny_sweep_dir
+
+from oialr_tune.cli import main
+from oialr_tune.results import best_trial, open_results, pareto_mask
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory: pytest.TempPathFactory, ray_session: Any) -> Path:
+    return tiny_sweep_dir(tmp_path_factory)
+
+
+def _copy_tables(src: Path, dst: Path) -> Path:
+    """A results folder with only the files `best` reads, safe to edit."""
+    dst.mkdir()
+    for name in ("sweep.yaml", "trials.csv"):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+def test_best_json_names_an_existing_checkpoint(sweep_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["best", str(sweep_dir), "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["arm"] == "oialr" and out["objective"]["multi"] is True
+    assert Path(out["checkpoint"]).exists()
+    assert (Path(out["checkpoint"]) / "checkpoint.pt").is_file()
+    # The same trial the sweep's own summary calls best, with the config the trial really ran.
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert out["trial_id"] == summary["best"]["oialr"]["trial_id"]
+    params = json.loads((sweep_dir / "oialr" / f"trial_{out['trial_id']}" / "params.json").read_text())
+    assert out["params"] == params
+    assert out["config"]["optimizer"]["lr"] == params["optimizer.lr"]
+    assert out["config"]["oialr"]["stability_threshold"] == params["oialr.stability_threshold"]
+    # Multi-objective: the Pareto set is there, non-dominated, and holds the chosen trial.
+    pareto = out["pareto"]
+    assert out["trial_id"] in {p["trial_id"] for p in pareto}
+    accs = [p["metrics"]["val_acc"] for p in pareto]
+    fracs = [p["trainable_fraction"] for p in pareto]
+    assert pareto_mask(accs, fracs).all()
+    assert out["metrics"]["val_acc"] == max(accs)
+
+
+def test_best_yaml_is_a_trainer_config_that_trains(
+    sweep_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["best", str(sweep_dir), "--format", "yaml"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# best oialr trial")
+    config = tmp_path / "best.yaml"
+    config.write_text(text)
+    assert yaml.safe_load(text)["oialr"]["enabled"] is True
+    assert main(["train", str(config)]) == 0
+    assert "status=finished" in capsys.readouterr().out
+
+
+def test_best_table_baseline_and_budget(sweep_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["best", str(sweep_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "Pareto set" in table and "<- chosen" in table
+
+    base = best_trial(sweep_dir, arm="baseline")
+    assert base.trial.trainable_fraction == 1.0 and not base.multi
+    assert base.config["oialr"]["enabled"] is False
+
+    best = best_trial(sweep_dir)
+    smallest = min(p.trainable_fraction for p in best.pareto)
+    under = best_trial(sweep_dir, max_trainable_fraction=smallest)
+    assert under.trial.trainable_fraction == smallest
+
+    assert main(["best", str(sweep_dir), "--max-trainable-fraction", str(smallest / 2)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("oialr-tune: error: --max-trainable-fraction") and "\n" not in err
+
+
+def test_failed_and_diverged_trials_are_ignored(sweep_dir: Path, tmp_path: Path) -> None:
+    copy = _copy_tables(sweep_dir, tmp_path / "edited")
+    trials = pd.read_csv(copy / "trials.csv", dtype={"error": object, "trainer_status": object})
+    oialr = trials[trials["arm"] == "oialr"].sort_values("val_acc", ascending=False)
+    first, second = oialr.index[0], oialr.index[1]
+    # The best trial errored, the runner-up diverged (but looks great): neither may be chosen.
+    trials.loc[first, ["status", "error"]] = ["ERROR", "RuntimeError: boom"]
+    trials.loc[second, ["trainer_status", "val_acc"]] = ["diverged", 0.999]
+    trials.to_csv(copy / "trials.csv", index=False)
+    best = best_trial(copy, objective="val_acc")
+    assert best.trial.trial_id not in {trials.loc[first, "trial_id"], trials.loc[second, "trial_id"]}
+    assert best.ignored_trials == 2 and best.finished_trials == len(oialr) - 2
+
+
+def test_sampled_null_comes_back_as_null(sweep_dir: Path) -> None:
+    res = open_results(sweep_dir)
+    for _, row in res.trials[res.trials["arm"] == "oialr"].iterrows():
+        info = res.trial_info(row.to_dict())
+        assert info.params["oialr.stability_threshold"] in (None, 0.9)
+        assert info.config["oialr"]["stability_threshold"] == info.params["oialr.stability_threshold"]
+
+
+def test_pareto_mask() -> None:
+    acc = np.array([0.9, 0.8, 0.95, 0.85, 0.9])
+    frac = np.array([0.5, 0.3, 0.9, 0.6, 0.5])
+    # 0.85@0.6 is beaten by 0.9@0.5; duplicates of a front point both stay.
+    assert pareto_mask(acc, frac).tolist() == [True, True, True, False, True]
+
+
+@pytest.mark.parametrize("command", [["best"], ["retrain", "--seeds", "1"], ["report"]])
+def test_a_folder_without_an_experiment_is_one_line_exit_2_nothing_written(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "not-a-sweep"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("hello")
+    for target in (empty, tmp_path / "missing"):
+        assert main([command[0], str(target), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(target) in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["not-a-sweep", "notes.txt"]
