@@ -1,0 +1,427 @@
+"""Final retraining: the best configuration of each arm, with fresh seeds, scored once on the test split.
+
+``retrain(results_dir)`` picks the best OIALR trial (and the best full-rank baseline trial, when the
+sweep has a baseline arm), trains each again with new seeds, evaluates every final model on the
+held-out test split (the only place the test split is used), and writes::
+
+    OUT/                                  (default RESULTS_DIR/retrain/)
+      summary.json                        mean ± std per arm, seeds, settings, OIALR - baseline
+      metrics.csv                         one row per arm and seed
+      <arm>/config.yaml                   the trainer config used (seed aside)
+      <arm>/seed_<S>/config.yaml          ... with this run's seed
+      <arm>/seed_<S>/model.pt             the model as trained (low-rank layers as U, S, Vᵀ)
+      <arm>/seed_<S>/model_dense.pt       the same folded to dense layers (OIALR arm only)
+
+Model files are written by :func:`oialr_tune.model_io.save_model` and reloaded once right away:
+the reloaded low-rank model must reproduce the reported test accuracy exactly, and the dense
+export's own test accuracy is recorded beside it.
+
+Seeds are fresh (``first_seed``, ``first_seed + 1``, ...; 1000 by default, away from the sweep's
+small trial seeds) so the final numbers do not inherit a lucky seed the search may have found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from oialr_tune.config import TrainConfig, resolve_device, train_config_from_dict, train_config_to_dict
+from oialr_tune.errors import UserError
+from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
+
+__all__ = ["RETRAIN_DIR", "retrain"]
+
+RETRAIN_DIR = "retrain"
+METRICS_COLUMNS = (
+    "arm", "seed", "status", "test_acc", "test_loss", "dense_test_acc", "val_acc", "trainable_fraction",
+    "trainable_params", "total_params", "epochs", "wall_time_s", "model", "model_dense",
+)  # fmt: skip
+SUMMARY_STATS = ("test_acc", "test_loss", "dense_test_acc", "trainable_fraction", "trainable_params", "wall_time_s")
+TrainOn = Literal["train", "train+val"]
+
+
+def _log(message: str) -> None:
+    """Progress goes to stderr so stdout stays clean for anything piped."""
+    print(f"[retrain] {message}", file=sys.stderr, flush=True)
+
+
+# --- data: optionally train on train + val -----------------------------------------------------
+
+
+def merge_train_val(splits: Any) -> Any:
+    """A copy of `splits` whose training set also holds the validation examples; val is empty.
+
+    For tensor datasets the examples are concatenated; for folder datasets the two index lists are
+    joined. The test split is untouched. With an empty val split the trainer reports NaN val
+    metrics, which is the honest value: there is nothing left to validate on.
+    """
+    from torch.utils.data import ConcatDataset, Subset
+
+    from oialr_tune.data import TensorData
+
+    train, val = splits.train, splits.val
+    if isinstance(train, TensorData) and isinstance(val, TensorData):
+        merged = dataclasses.replace(train, x=torch.cat([train.x, val.x]), y=torch.cat([train.y, val.y]))
+        empty = dataclasses.replace(val, x=val.x[:0], y=val.y[:0])
+        return dataclasses.replace(splits, train=merged, val=empty)
+    # ImageFolder: train is a two-view dataset (eval / augmented) over a Subset; val a Subset.
+    eval_view, train_view = getattr(train, "eval_view", None), getattr(train, "train_view", None)
+    if isinstance(eval_view, Subset) and isinstance(train_view, Subset) and isinstance(val, Subset):
+        merged = type(train)(
+            ConcatDataset([eval_view, val]), ConcatDataset([train_view, Subset(train_view.dataset, val.indices)])
+        )
+        return dataclasses.replace(splits, train=merged, val=Subset(val.dataset, []))
+    raise UserError(f"--train-on: train+val is not supported for data.name {splits.name!r}")
+
+
+@contextlib.contextmanager
+def _training_on_train_and_val() -> Iterator[None]:
+    """While active, the trainer's data loading returns splits with val merged into train.
+
+    The trainer loads its own data and has no hook for this; swapping the one name it calls keeps
+    the change local to a retrain (and is undone on exit, even on error).
+    """
+    from oialr_tune import trainer
+
+    original = trainer.load_data
+
+    def load(cfg: Any, device: Any = "cpu", seed: int | None = None) -> Any:
+        return merge_train_val(original(cfg, device, seed))
+
+    trainer.load_data = load
+    try:
+        yield
+    finally:
+        trainer.load_data = original
+
+
+# --- fine-tuning from a trial's checkpoint -------------------------------------------------------
+
+
+def _checkpoint_file(trial: TrialInfo) -> Path:
+    """The trainer checkpoint file of a trial (its folder holds ``checkpoint.pt``)."""
+    from oialr_tune.trainer import CHECKPOINT_NAME
+
+    if not trial.checkpoint:
+        raise UserError(f"--from-checkpoint: trial {trial.trial_id} has no checkpoint")
+    path = Path(trial.checkpoint)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise UserError(f"--from-checkpoint: {path} does not exist")
+    return path
+
+
+def _write_start_checkpoint(source: Path, cfg: TrainConfig, work_dir: Path) -> None:
+    """Write a trainer checkpoint in `work_dir` that starts a new run of `cfg` from `source`'s weights.
+
+    The trainer resumes a checkpoint exactly; to fine-tune instead, the copy keeps the trial's
+    model, optimizer moments and low-rank structure but restarts the run: epoch and step 0 (a new
+    LR schedule over `cfg`'s epochs), empty history, RNG states from `cfg.seed`, and the OIALR
+    controller's step and event history reset, so it applies `cfg`'s schedule afresh to the
+    already low-rank model (ranks can still shrink, never grow).
+    """
+    from oialr_tune.trainer import CHECKPOINT_NAME, read_checkpoint
+
+    state = read_checkpoint(source)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data_gen = torch.Generator(device=device)
+    data_gen.manual_seed(cfg.seed)
+    controller = state.get("controller")
+    if controller is not None:
+        controller = {**controller, "step": 0, "history": []}
+    elif cfg.oialr.enabled:
+        raise UserError(f"--from-checkpoint: {source} is a full-rank checkpoint but the config enables OIALR")
+    state.update(
+        config=train_config_to_dict(cfg), epoch=0, step=0, history=[], controller=controller,
+        rng={"torch": torch.get_rng_state(), "cuda": None, "data": data_gen.get_state()},
+    )  # fmt: skip
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(state, work_dir / CHECKPOINT_NAME)
+
+
+# --- one run --------------------------------------------------------------------------------------
+
+
+def _epoch_logger(arm: str, seed: int, epochs: int) -> Any:
+    from oialr_tune.trainer import Callback
+
+    class EpochLog(Callback):
+        """One progress line per epoch."""
+
+        def on_epoch_end(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+            val = metrics.get("val_acc", float("nan"))
+            val_text = f"val_acc={val:.4f}" if isinstance(val, float) and math.isfinite(val) else "val_acc=n/a"
+            _log(
+                f"{arm} seed {seed} epoch {metrics['epoch']}/{epochs} train_loss={metrics['train_loss']:.4f} "
+                f"{val_text} trainable_fraction={metrics['trainable_fraction']:.3f}"
+            )
+
+    return EpochLog()
+
+
+def _run_seed(
+    arm: str, cfg: TrainConfig, out_dir: Path, *, train_on: TrainOn, start_from: Path | None
+) -> dict[str, Any]:
+    """Train, test, save and verify one seed; returns its metrics row (file paths relative to `out_dir`)."""
+    from oialr_tune.data import load_data
+    from oialr_tune.model_io import load_model, save_model
+    from oialr_tune.oialr import low_rank_structure
+    from oialr_tune.trainer import evaluate, train
+
+    seed_dir = out_dir / arm / f"seed_{cfg.seed}"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = train_config_to_dict(cfg)
+    (seed_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    callbacks = [_epoch_logger(arm, cfg.seed, cfg.schedule.epochs)]
+    merge = _training_on_train_and_val() if train_on == "train+val" else contextlib.nullcontext()
+    with merge, tempfile.TemporaryDirectory(prefix="oialr-retrain-") as work:
+        ckpt_dir = None
+        if start_from is not None:
+            ckpt_dir = Path(work)
+            _write_start_checkpoint(start_from, cfg, ckpt_dir)
+        result = train(cfg, callbacks=callbacks, checkpoint_dir=ckpt_dir, resume=True, evaluate_test=True)
+
+    final = result.final
+    row: dict[str, Any] = {
+        "arm": arm, "seed": cfg.seed, "status": result.status,
+        "test_acc": result.test_acc, "test_loss": result.test_loss, "dense_test_acc": None,
+        "val_acc": final.get("val_acc"), "trainable_fraction": final.get("trainable_fraction"),
+        "trainable_params": final.get("trainable_params"), "total_params": final.get("total_params"),
+        "epochs": final.get("epoch"), "wall_time_s": result.wall_time_s, "model": None, "model_dense": None,
+    }  # fmt: skip
+    if result.status == "diverged":
+        _log(f"{arm} seed {cfg.seed}: diverged; no model saved")
+        return row
+
+    device = resolve_device(cfg.device)
+    splits = load_data(cfg.data, device)  # cached: the same tensors the trainer used
+    meta = {
+        "arm": arm, "seed": cfg.seed, "test_acc": result.test_acc, "test_loss": result.test_loss,
+        "trainable_fraction": final.get("trainable_fraction"), "train_on": train_on,
+        # What the model expects: raw pixels x -> x * scale + shift per channel (see data.TensorData).
+        "input_scale": getattr(splits.test, "a", None), "input_shift": getattr(splits.test, "b", None),
+    }  # fmt: skip
+    shapes = {"in_shape": splits.in_shape, "num_classes": splits.num_classes}
+    model_path = save_model(seed_dir / "model.pt", result.model, cfg_dict, meta=meta, **shapes)
+    row["model"] = str(model_path.relative_to(out_dir))
+
+    # Reload from the file and score again: the file, not the in-memory model, is what users get.
+    test_loader = splits.loader("test", 2 * cfg.schedule.batch_size)
+    _, reloaded_acc = evaluate(load_model(model_path, device), test_loader, precision=cfg.precision)
+    if reloaded_acc != result.test_acc:
+        raise RuntimeError(
+            f"{model_path}: the reloaded model scores test_acc={reloaded_acc} but training reported "
+            f"{result.test_acc}; the saved file does not reproduce the model"
+        )
+    if low_rank_structure(result.model):
+        dense_path = save_model(seed_dir / "model_dense.pt", result.model, cfg_dict, dense=True, meta=meta, **shapes)
+        row["model_dense"] = str(dense_path.relative_to(out_dir))
+        _, row["dense_test_acc"] = evaluate(load_model(dense_path, device), test_loader, precision=cfg.precision)
+    else:
+        row["dense_test_acc"] = reloaded_acc
+    return row
+
+
+# --- the whole retrain -----------------------------------------------------------------------------
+
+
+def _stats(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, sample standard deviation (n - 1; None below two values) and the values themselves."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return {
+        "mean": statistics.fmean(finite) if finite else None,
+        "std": statistics.stdev(finite) if len(finite) >= 2 else None,
+        "n": len(finite),
+        "values": [None if v is None else float(v) for v in values],
+    }
+
+
+def _choose(res: SweepResults, arm: str, from_trial: str | None) -> tuple[TrialInfo, str]:
+    """The trial to retrain for `arm`: the one named by `from_trial` if it is of this arm, else the best."""
+    if from_trial is not None:
+        trial = res.find_trial(from_trial)
+        if trial.arm == arm:
+            return trial, f"trial {trial.trial_id} (--from-trial)"
+    best: BestTrial = best_trial(res, arm=arm)
+    return best.trial, f"best trial {best.trial.trial_id} by {best.objective}"
+
+
+def retrain(
+    results_dir: str | Path,
+    *,
+    seeds: int | Sequence[int] = 3,
+    first_seed: int = 1000,
+    epochs: int | None = None,
+    train_on: TrainOn = "train",
+    out: str | Path | None = None,
+    from_trial: str | None = None,
+    from_checkpoint: bool = False,
+    arms: Sequence[str] | None = None,
+    log: Callable[[str], None] = _log,
+) -> dict[str, Any]:
+    """Retrain the best configuration(s) of a sweep with fresh seeds and test them; returns the summary.
+
+    Args:
+        results_dir: the sweep's results directory.
+        seeds: how many seeds (``first_seed``, ``first_seed + 1``, ...), or the seed values.
+        epochs: epochs per run; default: the config's (the sweep's ``budget.max_epochs``).
+        train_on: ``train``, or ``train+val`` to also train on the validation examples (then
+            there are no val metrics: they are reported as NaN).
+        out: output folder; default ``RESULTS_DIR/retrain``.
+        from_trial: retrain this trial (of its arm) instead of that arm's best.
+        from_checkpoint: fine-tune from the chosen trial's checkpoint instead of training from
+            scratch (see :func:`_write_start_checkpoint` for what carries over).
+        arms: which arms; default every arm the sweep ran (``oialr`` and, if present, ``baseline``).
+
+    Everything is validated (results dir, trials, checkpoints, arguments) before anything is
+    written. Raises UserError for bad input.
+    """
+    res = open_results(results_dir)
+    seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list:
+        raise UserError("--seeds: need at least one seed")
+    if len(set(seed_list)) != len(seed_list) or min(seed_list) < 0:
+        raise UserError(f"--seeds: seeds must be distinct and >= 0, got {seed_list}")
+    if epochs is not None and epochs < 1:
+        raise UserError(f"--epochs: must be >= 1, got {epochs}")
+    if train_on not in ("train", "train+val"):
+        raise UserError(f"--train-on: expected train or train+val, got {train_on!r}")
+    arm_list = list(arms) if arms is not None else res.space.arms()
+    for arm in arm_list:
+        if arm not in res.space.arms():
+            raise UserError(f"--arm: sweep {res.name!r} has no {arm!r} arm")
+
+    # Choose and validate everything first: nothing is written if any arm cannot be retrained.
+    plans: list[tuple[str, TrialInfo, str, TrainConfig, Path | None]] = []
+    for arm in arm_list:
+        if arm == "baseline" and res.usable(arm).empty:
+            log("baseline: no finished trial in the sweep; skipped")
+            continue
+        trial, why = _choose(res, arm, from_trial)
+        data = dict(trial.config)
+        if epochs is not None:
+            data["schedule"] = {**data["schedule"], "epochs": epochs}
+        cfg = train_config_from_dict(data)
+        plans.append((arm, trial, why, cfg, _checkpoint_file(trial) if from_checkpoint else None))
+    if from_trial is not None and not any(t.trial_id == str(from_trial) for _, t, *_ in plans):
+        arms_text = ", ".join(arm_list)
+        raise UserError(f"--from-trial: trial {from_trial!r} is not in the arms being retrained ({arms_text})")
+
+    out_dir = Path(out) if out is not None else res.path / RETRAIN_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if train_on == "train+val":
+        log("training on train+val: the validation examples are part of training, so there are no val metrics")
+    rows: list[dict[str, Any]] = []
+    arms_summary: dict[str, Any] = {}
+    for arm, trial, why, cfg, start_from in plans:
+        arm_dir = out_dir / arm
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        (arm_dir / "config.yaml").write_text(yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False))
+        how = f"fine-tuning from {start_from}" if start_from else "training from scratch"
+        log(f"{arm}: {why}; {len(seed_list)} seed(s) {seed_list}, {cfg.schedule.epochs} epochs, {how}")
+        arm_rows = []
+        for i, seed in enumerate(seed_list, 1):
+            log(f"{arm} seed {seed} ({i}/{len(seed_list)})")
+            run_cfg = dataclasses.replace(cfg, seed=seed)
+            row = _run_seed(arm, run_cfg, out_dir, train_on=train_on, start_from=start_from)
+            log(
+                f"{arm} seed {seed}: status={row['status']} test_acc={_num(row['test_acc'])} "
+                f"test_loss={_num(row['test_loss'])} trainable_fraction={_num(row['trainable_fraction'])} "
+                f"({row['wall_time_s']:.1f}s)"
+            )
+            arm_rows.append(row)
+        rows += arm_rows
+        arms_summary[arm] = {
+            "trial_id": trial.trial_id,
+            "chosen": why,
+            "tuning_metrics": trial.metrics,
+            "config": f"{arm}/config.yaml",
+            "seeds": seed_list,
+            "diverged": sum(r["status"] == "diverged" for r in arm_rows),
+            **{k: _stats([r[k] for r in arm_rows]) for k in SUMMARY_STATS},
+        }
+
+    summary: dict[str, Any] = {
+        "results_dir": str(res.path),
+        "out": str(out_dir),
+        "train_on": train_on,
+        "val_metrics": "none (val merged into train)" if train_on == "train+val" else "final epoch",
+        "from_checkpoint": from_checkpoint,
+        "epochs": {arm: cfg.schedule.epochs for arm, _, _, cfg, _ in plans},
+        "seeds": seed_list,
+        "std": "sample standard deviation (n - 1)",
+        "arms": arms_summary,
+    }
+    summary["comparison"] = _compare(arms_summary)
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    for arm, s in arms_summary.items():
+        acc = s["test_acc"]
+        log(f"{arm}: test_acc {_pm(acc)} over {acc['n']} seed(s), trainable_fraction {_pm(s['trainable_fraction'])}")
+    if summary["comparison"]:
+        c = summary["comparison"]
+        log(f"OIALR - baseline test_acc: {c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] -> {c['verdict']}"
+            if c.get("low") is not None else f"OIALR - baseline test_acc: {c['difference']:+.4f}")  # fmt: skip
+    log(f"wrote {out_dir}")
+    return summary
+
+
+def _compare(arms: dict[str, Any]) -> dict[str, Any] | None:
+    """OIALR minus baseline mean test accuracy, with a Welch 95 % interval when both have ≥ 2 seeds."""
+    if "oialr" not in arms or "baseline" not in arms:
+        return None
+    a = [v for v in arms["oialr"]["test_acc"]["values"] if v is not None and math.isfinite(v)]
+    b = [v for v in arms["baseline"]["test_acc"]["values"] if v is not None and math.isfinite(v)]
+    if not a or not b:
+        return None
+    out: dict[str, Any] = {"metric": "test_acc", "difference": statistics.fmean(a) - statistics.fmean(b)}
+    if len(a) >= 2 and len(b) >= 2:
+        from oialr_tune.stats import verdict, welch_interval
+
+        iv = welch_interval(a, b)
+        out.update(low=iv.low, high=iv.high, confidence=iv.confidence, verdict=verdict(iv))
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few lines for people: per arm, test accuracy mean ± std and trainable fraction; the comparison."""
+    lines = [f"retrain of {summary['results_dir']} (train on {summary['train_on']}, seeds {summary['seeds']})"]
+    for arm, s in summary["arms"].items():
+        lines.append(
+            f"  {arm:<9} trial {s['trial_id']}: test_acc {_pm(s['test_acc'])}  "
+            f"dense export {_pm(s['dense_test_acc'])}  trainable_fraction {_pm(s['trainable_fraction'])}  "
+            f"({s['test_acc']['n']} seeds, {s['diverged']} diverged)"
+        )
+    c = summary.get("comparison")
+    if c:
+        interval = f" [{c['low']:+.4f}, {c['high']:+.4f}] 95% Welch: {c['verdict']}" if c.get("low") is not None else ""
+        lines.append(f"  OIALR - full rank test_acc {c['difference']:+.4f}{interval}")
+    lines.append(f"  models, metrics.csv and summary.json in {summary['out']}")
+    return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None or not math.isfinite(float(value)) else f"{float(value):.4f}"
+
+
+def _pm(s: dict[str, Any]) -> str:
+    if s["mean"] is None:
+        return "n/a"
+    return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["std"] is not None else "")

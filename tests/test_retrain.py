@@ -1,0 +1,120 @@
+"""`retrain` on a real tiny sweep: seeds, files, exact reload, fine-tuning, train+val, bad arguments."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from tiny_sweep import tiny_sweep_dir
+
+from oialr_tune.cli import main
+from oialr_tune.config import train_config_from_dict
+from oialr_tune.data import load_data
+from oialr_tune.model_io import load_model, read_model_file
+from oialr_tune.oialr import LowRankLayer, low_rank_structure
+from oialr_tune.results import best_trial
+from oialr_tune.retrain import merge_train_val
+from oialr_tune.trainer import evaluate
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory: pytest.TempPathFactory, ray_session: Any) -> Path:
+    return tiny_sweep_dir(tmp_path_factory)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_retrain_two_seeds_reloads_to_the_reported_test_accuracy(
+    sweep_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "final"
+    assert main(["retrain", str(sweep_dir), "--seeds", "2", "--epochs", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "[retrain] oialr seed 1000 epoch 1/2" in captured.err  # progress while it runs
+    assert "OIALR - full rank test_acc" in captured.out
+
+    rows = _rows(out / "metrics.csv")
+    assert [(r["arm"], r["seed"]) for r in rows] == [
+        ("oialr", "1000"), ("oialr", "1001"), ("baseline", "1000"), ("baseline", "1001")
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [1000, 1001]
+    assert summary["arms"]["oialr"]["trial_id"] == best_trial(sweep_dir).trial.trial_id
+    for arm in ("oialr", "baseline"):
+        accs = [float(r["test_acc"]) for r in rows if r["arm"] == arm]
+        stats = summary["arms"][arm]["test_acc"]
+        assert stats["values"] == accs
+        assert stats["mean"] == pytest.approx(sum(accs) / 2)
+        assert stats["std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
+
+    for r in rows:
+        seed_dir = out / r["arm"] / f"seed_{r['seed']}"
+        cfg = train_config_from_dict(yaml.safe_load((seed_dir / "config.yaml").read_text()))
+        assert cfg.seed == int(r["seed"]) and cfg.schedule.epochs == 2
+        assert cfg.oialr.enabled == (r["arm"] == "oialr")
+        # The file alone (not the trainer's in-memory model) reproduces the reported test accuracy.
+        model = load_model(out / r["model"])
+        splits = load_data(cfg.data, "cpu")
+        _, acc = evaluate(model, splits.loader("test", 2 * cfg.schedule.batch_size))
+        assert acc == float(r["test_acc"])
+        assert read_model_file(out / r["model"]).meta["seed"] == int(r["seed"])
+        if r["arm"] == "oialr":
+            assert low_rank_structure(model), "the OIALR model file keeps its low-rank layers"
+            dense = load_model(out / r["model_dense"])
+            assert not any(isinstance(m, LowRankLayer) for m in dense.modules())
+            assert abs(float(r["dense_test_acc"]) - acc) <= 1 / len(splits.test)  # float rounding at most
+        else:
+            assert r["model_dense"] == "" and float(r["trainable_fraction"]) == 1.0
+
+
+def test_fine_tune_from_checkpoint_on_train_and_val(
+    sweep_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    best = best_trial(sweep_dir)
+    out = tmp_path / "ft"
+    argv = ["retrain", str(sweep_dir), "--seeds", "1", "--epochs", "1", "--arm", "oialr", "--from-checkpoint",
+            "--train-on", "train+val", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "no val metrics" in err and "fine-tuning from" in err
+    (row,) = _rows(out / "metrics.csv")
+    assert row["arm"] == "oialr" and row["status"] == "finished"
+    assert row["val_acc"] == "nan"  # val is part of training now
+    # Fine-tuning starts from the trial's low-rank weights: never more trainable parameters.
+    assert float(row["trainable_fraction"]) <= best.trial.trainable_fraction + 1e-9
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_on"] == "train+val" and summary["from_checkpoint"] is True
+    assert "baseline" not in summary["arms"]
+
+
+def test_merge_train_val_moves_val_into_train(sweep_dir: Path) -> None:
+    cfg = train_config_from_dict(best_trial(sweep_dir).config)
+    splits = load_data(cfg.data, "cpu")
+    merged = merge_train_val(splits)
+    assert len(merged.train) == len(splits.train) + len(splits.val)
+    assert len(merged.val) == 0
+    assert merged.test is splits.test
+    assert torch.equal(merged.train.x[len(splits.train):], splits.val.x)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--seeds", "0"], "--seeds"), (["--epochs", "0"], "--epochs"), (["--from-trial", "nope"], "--from-trial")],
+)
+def test_bad_arguments_write_nothing(
+    sweep_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    out = tmp_path / "out"
+    assert main(["retrain", str(sweep_dir), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"oialr-tune: error: {message}") and err.count("\n") == 1
+    assert not out.exists()
