@@ -28,6 +28,31 @@ def _train(args: argparse.Namespace) -> None:
     )
 
 
+def _best(args: argparse.Namespace) -> None:
+    from .results import best_trial, format_best
+
+    best = best_trial(args.results_dir, arm=args.arm, objective=args.objective,
+                      max_trainable_fraction=args.max_trainable_fraction)
+    print(format_best(best, args.format))
+
+
+def _retrain(args: argparse.Namespace) -> None:
+    from .retrain import format_summary, retrain
+
+    summary = retrain(
+        args.results_dir, seeds=args.seeds, first_seed=args.first_seed, epochs=args.epochs,
+        train_on=args.train_on, out=args.out, from_trial=args.from_trial, from_checkpoint=args.from_checkpoint,
+        arms=[args.arm] if args.arm else None,
+    )  # fmt: skip
+    print(format_summary(summary))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    print(write_report(args.results_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oialr-tune", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
@@ -37,6 +62,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="trainer config YAML")
     p.add_argument("--checkpoint-dir", default=None, help="where to checkpoint (and resume from)")
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("best", help="the best trial of a sweep: config, metrics, checkpoint (Pareto set if multi)")
+    p.add_argument("results_dir", help="a sweep's results folder (results/<name>)")
+    p.add_argument("--arm", choices=["oialr", "baseline"], default="oialr", help="which arm (default: oialr)")
+    p.add_argument("--objective", choices=["val_acc", "val_loss", "trainable_fraction"], default=None,
+                   help="rank trials by this metric (default: the sweep's objective)")
+    p.add_argument("--format", choices=["table", "yaml", "json"], default="table",
+                   help="table for people; yaml = the trainer config only (pipe it to a file for `train`); json")
+    p.add_argument("--max-trainable-fraction", type=float, default=None, metavar="F",
+                   help="only trials with trainable fraction <= F (multi: the most accurate Pareto point under F)")
+    p.set_defaults(run=_best)
+
+    p = sub.add_parser("retrain", help="retrain the best config(s) with fresh seeds; test once; save the models")
+    p.add_argument("results_dir", help="a sweep's results folder (results/<name>)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="number of seeds (default: 3)")
+    p.add_argument("--first-seed", type=int, default=1000,
+                   help="seeds are FIRST_SEED, FIRST_SEED+1, ... (default: 1000)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the tuned config's)")
+    p.add_argument("--train-on", choices=["train", "train+val"], default="train",
+                   help="train+val also trains on the validation split (then there are no val metrics)")
+    p.add_argument("--out", default=None, help="output folder (default: RESULTS_DIR/retrain)")
+    p.add_argument("--from-trial", default=None, metavar="ID", help="retrain this trial instead of its arm's best")
+    p.add_argument("--from-checkpoint", action="store_true",
+                   help="fine-tune from the chosen trial's checkpoint instead of training from scratch")
+    p.add_argument("--arm", choices=["oialr", "baseline"], default=None, help="only this arm (default: every arm)")
+    p.set_defaults(run=_retrain)
+
+    p = sub.add_parser("report", help="write report.md and PNG plots into a sweep's results folder")
+    p.add_argument("results_dir", help="a sweep's results folder (results/<name>)")
+    p.set_defaults(run=_report)
     return parser
 
 

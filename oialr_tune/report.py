@@ -1,0 +1,419 @@
+"""``oialr-tune report``: a Markdown report with plots of a sweep, written into its results directory.
+
+Files written (all in RESULTS_DIR, overwritten on each run)::
+
+    report.md                  the report; links the images below by relative path
+    report_pareto.png          val metric vs trainable fraction: every trial, the Pareto front, full rank
+    report_best_so_far.png     best-so-far val metric vs trial number and vs wall time, per arm
+    report_ranks.png           per-layer rank (and trainable fraction) over epochs, best OIALR trial
+    report_importance.png      Optuna hyperparameter importances per arm (study.db)
+
+A plot that has nothing to show (no study, fewer than two finished trials, no per-epoch ranks) is
+left out and the report says why. Figures are drawn with matplotlib's object API on an Agg canvas:
+no pyplot global state, no display, no server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from oialr_tune.results import (
+    DIRECTIONS,
+    SIZE_METRIC,
+    STUDY_FILE,
+    BestTrial,
+    SweepResults,
+    best_trial,
+    open_results,
+    pareto_mask,
+)
+
+__all__ = ["PLOTS", "REPORT_FILE", "write_report"]
+
+REPORT_FILE = "report.md"
+PLOTS = {
+    "pareto": "report_pareto.png",
+    "best_so_far": "report_best_so_far.png",
+    "ranks": "report_ranks.png",
+    "importance": "report_importance.png",
+}
+ARM_STYLE = {
+    "oialr": {"color": "tab:blue", "label": "OIALR"},
+    "baseline": {"color": "tab:orange", "label": "full rank"},
+}
+TOP_TRIALS = 10
+
+
+def _new_figure(width: float = 6.4, height: float = 4.2) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)  # attach a raster canvas: savefig needs no pyplot backend
+    return fig
+
+
+def _numeric(df: pd.DataFrame, column: str) -> pd.Series:
+    if column not in df:
+        return pd.Series(np.nan, index=df.index)
+    return pd.to_numeric(df[column], errors="coerce")
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def plot_pareto(res: SweepResults, metric: str, best: dict[str, BestTrial], path: Path) -> str:
+    """Scatter of every usable trial (metric vs trainable fraction), the OIALR Pareto front, full rank."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    higher_better = DIRECTIONS[metric] == "max"
+    if "oialr" in res.arms:
+        df = res.usable("oialr", metric)
+        y, x = _numeric(df, metric), _numeric(df, SIZE_METRIC)
+        stopped = _numeric(df, "training_iteration") < res.space.budget.max_epochs
+        ax.scatter(x[~stopped], y[~stopped], s=28, color="tab:blue", alpha=0.8, label="OIALR trial")
+        if stopped.any():
+            ax.scatter(x[stopped], y[stopped], s=28, facecolors="none", edgecolors="tab:blue", alpha=0.6,
+                       label="OIALR trial (stopped early)")
+        if len(df):
+            front = pareto_mask(y if higher_better else -y, x)
+            order = np.argsort(x[front].to_numpy())
+            ax.step(x[front].to_numpy()[order], y[front].to_numpy()[order], where="post", color="tab:blue",
+                    lw=1.5, label="Pareto front")
+        if "oialr" in best:
+            b = best["oialr"].trial
+            ax.scatter([b.trainable_fraction], [b.metrics.get(metric)], s=160, marker="*", color="gold",
+                       edgecolors="black", zorder=5, label=f"best OIALR ({b.trial_id})")
+    if "baseline" in res.arms:
+        df = res.usable("baseline", metric)
+        ax.scatter(_numeric(df, SIZE_METRIC).fillna(1.0), _numeric(df, metric), marker="x", s=36,
+                   color="tab:orange", label="full-rank trial")
+        if "baseline" in best:
+            value = best["baseline"].trial.metrics.get(metric)
+            ax.axhline(value, color="tab:orange", ls="--", lw=1, label=f"best full rank ({value:.4g})")
+    ax.set_xlabel("trainable fraction (of the full-rank model's parameters)")
+    ax.set_ylabel(metric)
+    ax.set_xlim(0, 1.05)
+    ax.set_title(f"{res.name}: {metric} vs trainable parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.savefig(path)
+    return "every finished trial; hollow = stopped early by ASHA; star = the configuration `best` returns"
+
+
+def _trial_times(res: SweepResults, arm: str, rows: pd.DataFrame) -> pd.Series:
+    """Seconds from the arm's start to each trial's last result (Ray's result timestamps).
+
+    Falls back to the running sum of trial durations (as if trials ran one after another) when
+    Ray's result files are missing.
+    """
+    ends, starts = {}, []
+    for _, r in rows.iterrows():
+        h = res.history(arm, str(r["trial_id"]))
+        if h is None or "timestamp" not in h or h.empty:
+            continue
+        first = h.iloc[0]
+        starts.append(float(first["timestamp"]) - float(first.get("time_this_iter_s", 0.0) or 0.0))
+        ends[r.name] = float(h["timestamp"].iloc[-1])
+    if len(ends) == len(rows) and starts:
+        t0 = min(starts)
+        return pd.Series({k: v - t0 for k, v in ends.items()}).loc[rows.index]
+    return _numeric(rows, "time_total_s").fillna(0.0).cumsum()
+
+
+def plot_best_so_far(res: SweepResults, metric: str, path: Path) -> str:
+    """Best-so-far metric per arm vs trial number (creation order) and vs wall time since the arm began."""
+    fig = _new_figure(10, 4)
+    by_trial, by_time = fig.subplots(1, 2)
+    better = np.fmax if DIRECTIONS[metric] == "max" else np.fmin
+    for arm in res.arms:
+        rows = res.trials[res.trials["arm"] == arm]
+        ok = rows.index.isin(res.usable(arm, metric).index)
+        values = _numeric(rows, metric).where(ok)  # failed trials count as tries but never improve
+        running = better.accumulate(values.to_numpy())
+        style = ARM_STYLE.get(arm, {"color": None, "label": arm})
+        by_trial.step(np.arange(1, len(rows) + 1), running, where="post", **style)
+        by_trial.scatter(np.arange(1, len(rows) + 1), values, s=12, alpha=0.4, color=style["color"])
+        t = _trial_times(res, arm, rows).to_numpy()
+        order = np.argsort(t, kind="stable")
+        by_time.step(t[order], better.accumulate(values.to_numpy()[order]), where="post", **style)
+        by_time.scatter(t, values, s=12, alpha=0.4, color=style["color"])
+    by_trial.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_trial.set_xlabel("trial (in the order Ray created them)")
+    by_time.set_xlabel("wall time since the arm started (s)")
+    for ax in (by_trial, by_time):
+        ax.set_ylabel(f"best {metric} so far")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{res.name}: search progress")
+    fig.savefig(path)
+    return "dots are single trials; the arms ran one after the other, each timed from its own start"
+
+
+def plot_ranks(history: pd.DataFrame, trial_id: str, path: Path) -> str | None:
+    """Per-layer rank over epochs (left axis) and trainable fraction (right axis); None if no ranks."""
+    if "ranks" not in history:
+        return None
+    ranks = pd.DataFrame.from_records(history["ranks"].map(lambda r: r if isinstance(r, dict) else {}).tolist())
+    if ranks.empty:
+        return None
+    epochs = _numeric(history, "epoch") if "epoch" in history else _numeric(history, "training_iteration")
+    fig = _new_figure(7, 4.2)
+    ax = fig.add_subplot()
+    for layer in ranks.columns:
+        ax.plot(epochs, ranks[layer], marker="o", ms=3, label=f"layer {layer}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("rank (min(m, n) while still dense)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    if SIZE_METRIC in history:
+        twin = ax.twinx()
+        twin.plot(epochs, _numeric(history, SIZE_METRIC), color="black", ls="--", lw=1.2, label="trainable fraction")
+        twin.set_ylabel("trainable fraction")
+        twin.set_ylim(0, 1.05)
+        twin.legend(fontsize=8, loc="upper right")
+    ncol = 1 if len(ranks.columns) <= 8 else 2
+    ax.legend(fontsize=7, loc="lower left", ncol=ncol)
+    ax.set_title(f"ranks during training, best OIALR trial {trial_id}")
+    fig.savefig(path)
+    return f"{len(ranks.columns)} low-rank-eligible layers; ranks at the end of each epoch"
+
+
+def param_importances(res: SweepResults, arm: str, metric: str) -> tuple[dict[str, float] | None, str]:
+    """Optuna's importances of an arm's searched keys for `metric`, or None and the reason why not."""
+    if not res.study_path.is_file():
+        return None, f"no {STUDY_FILE}"
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{res.study_path.resolve()}")
+    try:
+        study = optuna.load_study(study_name=arm, storage=storage)
+    except KeyError:
+        return None, f"no study named {arm!r} in {STUDY_FILE}"
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2:
+        return None, f"{len(complete)} finished trial(s); importances need at least 2"
+    distinct = {k for k in complete[0].params if len({repr(t.params.get(k)) for t in complete}) > 1}
+    if not distinct:
+        return None, "every finished trial has the same values (nothing searched or nothing varied)"
+    # The study stores the metric first ([val_acc] or [val_acc, trainable_fraction]). Optuna's
+    # default evaluator (PED-ANOVA) explains *low* target values, so a maximized metric is negated.
+    sign = -1.0 if DIRECTIONS[metric] == "max" else 1.0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = optuna.importance.get_param_importances(
+                study, target=lambda t: sign * t.values[0], params=sorted(distinct)
+            )
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:
+        return None, f"Optuna could not compute them ({type(e).__name__}: {e})"
+    finally:
+        storage.engine.dispose()
+    return dict(values), f"PED-ANOVA over {len(complete)} finished trials"
+
+
+def plot_importances(importances: dict[str, dict[str, float]], metric: str, path: Path) -> None:
+    """Horizontal bars, one panel per arm."""
+    fig = _new_figure(5 * len(importances), 0.6 + 0.45 * max(len(v) for v in importances.values()) + 1)
+    axes = fig.subplots(1, len(importances), squeeze=False)[0]
+    for ax, (arm, values) in zip(axes, importances.items(), strict=True):
+        keys = list(values)[::-1]
+        ax.barh(keys, [values[k] for k in keys], color=ARM_STYLE.get(arm, {}).get("color", "gray"))
+        ax.set_xlabel(f"importance for {metric}")
+        ax.set_title(ARM_STYLE.get(arm, {}).get("label", arm))
+        ax.set_xlim(0, 1)
+    fig.savefig(path)
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A GitHub Markdown table of `rows` restricted to `columns`."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _shown(params: dict[str, Any]) -> dict[str, Any]:
+    """Searched values for a table: a sampled null prints as ``null`` (blank means not searched)."""
+    return {k: "null" if v is None else v for k, v in params.items()}
+
+
+def _top_trials(res: SweepResults, metric: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The best trials of all arms by `metric` (failed/diverged ones left out), as table rows."""
+    frames = [res.usable(arm, metric) for arm in res.arms]
+    df = pd.concat(frames) if frames else res.trials.iloc[:0]
+    df = df.assign(_key=_numeric(df, metric)).sort_values("_key", ascending=DIRECTIONS[metric] == "min")
+    columns = ["arm", "trial_id", metric, *(["val_acc"] if metric != "val_acc" else []), SIZE_METRIC,
+               "training_iteration", *(p.key for p in res.space.search)]  # fmt: skip
+    rows = []
+    for _, r in df.head(TOP_TRIALS).iterrows():
+        row = r.to_dict()
+        rows.append({**{c: row.get(c) for c in columns}, **_shown(res.params_of(row, str(row["arm"])))})
+    return rows, columns
+
+
+def write_report(results_dir: str | Path) -> Path:
+    """Write ``report.md`` and its PNGs into `results_dir`; returns the report's path.
+
+    Raises UserError (before writing anything) when the directory holds no experiment.
+    """
+    res = open_results(results_dir)
+    space = res.space
+    metric = space.objective.metric
+    out = res.path
+    best: dict[str, BestTrial] = {}
+    notes: dict[str, str] = {}
+    for arm in res.arms:
+        try:
+            best[arm] = best_trial(res, arm=arm)
+        except Exception as e:  # an arm without a finished trial: the report says so, and goes on
+            notes[f"best {arm}"] = str(e)
+
+    md = [f"# Sweep report: {res.name}", ""]
+    if space.description:
+        md += [space.description, ""]
+    counts = {arm: int((res.trials["arm"] == arm).sum()) for arm in res.arms}
+    usable = {arm: len(res.usable(arm, metric)) for arm in res.arms}
+    b = space.budget
+    mode = "multi-objective with trainable fraction" if space.objective.is_multi else space.objective.mode
+    md += [
+        f"- results: `{res.path}`",
+        f"- objective: **{metric}** ({mode})",
+        f"- budget per arm: {b.num_samples} trials × ≤ {b.max_epochs} epochs; scheduler {space.scheduler()}; "
+        f"sampler {space.strategy.sampler}; baseline `{space.baseline}`",
+        "- trials: " + ", ".join(f"{arm} {usable[arm]} usable of {counts[arm]}" for arm in res.arms)
+        + " (failed and diverged trials are left out of everything below)",
+        f"- model `{space.base['model']['name']}` on `{space.base['data']['name']}`",
+        "",
+        "## Best configuration per arm",
+        "",
+    ]  # fmt: skip
+    best_rows = [
+        {"arm": arm, "trial_id": bt.trial.trial_id, metric: bt.trial.metrics.get(metric),
+         SIZE_METRIC: bt.trial.trainable_fraction, "epochs": bt.trial.metrics.get("training_iteration"),
+         **_shown(bt.trial.params)}
+        for arm, bt in best.items()
+    ]  # fmt: skip
+    param_cols = [p.key for p in space.search]
+    md += [markdown_table(best_rows, ["arm", "trial_id", metric, SIZE_METRIC, "epochs", *param_cols]), ""]
+    if "oialr" in best and "baseline" in best:
+        o, f = best["oialr"].trial, best["baseline"].trial
+        diff = o.metrics[metric] - f.metrics[metric]
+        md += [
+            f"Tuned OIALR vs tuned full rank on validation: {metric} {diff:+.4f} with "
+            f"{o.trainable_fraction:.1%} of the trainable parameters. Validation scores picked these "
+            "configurations, so they are optimistic; `oialr-tune retrain` measures both on the test split.",
+            "",
+        ]
+    md += [f"Full trainer config: `oialr-tune best {res.path} --format yaml > best.yaml`.", ""]
+
+    # Plots.
+    md += ["## Accuracy vs trainable parameters", ""]
+    caption = plot_pareto(res, metric, best, out / PLOTS["pareto"])
+    md += [f"![{metric} vs trainable fraction]({PLOTS['pareto']})", "", caption + ".", ""]
+    if "oialr" in best and best["oialr"].pareto:
+        md += ["Pareto set (OIALR):", ""]
+        rows = [{"trial_id": p.trial_id, metric: p.metrics.get(metric), SIZE_METRIC: p.trainable_fraction,
+                 **_shown(p.params)} for p in best["oialr"].pareto]  # fmt: skip
+        md += [markdown_table(rows, ["trial_id", metric, SIZE_METRIC, *param_cols]), ""]
+
+    md += ["## Search progress", ""]
+    caption = plot_best_so_far(res, metric, out / PLOTS["best_so_far"])
+    md += [f"![best {metric} so far]({PLOTS['best_so_far']})", "", caption + ".", ""]
+
+    md += ["## Ranks during training (best OIALR trial)", ""]
+    ranks_note = "no finished OIALR trial"
+    if "oialr" in best:
+        history = res.history("oialr", best["oialr"].trial.trial_id)
+        ranks_note = "its per-epoch results (Ray's result.json) were not found"
+        if history is not None:
+            caption = plot_ranks(history, best["oialr"].trial.trial_id, out / PLOTS["ranks"])
+            ranks_note = "its per-epoch results hold no `ranks`"
+            if caption is not None:
+                md += [f"![ranks over training]({PLOTS['ranks']})", "", caption + ".", ""]
+                ranks_note = ""
+    if ranks_note:
+        _remove(out / PLOTS["ranks"])
+        md += [f"Not plotted: {ranks_note}.", ""]
+
+    md += ["## Hyperparameter importances (Optuna)", ""]
+    importances: dict[str, dict[str, float]] = {}
+    for arm in res.arms:
+        values, why = param_importances(res, arm, metric)
+        if values:
+            importances[arm] = values
+            md += [f"**{arm}** ({why}):", "", markdown_table(
+                [{"parameter": k, "importance": v} for k, v in values.items()], ["parameter", "importance"]), ""]
+        else:
+            md += [f"**{arm}**: not computed: {why}.", ""]
+    if importances:
+        plot_importances(importances, metric, out / PLOTS["importance"])
+        md += [f"![hyperparameter importances]({PLOTS['importance']})", ""]
+    else:
+        _remove(out / PLOTS["importance"])
+
+    md += [f"## Top {TOP_TRIALS} trials by {metric}", ""]
+    rows, columns = _top_trials(res, metric)
+    md += [markdown_table(rows, columns), ""]
+
+    retrain_summary = out / "retrain" / "summary.json"
+    if retrain_summary.is_file():
+        md += _retrain_section(retrain_summary)
+    if notes:
+        md += ["## Notes", ""] + [f"- {k}: {v}" for k, v in notes.items()] + [""]
+
+    report = out / REPORT_FILE
+    report.write_text("\n".join(md))
+    return report
+
+
+def _retrain_section(path: Path) -> list[str]:
+    """The test-split results of ``oialr-tune retrain`` (its default output folder), if present."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    rows = []
+    for arm, s in summary.get("arms", {}).items():
+        acc, frac = s.get("test_acc", {}), s.get("trainable_fraction", {})
+        rows.append({
+            "arm": arm, "trial_id": s.get("trial_id"), "seeds": acc.get("n"),
+            "test_acc mean": acc.get("mean"), "test_acc std": acc.get("std"),
+            "trainable_fraction": frac.get("mean"),
+        })  # fmt: skip
+    lines = ["## Final retraining (test split)", "",
+             f"From `{path.parent}` (train on {summary.get('train_on')}, seeds {summary.get('seeds')}).", "",
+             markdown_table(rows, ["arm", "trial_id", "seeds", "test_acc mean", "test_acc std", "trainable_fraction"]),
+             ""]  # fmt: skip
+    c = summary.get("comparison")
+    if c and c.get("low") is not None:
+        lines += [f"OIALR − full rank test accuracy: {c['difference']:+.4f}, 95 % Welch interval "
+                  f"[{c['low']:+.4f}, {c['high']:+.4f}]: {c['verdict']}.", ""]  # fmt: skip
+    elif c:
+        lines += [f"OIALR − full rank test accuracy: {c['difference']:+.4f} (too few seeds for an interval).", ""]
+    return lines
+
+
+def _remove(path: Path) -> None:
+    """Drop a stale plot from an earlier report that this run could not redraw."""
+    path.unlink(missing_ok=True)
