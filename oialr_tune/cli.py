@@ -28,6 +28,27 @@ def _train(args: argparse.Namespace) -> None:
     )
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .tune import SweepInterrupted, sweep
+
+    if args.resume and args.space:
+        raise UserError("--resume: takes the space from the sweep folder; drop the SPACE argument")
+    try:
+        sweep(
+            args.space,
+            name=args.name,
+            results_dir=args.results_dir,
+            resume=args.resume or False,
+            address=args.address,
+            baseline=args.baseline,
+            verbose=0 if args.quiet else 1 + args.verbose,
+        )
+    except SweepInterrupted as exc:
+        print(f"oialr-tune: sweep interrupted ({exc}); continue it with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _best(args: argparse.Namespace) -> None:
     from .results import best_trial, format_best
 
@@ -62,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="trainer config YAML")
     p.add_argument("--checkpoint-dir", default=None, help="where to checkpoint (and resume from)")
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("sweep", help="tune OIALR (and a full-rank baseline) with Ray Tune + Optuna + ASHA")
+    p.add_argument("space", nargs="?", default=None,
+                   help="search-space YAML, or a packaged space name (default: quickstart)")
+    p.add_argument("--name", default=None, help="results folder name (default: <space name>-<date>-<time>)")
+    p.add_argument("--results-dir", default="results",
+                   help="where sweeps go: a folder, a shared path or a URI Ray accepts (default: results)")
+    p.add_argument("--resume", metavar="SWEEP_DIR", default=None,
+                   help="continue an interrupted sweep from its folder (e.g. results/quickstart-20250101-120000)")
+    p.add_argument("--address", default=None,
+                   help="join a running Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: local Ray)")
+    p.add_argument("--baseline", choices=["same-budget", "once", "none"], default=None,
+                   help="override the space's full-rank baseline arm")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="also show Ray's own progress output")
+    p.set_defaults(run=_sweep)
 
     p = sub.add_parser("best", help="the best trial of a sweep: config, metrics, checkpoint (Pareto set if multi)")
     p.add_argument("results_dir", help="a sweep's results folder (results/<name>)")

@@ -63,3 +63,24 @@ def tiny_mnist(tmp_path: Path) -> Path:
     write_idx_mnist(tmp_path / "MNIST" / "raw", "train", 60, seed=0)
     write_idx_mnist(tmp_path / "MNIST" / "raw", "t10k", 20, seed=1)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance (2 CPUs) for the whole test session, started by the first test that needs it.
+
+    Starting Ray costs seconds; `oialr_tune.tune.sweep` uses an already initialized Ray and leaves
+    it running, so every sweep test shares this one. Tests that need their own Ray (a multi-node
+    cluster, a driver to kill) run it in a subprocess.
+    """
+    import logging
+
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    yield ray
+    if started:
+        ray.shutdown()

@@ -288,3 +288,13 @@ def test_cli_bad_space_is_one_line_and_exit_2(tmp_path: Path) -> None:
         [sys.executable, "-m", "oialr_tune.cli", "sweep", str(tmp_path / "nope.yaml")], capture_output=True, text=True
     )
     assert missing.returncode == 2 and "nope.yaml: cannot read search space" in missing.stderr
+
+
+def test_import_stays_light_and_the_api_loads_lazily() -> None:
+    code = (
+        "import sys, oialr_tune\n"
+        "assert 'ray' not in sys.modules and 'optuna' not in sys.modules\n"
+        "from oialr_tune.tune import sweep\n"
+        "assert oialr_tune.sweep is sweep and 'ray' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,833 @@
+"""Tuning sweeps: Ray Tune runs trainer trials, Optuna proposes settings, ASHA stops weak trials.
+
+The only module that imports Ray and Optuna. One sweep runs up to two *arms*, each a Ray Tune
+experiment in ``<results>/<name>/``:
+
+* ``oialr``: OIALR on, searching the OIALR knobs and the learning-rate ranges of the space;
+* ``baseline``: the same network at full rank (``oialr.enabled: false``), searching the same
+  non-OIALR ranges with the same budget (``baseline: same-budget``), or one run of the base
+  settings (``once``), or nothing (``none``) -- so "tuned OIALR beats full rank" is measured.
+
+Why it is built the way it is:
+
+* **Resumable without an Optuna database during the run.** ``OptunaSearch(storage=...)`` breaks
+  ``Tuner.restore`` after a killed driver (the pickled searcher lags the database; see
+  ``/work/shared/notes/ray-optuna.md``). So the searcher keeps its study in memory, Ray pickles it
+  with the experiment state, and ``study.db`` is written from Ray's record once an arm has finished:
+  one source of truth, and the database is a derived, rebuildable view for Optuna's tools.
+* **Cheap trials.** Actors are reused (a fresh process per trial costs more than a small trial);
+  the trainer caches datasets per process; trials report every epoch but checkpoint only at the
+  ASHA rungs, every ``checkpoint.every`` epochs and at the end; the experiment state is snapshot
+  every few seconds so a killed sweep loses at most that much scheduling.
+* **Same config, same result, whatever ran before in the process.** A trial builds its whole
+  trainer config from the stored base and its sampled values, and the trainer seeds everything
+  from that config; nothing is kept between trials but the dataset cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from oialr_tune.errors import UserError
+from oialr_tune.space import (
+    NAME_RE,
+    SIZE_METRIC,
+    Param,
+    SearchSpace,
+    load_space,
+    preflight,
+    space_from_dict,
+)
+
+SWEEP_FILE = "sweep.yaml"
+STATE_FILE = "state.json"
+TRIALS_FILE = "trials.csv"
+SUMMARY_FILE = "summary.json"
+STUDY_FILE = "study.db"
+# Ray snapshots the experiment (trial list + pickled searcher) at most this often, in seconds. Its
+# "auto" default is >= 10 s, during which a killed driver could lose trials that already finished.
+_SNAPSHOT_PERIOD_S = "2"
+
+
+class SweepInterrupted(Exception):
+    """The sweep stopped before every arm finished (Ctrl-C, a lost cluster); it can be resumed."""
+
+
+@dataclass
+class SweepResult:
+    """What a sweep leaves behind, also readable later with :func:`load_sweep`.
+
+    `trials` has one row per trial of every arm (the contents of ``trials.csv``); `best` maps an
+    arm to its best trial (trial_id, config, val_acc, trainable_fraction, checkpoint); `pareto`
+    holds the OIALR arm's non-dominated trials (accuracy vs trainable fraction) for ``mode: multi``.
+    """
+
+    path: str
+    space: SearchSpace
+    trials: pd.DataFrame
+    best: dict[str, dict[str, Any]]
+    pareto: pd.DataFrame | None = None
+    summary_line: str = ""
+    wall_time_s: float | None = None
+
+    def best_config(self, arm: str = "oialr") -> dict[str, Any]:
+        """The full trainer config (plain data) of an arm's best trial, ready for a retrain."""
+        if arm not in self.best:
+            raise UserError(f"{self.path}: no finished trial in arm {arm!r}")
+        from oialr_tune.config import train_config_to_dict
+
+        return train_config_to_dict(self.space.trial_config(arm, self.best[arm]["config"]))
+
+
+# --- storage: a local folder or a URI that pyarrow (and so Ray) understands ------------------------
+
+
+class _Store:
+    """The sweep's folder. Ray writes its experiments there itself; this writes our small files.
+
+    A local path is used as is; a URI (``s3://``, ``gs://``, ``file://``...) goes through pyarrow,
+    the same filesystem layer Ray uses for ``storage_path``.
+    """
+
+    def __init__(self, root: str):
+        self.is_local = "://" not in root
+        if self.is_local:
+            self.root = str(Path(root).expanduser().resolve())
+            self._fs = None
+            self._base = self.root
+        else:
+            import pyarrow.fs
+
+            self.root = root.rstrip("/")
+            try:
+                self._fs, self._base = pyarrow.fs.FileSystem.from_uri(self.root)
+            except Exception as e:
+                raise UserError(f"{root}: not a storage path or URI pyarrow can open ({e})") from None
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts]) if not self.is_local else str(Path(self.root, *parts))
+
+    def _fs_path(self, rel: str) -> str:
+        return f"{self._base}/{rel}" if rel else self._base
+
+    def exists(self, rel: str = "") -> bool:
+        if self.is_local:
+            return Path(self.root, rel).exists()
+        import pyarrow.fs
+
+        return self._fs.get_file_info(self._fs_path(rel)).type != pyarrow.fs.FileType.NotFound
+
+    def is_empty(self) -> bool:
+        if self.is_local:
+            p = Path(self.root)
+            return not p.exists() or (p.is_dir() and not any(p.iterdir()))
+        import pyarrow.fs
+
+        info = self._fs.get_file_info(pyarrow.fs.FileSelector(self._base, allow_not_found=True))
+        return not info
+
+    def read_text(self, rel: str) -> str:
+        if self.is_local:
+            return Path(self.root, rel).read_text()
+        with self._fs.open_input_stream(self._fs_path(rel)) as f:
+            return f.read().decode()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if self.is_local:
+            path = Path(self.root, rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # a reader never sees half a file
+            return
+        self._fs.create_dir(self._base, recursive=True)
+        with self._fs.open_output_stream(self._fs_path(rel)) as f:
+            f.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    @contextlib.contextmanager
+    def local_file(self, rel: str):
+        """A local path for `rel` (for SQLite): the file itself, or a temporary copy uploaded after."""
+        if self.is_local:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            yield Path(self.root, rel)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp, rel)
+            if self.exists(rel):
+                with self._fs.open_input_stream(self._fs_path(rel)) as f:
+                    local.write_bytes(f.read())
+            yield local
+            self.write_bytes(rel, local.read_bytes())
+
+
+# --- the trial: runs in a Ray worker process ------------------------------------------------------
+
+
+def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The trainer's epoch metrics in a form Ray logs well: numbers stay, structures are encoded.
+
+    Ray's CSV/TensorBoard loggers and its dataframe want flat scalars; per-layer ranks are kept as
+    one JSON string (a ViT has dozens of layers: one column each would swamp the tables).
+    """
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if k == "ranks":
+            out["ranks"] = json.dumps(v, sort_keys=True)
+        elif k == "oialr_events":
+            out["oialr_events"] = len(v)
+        elif k == "status":
+            out["run_status"] = v  # Ray's result dicts have their own notion of done/status
+        elif isinstance(v, (bool, int, float, str)) or v is None:
+            out[k] = v
+    return out
+
+
+class _ReportToRay:
+    """Trainer callback: one ``ray.tune.report`` per epoch, with the checkpoint when one was written.
+
+    Defined without subclassing at import time so this module imports without torch; it is
+    registered with the trainer's `Callback` base inside the trial.
+    """
+
+    def __init__(self, extra: Mapping[str, Any]):
+        self.extra = dict(extra)
+
+    def on_epoch_end(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        from ray import tune
+
+        row = _scalar_metrics(metrics)
+        row.update(self.extra)
+        # Ray copies the folder into the trial's storage during `report`, so the trainer may
+        # overwrite its checkpoint file afterwards.
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        tune.report(row, checkpoint=checkpoint)
+
+    def on_train_end(self, result: Any) -> None:
+        pass
+
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], checkpoint_epochs: list[int]) -> None:
+    """One Ray Tune trial: the trainer on `base` with the sampled `config` (dotted keys).
+
+    Resumes from the trial's latest Ray checkpoint when there is one (a restored sweep, a retried
+    failure). Everything the run depends on comes from `base` and `config`, so a reused worker
+    process gives the same result as a fresh one; only the trainer's dataset cache survives.
+    """
+    import ray
+    from ray import tune
+
+    from oialr_tune.config import train_config_from_dict, with_overrides
+    from oialr_tune.trainer import Callback, train
+
+    cfg = with_overrides(train_config_from_dict(base), config) if config else train_config_from_dict(base)
+    cfg.checkpoint_every = 0  # the sweep decides when to checkpoint: `checkpoint_epochs`
+    extra = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    reporter = type("ReportToRay", (_ReportToRay, Callback), {})(extra)
+    work = Path(tempfile.mkdtemp(prefix="oialr-trial-"))
+    try:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            checkpoint.to_directory(str(work))
+        train(cfg, callbacks=[reporter], checkpoint_dir=work, resume=True, checkpoint_epochs=checkpoint_epochs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def make_trainable(space: SearchSpace, arm: str) -> Any:
+    """The Ray trainable of one arm, with its per-trial resources (needs Ray initialized).
+
+    Public so tests and benchmarks can drive it with their own ``Tuner``.
+    """
+    from ray import tune
+
+    fn = tune.with_parameters(run_trial, base=space.arm_base(arm), checkpoint_epochs=space.checkpoint_epochs())
+    return tune.with_resources(fn, {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
+
+
+def _trial_dirname(trial: Any) -> str:
+    """Short trial folder names (Ray's default packs every sampled value into the name)."""
+    return f"trial_{trial.trial_id}"
+
+
+# --- the search: Optuna distributions, searcher, scheduler ----------------------------------------
+
+
+def optuna_distribution(param: Param) -> Any:
+    """The Optuna distribution of a searched key (also what ``study.db`` records)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if param.type == "categorical":
+        return CategoricalDistribution(list(param.choices or ()))
+    if param.type == "int":
+        return IntDistribution(int(param.low), int(param.high), step=int(param.step or 1), log=param.log)
+    return FloatDistribution(
+        float(param.low), float(param.high), log=param.type == "loguniform" or param.log, step=param.step
+    )
+
+
+def _startup_trials(space: SearchSpace) -> int:
+    """Random trials before TPE models the results: Optuna's 10 would leave little for TPE in a
+    16-trial sweep, so a quarter of the budget, at least 4 and at most 10."""
+    return min(10, max(4, space.budget.num_samples // 4))
+
+
+def _searcher(space: SearchSpace, arm: str) -> Any:
+    """OptunaSearch with a seeded TPE (or random) sampler, or None when the arm searches nothing."""
+    params = space.arm_params(arm)
+    if not params:
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if space.strategy.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=space.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=_startup_trials(space))
+    metrics, modes = space.objective.metrics(arm), space.objective.modes(arm)
+    multi = len(metrics) > 1
+    return OptunaSearch(
+        space={p.key: optuna_distribution(p) for p in params},
+        metric=metrics if multi else metrics[0],
+        mode=modes if multi else modes[0],
+        sampler=sampler,
+    )
+
+
+def _scheduler(space: SearchSpace) -> Any:
+    """ASHA on the main metric (per epoch = training_iteration), or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if space.scheduler() != "asha":
+        return FIFOScheduler()
+    b = space.budget
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=space.objective.metric,
+        mode=space.objective.direction,
+        max_t=b.max_epochs,
+        grace_period=b.grace_period,
+        reduction_factor=b.reduction_factor,
+    )
+
+
+class _Progress:
+    """Driver-side Ray Tune callback: one concise line per finished trial."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        from ray import tune
+
+        # Built as a subclass of Ray's Callback on first use, so importing this module stays cheap.
+        class Progress(tune.Callback):
+            def __init__(self, arm: str, total: int, metric: str):
+                self.arm, self.total, self.metric, self.done = arm, total, metric, 0
+
+            def _line(self, trial: Any, what: str) -> None:
+                self.done += 1
+                r = trial.last_result or {}
+                params = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(trial.config.items()))
+                print(
+                    f"[{self.arm}] {self.done}/{self.total} {trial.trial_id} {what} epochs={r.get('epoch', 0)} "
+                    f"{self.metric}={_fmt(r.get(self.metric))} frac={_fmt(r.get(SIZE_METRIC))} {params}",
+                    flush=True,
+                )
+
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                self._line(trial, "done ")
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                self._line(trial, "ERROR")
+
+        return Progress(*args, **kwargs)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# --- Ray session ------------------------------------------------------------------------------
+
+
+def _check_address(address: str) -> None:
+    """Fail fast, in one line, when nothing listens at a cluster address (Ray itself retries for
+    minutes). ``auto`` is checked by Ray quickly; ``host:port`` and ``ray://host:port`` by a TCP
+    connect with a short timeout."""
+    if address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--address: expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
+            pass
+    except OSError as e:
+        raise UserError(f"--address: no Ray cluster reachable at {address} ({e.strerror or e})") from None
+
+
+def _start_ray(address: str | None, verbose: int) -> bool:
+    """Connect to (or start) Ray; returns True if this call started it (and should stop it).
+
+    An already initialized Ray (a notebook, the test session) is used as is.
+    """
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {
+        "logging_level": logging.INFO if verbose >= 2 else logging.WARNING,
+        "log_to_driver": verbose >= 2,  # trial output stays in the trials' log files
+    }
+    if address is None:
+        # "local": always a fresh instance, never a cluster some other process started with `ray start`.
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
+        return True
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as e:
+        raise UserError(f"--address: {str(e).splitlines()[0]}") from None
+    return True
+
+
+def _check_cluster_fits(space: SearchSpace) -> None:
+    """A trial asking for more than the cluster has would wait forever: refuse it now."""
+    import ray
+
+    have = ray.cluster_resources()
+    r = space.resources
+    if r.cpu > have.get("CPU", 0):
+        raise UserError(f"resources.cpu: {r.cpu} per trial but the Ray cluster has {have.get('CPU', 0)} CPU(s)")
+    if r.gpu > have.get("GPU", 0):
+        raise UserError(f"resources.gpu: {r.gpu} per trial but the Ray cluster has {have.get('GPU', 0)} GPU(s)")
+
+
+# --- running one arm --------------------------------------------------------------------------
+
+
+def _arm_tuner(space: SearchSpace, arm: str, store: _Store, verbose: int) -> Any:
+    """A new Tuner for an arm, or the restored one when the arm was interrupted."""
+    from ray import tune
+
+    trainable = make_trainable(space, arm)
+    arm_path = store.join(arm)
+    if tune.Tuner.can_restore(arm_path):
+        if verbose:
+            print(f"[{arm}] resuming {arm_path}", flush=True)
+        return tune.Tuner.restore(arm_path, trainable, resume_unfinished=True, resume_errored=True)
+    total = space.arm_num_samples(arm)
+    tune_config = tune.TuneConfig(
+        search_alg=_searcher(space, arm),
+        scheduler=_scheduler(space),
+        num_samples=total,
+        max_concurrent_trials=space.budget.max_concurrent,
+        reuse_actors=True,
+        trial_dirname_creator=_trial_dirname,
+    )
+    run_config = tune.RunConfig(
+        name=arm,
+        storage_path=store.root,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=space.checkpoint.num_to_keep),
+        failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
+        verbose=1 if verbose >= 2 else 0,
+        callbacks=[_Progress(arm, total, space.objective.metric)] if verbose else [],
+    )
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _describe_arm(space: SearchSpace, arm: str) -> str:
+    n = space.arm_num_samples(arm)
+    if not space.arm_params(arm):
+        return f"[{arm}] 1 trial at the base settings"
+    sched = space.scheduler()
+    if sched == "asha":
+        b = space.budget
+        sched = f"ASHA(grace={b.grace_period}, rf={b.reduction_factor:g}, rungs={space.rungs()})"
+    what = "+".join(space.objective.metrics(arm))
+    return (
+        f"[{arm}] {n} trials x <= {space.budget.max_epochs} epochs, {space.strategy.sampler.upper()} + {sched}, "
+        f"objective {what}, searching {', '.join(p.key for p in space.arm_params(arm))}"
+    )
+
+
+def _run_arm(space: SearchSpace, arm: str, store: _Store, verbose: int) -> None:
+    """Run (or finish) one arm; raises SweepInterrupted if Ray stopped before every trial ended."""
+    if verbose:
+        print(_describe_arm(space, arm), flush=True)
+    tuner = _arm_tuner(space, arm, store, verbose)
+    # Ray prints an experiment header whatever its verbosity; verbose=0 means silent.
+    with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
+        results = tuner.fit()
+    expected = space.arm_num_samples(arm)
+    ended = results.num_terminated + results.num_errors
+    if len(results) < expected or ended < len(results):
+        raise SweepInterrupted(f"arm {arm} stopped with {ended}/{expected} trials ended")
+
+
+# --- collecting results -----------------------------------------------------------------------
+
+
+def _trial_rows(space: SearchSpace, arm: str, store: _Store) -> list[dict[str, Any]]:
+    """One dict per trial of an arm, from Ray's own record of the experiment."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(store.join(arm))
+    frames = analysis.trial_dataframes
+    keys = [p.key for p in space.arm_params(arm)]
+    rows = []
+    for trial in analysis.trials:
+        last = trial.last_result or {}
+        df = frames.get(trial.trial_id)
+        history = df.to_dict("records") if df is not None and len(df) else ([last] if last else [])
+        metric = space.objective.metric
+        values = [h[metric] for h in history if isinstance(h.get(metric), (int, float))]
+        error = None
+        if trial.status == "ERROR":
+            err = trial.get_error()
+            error = str(err).strip().splitlines()[-1][:300] if err else "error"
+        epochs = int(last.get("training_iteration", 0) or 0)
+        trainer_status = last.get("run_status")
+        # Ray's own status (TERMINATED, ERROR; PENDING/RUNNING only in an interrupted arm), and
+        # the trainer's verdict beside it: finished, diverged, or running when ASHA stopped it.
+        row: dict[str, Any] = {"arm": arm, "trial_id": trial.trial_id, "status": trial.status}
+        row["trainer_status"] = "error" if error else trainer_status
+        row["stopped_early"] = trial.status == "TERMINATED" and trainer_status == "running"
+        checkpoint = trial.checkpoint
+        for k in keys:
+            row[f"config.{k}"] = trial.config.get(k)
+        best = (max if space.objective.direction == "max" else min)(values) if values else None
+        row.update({
+            metric: last.get(metric),
+            f"best_{metric}": best,
+            "val_acc": last.get("val_acc"),
+            SIZE_METRIC: last.get(SIZE_METRIC),
+            "trainable_params": last.get("trainable_params"),
+            "training_iteration": epochs,
+            "time_total_s": last.get("time_total_s"),
+            "train_time_s": sum(h.get("train_time_s") or 0.0 for h in history),
+            "node_id": last.get("node_id"),
+            "checkpoint": checkpoint.path if checkpoint is not None else None,
+            "error": error,
+            "_history": [h.get(metric) for h in history],
+            "_params": {k: trial.config.get(k) for k in keys},
+        })  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def _pareto(df: pd.DataFrame, metric: str, direction: str) -> pd.DataFrame:
+    """Trials no other trial beats on both the metric and the trainable fraction."""
+    ok = df.dropna(subset=[metric, SIZE_METRIC])
+    sign = 1.0 if direction == "max" else -1.0
+    keep = []
+    for i, r in ok.iterrows():
+        a, f = sign * r[metric], r[SIZE_METRIC]
+        dominated = (
+            (sign * ok[metric] >= a) & (ok[SIZE_METRIC] <= f) & ((sign * ok[metric] > a) | (ok[SIZE_METRIC] < f))
+        ).any()
+        if not dominated:
+            keep.append(i)
+    return ok.loc[keep].sort_values(SIZE_METRIC)
+
+
+def _usable(df: pd.DataFrame, arm: str, metric: str) -> pd.DataFrame:
+    """An arm's trials that ended normally (finished or stopped by ASHA), not diverged, with a metric."""
+    ok = (df["arm"] == arm) & (df["status"] == "TERMINATED") & (df["trainer_status"] != "diverged")
+    return df[ok & df[metric].notna()]
+
+
+def _best(df: pd.DataFrame, space: SearchSpace, arm: str) -> dict[str, Any] | None:
+    """An arm's best trial by its last reported metric (what its final checkpoint holds).
+
+    In multi mode the OIALR arm's "best" is the most accurate trial of its Pareto set; the set
+    itself is in :attr:`SweepResult.pareto`.
+    """
+    metric = space.objective.metric
+    rows = _usable(df, arm, metric)
+    if rows.empty:
+        return None
+    r = rows.loc[rows[metric].idxmax() if space.objective.direction == "max" else rows[metric].idxmin()]
+    return {
+        "trial_id": r["trial_id"],
+        "config": dict(r["_params"]),
+        metric: _plain(r[metric]),
+        "val_acc": _plain(r["val_acc"]),
+        SIZE_METRIC: _plain(r[SIZE_METRIC]),
+        "training_iteration": _plain(r["training_iteration"]),
+        "checkpoint": r["checkpoint"],
+    }
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars / NaN -> plain JSON-able Python values."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def _write_study(space: SearchSpace, arm: str, rows: list[dict[str, Any]], store: _Store) -> None:
+    """(Re)write the arm's Optuna study in ``study.db`` from Ray's record of its trials.
+
+    Each Ray trial becomes one Optuna trial with the value(s) the searcher was told (the last
+    reported metric, as Ray's OptunaSearch does), its per-epoch values as intermediate values,
+    and the Ray trial id and status as user attributes; errored trials are FAIL. The study is
+    rebuilt from scratch, so re-running this after a resume cannot duplicate trials.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    params = space.arm_params(arm)
+    dists = {p.key: optuna_distribution(p) for p in params}
+    metrics, modes = space.objective.metrics(arm), space.objective.modes(arm)
+    directions = ["maximize" if m == "max" else "minimize" for m in modes]
+    with store.local_file(STUDY_FILE) as db:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=arm, storage=storage)
+        study = optuna.create_study(storage=storage, study_name=arm, directions=directions)
+        study.set_user_attr("space", space.name)
+        trials = []
+        for row in rows:
+            values = [row.get(m) for m in metrics]
+            complete = row["status"] == "TERMINATED" and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in values
+            )
+            inter = {}
+            if len(metrics) == 1:
+                inter = {
+                    i + 1: v for i, v in enumerate(row["_history"]) if isinstance(v, (int, float)) and math.isfinite(v)
+                }
+            trials.append(
+                optuna.trial.create_trial(
+                    params={k: row[f"config.{k}"] for k in dists},
+                    distributions=dists,
+                    values=[float(v) for v in values] if complete else None,
+                    state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.FAIL,
+                    intermediate_values=inter,
+                    user_attrs={
+                        "ray_trial_id": row["trial_id"],
+                        "status": row["status"],
+                        "epochs": row["training_iteration"],
+                    },
+                )
+            )
+        study.add_trials(trials)
+        storage.engine.dispose()  # release the SQLite file before it is (maybe) uploaded
+
+
+def _collect(
+    space: SearchSpace, store: _Store, arms: list[str]
+) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame | None]:
+    """Write trials.csv, study.db and summary.json from the arms' Ray records; return them."""
+    all_rows = []
+    for arm in arms:
+        rows = _trial_rows(space, arm, store)
+        _write_study(space, arm, rows, store)
+        all_rows += rows
+    full = pd.DataFrame(all_rows)
+    for p in space.search:  # integer knobs stay integers in the CSV (the baseline rows leave gaps)
+        col = f"config.{p.key}"
+        if p.type == "int" and col in full:
+            full[col] = full[col].astype("Int64")
+    best = {arm: b for arm in arms if (b := _best(full, space, arm)) is not None}
+    df = full.drop(columns=["_history", "_params"])
+    store.write_text(TRIALS_FILE, df.to_csv(index=False))
+    pareto = None
+    if space.objective.is_multi:
+        pareto = _pareto(
+            _usable(df, "oialr", space.objective.metric), space.objective.metric, space.objective.direction
+        )
+    summary = {
+        "name": space.name,
+        "objective": dataclasses.asdict(space.objective),
+        "trials": {arm: int((df["arm"] == arm).sum()) for arm in arms},
+        "best": best,
+    }
+    if pareto is not None:
+        summary["pareto"] = [
+            {"trial_id": r["trial_id"], space.objective.metric: _plain(r[space.objective.metric]),
+             SIZE_METRIC: _plain(r[SIZE_METRIC])}
+            for _, r in pareto.iterrows()
+        ]  # fmt: skip
+    store.write_text(SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    return df, best, pareto
+
+
+def _summary_line(space: SearchSpace, best: dict[str, Any]) -> str:
+    m = space.objective.metric
+
+    def part(arm: str, label: str) -> str:
+        b = best.get(arm)
+        if b is None:
+            return f"{label}: no finished trial"
+        return f"{label} {m}={b[m]:.4f} (trainable fraction {b[SIZE_METRIC]:.3f}, trial {b['trial_id']})"
+
+    line = part("oialr", "best OIALR")
+    if "baseline" in space.arms():
+        line += " vs " + part("baseline", "best full-rank")
+        o, f = best.get("oialr"), best.get("baseline")
+        if o and f:
+            diff = (o[m] - f[m]) * (100 if m == "val_acc" else 1)
+            unit = " points" if m == "val_acc" else ""
+            share = o[SIZE_METRIC] / max(f[SIZE_METRIC], 1e-12)
+            line += f": OIALR {diff:+.2f}{unit} with {share:.1%} of the trainable parameters"
+    return line
+
+
+# --- public API -------------------------------------------------------------------------------
+
+
+def _read_state(store: _Store) -> dict[str, Any]:
+    return json.loads(store.read_text(STATE_FILE)) if store.exists(STATE_FILE) else {"arms_done": []}
+
+
+def _open_existing(path: str | os.PathLike[str]) -> tuple[_Store, SearchSpace]:
+    store = _Store(str(path))
+    if not store.exists(SWEEP_FILE):
+        raise UserError(f"{path}: holds no sweep (no {SWEEP_FILE})")
+    try:
+        data = yaml.safe_load(store.read_text(SWEEP_FILE))
+    except yaml.YAMLError:
+        raise UserError(f"{path}/{SWEEP_FILE}: invalid YAML") from None
+    return store, space_from_dict(data, source=f"{path}/{SWEEP_FILE}")
+
+
+def sweep(
+    space: SearchSpace | str | os.PathLike[str] | None = None,
+    *,
+    name: str | None = None,
+    results_dir: str | os.PathLike[str] = "results",
+    resume: bool | str | os.PathLike[str] = False,
+    address: str | None = None,
+    baseline: str | None = None,
+    verbose: int = 1,
+) -> SweepResult:
+    """Run a tuning sweep: the OIALR arm, then the full-rank baseline arm; return the results.
+
+    Args:
+        space: a :class:`SearchSpace`, a YAML path, a packaged space name, or None (quickstart).
+        name: the sweep's folder under `results_dir`; default ``<space name>-<YYYYmmdd-HHMMSS>``.
+        results_dir: a local folder, a shared path, or a URI Ray accepts as ``storage_path``.
+        resume: continue an interrupted sweep: True with `name`, or the sweep's folder. The space
+            is reloaded from its ``sweep.yaml``; arms that finished are not rerun.
+        address: join an existing Ray cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``);
+            None starts Ray on this machine (or uses the Ray already initialized in this process).
+        baseline: override the space's ``baseline`` (same-budget, once, none).
+        verbose: 0 silent, 1 one line per finished trial and a summary, 2 also Ray's own output.
+
+    Raises UserError (before Ray starts, nothing written) for a bad space, folder or address, and
+    SweepInterrupted when Ray stopped early (the sweep can then be resumed).
+    """
+    t0 = time.perf_counter()
+    if resume:
+        if resume is True:
+            if not name:
+                raise UserError("--resume: name the sweep folder to resume (results/<name>)")
+            resume = Path(results_dir, name) if "://" not in str(results_dir) else f"{results_dir}/{name}"
+        store, stored = _open_existing(resume)
+        if space is not None:
+            given = space if isinstance(space, SearchSpace) else load_space(space)
+            if given.to_dict() != stored.to_dict():
+                raise UserError(f"{resume}: holds a sweep of a different space; resume without a space argument")
+        space = stored
+    else:
+        space = space if isinstance(space, SearchSpace) else load_space(space)
+        if name is None:
+            name = f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        if not NAME_RE.match(name):
+            raise UserError(f"--name: expected letters, digits, '_', '-' or '.', got {name!r}")
+        root = str(results_dir).rstrip("/") + "/" + name if "://" in str(results_dir) else str(Path(results_dir, name))
+        store = _Store(root)
+        if not store.is_empty():
+            raise UserError(f"{root}: already exists; resume it with --resume {root} or choose another --name")
+    if baseline is not None:
+        if baseline not in ("same-budget", "once", "none"):
+            raise UserError(f"--baseline: expected same-budget, once or none, got {baseline!r}")
+        if resume and baseline != space.baseline:
+            raise UserError(f"--baseline: a resumed sweep keeps its baseline ({space.baseline})")
+        space = dataclasses.replace(space, baseline=baseline)
+    space = preflight(space, local=address is None)
+    if address is not None:
+        _check_address(address)
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", _SNAPSHOT_PERIOD_S)
+    # Ray also snapshots whenever a trial has saved `num_to_keep` checkpoints since the last one
+    # (so its record never points at a deleted checkpoint) and warns when that is frequent; with
+    # small trials it is, by design, and cheap: silence the warning, keep the snapshots.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started = _start_ray(address, verbose)
+    try:
+        _check_cluster_fits(space)
+        if not resume:
+            store.write_text(SWEEP_FILE, yaml.safe_dump(space.to_dict(), sort_keys=False))
+            store.write_text(STATE_FILE, json.dumps({"arms_done": []}))
+        if verbose:
+            print(f"sweep {space.name} -> {store.root}", flush=True)
+        state = _read_state(store)
+        for arm in space.arms():
+            if arm in state["arms_done"]:
+                if verbose:
+                    print(f"[{arm}] already finished", flush=True)
+                continue
+            _run_arm(space, arm, store, verbose)
+            state["arms_done"].append(arm)
+            store.write_text(STATE_FILE, json.dumps(state))
+        df, best, pareto = _collect(space, store, space.arms())
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    line = _summary_line(space, best)
+    wall = time.perf_counter() - t0
+    if verbose:
+        print(line, flush=True)
+        print(f"results: {store.root} ({len(df)} trials, {wall:.1f}s)", flush=True)
+    return SweepResult(store.root, space, df, best, pareto, line, wall)
+
+
+def load_sweep(path: str | os.PathLike[str]) -> SweepResult:
+    """Read a finished (or interrupted) sweep's results back from its folder, without Ray running.
+
+    Raises UserError if the folder holds no sweep or its trials were never collected.
+    """
+    store, space = _open_existing(path)
+    if not store.exists(TRIALS_FILE) or not store.exists(SUMMARY_FILE):
+        raise UserError(f"{path}: the sweep has no results yet (resume it with --resume {path})")
+    df = pd.read_csv(io.StringIO(store.read_text(TRIALS_FILE)))
+    summary = json.loads(store.read_text(SUMMARY_FILE))
+    pareto = None
+    if space.objective.is_multi:
+        pareto = _pareto(
+            _usable(df, "oialr", space.objective.metric), space.objective.metric, space.objective.direction
+        )
+    best = summary.get("best", {})
+    return SweepResult(store.root, space, df, best, pareto, _summary_line(space, best))
+
+
+__all__ = ["SweepInterrupted", "SweepResult", "load_sweep", "make_trainable", "run_trial", "sweep"]

@@ -1,0 +1,267 @@
+"""Sweeps end to end: real Ray Tune, real Optuna, real training of tiny digits MLPs on CPU.
+
+All in-process sweeps share the session's Ray instance (the `ray_session` fixture); the killed
+driver and the two-node cluster need Ray instances of their own and run in subprocesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from oialr_tune.space import space_from_dict
+from oialr_tune.trainer import read_checkpoint
+from oialr_tune.tune import load_sweep, make_trainable, sweep
+
+SPACE: dict[str, Any] = {
+    "name": "unit",
+    "base": {
+        "device": "cpu",
+        "model": {"name": "mlp", "args": {"hidden": [32, 32]}},
+        "data": {"name": "digits"},
+        "schedule": {"batch_size": 64},
+        "oialr": {"delay": 0.2, "stability_frequency": 5},
+    },
+    "search": {
+        "optimizer.lr": {"type": "loguniform", "low": 1.0e-3, "high": 3.0e-2},
+        "schedule.rewarm_steps": {"type": "int", "low": 0, "high": 10},
+        "oialr.stability_threshold": {"type": "categorical", "choices": [None, 0.9]},
+        "oialr.sigma_cutoff_fraction": {"type": "uniform", "low": 0.05, "high": 0.3},
+    },
+    "objective": {"metric": "val_acc", "mode": "max"},
+    # ASHA rungs at epochs 2 and 4: trials checkpoint at 2 and 4 only (not every epoch).
+    "budget": {"num_samples": 6, "max_epochs": 4, "grace_period": 2, "reduction_factor": 2},
+    "resources": {"cpu": 1},
+    "checkpoint": {"every": 0, "num_to_keep": 1},
+    "seed": 0,
+}
+
+
+def make_space(**changes: Any) -> dict[str, Any]:
+    d = copy.deepcopy(SPACE)
+    d.update(changes)
+    return d
+
+
+def test_sweep_finds_best_and_results_are_consistent(ray_session: Any, tmp_path: Path) -> None:
+    result = sweep(space_from_dict(SPACE), name="s", results_dir=tmp_path, verbose=0)
+    root = tmp_path / "s"
+    assert Path(result.path) == root
+    df = result.trials
+    assert (df["arm"] == "oialr").sum() == 6 and (df["arm"] == "baseline").sum() == 6
+    assert set(df["status"]) == {"TERMINATED"}
+    assert df["error"].isna().all()
+    # The baseline searched only the non-OIALR keys, at full rank.
+    base_rows = df[df["arm"] == "baseline"]
+    assert base_rows["config.oialr.sigma_cutoff_fraction"].isna().all()
+    assert (base_rows["trainable_fraction"] == 1.0).all()
+
+    # The best trial is the most accurate trial that ended normally, and its checkpoint is its
+    # last epoch's state.
+    for arm in ("oialr", "baseline"):
+        rows = df[df["arm"] == arm]
+        best = result.best[arm]
+        assert best["val_acc"] == rows["val_acc"].max()
+        assert best["trial_id"] in set(rows[rows["val_acc"] == rows["val_acc"].max()]["trial_id"])
+        state = read_checkpoint(Path(best["checkpoint"]) / "checkpoint.pt")
+        assert state["epoch"] == best["training_iteration"]
+        assert state["config"]["oialr"]["enabled"] is (arm == "oialr")
+        cfg = result.best_config(arm)
+        assert cfg["optimizer"]["lr"] == pytest.approx(best["config"]["optimizer.lr"])
+    assert result.best["oialr"]["trainable_fraction"] < 1.0  # OIALR did cut ranks
+    assert "best OIALR val_acc=" in result.summary_line and "best full-rank val_acc=" in result.summary_line
+
+    # Checkpoints only at the ASHA rungs (2, 4): a finished trial holds checkpoint index 1.
+    finished = df[df["training_iteration"] == 4]
+    assert len(finished) and all(Path(c).name == "checkpoint_000001" for c in finished["checkpoint"])
+
+    # Files: trials.csv is the returned table; summary.json has the same best trials.
+    assert pd.read_csv(root / "trials.csv")["trial_id"].tolist() == df["trial_id"].tolist()
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["best"] == json.loads(json.dumps(result.best))
+    assert pd.read_csv(root / "trials.csv")["config.schedule.rewarm_steps"].dropna().map(float.is_integer).all()
+    assert yaml.safe_load((root / "sweep.yaml").read_text()) == result.space.to_dict()
+    reloaded = load_sweep(root)
+    assert reloaded.best == summary["best"]
+
+    # study.db: one Optuna study per arm with the same trials, readable by Optuna's own tools.
+    storage = f"sqlite:///{root / 'study.db'}"
+    for arm in ("oialr", "baseline"):
+        study = optuna.load_study(study_name=arm, storage=storage)
+        rows = df[df["arm"] == arm]
+        assert len(study.trials) == len(rows)
+        by_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+        assert set(by_id) == set(rows["trial_id"])
+        for _, r in rows.iterrows():
+            assert by_id[r["trial_id"]].value == pytest.approx(r["val_acc"])
+            assert by_id[r["trial_id"]].params["optimizer.lr"] == pytest.approx(r["config.optimizer.lr"])
+    importances = optuna.importance.get_param_importances(optuna.load_study(study_name="oialr", storage=storage))
+    assert importances and set(importances) <= set(SPACE["search"])
+
+    # Ray's own layout: each arm is a restorable Tuner experiment; TensorBoard files are there.
+    from ray import tune
+
+    assert tune.Tuner.can_restore(str(root / "oialr")) and tune.Tuner.can_restore(str(root / "baseline"))
+    assert list((root / "oialr").glob("trial_*/events.out.tfevents.*"))
+
+
+def test_multi_objective_returns_a_pareto_set(ray_session: Any, tmp_path: Path) -> None:
+    space = make_space(objective={"metric": "val_acc", "mode": "multi"}, baseline="none")
+    space["budget"] = {"num_samples": 4, "max_epochs": 3}
+    result = sweep(space_from_dict(space), name="m", results_dir=tmp_path, verbose=0)
+    df = result.trials
+    assert set(df["arm"]) == {"oialr"} and len(df) == 4
+    assert (df["training_iteration"] == 3).all()  # FIFO: nothing stopped early
+    pareto = result.pareto
+    assert pareto is not None and len(pareto) >= 1
+    for _, p in pareto.iterrows():  # nobody is at least as good on both and better on one
+        better = (df["val_acc"] >= p["val_acc"]) & (df["trainable_fraction"] <= p["trainable_fraction"])
+        strictly = (df["val_acc"] > p["val_acc"]) | (df["trainable_fraction"] < p["trainable_fraction"])
+        assert not (better & strictly).any()
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert {p["trial_id"] for p in summary["pareto"]} == set(pareto["trial_id"])
+    study = optuna.load_study(study_name="oialr", storage=f"sqlite:///{tmp_path / 'm' / 'study.db'}")
+    assert len(study.directions) == 2 and len(study.trials) == 4 and study.best_trials
+
+
+def test_reused_actor_gives_the_same_metrics_as_a_fresh_one(ray_session: Any, tmp_path: Path) -> None:
+    """Trial B run after trial A in the same (reused) worker process matches B run alone."""
+    from ray import tune
+
+    space = space_from_dict(make_space(baseline="none"))
+    a = {"optimizer.lr": 0.03, "oialr.stability_threshold": None, "oialr.sigma_cutoff_fraction": 0.3}
+    b = {"optimizer.lr": 0.002, "oialr.stability_threshold": 0.9, "oialr.sigma_cutoff_fraction": 0.05}
+
+    def run(name: str, configs: list[dict[str, Any]]) -> list[pd.DataFrame]:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        tuner = tune.Tuner(
+            make_trainable(space, "oialr"),
+            # The points are the whole search; the choices only declare the keys they set.
+            param_space={k: tune.choice([a[k], b[k]]) for k in a},
+            tune_config=tune.TuneConfig(
+                search_alg=BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=1),
+                num_samples=len(configs),
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0),
+        )
+        results = tuner.fit()
+        assert not results.errors
+        by_lr = {r.config["optimizer.lr"]: r.metrics_dataframe for r in results}
+        return [by_lr[c["optimizer.lr"]] for c in configs]
+
+    after_a = run("pair", [a, b])
+    alone = run("alone", [b])
+    assert after_a[0]["pid"].iloc[0] == after_a[1]["pid"].iloc[0], "the actor was not reused"
+    assert alone[0]["pid"].iloc[0] != after_a[1]["pid"].iloc[0]
+    cols = ["epoch", "train_loss", "val_loss", "val_acc", "trainable_params", "ranks"]
+    pd.testing.assert_frame_equal(after_a[1][cols].reset_index(drop=True), alone[0][cols].reset_index(drop=True))
+
+
+def _finished_trials(exp: Path, epochs: int) -> dict[str, dict[str, Any]]:
+    """Trials whose result.json (in the storage folder) already holds their last epoch: id -> record."""
+    out = {}
+    for f in exp.glob("trial_*/result.json"):
+        lines = f.read_text().strip().splitlines()
+        if lines:
+            last = json.loads(lines[-1])
+            if last.get("training_iteration") == epochs:
+                out[last["trial_id"]] = last
+    return out
+
+
+def test_killed_sweep_resumes_without_losing_finished_trials(ray_session: Any, tmp_path: Path) -> None:
+    space = make_space(baseline="none", strategy={"scheduler": "fifo"})
+    space["base"]["model"]["args"]["hidden"] = [256, 256]
+    space["base"]["schedule"]["batch_size"] = 16  # about 2 s per trial: the kill lands mid-sweep
+    space["budget"] = {"num_samples": 6, "max_epochs": 6, "max_concurrent": 2}
+    space["checkpoint"] = {"every": 1, "num_to_keep": 1}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    results = tmp_path / "r"
+    log = (tmp_path / "driver.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oialr_tune.cli", "sweep", str(tmp_path / "space.yaml"), "--name", "k",
+         "--results-dir", str(results)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    exp = results / "k" / "oialr"
+    deadline = time.monotonic() + 180
+    try:
+        while len(_finished_trials(exp, 6)) < 2:
+            assert proc.poll() is None, (
+                f"the sweep ended before it could be killed:\n{(tmp_path / 'driver.log').read_text()}"
+            )
+            assert time.monotonic() < deadline, "no two finished trials within 3 minutes"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        proc.wait()
+    done_before = _finished_trials(exp, 6)
+    print(f"{len(done_before)} of 6 trials had finished when the driver was killed")
+    assert 2 <= len(done_before) < 6, "the kill should land mid-sweep"
+
+    from oialr_tune.cli import main
+
+    assert main(["sweep", "--resume", str(results / "k"), "-q"]) == 0
+    df = pd.read_csv(results / "k" / "trials.csv")
+    assert len(df) == 6 and set(df["status"]) == {"TERMINATED"}
+    rows = df.set_index("trial_id")
+    for trial_id, rec in done_before.items():
+        assert trial_id in rows.index, f"finished trial {trial_id} lost on resume"
+        assert rows.loc[trial_id, "val_acc"] == rec["val_acc"]
+        assert rows.loc[trial_id, "training_iteration"] == rec["training_iteration"] == 6
+    study = optuna.load_study(study_name="oialr", storage=f"sqlite:///{results / 'k' / 'study.db'}")
+    assert len(study.trials) == 6
+    # Resuming a finished sweep reruns nothing.
+    again = sweep(resume=results / "k", verbose=0)
+    assert again.trials["trial_id"].tolist() == df["trial_id"].tolist()
+
+
+CLUSTER_SCRIPT = """
+import json, sys
+from ray.cluster_utils import Cluster
+from oialr_tune.space import space_from_dict
+from oialr_tune.tune import sweep
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+try:
+    result = sweep(space_from_dict(json.loads(sys.argv[1])), name="c", results_dir=sys.argv[2],
+                   address=cluster.address, verbose=0)
+    print("NODES", json.dumps(sorted(set(result.trials["node_id"]))))
+    print("TRIALS", len(result.trials))
+finally:
+    cluster.shutdown()
+"""
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path: Path) -> None:
+    space = make_space(baseline="none", strategy={"scheduler": "fifo"})
+    space["budget"] = {"num_samples": 4, "max_epochs": 2, "max_concurrent": 2}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CLUSTER_SCRIPT), json.dumps(space), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    nodes = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("NODES"))[6:])
+    assert len(nodes) == 2, out[-3000:]
+    assert "TRIALS 4" in proc.stdout
