@@ -34,6 +34,7 @@ from oialr_tune.results import (
     STUDY_FILE,
     BestTrial,
     SweepResults,
+    TrialInfo,
     best_trial,
     open_results,
     pareto_mask,
@@ -72,7 +73,7 @@ def _numeric(df: pd.DataFrame, column: str) -> pd.Series:
 
 def plot_pareto(res: SweepResults, metric: str, best: dict[str, BestTrial], path: Path) -> str:
     """Scatter of every usable trial (metric vs trainable fraction), the OIALR Pareto front, full rank."""
-    fig = _new_figure()
+    fig = _new_figure(6.4, 5.0)
     ax = fig.add_subplot()
     higher_better = DIRECTIONS[metric] == "max"
     if "oialr" in res.arms:
@@ -104,7 +105,7 @@ def plot_pareto(res: SweepResults, metric: str, best: dict[str, BestTrial], path
     ax.set_xlim(0, 1.05)
     ax.set_title(f"{res.name}: {metric} vs trainable parameters")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    fig.legend(fontsize=8, loc="outside lower center", ncol=3)  # below the axes: never hides a point
     fig.savefig(path)
     return "every finished trial; hollow = stopped early by ASHA; star = the configuration `best` returns"
 
@@ -253,6 +254,17 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join(lines)
 
 
+def _pareto_set(res: SweepResults, metric: str) -> list[TrialInfo]:
+    """The OIALR arm's Pareto set (metric vs trainable fraction), smallest first; any objective mode."""
+    if "oialr" not in res.arms:
+        return []
+    df = res.usable("oialr", metric)
+    score = _numeric(df, metric) * (1 if DIRECTIONS[metric] == "max" else -1)
+    front = df[pareto_mask(score, _numeric(df, SIZE_METRIC).fillna(1.0))]
+    front = front.assign(_size=_numeric(front, SIZE_METRIC)).sort_values("_size")
+    return [res.trial_info(r.to_dict()) for _, r in front.iterrows()]
+
+
 def _shown(params: dict[str, Any]) -> dict[str, Any]:
     """Searched values for a table: a sampled null prints as ``null`` (blank means not searched)."""
     return {k: "null" if v is None else v for k, v in params.items()}
@@ -331,11 +343,13 @@ def write_report(results_dir: str | Path) -> Path:
     md += ["## Accuracy vs trainable parameters", ""]
     caption = plot_pareto(res, metric, best, out / PLOTS["pareto"])
     md += [f"![{metric} vs trainable fraction]({PLOTS['pareto']})", "", caption + ".", ""]
-    if "oialr" in best and best["oialr"].pareto:
-        md += ["Pareto set (OIALR):", ""]
+    front = _pareto_set(res, metric)
+    if front:
+        md += ["Pareto set (OIALR): no other trial is both more accurate and smaller. Pick one under a size "
+               "budget with `oialr-tune best RESULTS_DIR --max-trainable-fraction F`.", ""]  # fmt: skip
         rows = [{"trial_id": p.trial_id, metric: p.metrics.get(metric), SIZE_METRIC: p.trainable_fraction,
-                 **_shown(p.params)} for p in best["oialr"].pareto]  # fmt: skip
-        md += [markdown_table(rows, ["trial_id", metric, SIZE_METRIC, *param_cols]), ""]
+                 "epochs": p.metrics.get("training_iteration"), **_shown(p.params)} for p in front]  # fmt: skip
+        md += [markdown_table(rows, ["trial_id", metric, SIZE_METRIC, "epochs", *param_cols]), ""]
 
     md += ["## Search progress", ""]
     caption = plot_best_so_far(res, metric, out / PLOTS["best_so_far"])

@@ -36,10 +36,17 @@ from typing import Any, Literal
 
 import torch
 import yaml
+from torch.utils.data import ConcatDataset, Subset
 
+from oialr_tune import trainer
 from oialr_tune.config import TrainConfig, resolve_device, train_config_from_dict, train_config_to_dict
+from oialr_tune.data import Splits, TensorData, load_data
 from oialr_tune.errors import UserError
+from oialr_tune.model_io import load_model, save_model
+from oialr_tune.oialr import low_rank_structure
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
+from oialr_tune.stats import verdict, welch_interval
+from oialr_tune.trainer import CHECKPOINT_NAME, Callback, evaluate, read_checkpoint, train
 
 __all__ = ["RETRAIN_DIR", "retrain"]
 
@@ -60,17 +67,13 @@ def _log(message: str) -> None:
 # --- data: optionally train on train + val -----------------------------------------------------
 
 
-def merge_train_val(splits: Any) -> Any:
+def merge_train_val(splits: Splits) -> Splits:
     """A copy of `splits` whose training set also holds the validation examples; val is empty.
 
     For tensor datasets the examples are concatenated; for folder datasets the two index lists are
     joined. The test split is untouched. With an empty val split the trainer reports NaN val
     metrics, which is the honest value: there is nothing left to validate on.
     """
-    from torch.utils.data import ConcatDataset, Subset
-
-    from oialr_tune.data import TensorData
-
     train, val = splits.train, splits.val
     if isinstance(train, TensorData) and isinstance(val, TensorData):
         merged = dataclasses.replace(train, x=torch.cat([train.x, val.x]), y=torch.cat([train.y, val.y]))
@@ -93,9 +96,7 @@ def _training_on_train_and_val() -> Iterator[None]:
     The trainer loads its own data and has no hook for this; swapping the one name it calls keeps
     the change local to a retrain (and is undone on exit, even on error).
     """
-    from oialr_tune import trainer
-
-    original = trainer.load_data
+    original = trainer.load_data  # the module attribute, so the patch reaches train()
 
     def load(cfg: Any, device: Any = "cpu", seed: int | None = None) -> Any:
         return merge_train_val(original(cfg, device, seed))
@@ -112,8 +113,6 @@ def _training_on_train_and_val() -> Iterator[None]:
 
 def _checkpoint_file(trial: TrialInfo) -> Path:
     """The trainer checkpoint file of a trial (its folder holds ``checkpoint.pt``)."""
-    from oialr_tune.trainer import CHECKPOINT_NAME
-
     if not trial.checkpoint:
         raise UserError(f"--from-checkpoint: trial {trial.trial_id} has no checkpoint")
     path = Path(trial.checkpoint)
@@ -133,8 +132,6 @@ def _write_start_checkpoint(source: Path, cfg: TrainConfig, work_dir: Path) -> N
     controller's step and event history reset, so it applies `cfg`'s schedule afresh to the
     already low-rank model (ranks can still shrink, never grow).
     """
-    from oialr_tune.trainer import CHECKPOINT_NAME, read_checkpoint
-
     state = read_checkpoint(source)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -156,37 +153,30 @@ def _write_start_checkpoint(source: Path, cfg: TrainConfig, work_dir: Path) -> N
 # --- one run --------------------------------------------------------------------------------------
 
 
-def _epoch_logger(arm: str, seed: int, epochs: int) -> Any:
-    from oialr_tune.trainer import Callback
+class _EpochLog(Callback):
+    """Trainer callback: one progress line per epoch (val_acc n/a when val is merged into train)."""
 
-    class EpochLog(Callback):
-        """One progress line per epoch."""
+    def __init__(self, arm: str, seed: int, epochs: int) -> None:
+        self.arm, self.seed, self.epochs = arm, seed, epochs
 
-        def on_epoch_end(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-            val = metrics.get("val_acc", float("nan"))
-            val_text = f"val_acc={val:.4f}" if isinstance(val, float) and math.isfinite(val) else "val_acc=n/a"
-            _log(
-                f"{arm} seed {seed} epoch {metrics['epoch']}/{epochs} train_loss={metrics['train_loss']:.4f} "
-                f"{val_text} trainable_fraction={metrics['trainable_fraction']:.3f}"
-            )
-
-    return EpochLog()
+    def on_epoch_end(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        val = metrics.get("val_acc", float("nan"))
+        val_text = f"val_acc={val:.4f}" if isinstance(val, float) and math.isfinite(val) else "val_acc=n/a"
+        _log(
+            f"{self.arm} seed {self.seed} epoch {metrics['epoch']}/{self.epochs} "
+            f"train_loss={metrics['train_loss']:.4f} {val_text} trainable_fraction={metrics['trainable_fraction']:.3f}"
+        )
 
 
 def _run_seed(
     arm: str, cfg: TrainConfig, out_dir: Path, *, train_on: TrainOn, start_from: Path | None
 ) -> dict[str, Any]:
     """Train, test, save and verify one seed; returns its metrics row (file paths relative to `out_dir`)."""
-    from oialr_tune.data import load_data
-    from oialr_tune.model_io import load_model, save_model
-    from oialr_tune.oialr import low_rank_structure
-    from oialr_tune.trainer import evaluate, train
-
     seed_dir = out_dir / arm / f"seed_{cfg.seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = train_config_to_dict(cfg)
     (seed_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-    callbacks = [_epoch_logger(arm, cfg.seed, cfg.schedule.epochs)]
+    callbacks = [_EpochLog(arm, cfg.seed, cfg.schedule.epochs)]
     merge = _training_on_train_and_val() if train_on == "train+val" else contextlib.nullcontext()
     with merge, tempfile.TemporaryDirectory(prefix="oialr-retrain-") as work:
         ckpt_dir = None
@@ -316,6 +306,8 @@ def retrain(
         if epochs is not None:
             data["schedule"] = {**data["schedule"], "epochs": epochs}
         cfg = train_config_from_dict(data)
+        if train_on == "train+val":
+            merge_train_val(load_data(cfg.data, resolve_device(cfg.device)))  # unsupported data fails here
         plans.append((arm, trial, why, cfg, _checkpoint_file(trial) if from_checkpoint else None))
     if from_trial is not None and not any(t.trial_id == str(from_trial) for _, t, *_ in plans):
         arms_text = ", ".join(arm_list)
@@ -393,8 +385,6 @@ def _compare(arms: dict[str, Any]) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {"metric": "test_acc", "difference": statistics.fmean(a) - statistics.fmean(b)}
     if len(a) >= 2 and len(b) >= 2:
-        from oialr_tune.stats import verdict, welch_interval
-
         iv = welch_interval(a, b)
         out.update(low=iv.low, high=iv.high, confidence=iv.confidence, verdict=verdict(iv))
     return out

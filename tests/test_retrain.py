@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -118,3 +119,25 @@ def test_bad_arguments_write_nothing(
     err = capsys.readouterr().err
     assert err.startswith(f"oialr-tune: error: {message}") and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_merge_train_val_for_an_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from oialr_tune.config import DataConfig
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(5):
+            pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "train" / cls / f"{i}.png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, num_workers=0, val_fraction=0.2,
+                     test_fraction=0.2)
+    splits = load_data(cfg, "cpu")
+    merged = merge_train_val(splits)
+    assert (len(merged.train), len(merged.val)) == (len(splits.train) + len(splits.val), 0)
+    # Training batches come from the augmented view of train and val examples alike.
+    batches = list(merged.loader("train", 2, train=True, augment=True, seed=0))
+    assert sum(len(y) for _, y in batches) == len(merged.train)
+    assert batches[0][0].shape == (2, 3, 8, 8)
