@@ -52,6 +52,7 @@ TRIALS_FILE = "trials.csv"
 SUMMARY_FILE = "summary.json"
 STUDY_FILE = "study.db"
 CONFIG_PREFIX = "config."
+CHECKPOINT_FILE = "checkpoint.pt"  # what the trainer writes into each Ray checkpoint folder
 # Direction that makes each selectable metric better.
 DIRECTIONS = {"val_acc": "max", "val_loss": "min", SIZE_METRIC: "min"}
 # Ray's status of a trial that ended without error (ran out its epochs or was stopped by ASHA).
@@ -80,6 +81,14 @@ class TrialInfo:
     def trainable_fraction(self) -> float:
         return float(self.metrics.get(SIZE_METRIC, float("nan")))
 
+    @property
+    def checkpoint_file(self) -> str | None:
+        """The trainer's ``checkpoint.pt`` inside the trial's checkpoint folder, if it is there."""
+        if self.checkpoint is None:
+            return None
+        path = Path(self.checkpoint) / CHECKPOINT_FILE
+        return str(path) if path.is_file() else None
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
         return {
@@ -89,6 +98,7 @@ class TrialInfo:
             "metrics": self.metrics,
             "trainable_fraction": self.trainable_fraction,
             "checkpoint": self.checkpoint,
+            "checkpoint_file": self.checkpoint_file,
             "config": self.config,
         }
 

@@ -35,7 +35,8 @@ def test_best_json_names_an_existing_checkpoint(sweep_dir: Path, capsys: pytest.
     out = json.loads(capsys.readouterr().out)
     assert out["arm"] == "oialr" and out["objective"]["multi"] is True
     assert Path(out["checkpoint"]).exists()
-    assert (Path(out["checkpoint"]) / "checkpoint.pt").is_file()
+    assert out["checkpoint_file"] == str(Path(out["checkpoint"]) / "checkpoint.pt")
+    assert Path(out["checkpoint_file"]).is_file()
     # The same trial the sweep's own summary calls best, with the config the trial really ran.
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert out["trial_id"] == summary["best"]["oialr"]["trial_id"]

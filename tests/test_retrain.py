@@ -20,8 +20,8 @@ from oialr_tune.data import load_data
 from oialr_tune.model_io import load_model, read_model_file
 from oialr_tune.oialr import LowRankLayer, low_rank_structure
 from oialr_tune.results import best_trial
-from oialr_tune.retrain import merge_train_val
-from oialr_tune.trainer import evaluate
+from oialr_tune.retrain import _write_start_checkpoint, merge_train_val
+from oialr_tune.trainer import evaluate, read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +77,15 @@ def test_retrain_two_seeds_reloads_to_the_reported_test_accuracy(
             assert r["model_dense"] == "" and float(r["trainable_fraction"]) == 1.0
 
 
-def test_fine_tune_from_checkpoint_on_train_and_val(
+def test_fine_tune_a_chosen_trial_from_its_checkpoint_on_train_and_val(
     sweep_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     best = best_trial(sweep_dir)
+    # Not the best: the smallest Pareto point (a user trading accuracy for size).
+    chosen = min(best.pareto, key=lambda t: t.trainable_fraction)
     out = tmp_path / "ft"
     argv = ["retrain", str(sweep_dir), "--seeds", "1", "--epochs", "1", "--arm", "oialr", "--from-checkpoint",
-            "--train-on", "train+val", "--out", str(out)]  # fmt: skip
+            "--from-trial", chosen.trial_id, "--train-on", "train+val", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "no val metrics" in err and "fine-tuning from" in err
@@ -91,8 +93,20 @@ def test_fine_tune_from_checkpoint_on_train_and_val(
     assert row["arm"] == "oialr" and row["status"] == "finished"
     assert row["val_acc"] == "nan"  # val is part of training now
     # Fine-tuning starts from the trial's low-rank weights: never more trainable parameters.
-    assert float(row["trainable_fraction"]) <= best.trial.trainable_fraction + 1e-9
+    assert float(row["trainable_fraction"]) <= chosen.trainable_fraction + 1e-9
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms"]["oialr"]["trial_id"] == chosen.trial_id
+
+    # What the fine-tune starts from: the trial's weights and ranks, with a fresh schedule and seed.
+    source = Path(chosen.checkpoint_file)
+    cfg = train_config_from_dict({**chosen.config, "seed": 1000})
+    _write_start_checkpoint(source, cfg, tmp_path / "start")
+    start = read_checkpoint(tmp_path / "start" / "checkpoint.pt")
+    trial = read_checkpoint(source)
+    assert (start["epoch"], start["step"], start["history"]) == (0, 0, [])
+    assert start["controller"]["step"] == 0 and start["controller"]["ranks"] == trial["controller"]["ranks"]
+    assert start["config"]["seed"] == 1000
+    assert all(torch.equal(start["model"][k], v) for k, v in trial["model"].items())
     assert summary["train_on"] == "train+val" and summary["from_checkpoint"] is True
     assert "baseline" not in summary["arms"]
 
