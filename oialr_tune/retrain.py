@@ -12,9 +12,9 @@ held-out test split (the only place the test split is used), and writes::
       <arm>/seed_<S>/model.pt             the model as trained (low-rank layers as U, S, Vᵀ)
       <arm>/seed_<S>/model_dense.pt       the same folded to dense layers (OIALR arm only)
 
-Model files are written by :func:`oialr_tune.model_io.save_model` and reloaded once right away:
-the reloaded low-rank model must reproduce the reported test accuracy exactly, and the dense
-export's own test accuracy is recorded beside it.
+Model files are written by :func:`oialr_tune.model_io.save_model` and reloaded once right away;
+``metrics.csv`` records the reloaded model's test accuracy (on the CPU identical to the reported
+one) and the dense export's, so the numbers describe the files users get.
 
 Seeds are fresh (``first_seed``, ``first_seed + 1``, ...; 1000 by default, away from the sweep's
 small trial seeds) so the final numbers do not inherit a lucky seed the search may have found.
@@ -52,7 +52,8 @@ __all__ = ["RETRAIN_DIR", "retrain"]
 
 RETRAIN_DIR = "retrain"
 METRICS_COLUMNS = (
-    "arm", "seed", "status", "test_acc", "test_loss", "dense_test_acc", "val_acc", "trainable_fraction",
+    "arm", "seed", "status", "test_acc", "test_loss", "reloaded_test_acc", "dense_test_acc", "val_acc",
+    "trainable_fraction",
     "trainable_params", "total_params", "epochs", "wall_time_s", "model", "model_dense",
 )  # fmt: skip
 SUMMARY_STATS = ("test_acc", "test_loss", "dense_test_acc", "trainable_fraction", "trainable_params", "wall_time_s")
@@ -188,7 +189,7 @@ def _run_seed(
     final = result.final
     row: dict[str, Any] = {
         "arm": arm, "seed": cfg.seed, "status": result.status,
-        "test_acc": result.test_acc, "test_loss": result.test_loss, "dense_test_acc": None,
+        "test_acc": result.test_acc, "test_loss": result.test_loss, "reloaded_test_acc": None, "dense_test_acc": None,
         "val_acc": final.get("val_acc"), "trainable_fraction": final.get("trainable_fraction"),
         "trainable_params": final.get("trainable_params"), "total_params": final.get("total_params"),
         "epochs": final.get("epoch"), "wall_time_s": result.wall_time_s, "model": None, "model_dense": None,
@@ -210,19 +211,26 @@ def _run_seed(
     row["model"] = str(model_path.relative_to(out_dir))
 
     # Reload from the file and score again: the file, not the in-memory model, is what users get.
-    test_loader = splits.loader("test", 2 * cfg.schedule.batch_size)
-    _, reloaded_acc = evaluate(load_model(model_path, device), test_loader, precision=cfg.precision)
-    if reloaded_acc != result.test_acc:
-        raise RuntimeError(
-            f"{model_path}: the reloaded model scores test_acc={reloaded_acc} but training reported "
-            f"{result.test_acc}; the saved file does not reproduce the model"
-        )
+    # On the CPU it matches exactly; a GPU (cuDNN algorithm choice, torch.compile) may differ in
+    # the last bits, which can flip an argmax: recorded and warned about, not fatal after training.
+    channels_last = cfg.channels_last and len(splits.in_shape) == 3
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    test_loader = splits.loader("test", 2 * cfg.schedule.batch_size, memory_format=memory_format)
+
+    def score(path: Path) -> float:
+        model = load_model(path, device).to(memory_format=memory_format)
+        return evaluate(model, test_loader, precision=cfg.precision)[1]
+
+    row["reloaded_test_acc"] = score(model_path)
+    if row["reloaded_test_acc"] != result.test_acc:
+        _log(f"warning: {model_path} scores test_acc={row['reloaded_test_acc']} after reloading, "
+             f"training reported {result.test_acc}")  # fmt: skip
     if low_rank_structure(result.model):
         dense_path = save_model(seed_dir / "model_dense.pt", result.model, cfg_dict, dense=True, meta=meta, **shapes)
         row["model_dense"] = str(dense_path.relative_to(out_dir))
-        _, row["dense_test_acc"] = evaluate(load_model(dense_path, device), test_loader, precision=cfg.precision)
+        row["dense_test_acc"] = score(dense_path)
     else:
-        row["dense_test_acc"] = reloaded_acc
+        row["dense_test_acc"] = row["reloaded_test_acc"]
     return row
 
 

@@ -66,7 +66,7 @@ def test_retrain_two_seeds_reloads_to_the_reported_test_accuracy(
         model = load_model(out / r["model"])
         splits = load_data(cfg.data, "cpu")
         _, acc = evaluate(model, splits.loader("test", 2 * cfg.schedule.batch_size))
-        assert acc == float(r["test_acc"])
+        assert acc == float(r["test_acc"]) == float(r["reloaded_test_acc"])
         assert read_model_file(out / r["model"]).meta["seed"] == int(r["seed"])
         if r["arm"] == "oialr":
             assert low_rank_structure(model), "the OIALR model file keeps its low-rank layers"
