@@ -180,6 +180,9 @@ class Strategy:
 
     sampler: Literal["tpe", "random"] = "tpe"
     scheduler: Literal["auto", "asha", "fifo"] = "auto"
+    # Random trials before TPE starts modelling; null = a quarter of num_samples, within [4, 10]
+    # (Optuna's own default, 10, would leave little to TPE in a 16-trial sweep).
+    startup_trials: int | None = None
 
 
 @dataclass
@@ -494,6 +497,8 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     if checkpoint.num_to_keep < 1:
         raise UserError(f"checkpoint.num_to_keep: must be >= 1, got {checkpoint.num_to_keep}")
     strategy = _section(Strategy, data.get("strategy"), "strategy")
+    if strategy.startup_trials is not None and strategy.startup_trials < 1:
+        raise UserError(f"strategy.startup_trials: must be >= 1 or null, got {strategy.startup_trials}")
 
     return SearchSpace(
         name=name, base=base, search=params, objective=objective, budget=budget, resources=resources,

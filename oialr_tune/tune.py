@@ -11,8 +11,9 @@ experiment in ``<results>/<name>/``:
 Why it is built the way it is:
 
 * **Resumable without an Optuna database during the run.** ``OptunaSearch(storage=...)`` breaks
-  ``Tuner.restore`` after a killed driver (the pickled searcher lags the database; see
-  ``/work/shared/notes/ray-optuna.md``). So the searcher keeps its study in memory, Ray pickles it
+  ``Tuner.restore`` after a killed driver: the searcher pickled with the experiment lags the
+  database, re-tells trials the database already holds as finished, and Optuna refuses
+  (``UpdateFinishedTrialError``). So the searcher keeps its study in memory, Ray pickles it
   with the experiment state, and ``study.db`` is written from Ray's record once an arm has finished:
   one source of truth, and the database is a derived, rebuildable view for Optuna's tools.
 * **Cheap trials.** Actors are reused (a fresh process per trial costs more than a small trial);
@@ -40,9 +41,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 
 from oialr_tune.errors import UserError
@@ -55,6 +55,9 @@ from oialr_tune.space import (
     preflight,
     space_from_dict,
 )
+
+if TYPE_CHECKING:  # pandas is imported where tables are built: Ray workers never need it
+    import pandas as pd
 
 SWEEP_FILE = "sweep.yaml"
 STATE_FILE = "state.json"
@@ -217,6 +220,7 @@ class _ReportToRay:
 
         row = _scalar_metrics(metrics)
         row.update(self.extra)
+        row["reported_at"] = time.time()  # wall clock, for best-so-far-vs-time curves (Ray's is whole seconds)
         # Ray copies the folder into the trial's storage during `report`, so the trainer may
         # overwrite its checkpoint file afterwards.
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
@@ -241,7 +245,12 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], checkpoint_epochs
 
     cfg = with_overrides(train_config_from_dict(base), config) if config else train_config_from_dict(base)
     cfg.checkpoint_every = 0  # the sweep decides when to checkpoint: `checkpoint_epochs`
-    extra = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    # Where the trial ran: the node, the worker process (reused across trials) and Ray's GPU ids.
+    extra = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+    }
     reporter = type("ReportToRay", (_ReportToRay, Callback), {})(extra)
     work = Path(tempfile.mkdtemp(prefix="oialr-trial-"))
     try:
@@ -286,8 +295,10 @@ def optuna_distribution(param: Param) -> Any:
 
 
 def _startup_trials(space: SearchSpace) -> int:
-    """Random trials before TPE models the results: Optuna's 10 would leave little for TPE in a
-    16-trial sweep, so a quarter of the budget, at least 4 and at most 10."""
+    """Random trials before TPE models the results: `strategy.startup_trials`, or by default a
+    quarter of the budget within [4, 10] (Optuna's 10 would leave little for TPE in 16 trials)."""
+    if space.strategy.startup_trials is not None:
+        return space.strategy.startup_trials
     return min(10, max(4, space.budget.num_samples // 4))
 
 
@@ -331,8 +342,13 @@ def _scheduler(space: SearchSpace) -> Any:
     )
 
 
+# Whether the driver prints a line per finished trial. A module global, not callback state, because
+# a restored experiment brings back the callbacks pickled with it, made under the first run's flags.
+_print_progress = True
+
+
 class _Progress:
-    """Driver-side Ray Tune callback: one concise line per finished trial."""
+    """Driver-side Ray Tune callback: one concise line per finished trial (see `_print_progress`)."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         from ray import tune
@@ -340,23 +356,26 @@ class _Progress:
         # Built as a subclass of Ray's Callback on first use, so importing this module stays cheap.
         class Progress(tune.Callback):
             def __init__(self, arm: str, total: int, metric: str):
-                self.arm, self.total, self.metric, self.done = arm, total, metric, 0
+                self.arm, self.total, self.metric = arm, total, metric
 
-            def _line(self, trial: Any, what: str) -> None:
-                self.done += 1
+            def _line(self, trials: list, trial: Any, what: str) -> None:
+                if not _print_progress:
+                    return
+                # Counted from Ray's trial list, so a resumed sweep keeps counting where it was.
+                done = sum(1 for t in trials if t is trial or t.status in ("TERMINATED", "ERROR"))
                 r = trial.last_result or {}
                 params = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(trial.config.items()))
                 print(
-                    f"[{self.arm}] {self.done}/{self.total} {trial.trial_id} {what} epochs={r.get('epoch', 0)} "
+                    f"[{self.arm}] {done}/{self.total} {trial.trial_id} {what} epochs={r.get('epoch', 0)} "
                     f"{self.metric}={_fmt(r.get(self.metric))} frac={_fmt(r.get(SIZE_METRIC))} {params}",
                     flush=True,
                 )
 
             def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                self._line(trial, "done ")
+                self._line(trials, trial, "done ")
 
             def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                self._line(trial, "ERROR")
+                self._line(trials, trial, "ERROR")
 
         return Progress(*args, **kwargs)
 
@@ -453,7 +472,7 @@ def _arm_tuner(space: SearchSpace, arm: str, store: _Store, verbose: int) -> Any
         checkpoint_config=tune.CheckpointConfig(num_to_keep=space.checkpoint.num_to_keep),
         failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
         verbose=1 if verbose >= 2 else 0,
-        callbacks=[_Progress(arm, total, space.objective.metric)] if verbose else [],
+        callbacks=[_Progress(arm, total, space.objective.metric)],
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
@@ -484,7 +503,10 @@ def _run_arm(space: SearchSpace, arm: str, store: _Store, verbose: int) -> None:
     expected = space.arm_num_samples(arm)
     ended = results.num_terminated + results.num_errors
     if len(results) < expected or ended < len(results):
-        raise SweepInterrupted(f"arm {arm} stopped with {ended}/{expected} trials ended")
+        raise SweepInterrupted(
+            f"arm {arm} stopped with {ended}/{expected} trials ended; continue with: "
+            f"oialr-tune sweep --resume {store.root}"
+        )
 
 
 # --- collecting results -----------------------------------------------------------------------
@@ -529,6 +551,7 @@ def _trial_rows(space: SearchSpace, arm: str, store: _Store) -> list[dict[str, A
             "time_total_s": last.get("time_total_s"),
             "train_time_s": sum(h.get("train_time_s") or 0.0 for h in history),
             "node_id": last.get("node_id"),
+            "gpu_ids": last.get("gpu_ids"),
             "checkpoint": checkpoint.path if checkpoint is not None else None,
             "error": error,
             "_history": [h.get(metric) for h in history],
@@ -649,6 +672,8 @@ def _collect(
         rows = _trial_rows(space, arm, store)
         _write_study(space, arm, rows, store)
         all_rows += rows
+    import pandas as pd
+
     full = pd.DataFrame(all_rows)
     for p in space.search:  # integer knobs stay integers in the CSV (the baseline rows leave gaps)
         col = f"config.{p.key}"
@@ -775,6 +800,8 @@ def sweep(
     if address is not None:
         _check_address(address)
 
+    global _print_progress
+    _print_progress = verbose >= 1
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", _SNAPSHOT_PERIOD_S)
     # Ray also snapshots whenever a trial has saved `num_to_keep` checkpoints since the last one
     # (so its record never points at a deleted checkpoint) and warns when that is frequent; with
@@ -819,6 +846,8 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepResult:
     store, space = _open_existing(path)
     if not store.exists(TRIALS_FILE) or not store.exists(SUMMARY_FILE):
         raise UserError(f"{path}: the sweep has no results yet (resume it with --resume {path})")
+    import pandas as pd
+
     df = pd.read_csv(io.StringIO(store.read_text(TRIALS_FILE)))
     summary = json.loads(store.read_text(SUMMARY_FILE))
     pareto = None

@@ -235,25 +235,38 @@ def test_killed_sweep_resumes_without_losing_finished_trials(ray_session: Any, t
 
 
 CLUSTER_SCRIPT = """
-import json, sys
+import glob, json, sys
 from ray.cluster_utils import Cluster
 from oialr_tune.space import space_from_dict
 from oialr_tune.tune import sweep
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+space, root = json.loads(sys.argv[1]), sys.argv[2]
+# A head node with one (logical) GPU and a CPU-only worker node, one CPU each.
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1})
 cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 try:
-    result = sweep(space_from_dict(json.loads(sys.argv[1])), name="c", results_dir=sys.argv[2],
-                   address=cluster.address, verbose=0)
+    result = sweep(space_from_dict(space), name="c", results_dir=root, address=cluster.address, verbose=0)
     print("NODES", json.dumps(sorted(set(result.trials["node_id"]))))
     print("TRIALS", len(result.trials))
+    # Half a GPU and half a CPU per trial: both trials fit on the head node at once, none elsewhere.
+    space["resources"] = {"cpu": 0.5, "gpu": 0.5}
+    space["base"]["device"] = "auto"
+    result = sweep(space_from_dict(space), name="g", results_dir=root, address=cluster.address, verbose=0)
+    spans = []
+    for f in glob.glob(f"{root}/g/oialr/trial_*/result.json"):
+        rows = [json.loads(line) for line in open(f)]
+        spans.append((rows[0]["reported_at"] - rows[0]["time_this_iter_s"], rows[-1]["reported_at"]))
+    overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    print("GPU", json.dumps({"nodes": sorted(set(result.trials["node_id"])), "head": cluster.head_node.node_id,
+                             "gpu_ids": sorted(set(result.trials["gpu_ids"].astype(str))), "overlap": overlap}))
 finally:
     cluster.shutdown()
 """
 
 
 def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path: Path) -> None:
+    """Trials spread over both nodes; fractional-GPU trials pack onto the node that has the GPU."""
     space = make_space(baseline="none", strategy={"scheduler": "fifo"})
     space["budget"] = {"num_samples": 4, "max_epochs": 2, "max_concurrent": 2}
     proc = subprocess.run(
@@ -262,6 +275,12 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path: Path) -> None:
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    nodes = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("NODES"))[6:])
-    assert len(nodes) == 2, out[-3000:]
-    assert "TRIALS 4" in proc.stdout
+
+    def line(tag: str) -> Any:
+        return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith(tag))[len(tag) + 1 :])
+
+    assert len(line("NODES")) == 2, out[-3000:]
+    assert line("TRIALS") == 4
+    gpu = line("GPU")
+    assert gpu["nodes"] == [gpu["head"]] and gpu["gpu_ids"] == ["0"]
+    assert gpu["overlap"] == 2, "two half-GPU trials should share the one GPU at the same time"
