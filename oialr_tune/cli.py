@@ -74,6 +74,16 @@ def _report(args: argparse.Namespace) -> None:
     print(write_report(args.results_dir))
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from .compare import compare, summarize
+
+    table = compare(args.space, trials=args.trials, seeds=args.seeds, out=args.out, resume=args.resume)
+    for s in summarize(table):
+        diff = f"  diff {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}] {s['verdict']}" if "diff" in s else ""
+        print(f"{s['label']:<34} test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}  "
+              f"trainable {s['trainable_fraction']:.1%}{diff}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oialr-tune", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
@@ -129,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md and PNG plots into a sweep's results folder")
     p.add_argument("results_dir", help="a sweep's results folder (results/<name>)")
     p.set_defaults(run=_report)
+
+    p = sub.add_parser("compare", help="tuned OIALR vs tuned full rank (+ untuned, gate-off), retrained over seeds")
+    p.add_argument("space", nargs="?", default=None, help="search space YAML or packaged name (default: quickstart)")
+    p.add_argument("--trials", type=int, default=None, help="trials per arm (default: the space's num_samples)")
+    p.add_argument("--seeds", type=int, default=5, help="fresh seeds per arm for the final test (default 5)")
+    p.add_argument("--out", default=None, help="output folder (default results/<space>-compare-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted compare in --out")
+    p.set_defaults(run=_compare)
     return parser
 
 

@@ -169,7 +169,7 @@ class _EpochLog(Callback):
         )
 
 
-def _run_seed(
+def run_seed(
     arm: str, cfg: TrainConfig, out_dir: Path, *, train_on: TrainOn, start_from: Path | None
 ) -> dict[str, Any]:
     """Train, test, save and verify one seed; returns its metrics row (file paths relative to `out_dir`)."""
@@ -237,7 +237,7 @@ def _run_seed(
 # --- the whole retrain -----------------------------------------------------------------------------
 
 
-def _stats(values: Sequence[float | None]) -> dict[str, Any]:
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
     """Mean, sample standard deviation (n - 1; None below two values) and the values themselves."""
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return {
@@ -337,7 +337,7 @@ def retrain(
         for i, seed in enumerate(seed_list, 1):
             log(f"{arm} seed {seed} ({i}/{len(seed_list)})")
             run_cfg = dataclasses.replace(cfg, seed=seed)
-            row = _run_seed(arm, run_cfg, out_dir, train_on=train_on, start_from=start_from)
+            row = run_seed(arm, run_cfg, out_dir, train_on=train_on, start_from=start_from)
             log(
                 f"{arm} seed {seed}: status={row['status']} test_acc={_num(row['test_acc'])} "
                 f"test_loss={_num(row['test_loss'])} trainable_fraction={_num(row['trainable_fraction'])} "
@@ -352,7 +352,7 @@ def retrain(
             "config": f"{arm}/config.yaml",
             "seeds": seed_list,
             "diverged": sum(r["status"] == "diverged" for r in arm_rows),
-            **{k: _stats([r[k] for r in arm_rows]) for k in SUMMARY_STATS},
+            **{k: mean_std([r[k] for r in arm_rows]) for k in SUMMARY_STATS},
         }
 
     summary: dict[str, Any] = {

@@ -1,0 +1,232 @@
+"""``oialr-tune compare``: does tuned OIALR match tuned full-rank training on this task?
+
+One protocol, end to end, so the answer is measured rather than assumed:
+
+1. **Tune both arms under the same budget** (one sweep, ``baseline: same-budget``): the same
+   num_samples, epochs, ASHA settings and ranges for the shared learning-rate settings; the OIALR
+   arm also searches its own knobs. Best trials are picked on the validation split only.
+2. **Stability-gate ablation**: the same OIALR search with the gate off (every check cuts rank,
+   as in the authors' final code), as a second sweep.
+3. **Retrain** each arm's best config with the same S fresh seeds, plus OIALR with the library's
+   default knobs at the base learning-rate settings (what tuning buys), and evaluate each model
+   once on the held-out test split.
+4. **Report** per arm: test accuracy mean ± std and per seed, trainable fraction at the end,
+   trainable and total parameters, wall times; for each OIALR arm minus tuned full rank, a Welch
+   95 % interval and a verdict. Files: ``comparison.md``, ``comparison.csv`` (one row per arm and
+   seed: the numbers every figure in the .md is computed from) and ``comparison.png``.
+
+Layout of ``OUT`` (default ``results/<space>-compare-<timestamp>``)::
+
+    tuned/        sweep: tuned OIALR + tuned full rank (Ray Tune's layout, readable by best/report)
+    gate_off/     sweep: OIALR with the stability gate off
+    retrain/      per arm and seed: config, model files (as written by ``oialr-tune retrain``)
+    comparison.md, comparison.csv, comparison.png
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from oialr_tune.config import train_config_from_dict
+from oialr_tune.errors import UserError
+from oialr_tune.retrain import _log, run_seed
+from oialr_tune.space import SearchSpace, load_space, space_from_dict
+from oialr_tune.stats import verdict, welch_interval
+
+__all__ = ["ARMS", "compare", "summarize", "write_comparison"]
+
+# (arm, label) in table order; the first is what the others are compared with.
+ARMS = (
+    ("full_rank_tuned", "tuned full rank"),
+    ("oialr_tuned", "tuned OIALR"),
+    ("oialr_untuned", "untuned OIALR (library defaults)"),
+    ("oialr_gate_off", "tuned OIALR, stability gate off"),
+)
+REFERENCE = "full_rank_tuned"
+CSV_COLUMNS = (
+    "arm", "seed", "status", "test_acc", "test_loss", "val_acc", "trainable_fraction", "trainable_params",
+    "total_params", "wall_time_s", "tuning_wall_time_s", "source",
+)  # fmt: skip
+
+
+def gate_off_space(space: SearchSpace) -> SearchSpace:
+    """The same OIALR search with the stability gate disabled and no baseline arm."""
+    data = space.to_dict()
+    data["name"] = f"{space.name}-gate-off"
+    data["base"] = copy.deepcopy(data["base"])
+    data["base"]["oialr"]["stability_threshold"] = None
+    data["search"] = {k: v for k, v in data["search"].items() if k != "oialr.stability_threshold"}
+    data["baseline"] = "none"
+    return space_from_dict(data, source=f"{space.name} (gate off)")
+
+
+def untuned_config(space: SearchSpace) -> dict[str, Any]:
+    """The space's base config with every OIALR knob at the library's default."""
+    base = copy.deepcopy(space.base)
+    base["oialr"] = {"enabled": True}
+    return base
+
+
+def _with_trials(space: SearchSpace, trials: int | None) -> SearchSpace:
+    if trials is None:
+        return space
+    if trials < 1:
+        raise UserError(f"--trials: must be >= 1, got {trials}")
+    return dataclasses.replace(space, budget=dataclasses.replace(space.budget, num_samples=trials))
+
+
+def compare(
+    space: SearchSpace | str | Path | None,
+    *,
+    trials: int | None = None,
+    seeds: int | Sequence[int] = 5,
+    first_seed: int = 1000,
+    out: str | Path | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = _log,
+) -> pd.DataFrame:
+    """Run the whole protocol (module docstring) and write the comparison; returns the per-seed table."""
+    from oialr_tune.results import best_trial
+    from oialr_tune.tune import sweep
+
+    space = space if isinstance(space, SearchSpace) else load_space(space)
+    space = _with_trials(dataclasses.replace(space, baseline="same-budget"), trials)
+    seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) else list(seeds)
+    if len(seed_list) < 2:
+        raise UserError(f"--seeds: need at least 2 seeds for an interval, got {len(seed_list)}")
+    default_out = Path("results") / f"{space.name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(out) if out is not None else default_out
+    if out_dir.exists() and any(out_dir.iterdir()) and not resume:
+        raise UserError(f"--out: {out_dir} already holds files; pass --resume to continue it or pick another")
+
+    sweeps = {"tuned": space, "gate_off": gate_off_space(space)}
+    tuning: dict[str, Any] = {}
+    for folder, sp in sweeps.items():
+        done = (out_dir / folder / "trials.csv").exists()
+        log(f"compare: {'reusing' if done else 'running'} sweep {folder} ({sp.budget.num_samples} trials per arm)")
+        if done:
+            tuning[folder] = out_dir / folder
+            continue
+        has_run = (out_dir / folder / "sweep.yaml").exists()
+        if has_run:  # interrupted earlier: continue it from its own sweep.yaml
+            sweep(None, resume=out_dir / folder)
+        else:
+            sweep(sp, name=folder, results_dir=out_dir)
+        tuning[folder] = out_dir / folder
+
+    def tuning_time(folder: str, arm: str) -> float:
+        trials_df = pd.read_csv(out_dir / folder / "trials.csv")
+        return float(trials_df.loc[trials_df["arm"] == arm, "time_total_s"].fillna(0).sum())
+
+    plans = {
+        "full_rank_tuned": (best_trial(tuning["tuned"], arm="baseline").trial.config, tuning_time("tuned", "baseline"),
+                            "best trial of tuned/ baseline arm"),
+        "oialr_tuned": (best_trial(tuning["tuned"], arm="oialr").trial.config, tuning_time("tuned", "oialr"),
+                        "best trial of tuned/ oialr arm"),
+        "oialr_untuned": (untuned_config(space), 0.0, "space base config, OIALR knobs at library defaults"),
+        "oialr_gate_off": (best_trial(tuning["gate_off"], arm="oialr").trial.config,
+                           tuning_time("gate_off", "oialr"), "best trial of gate_off/ oialr arm"),
+    }  # fmt: skip
+    rows = []
+    for arm, (config, tuning_s, source) in plans.items():
+        cfg = train_config_from_dict(config)
+        for seed in seed_list:
+            log(f"compare: {arm} seed {seed}")
+            row = run_seed(arm, dataclasses.replace(cfg, seed=seed), out_dir / "retrain", train_on="train",
+                           start_from=None)
+            rows.append({**{k: row.get(k) for k in CSV_COLUMNS}, "tuning_wall_time_s": tuning_s, "source": source})
+    table = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+    table.to_csv(out_dir / "comparison.csv", index=False)
+    write_comparison(out_dir, table, title=f"{space.name}: {space.budget.num_samples} trials per arm, "
+                     f"{space.budget.max_epochs} epochs, {len(seed_list)} seeds")  # fmt: skip
+    log(f"compare: wrote {out_dir / 'comparison.md'}")
+    return table
+
+
+def summarize(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per arm: the figures of the comparison table, recomputed from the per-seed rows."""
+    ref = _finite(table.loc[table["arm"] == REFERENCE, "test_acc"])
+    out = []
+    for arm, label in ARMS:
+        rows = table[table["arm"] == arm]
+        if rows.empty:
+            continue
+        acc = _finite(rows["test_acc"])
+        entry: dict[str, Any] = {
+            "arm": arm,
+            "label": label,
+            "seeds": len(rows),
+            "diverged": int((rows["status"] == "diverged").sum()),
+            "test_acc_mean": statistics.fmean(acc) if acc else math.nan,
+            "test_acc_std": statistics.stdev(acc) if len(acc) >= 2 else math.nan,
+            "test_acc_values": acc,
+            "trainable_fraction": float(rows["trainable_fraction"].mean()),
+            "trainable_params": float(rows["trainable_params"].mean()),
+            "total_params": float(rows["total_params"].mean()),
+            "wall_time_s": float(rows["wall_time_s"].mean()),
+            "tuning_wall_time_s": float(rows["tuning_wall_time_s"].iloc[0]),
+        }
+        if arm != REFERENCE and len(acc) >= 2 and len(ref) >= 2:
+            iv = welch_interval(acc, ref)
+            entry.update(diff=iv.difference, low=iv.low, high=iv.high, verdict=verdict(iv))
+        out.append(entry)
+    return out
+
+
+def write_comparison(out_dir: Path, table: pd.DataFrame, *, title: str) -> None:
+    """``comparison.md`` and ``comparison.png`` from the per-seed table (also in ``comparison.csv``)."""
+    summary = summarize(table)
+    lines = [
+        f"# OIALR vs full rank — {title}",
+        "",
+        "Test accuracy over fresh seeds (best configs picked on validation only). Differences are "
+        "arm − tuned full rank with a Welch 95 % interval.",
+        "",
+        "| arm | test acc (mean ± std) | per seed | trainable fraction | trainable / full-rank params | "
+        "train wall (s/seed) | tuning wall (s, Σ trials) | OIALR − full rank [95 % CI] | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        diff = f"{s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]" if "diff" in s else "—"
+        lines.append(
+            f"| {s['label']} | {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} | "
+            f"{', '.join(f'{v:.4f}' for v in s['test_acc_values'])} | {s['trainable_fraction']:.3f} | "
+            f"{s['trainable_params']:,.0f} / {s['total_params']:,.0f} | {s['wall_time_s']:.1f} | "
+            f"{s['tuning_wall_time_s']:.0f} | {diff} | {s.get('verdict', '—')} |"
+        )
+    lines += ["", "![test accuracy per arm](comparison.png)", ""]
+    (out_dir / "comparison.md").write_text("\n".join(lines))
+    _plot(out_dir / "comparison.png", summary, title)
+
+
+def _plot(path: Path, summary: list[dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, s in enumerate(summary):
+        ax.scatter([i] * len(s["test_acc_values"]), s["test_acc_values"], color="C0", alpha=0.6, s=18)
+        ax.errorbar(i + 0.15, s["test_acc_mean"], yerr=s["test_acc_std"], fmt="o", color="C3", capsize=4)
+    ax.set_xticks(range(len(summary)))
+    ax.set_xticklabels([f"{s['label']}\n{s['trainable_fraction']:.0%} trainable" for s in summary], fontsize=7)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _finite(values: pd.Series) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]

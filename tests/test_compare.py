@@ -1,0 +1,99 @@
+"""`oialr-tune compare`: the protocol end to end at a tiny budget, and its files agree with each other."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+
+from oialr_tune.cli import main
+from oialr_tune.compare import ARMS, compare, gate_off_space, summarize, untuned_config
+from oialr_tune.model_io import load_model
+from oialr_tune.space import space_from_dict
+from oialr_tune.stats import welch_interval
+
+SPACE = {
+    "name": "tinycmp",
+    "base": {
+        "device": "cpu",
+        "model": {"name": "mlp", "args": {"hidden": [32, 32]}},
+        "data": {"name": "digits"},
+        "schedule": {"batch_size": 64},
+        "oialr": {"delay": 0.2, "stability_frequency": 5},
+    },
+    "search": {
+        "optimizer.lr": {"type": "loguniform", "low": 2.0e-3, "high": 1.0e-2},
+        "oialr.stability_threshold": {"type": "categorical", "choices": [0.5, 0.9]},
+        "oialr.sigma_cutoff_fraction": {"type": "uniform", "low": 0.05, "high": 0.3},
+    },
+    "objective": {"metric": "val_acc", "mode": "max"},
+    "budget": {"num_samples": 2, "max_epochs": 3, "grace_period": 1},
+    "resources": {"cpu": 1},
+    "seed": 0,
+}
+
+
+def test_gate_off_and_untuned_variants() -> None:
+    space = space_from_dict(SPACE)
+    off = gate_off_space(space)
+    assert off.base["oialr"]["stability_threshold"] is None
+    assert "oialr.stability_threshold" not in {p.key for p in off.search}
+    assert off.arms() == ["oialr"]
+    untuned = untuned_config(space)
+    assert untuned["oialr"] == {"enabled": True}
+    assert untuned["optimizer"] == space.base["optimizer"]
+
+
+@pytest.fixture(scope="module")
+def compared(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    compare(space_from_dict(SPACE), seeds=2, out=out)
+    return out
+
+
+def test_compare_files_agree_with_the_per_seed_results(compared: Path) -> None:
+    table = pd.read_csv(compared / "comparison.csv")
+    assert sorted(table["arm"].unique()) == sorted(arm for arm, _ in ARMS)
+    assert (table.groupby("arm").size() == 2).all()
+    # Every per-seed accuracy is what its saved model scores again after a reload.
+    for arm in table["arm"].unique():
+        for seed in table.loc[table["arm"] == arm, "seed"]:
+            model_file = compared / "retrain" / arm / f"seed_{seed}" / "model.pt"
+            assert model_file.exists()
+            assert load_model(model_file) is not None
+    # Every figure in comparison.md is recomputed here from comparison.csv.
+    md = (compared / "comparison.md").read_text()
+    ref = table.loc[table["arm"] == "full_rank_tuned", "test_acc"].tolist()
+    for arm, label in ARMS:
+        accs = table.loc[table["arm"] == arm, "test_acc"].tolist()
+        row = next(line for line in md.splitlines() if line.startswith(f"| {label} |"))
+        mean, std = statistics.fmean(accs), statistics.stdev(accs)
+        assert f"{mean:.4f} ± {std:.4f}" in row
+        frac = table.loc[table["arm"] == arm, "trainable_fraction"].mean()
+        assert f"| {frac:.3f} |" in row
+        if arm != "full_rank_tuned":
+            iv = welch_interval(accs, ref)
+            if math.isfinite(iv.low):
+                assert f"[{iv.low:+.4f}, {iv.high:+.4f}]" in row
+    assert [s["arm"] for s in summarize(table)] == [arm for arm, _ in ARMS]
+    # OIALR arms end with fewer trainable parameters than the full-rank arm.
+    fracs = table.groupby("arm")["trainable_fraction"].mean()
+    assert fracs["full_rank_tuned"] == 1.0 and fracs["oialr_tuned"] < 1.0
+    png = compared / "comparison.png"
+    assert png.stat().st_size > 5000 and imread(png).ndim == 3
+    assert re.search(r"!\[.*\]\(comparison\.png\)", md)
+
+
+def test_compare_refuses_a_used_folder(compared: Path, capsys) -> None:
+    before = sorted(p.name for p in compared.iterdir())
+    assert main(["compare", "quickstart", "--out", str(compared), "--seeds", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(compared) in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in compared.iterdir()) == before
+    assert main(["compare", "quickstart", "--seeds", "1", "--out", str(compared / "x")]) == 2
+    assert "--seeds" in capsys.readouterr().err
