@@ -159,8 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"oialr-tune: error: {exc}", file=sys.stderr)
+        print(f"oialr-tune: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+
+
+def _one_line(message: str) -> str:
+    """The error message as one line: some carry a library's multi-line text (torch's state_dict
+    mismatch lists every tensor), and the promise is one line on stderr."""
+    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,378 @@
+"""Bad input through the real CLI: exit status 2, one line on stderr naming the key or path, no traceback,
+nothing written, and (for sweeps) rejected before Ray starts.
+
+Every case is its own test. Most run `oialr_tune.cli.main` in-process (fast); a few run `oialr-tune` as a
+real process to prove that no traceback reaches stderr and that a bad `--address` fails in seconds.
+The cases are listed with the rest of the fault tests in tests/README.md.
+
+"Before Ray starts" is checked by replacing `oialr_tune.tune._start_ray` (and `ray.init`) with a trap
+for the duration of each in-process case: the session's Ray fixture may or may not be running, so
+comparing `ray.is_initialized()` before and after alone would prove little.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+import yaml
+
+import oialr_tune.tune
+from oialr_tune.cli import main
+from oialr_tune.errors import UserError
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this case needs a machine without a CUDA GPU")
+
+# A valid space (it would sweep a tiny digits MLP); each case breaks one thing in it.
+SPACE: dict[str, Any] = {
+    "name": "bad",
+    "base": {
+        "device": "cpu",
+        "model": {"name": "mlp", "args": {"hidden": [16]}},
+        "data": {"name": "digits"},
+        "oialr": {"delay": 0.2, "stability_frequency": 5},
+    },
+    "search": {"optimizer.lr": {"type": "loguniform", "low": 1.0e-3, "high": 3.0e-2}},
+    "budget": {"num_samples": 2, "max_epochs": 2},
+    "resources": {"cpu": 1},
+}
+# A valid trainer config for `oialr-tune train`.
+TRAIN: dict[str, Any] = {"device": "cpu", "model": {"name": "mlp", "args": {"hidden": [8]}}, "schedule": {"epochs": 1}}
+
+_DELETE = object()
+
+
+def edited(doc: dict[str, Any], *edits: tuple[tuple[str, ...], Any]) -> dict[str, Any]:
+    """A deep copy of `doc` with each (path, value) set; a path is a tuple of keys (search keys hold dots)."""
+    out = copy.deepcopy(doc)
+    for path, value in edits:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        if value is _DELETE:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+    return out
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `root` with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+class RayStarted(AssertionError):
+    """Raised by the trap: the CLI reached Ray before it rejected the input."""
+
+
+@pytest.fixture
+def rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Run `main(argv)` in `tmp_path` and check the bad-input contract; returns the stderr line.
+
+    `names` are strings the one line must contain (the key or path). Anything written under `tmp_path`
+    (the working directory, the results folder and the input files all live there) fails the test.
+    """
+
+    def trap(*args: Any, **kwargs: Any) -> Any:
+        raise RayStarted("Ray would start before the bad input was rejected")
+
+    def check(argv: list[str], *names: str) -> str:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(oialr_tune.tune, "_start_ray", trap)
+        monkeypatch.setattr(ray, "init", trap)
+        ray_before = ray.is_initialized()
+        before = snapshot(tmp_path)
+        capsys.readouterr()
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, f"exit status {code}, stderr: {err!r}"
+        assert "Traceback" not in err, err
+        lines = err.splitlines()
+        assert len(lines) == 1, f"expected one line on stderr, got {err!r}"
+        assert lines[0].startswith("oialr-tune: error: "), lines[0]
+        for name in names:
+            assert name in lines[0], f"{name!r} not named in {lines[0]!r}"
+        assert snapshot(tmp_path) == before, "something was written"
+        assert ray.is_initialized() == ray_before
+        return lines[0]
+
+    return check
+
+
+def write_space(tmp_path: Path, doc: dict[str, Any]) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def sweep_args(space: Path, tmp_path: Path, *more: str) -> list[str]:
+    return ["sweep", str(space), "--results-dir", str(tmp_path / "results"), "--name", "s", "-q", *more]
+
+
+# --- the search space ------------------------------------------------------------------------------
+
+LR = ("search", "optimizer.lr")
+
+SPACE_CASES = [
+    pytest.param([(("bogus",), 1)], ["bogus"], id="unknown-top-level-key"),
+    pytest.param([(("base", "optimizer", "lrr"), 0.1)], ["base.optimizer.lrr"], id="unknown-trainer-key"),
+    pytest.param([(("search", "optimizer.lrr"), {"type": "uniform", "low": 0.1, "high": 0.2})],
+                 ["search.optimizer.lrr"], id="unknown-searched-key"),
+    pytest.param([((*LR, "hi"), 0.1)], ["search.optimizer.lr.hi"], id="unknown-distribution-key"),
+    pytest.param([(("budget", "num_samples"), "many")], ["budget.num_samples"], id="wrong-type-budget"),
+    pytest.param([(("base", "schedule"), {"batch_size": 12.5})], ["base.schedule.batch_size"],
+                 id="wrong-type-trainer"),
+    pytest.param([(("base", "oialr"), "yes")], ["base.oialr"], id="wrong-type-section"),
+    pytest.param([(LR, {"type": "uniform", "low": 0.1, "high": 0.01})], ["search.optimizer.lr.low"],
+                 id="low-above-high"),
+    pytest.param([(LR, {"type": "loguniform", "low": 0, "high": 0.01})], ["search.optimizer.lr.low"],
+                 id="loguniform-low-zero"),
+    pytest.param([(("search", "schedule.batch_size"), {"type": "int", "low": -8, "high": 64, "log": True})],
+                 ["search.schedule.batch_size.low"], id="int-log-low-negative"),
+    pytest.param([(("base", "optimizer"), {"lr": -1})], ["base.optimizer.lr"], id="negative-lr"),
+    pytest.param([(LR, {"type": "uniform", "low": -0.1, "high": 0.01})], ["search.optimizer.lr.low"],
+                 id="negative-lr-in-range"),
+    pytest.param([(("budget", "max_epochs"), -1)], ["budget.max_epochs"], id="negative-epochs-budget"),
+    # The budget takes its epochs from base.schedule.epochs when it sets none: the error must name that key.
+    pytest.param([(("budget", "max_epochs"), _DELETE), (("base", "schedule"), {"epochs": -3})],
+                 ["base.schedule.epochs"], id="negative-epochs-base"),
+    pytest.param([(("base", "oialr", "stability_threshold"), 1.5)], ["base.oialr.stability_threshold"],
+                 id="stability-threshold-above-1"),
+    pytest.param([(("search", "oialr.stability_threshold"), {"type": "categorical", "choices": [0.0, 0.9]})],
+                 ["search.oialr.stability_threshold"], id="stability-threshold-0-in-choices"),
+    pytest.param([(("base", "model", "name"), "resnet9000")], ["base.model.name", "resnet9000"], id="unknown-model"),
+    pytest.param([(("base", "model", "args"), {"width": 3})], ["base.model.args.width"], id="unknown-model-arg"),
+    pytest.param([(("base", "data", "name"), "imagenet22k")], ["base.data.name", "imagenet22k"],
+                 id="unknown-dataset"),
+    pytest.param([(("base", "optimizer", "name"), "lamb")], ["base.optimizer.name", "lamb"], id="unknown-optimizer"),
+    pytest.param([(("base", "schedule"), {"decay": "step"})], ["base.schedule.decay", "step"],
+                 id="unknown-lr-decay"),
+    pytest.param([(("strategy",), {"scheduler": "hyperband"})], ["strategy.scheduler", "hyperband"],
+                 id="unknown-trial-scheduler"),
+    pytest.param([(("base", "data"), {"name": "cifar10", "root": "/nonexistent/cifar10"})],
+                 ["base.data.root", "/nonexistent/cifar10"], id="missing-dataset-root"),
+    pytest.param([(("base", "device"), "cuda")], ["base.device"], id="cuda-device-without-gpu-resources"),
+    pytest.param([(("base", "device"), "auto"), (("resources", "gpu"), 1)], ["resources.gpu"],
+                 marks=NO_GPU, id="gpu-per-trial-on-a-machine-without-one"),
+    pytest.param([(("base", "device"), "cuda"), (("resources", "gpu"), 0.5)], ["resources.gpu"],
+                 marks=NO_GPU, id="cuda-device-on-a-machine-without-one"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("edits", "names"), SPACE_CASES)
+def test_bad_search_space(edits: list, names: list[str], tmp_path: Path, rejected: Callable[..., str]) -> None:
+    space = write_space(tmp_path, edited(SPACE, *edits))
+    rejected(sweep_args(space, tmp_path), *names)
+
+
+# --- files and folders -----------------------------------------------------------------------------
+
+
+def test_empty_space_file(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    (tmp_path / "space.yaml").write_text("")
+    rejected(sweep_args(tmp_path / "space.yaml", tmp_path), str(tmp_path / "space.yaml"))
+
+
+def test_space_yaml_syntax_error(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    (tmp_path / "space.yaml").write_text("name: x\nbase: {model: [1, 2\n")
+    line = rejected(sweep_args(tmp_path / "space.yaml", tmp_path), str(tmp_path / "space.yaml"))
+    assert "line" in line
+
+
+def test_missing_space_file(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    rejected(sweep_args(tmp_path / "nope.yaml", tmp_path), str(tmp_path / "nope.yaml"))
+
+
+def test_results_dir_under_a_file(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    """A results folder that cannot be created (its parent is a file) is bad input, found before Ray starts."""
+    space = write_space(tmp_path, SPACE)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    rejected(["sweep", str(space), "--results-dir", str(tmp_path / "taken" / "results"), "--name", "s", "-q"],
+             str(tmp_path / "taken"))  # fmt: skip
+
+
+def test_results_dir_on_a_read_only_filesystem(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    """/proc refuses new folders even to root (file modes would not stop root, which runs CI here)."""
+    space = write_space(tmp_path, SPACE)
+    rejected(["sweep", str(space), "--results-dir", "/proc/oialr-results", "--name", "s", "-q"], "/proc/oialr-results")
+
+
+def test_resume_of_a_missing_sweep(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    rejected(["sweep", "--resume", str(tmp_path / "gone"), "-q"], str(tmp_path / "gone"))
+
+
+def test_resume_of_a_folder_that_holds_no_sweep(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a sweep")
+    rejected(["sweep", "--resume", str(tmp_path / "other"), "-q"], str(tmp_path / "other"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_address_with_no_cluster_fails_fast(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    space = write_space(tmp_path, SPACE)
+    start = time.monotonic()
+    rejected(sweep_args(space, tmp_path, "--address", f"127.0.0.1:{_free_port()}"), "--address")
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("command", ["best", "retrain", "report"])
+def test_results_command_on_a_missing_dir(command: str, tmp_path: Path, rejected: Callable[..., str]) -> None:
+    rejected([command, str(tmp_path / "missing")], str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("command", ["best", "retrain", "report"])
+def test_results_command_on_a_folder_without_an_experiment(
+    command: str, tmp_path: Path, rejected: Callable[..., str]
+) -> None:
+    folder = tmp_path / "not-a-sweep"
+    (folder / "oialr").mkdir(parents=True)  # looks a little like one, but has no sweep.yaml
+    (folder / "notes.txt").write_text("hello")
+    rejected([command, str(folder)], str(folder))
+
+
+# --- `oialr-tune train` ----------------------------------------------------------------------------
+
+
+def write_train(tmp_path: Path, doc: dict[str, Any], name: str = "train.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_train_corrupt_checkpoint(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "checkpoint.pt").write_bytes(b"\x80\x02garbage, not a checkpoint" * 8)
+    rejected(["train", str(write_train(tmp_path, TRAIN)), "--checkpoint-dir", str(tmp_path / "ck")],
+             str(tmp_path / "ck" / "checkpoint.pt"))  # fmt: skip
+
+
+def test_train_checkpoint_of_another_config(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    """A real checkpoint whose layers do not fit the config: torch's multi-line message must come out as one line."""
+    from oialr_tune.config import train_config_from_dict
+    from oialr_tune.trainer import train
+
+    train(train_config_from_dict(TRAIN), checkpoint_dir=tmp_path / "ck")
+    wider = edited(TRAIN, (("model", "args", "hidden"), [16]))
+    rejected(["train", str(write_train(tmp_path, wider)), "--checkpoint-dir", str(tmp_path / "ck")],
+             str(tmp_path / "ck" / "checkpoint.pt"))  # fmt: skip
+
+
+@NO_GPU
+def test_train_cuda_on_a_machine_without_one(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    config = write_train(tmp_path, edited(TRAIN, (("device",), "cuda")))
+    rejected(["train", str(config), "--checkpoint-dir", str(tmp_path / "ck")], "device")
+
+
+def test_train_negative_epochs(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    rejected(["train", str(write_train(tmp_path, edited(TRAIN, (("schedule", "epochs"), -1))))], "schedule.epochs")
+
+
+def test_train_missing_dataset_root(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    """Nothing written: not even the (new) checkpoint folder."""
+    config = write_train(tmp_path, edited(TRAIN, (("data",), {"name": "mnist", "root": str(tmp_path / "no-mnist")})))
+    rejected(["train", str(config), "--checkpoint-dir", str(tmp_path / "ck")], "data.root", str(tmp_path / "no-mnist"))
+
+
+def test_train_empty_config(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    (tmp_path / "train.yaml").write_text("")
+    rejected(["train", str(tmp_path / "train.yaml")], str(tmp_path / "train.yaml"))
+
+
+def test_train_config_yaml_syntax_error(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    (tmp_path / "train.yaml").write_text("model: {name: mlp\nseed: [\n")
+    rejected(["train", str(tmp_path / "train.yaml")], str(tmp_path / "train.yaml"))
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = write_train(tmp_path, edited(TRAIN, (("schedule", "epochs"), -1)))
+    with pytest.raises(UserError, match=r"^schedule\.epochs: must be >= 1"):
+        main(["--debug", "train", str(config)])
+
+
+# --- as a real process -----------------------------------------------------------------------------
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str, float]:
+    """`python -m oialr_tune.cli ARGS` in its own session: (exit status, stderr, seconds).
+
+    On timeout the process group is killed and the test fails (a hang is a product bug, not a slow test).
+    """
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oialr_tune.cli", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"`oialr-tune {' '.join(args)}` still running after {timeout:.0f}s; stderr: {err[-2000:]!r}")
+    return proc.returncode, err, time.monotonic() - start
+
+
+def assert_one_line(code: int, err: str, *names: str) -> None:
+    assert code == 2, f"exit status {code}, stderr: {err[-3000:]!r}"
+    assert "Traceback" not in err, err[-3000:]
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("oialr-tune: error: "), err[-3000:]
+    for name in names:
+        assert name in lines[0], f"{name!r} not named in {lines[0]!r}"
+
+
+def test_process_space_yaml_syntax_error(tmp_path: Path) -> None:
+    (tmp_path / "space.yaml").write_text("name: x\nsearch: {optimizer.lr: {type: uniform\n")
+    before = snapshot(tmp_path)
+    code, err, _ = run_cli(sweep_args(tmp_path / "space.yaml", tmp_path), tmp_path)
+    assert_one_line(code, err, str(tmp_path / "space.yaml"))
+    assert snapshot(tmp_path) == before
+
+
+def test_process_corrupt_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    config = write_train(tmp_path, TRAIN)
+    before = snapshot(tmp_path)
+    code, err, _ = run_cli(["train", str(config), "--checkpoint-dir", str(tmp_path / "ck")], tmp_path)
+    assert_one_line(code, err, str(tmp_path / "ck" / "checkpoint.pt"))
+    assert snapshot(tmp_path) == before
+
+
+def test_process_unwritable_results_dir(tmp_path: Path) -> None:
+    space = write_space(tmp_path, SPACE)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    before = snapshot(tmp_path)
+    code, err, _ = run_cli(["sweep", str(space), "--results-dir", str(tmp_path / "taken" / "r"), "-q"], tmp_path)
+    assert_one_line(code, err, str(tmp_path / "taken"))
+    assert snapshot(tmp_path) == before
+
+
+def test_process_address_where_no_ray_listens_fails_in_seconds(tmp_path: Path) -> None:
+    """Something listens at the address, but it is not Ray (a typo'd port, another service)."""
+    space = write_space(tmp_path, SPACE)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        code, err, seconds = run_cli(sweep_args(space, tmp_path, "--address", address), tmp_path, timeout=25)
+    assert_one_line(code, err, "--address", address)
+    assert seconds < 15
