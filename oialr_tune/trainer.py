@@ -180,6 +180,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
     A reader (or a resume after a crash) sees either the old or the new checkpoint, never half.
     """
+    path.parent.mkdir(parents=True, exist_ok=True)  # only now: a rejected run leaves no folder behind
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -197,6 +198,12 @@ def _save_atomic(obj: Any, path: Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (torch's state-dict errors span many lines)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -224,7 +231,7 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise UserError(f"{path}: checkpoint does not match its model config ({e})") from None
+        raise UserError(f"{path}: checkpoint does not match its model config ({_one_line(e)})") from None
     return model.to(device), cfg
 
 
@@ -259,8 +266,6 @@ def train(
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
     state = read_checkpoint(ckpt_path) if resume and ckpt_path is not None and ckpt_path.exists() else None
-    if ckpt_dir is not None:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -311,7 +316,7 @@ def train(
             train_loader.generator.set_state(state["rng"]["data"])
             step, start_epoch, history = state["step"], state["epoch"], state["history"]
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise UserError(f"{ckpt_path}: checkpoint does not match this config ({type(e).__name__}: {e})") from None
+            raise UserError(f"{ckpt_path}: checkpoint does not match this config ({_one_line(e)})") from None
 
     # torch.compile (GPU only) wraps the forward lazily; the controller keeps editing `model` itself.
     forward = torch.compile(model) if cfg.compile and device.type == "cuda" else model

@@ -155,6 +155,19 @@ def test_corrupt_checkpoint_names_the_path(tmp_path: Path) -> None:
     torch.save({"format": 1}, path)
     with pytest.raises(UserError, match=rf"^{path}: checkpoint does not match"):
         train(small(), checkpoint_dir=tmp_path)
+    # another model's checkpoint: torch's multi-line state-dict error becomes one line
+    path.unlink()
+    train(small(**{"schedule.epochs": 1}), checkpoint_dir=tmp_path)
+    with pytest.raises(UserError, match=rf"^{path}: checkpoint does not match") as info:
+        train(small(**{"model.args": {"hidden": [32]}}), checkpoint_dir=tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_rejected_run_creates_no_checkpoint_folder(tmp_path: Path) -> None:
+    cfg = small(**{"data.name": "mnist", "data.root": str(tmp_path / "no-data")})
+    with pytest.raises(UserError, match=r"^data\.root: "):
+        train(cfg, checkpoint_dir=tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
 
 
 @pytest.mark.parametrize(
