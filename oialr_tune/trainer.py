@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oialr_tune.config import TrainConfig, resolve_device, train_config_from_dict, train_config_to_dict
-from oialr_tune.data import load_data
+from oialr_tune.data import Splits, load_data
 from oialr_tune.errors import UserError
 from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, apply_low_rank_structure
@@ -246,6 +246,7 @@ def train(
     resume: bool = True,
     evaluate_test: bool = False,
     checkpoint_epochs: Iterable[int] | None = None,
+    splits: Splits | None = None,
 ) -> TrainResult:
     """Train one model as `cfg` says; report each epoch to `callbacks`; return a `TrainResult`.
 
@@ -258,7 +259,8 @@ def train(
     With `checkpoint_dir`, ``checkpoint.pt`` is written atomically every `checkpoint_every` epochs,
     at the (1-based) epochs in `checkpoint_epochs` and after the last epoch; with `resume` an
     existing one is continued exactly. `evaluate_test` scores the final model on the test split
-    (never used for tuning).
+    (never used for tuning). `splits` replaces the data `cfg.data` describes (e.g. train + val merged
+    for a final retrain); it must be on the run's device.
     """
     wall_start = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -272,7 +274,8 @@ def train(
 
     # Data and model. The model is initialised from the seed right before it is built, so a cached
     # dataset (or none) leaves the initial weights the same.
-    splits = load_data(cfg.data, device)
+    if splits is None:
+        splits = load_data(cfg.data, device)
     channels_last = cfg.channels_last and len(splits.in_shape) == 3
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)

@@ -213,3 +213,15 @@ def test_evaluate_restores_the_mode() -> None:
     assert model.training and acc == pytest.approx(2 / 3)
     expected = torch.nn.functional.cross_entropy(model(x), y).item()
     assert loss == pytest.approx(expected)
+
+
+def test_given_splits_replace_the_configured_data() -> None:
+    import dataclasses
+
+    from oialr_tune.data import load_data
+
+    cfg = small(**{"schedule.epochs": 1})
+    splits = load_data(cfg.data, "cpu")
+    no_val = dataclasses.replace(splits, val=dataclasses.replace(splits.val, x=splits.val.x[:0], y=splits.val.y[:0]))
+    result = train(cfg, splits=no_val, evaluate_test=True)
+    assert result.status == "finished" and math.isnan(result.final["val_acc"]) and result.test_acc > 0.2
