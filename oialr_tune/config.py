@@ -129,15 +129,18 @@ class ScheduleConfig:
 class OIALRConfig:
     """Arguments of the OIALR controller. `delay` < 1 is a fraction of all optimizer steps, else steps.
 
-    The defaults were chosen on digits (see the trainer issue's report): OIALR ends within about
-    a point of full-rank accuracy with well under half the trainable parameters.
+    Defaults were measured on digits (20 epochs, AdamW 1e-3, 5 seeds, CPU): with them an OIALR MLP
+    ends at the full-rank test accuracy (98.1 %) with 25 % of its trainable parameters, a CNN at
+    99.3 % with 31 %. `sigma_cutoff_fraction` is 0.2 rather than the paper's 0.1: short runs leave
+    flat singular-value spectra, and at 0.1 the CNN's ranks never dropped (42 % from factorizing
+    alone) and the MLP kept 48 %, with the same accuracy.
     """
 
     enabled: bool = True
     delay: int | float = 0.25
     stability_frequency: int = _rule(_ge(1), 20)
     stability_threshold: float | None = _rule(_in(0, 1, lo_open=True), 0.9)
-    sigma_cutoff_fraction: float = _rule(_in(0, 1, hi_open=True), 0.1)
+    sigma_cutoff_fraction: float = _rule(_in(0, 1, hi_open=True), 0.2)
     min_rank: int = _rule(_ge(1), 1)
     keep_first_layer: bool = False
     keep_last_layer: bool = True

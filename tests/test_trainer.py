@@ -32,7 +32,7 @@ def small(**overrides: Any) -> TrainConfig:
         "device": "cpu",
         "model": {"name": "mlp", "args": {"hidden": [64, 64], "dropout": 0.1}},
         "schedule": {"epochs": 4, "rewarm_steps": 5},
-        "oialr": {"delay": 10, "stability_frequency": 5, "stability_threshold": None},
+        "oialr": {"delay": 10, "stability_frequency": 5, "stability_threshold": None, "sigma_cutoff_fraction": 0.1},
     }
     for dotted, value in overrides.items():
         node = base
@@ -225,3 +225,15 @@ def test_given_splits_replace_the_configured_data() -> None:
     no_val = dataclasses.replace(splits, val=dataclasses.replace(splits.val, x=splits.val.x[:0], y=splits.val.y[:0]))
     result = train(cfg, splits=no_val, evaluate_test=True)
     assert result.status == "finished" and math.isnan(result.final["val_acc"]) and result.test_acc > 0.2
+
+
+def test_default_oialr_settings_keep_accuracy_with_half_the_parameters() -> None:
+    """The config's OIALR defaults on digits (MLP, 20 epochs): ≤ 50 % trainable, within 2 points."""
+    results = {}
+    for enabled in (False, True):
+        cfg = train_config_from_dict({"device": "cpu", "model": {"name": "mlp"}, "oialr": {"enabled": enabled}})
+        results[enabled] = train(cfg, evaluate_test=True)
+    full, low_rank = results[False], results[True]
+    assert low_rank.final["trainable_fraction"] <= 0.5
+    assert any(e["kind"] == "cut" for m in low_rank.history for e in m["oialr_events"])
+    assert low_rank.test_acc >= full.test_acc - 0.02 and full.test_acc > 0.95
