@@ -159,3 +159,34 @@ def test_crop_and_flip_are_true_shifts_and_mirrors() -> None:
         assert candidates, f"example {i} is not a crop of the padded image"
         flips += candidates[0][2]
     assert 10 < flips < 54  # about half are mirrored
+
+
+def test_tiny_fashion_mnist_and_cifar100_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import pickle
+
+    from conftest import write_idx_mnist
+    from torchvision.datasets import CIFAR100
+
+    write_idx_mnist(tmp_path / "FashionMNIST" / "raw", "train", 40, seed=2)
+    write_idx_mnist(tmp_path / "FashionMNIST" / "raw", "t10k", 10, seed=3)
+    fashion = load_data(DataConfig(name="fashion_mnist", root=str(tmp_path)), "cpu")
+    assert (len(fashion.train) + len(fashion.val), len(fashion.test)) == (40, 10)
+    assert torch.equal(fashion.test.x[:, 0, 0, 0].long(), fashion.test.y)
+
+    # CIFAR-100 keeps its labels under "fine_labels" in files named train / test / meta.
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    entries = {}
+    for name, n in (("train", 200), ("test", 100), ("meta", 0)):
+        obj = ({"fine_label_names": [f"c{i}" for i in range(100)]} if name == "meta" else
+               {"data": np.full((n, 3072), 7, dtype=np.uint8), "fine_labels": [i % 100 for i in range(n)]})
+        (folder / name).write_bytes(pickle.dumps(obj))
+        entries[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+    monkeypatch.setattr(CIFAR100, "train_list", [["train", entries["train"]]])
+    monkeypatch.setattr(CIFAR100, "test_list", [["test", entries["test"]]])
+    monkeypatch.setattr(CIFAR100, "meta", {"filename": "meta", "key": "fine_label_names", "md5": entries["meta"]})
+    cifar100 = load_data(DataConfig(name="cifar100", root=str(tmp_path), val_fraction=0.5), "cpu")
+    assert cifar100.num_classes == 100 and cifar100.in_shape == (3, 32, 32)
+    assert (len(cifar100.train), len(cifar100.val), len(cifar100.test)) == (100, 100, 100)
+    assert set(cifar100.val.y.tolist()) == set(range(100))
