@@ -162,10 +162,17 @@ class Resources:
 class CheckpointPolicy:
     """When trials save state. Besides every `every` epochs (0 = no periodic checkpoints), a trial
     always checkpoints at the ASHA rungs (where it may be stopped) and at its last epoch, which is
-    what resuming and retrieving the best model need; more would only cost time and disk."""
+    what resuming and retrieving the best model need; more would only cost time and disk.
+
+    `num_to_keep` None (the default) keeps every checkpoint while an arm runs and only each trial's
+    last one once the arm is over. That is what makes a killed sweep resumable: Ray deletes a
+    trial's older checkpoints a moment before it saves the experiment state that stops naming
+    them, so a driver killed in between leaves a state naming a deleted checkpoint and that trial
+    cannot resume. A number bounds the disk during the run at that risk.
+    """
 
     every: int = 0
-    num_to_keep: int = 2
+    num_to_keep: int | None = None
 
 
 @dataclass(frozen=True)
@@ -442,6 +449,8 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     if "max_epochs" not in (data.get("budget") or {}):
         if epochs is not None:  # take the epochs from the base when the budget does not say
             budget = dataclasses.replace(budget, max_epochs=convert_value(epochs, int, "base.schedule.epochs"))
+            if budget.max_epochs < 1:
+                raise UserError(f"base.schedule.epochs: must be >= 1, got {budget.max_epochs}")
             if budget.grace_period > budget.max_epochs:
                 raise UserError(f"budget.grace_period: must be <= max_epochs={budget.max_epochs}")
     elif epochs is not None and epochs != budget.max_epochs:
@@ -494,8 +503,8 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     checkpoint = _section(CheckpointPolicy, data.get("checkpoint"), "checkpoint")
     if checkpoint.every < 0:
         raise UserError(f"checkpoint.every: must be >= 0 (0 = only at ASHA rungs and the end), got {checkpoint.every}")
-    if checkpoint.num_to_keep < 1:
-        raise UserError(f"checkpoint.num_to_keep: must be >= 1, got {checkpoint.num_to_keep}")
+    if checkpoint.num_to_keep is not None and checkpoint.num_to_keep < 1:
+        raise UserError(f"checkpoint.num_to_keep: must be >= 1 or null, got {checkpoint.num_to_keep}")
     strategy = _section(Strategy, data.get("strategy"), "strategy")
     if strategy.startup_trials is not None and strategy.startup_trials < 1:
         raise UserError(f"strategy.startup_trials: must be >= 1 or null, got {strategy.startup_trials}")

@@ -390,9 +390,11 @@ def _fmt(v: Any) -> str:
 
 
 def _check_address(address: str) -> None:
-    """Fail fast, in one line, when nothing listens at a cluster address (Ray itself retries for
-    minutes). ``auto`` is checked by Ray quickly; ``host:port`` and ``ray://host:port`` by a TCP
-    connect with a short timeout."""
+    """Fail fast, in one line, when no Ray cluster answers at an address (Ray itself retries for
+    minutes). ``auto`` is checked by Ray quickly; ``host:port`` and ``ray://host:port`` get a TCP
+    connect and then an HTTP/2 handshake with short timeouts: Ray's GCS and its client server speak
+    gRPC, which answers the HTTP/2 preface with a SETTINGS frame at once, so a different service
+    on that port (a typo, a stale port) is told apart without Ray's retry loop."""
     if address == "auto":
         return
     target = address.removeprefix("ray://")
@@ -400,10 +402,59 @@ def _check_address(address: str) -> None:
     if not sep or not port.isdigit():
         raise UserError(f"--address: expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
-            pass
-    except OSError as e:
+        conn = socket.create_connection((host or "127.0.0.1", int(port)), timeout=3)
+    except OSError as e:  # refused, unreachable, unknown host, or no answer within the timeout
         raise UserError(f"--address: no Ray cluster reachable at {address} ({e.strerror or e})") from None
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # a TLS cluster answers only a TLS handshake; let Ray try
+        try:
+            conn.settimeout(3)
+            conn.sendall(_HTTP2_PREFACE)
+            head = conn.recv(9)
+        except TimeoutError:
+            raise UserError(f"--address: {address} accepts connections but does not answer like Ray (gRPC)") from None
+        except OSError as e:
+            raise UserError(
+                f"--address: {address} dropped the connection ({e.strerror or e}); not a Ray cluster"
+            ) from None
+    if len(head) < 4 or head[3] != 0x04:  # byte 3 of an HTTP/2 frame header is its type; 4 = SETTINGS
+        raise UserError(f"--address: {address} is not a Ray cluster (it does not speak gRPC)")
+
+
+# The HTTP/2 client connection preface followed by an empty SETTINGS frame.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _make_results_folder(store: _Store) -> list[Path]:
+    """Create the sweep's local folder, or raise UserError naming it; returns the folders created
+    (so a failure before anything is written can remove them again). URIs are left to Ray."""
+    if not store.is_local:
+        return []
+    root = Path(store.root)
+    missing = []
+    p = root
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"{root}: cannot create the results folder ({p} is a file, not a folder)")
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+        probe = root / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        _remove_empty(missing)
+        raise UserError(f"{root}: cannot create or write the results folder ({e.strerror or e})") from None
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _start_ray(address: str | None, verbose: int) -> bool:
@@ -469,6 +520,7 @@ def _arm_tuner(space: SearchSpace, arm: str, store: _Store, verbose: int) -> Any
     run_config = tune.RunConfig(
         name=arm,
         storage_path=store.root,
+        # num_to_keep None (the default): Ray deletes nothing while the arm runs; see CheckpointPolicy.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=space.checkpoint.num_to_keep),
         failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
         verbose=1 if verbose >= 2 else 0,
@@ -497,8 +549,8 @@ def _run_arm(space: SearchSpace, arm: str, store: _Store, verbose: int) -> None:
     if verbose:
         print(_describe_arm(space, arm), flush=True)
     tuner = _arm_tuner(space, arm, store, verbose)
-    # Ray prints an experiment header whatever its verbosity; verbose=0 means silent.
-    with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
+    quiet = contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext()
+    with quiet:  # Ray prints an experiment header whatever its verbosity; verbose=0 means silent
         results = tuner.fit()
     expected = space.arm_num_samples(arm)
     ended = results.num_terminated + results.num_errors
@@ -523,6 +575,9 @@ def _trial_rows(space: SearchSpace, arm: str, store: _Store) -> list[dict[str, A
     for trial in analysis.trials:
         last = trial.last_result or {}
         df = frames.get(trial.trial_id)
+        if df is not None and len(df) and "training_iteration" in df:
+            # A resumed or restarted trial reports some epochs again: keep each epoch's latest report.
+            df = df.drop_duplicates("training_iteration", keep="last").sort_values("training_iteration")
         history = df.to_dict("records") if df is not None and len(df) else ([last] if last else [])
         metric = space.objective.metric
         values = [h[metric] for h in history if isinstance(h.get(metric), (int, float))]
@@ -538,6 +593,8 @@ def _trial_rows(space: SearchSpace, arm: str, store: _Store) -> list[dict[str, A
         row["trainer_status"] = "error" if error else trainer_status
         row["stopped_early"] = trial.status == "TERMINATED" and trainer_status == "running"
         checkpoint = trial.checkpoint
+        if trial.status in ("TERMINATED", "ERROR"):
+            _prune_checkpoints(store, trial.path, checkpoint.path if checkpoint is not None else None)
         for k in keys:
             row[f"config.{k}"] = trial.config.get(k)
         best = (max if space.objective.direction == "max" else min)(values) if values else None
@@ -559,6 +616,26 @@ def _trial_rows(space: SearchSpace, arm: str, store: _Store) -> list[dict[str, A
         })  # fmt: skip
         rows.append(row)
     return rows
+
+
+def _prune_checkpoints(store: _Store, trial_path: str, keep: str | None) -> None:
+    """Delete an ended trial's checkpoints except the one Ray records as its last.
+
+    Runs once an arm is over: until then every checkpoint stays (see CheckpointPolicy), because
+    the experiment state a killed driver leaves behind may name any of them.
+    """
+    if store.is_local:
+        for ckpt in Path(trial_path).glob("checkpoint_*"):
+            if keep is None or ckpt.resolve() != Path(keep).resolve():
+                shutil.rmtree(ckpt, ignore_errors=True)
+        return
+    import pyarrow.fs
+
+    fs = store._fs
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True)):
+        is_checkpoint = info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+        if is_checkpoint and (keep is None or info.path.rstrip("/") != keep.rstrip("/")):
+            fs.delete_dir(info.path)
 
 
 def _pareto(df: pd.DataFrame, metric: str, direction: str) -> pd.DataFrame:
@@ -799,6 +876,7 @@ def sweep(
     space = preflight(space, local=address is None)
     if address is not None:
         _check_address(address)
+    created = _make_results_folder(store) if not resume else []
 
     global _print_progress
     _print_progress = verbose >= 1
@@ -807,9 +885,17 @@ def sweep(
     # (so its record never points at a deleted checkpoint) and warns when that is frequent; with
     # small trials it is, by design, and cheap: silence the warning, keep the snapshots.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started = _start_ray(address, verbose)
     try:
-        _check_cluster_fits(space)
+        started = _start_ray(address, verbose)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        try:
+            _check_cluster_fits(space)
+        except UserError:
+            _remove_empty(created)
+            raise
         if not resume:
             store.write_text(SWEEP_FILE, yaml.safe_dump(space.to_dict(), sort_keys=False))
             store.write_text(STATE_FILE, json.dumps({"arms_done": []}))

@@ -46,7 +46,7 @@ SPACE: dict[str, Any] = {
     # ASHA rungs at epochs 2 and 4: trials checkpoint at 2 and 4 only (not every epoch).
     "budget": {"num_samples": 6, "max_epochs": 4, "grace_period": 2, "reduction_factor": 2},
     "resources": {"cpu": 1},
-    "checkpoint": {"every": 0, "num_to_keep": 1},
+    "checkpoint": {"every": 0},
     "seed": 0,
 }
 
@@ -85,9 +85,13 @@ def test_sweep_finds_best_and_results_are_consistent(ray_session: Any, tmp_path:
     assert result.best["oialr"]["trainable_fraction"] < 1.0  # OIALR did cut ranks
     assert "best OIALR val_acc=" in result.summary_line and "best full-rank val_acc=" in result.summary_line
 
-    # Checkpoints only at the ASHA rungs (2, 4): a finished trial holds checkpoint index 1.
+    # Checkpoints only at the ASHA rungs (2, 4): a finished trial's last is its second (index 1);
+    # once the arm is over only each trial's last checkpoint is left.
     finished = df[df["training_iteration"] == 4]
     assert len(finished) and all(Path(c).name == "checkpoint_000001" for c in finished["checkpoint"])
+    for arm in ("oialr", "baseline"):
+        for trial_dir in (root / arm).glob("trial_*"):
+            assert len(list(trial_dir.glob("checkpoint_*"))) == 1, trial_dir
 
     # Files: trials.csv is the returned table; summary.json has the same best trials.
     assert pd.read_csv(root / "trials.csv")["trial_id"].tolist() == df["trial_id"].tolist()
@@ -190,7 +194,7 @@ def test_killed_sweep_resumes_without_losing_finished_trials(ray_session: Any, t
     space["base"]["model"]["args"]["hidden"] = [256, 256]
     space["base"]["schedule"]["batch_size"] = 16  # about 2 s per trial: the kill lands mid-sweep
     space["budget"] = {"num_samples": 6, "max_epochs": 6, "max_concurrent": 2}
-    space["checkpoint"] = {"every": 1, "num_to_keep": 1}
+    space["checkpoint"] = {"every": 1}  # every epoch: trials in flight resume mid-run
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     results = tmp_path / "r"
     log = (tmp_path / "driver.log").open("w")
