@@ -77,7 +77,8 @@ def _report(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from .compare import compare, summarize
 
-    table = compare(args.space, trials=args.trials, seeds=args.seeds, out=args.out, resume=args.resume)
+    table = compare(args.space, trials=args.trials, seeds=args.seeds, out=args.out, resume=args.resume,
+                    max_trainable_fraction=args.max_trainable_fraction)
     for s in summarize(table):
         diff = f"  diff {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}] {s['verdict']}" if "diff" in s else ""
         print(f"{s['label']:<34} test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}  "
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5, help="fresh seeds per arm for the final test (default 5)")
     p.add_argument("--out", default=None, help="output folder (default results/<space>-compare-<time>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted compare in --out")
+    p.add_argument("--max-trainable-fraction", type=float, default=None,
+                   help="tuned OIALR arms retrain their best trial at or under this trainable fraction")
     p.set_defaults(run=_compare)
     return parser
 
