@@ -8,7 +8,8 @@ Two layer stacks, each at ranks 5/10/25/50/100 % of full rank:
 
 "ours" is :class:`oialr_tune.oialr.LowRankLayer`, which runs factorized when that is cheaper;
 "rebuilt" computes W = U S Vᵀ in every forward and runs the dense op, as the authors' code does.
-All times are medians over repeats, reported as ratios to the dense stack measured in the same run.
+Times are the fastest of interleaved rounds (dense, ours, rebuilt, dense, ...), reported as
+ratios to the dense stack measured in the same rounds.
 The FLOP ratio is our layer's multiply-adds (forward + backward, no gradient for the frozen bases)
 over the dense layer's; the target is ours ≤ 1.2 × FLOP ratio at rank ≤ 25 %.
 
@@ -19,8 +20,8 @@ over the dense layer's; the target is ours ≤ 1.2 × FLOP ratio at rank ≤ 25 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -80,24 +81,32 @@ def stack_flops(kind: str, rank_fraction: float | None, batch: int, side: int) -
     return total
 
 
-def time_stack(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, repeats: int) -> float:
-    def once() -> None:
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(x)
-        out.float().sum().backward()
+def time_stacks(models: list[nn.Module], x: torch.Tensor, dtype: torch.dtype | None, repeats: int) -> list[float]:
+    """Fastest forward+backward time of each model, measured in interleaved rounds.
 
-    for _ in range(3):
-        once()
-    times = []
-    for _ in range(repeats):
+    Interleaving puts every model under the same machine load, and the fastest round is the
+    least disturbed one: on a shared CPU, medians drift with other jobs, minima do not.
+    """
+
+    def once(model: nn.Module) -> float:
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        once()
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(x)
+        out.float().sum().backward()
         if x.device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    for model in models:
+        for _ in range(3):
+            once(model)
+    best = [math.inf] * len(models)
+    for _ in range(repeats):
+        for i, model in enumerate(models):
+            best[i] = min(best[i], once(model))
+    return best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,13 +132,13 @@ def main(argv: list[str] | None = None) -> None:
         shape = (tokens, 768) if kind == "vit_mlp" else (images, 256, side, side)
         x = torch.randn(*shape, generator=g).to(device)
         batch = tokens if kind == "vit_mlp" else images
-        dense_t = time_stack(make_stack(kind, None, "dense", device), x, dtype, repeats)
+        dense = make_stack(kind, None, "dense", device)
         dense_f = stack_flops(kind, None, batch, side)
         for frac in RANK_FRACTIONS:
             ours = make_stack(kind, frac, "ours", device)
             mode = "factorized" if next(m for m in ours if isinstance(m, LowRankLayer)).factorized else "rebuilt"
-            ours_t = time_stack(ours, x, dtype, repeats)
-            rebuilt_t = time_stack(make_stack(kind, frac, "rebuilt", device), x, dtype, repeats)
+            rebuilt = make_stack(kind, frac, "rebuilt", device)
+            dense_t, ours_t, rebuilt_t = time_stacks([dense, ours, rebuilt], x, dtype, repeats)
             flop_ratio = stack_flops(kind, frac, batch, side) / dense_f
             rows.append((kind, frac, mode, dense_t, ours_t / dense_t, rebuilt_t / dense_t, flop_ratio))
             print(f"{kind:12s} rank {frac:4.0%}: ours {ours_t / dense_t:.2f}x ({mode}), "
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         f"# Low-rank layer speed ({args.device}, {args.dtype})",
         "",
         f"Device: {name}. torch {torch.__version__}. Command: `{cmd}`.",
-        f"Forward+backward of one stack, median of {repeats}; inputs: {tokens} tokens (vit_mlp), "
+        f"Forward+backward of one stack, fastest of {repeats} interleaved rounds; inputs: {tokens} tokens (vit_mlp), "
         f"{images}×256×{side}×{side} (resnet_conv). Times are ratios to the dense stack in the same run.",
         "",
         "| stack | rank | our path | dense time (ms) | ours / dense | rebuilt-W / dense | FLOP ratio "
