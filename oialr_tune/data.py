@@ -259,13 +259,30 @@ def _tensor_splits(name: str, x: np.ndarray | torch.Tensor, y: Any, parts: Seque
 # --- the datasets ------------------------------------------------------------------------------
 
 
-def _digits(cfg: DataConfig, device: torch.device, seed: int) -> Splits:
-    from sklearn.datasets import load_digits
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (1,797 8x8 images, values 0..16) and labels, exactly as `load_digits` gives them.
 
-    bunch = load_digits()
-    x = bunch.data.reshape(-1, 1, 8, 8).astype(np.float32)
-    parts = stratified_split(bunch.target, [cfg.val_fraction, cfg.test_fraction], seed)
-    return _tensor_splits("digits", x, bunch.target, parts, None, 10, device, scale=1 / 16)
+    Read straight from the CSV inside the installed sklearn package: importing sklearn (and scipy)
+    costs about a second in every fresh trial process, ten times the read itself.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():  # an unexpected layout: let sklearn find its file
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.data, bunch.target
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+def _digits(cfg: DataConfig, device: torch.device, seed: int) -> Splits:
+    images, target = _digits_arrays()
+    x = images.reshape(-1, 1, 8, 8).astype(np.float32)
+    parts = stratified_split(target, [cfg.val_fraction, cfg.test_fraction], seed)
+    return _tensor_splits("digits", x, target, parts, None, 10, device, scale=1 / 16)
 
 
 def _mnist5k(cfg: DataConfig, device: torch.device, seed: int) -> Splits:

@@ -35,6 +35,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ from oialr_tune.space import (
     NAME_RE,
     SIZE_METRIC,
     Param,
+    Resources,
     SearchSpace,
     load_space,
     preflight,
@@ -420,6 +422,55 @@ def _check_address(address: str) -> None:
             ) from None
     if len(head) < 4 or head[3] != 0x04:  # byte 3 of an HTTP/2 frame header is its type; 4 = SETTINGS
         raise UserError(f"--address: {address} is not a Ray cluster (it does not speak gRPC)")
+    if not address.startswith("ray://"):
+        _check_auth(address, f"{host or '127.0.0.1'}:{port}")
+
+
+def _check_auth(address: str, gcs_address: str) -> None:
+    """Fail fast, in one line, when the cluster refuses this process's credentials.
+
+    A cluster started with ``ray start`` uses token authentication (Ray >= 2.52). A driver without
+    the cluster's token is refused, and ``ray.init`` then retries for about 20 s, logging a warning
+    per retry, before a generic "Failed to connect". One call to the cluster's GCS with the
+    credentials ``ray.init`` would send (``RAY_AUTH_MODE``, then ``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) is refused at once with an AuthenticationError.
+    """
+    try:
+        from ray._raylet import InnerGcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # a Ray without this (private) client: let ray.init find out
+        return
+    try:
+        with _stderr_silenced():  # Ray's C++ client logs the refusal on fd 2 itself
+            InnerGcsClient.standalone(gcs_address, None, 5000)
+    except AuthenticationError:
+        sources = "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            raise UserError(
+                f"--address: the Ray cluster at {address} requires token authentication: set RAY_AUTH_MODE=token "
+                f"and give this process the cluster's token ({sources})"
+            ) from None
+        raise UserError(
+            f"--address: the Ray cluster at {address} refused this process's authentication token; "
+            f"use the head node's token ({sources})"
+        ) from None
+    except Exception:  # a timeout, an older GCS...: ray.init says what it says
+        return
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Any:
+    """Point file descriptor 2 at /dev/null for the duration (Ray's C++ logging bypasses sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 # The HTTP/2 client connection preface followed by an empty SETTINGS frame.
@@ -500,6 +551,7 @@ def _check_cluster_fits(space: SearchSpace) -> None:
 
 def _arm_tuner(space: SearchSpace, arm: str, store: _Store, verbose: int) -> Any:
     """A new Tuner for an arm, or the restored one when the arm was interrupted."""
+    import ray
     from ray import tune
 
     trainable = make_trainable(space, arm)
@@ -513,7 +565,7 @@ def _arm_tuner(space: SearchSpace, arm: str, store: _Store, verbose: int) -> Any
         search_alg=_searcher(space, arm),
         scheduler=_scheduler(space),
         num_samples=total,
-        max_concurrent_trials=space.budget.max_concurrent,
+        max_concurrent_trials=space.budget.max_concurrent or _slots(space.resources, ray.cluster_resources()),
         reuse_actors=True,
         trial_dirname_creator=_trial_dirname,
     )
@@ -527,6 +579,21 @@ def _arm_tuner(space: SearchSpace, arm: str, store: _Store, verbose: int) -> Any
         callbacks=[_Progress(arm, total, space.objective.metric)],
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _slots(resources: Resources, have: Mapping[str, float]) -> int:
+    """How many trials fit at once on a cluster with resources `have` (``ray.cluster_resources()``).
+
+    Passed to Ray as ``max_concurrent_trials`` when the space leaves ``budget.max_concurrent`` unset.
+    With any searcher but its own random/grid one, Ray otherwise keeps at most *one* trial pending
+    (``TUNE_MAX_PENDING_TRIALS_PG``), so trial workers start one after another, each waiting until
+    the previous trial runs; with the limit they start together, and the searcher proposes no config
+    that could not run yet.
+    """
+    fits = [have.get("CPU", 0) / resources.cpu] if resources.cpu > 0 else []
+    if resources.gpu > 0:
+        fits.append(have.get("GPU", 0) / resources.gpu)
+    return max(1, int(min(fits, default=1) + 1e-9))
 
 
 def _describe_arm(space: SearchSpace, arm: str) -> str:
