@@ -380,6 +380,19 @@ def with_overrides(cfg: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfi
     return train_config_from_dict(data)
 
 
+def parse_yaml(text: str, where: str, what: str) -> Any:
+    """Parse YAML text; a syntax error or an empty document is a UserError naming `where`."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{where}: invalid YAML{line}") from None
+    if data is None:
+        raise UserError(f"{where}: empty {what}")
+    return data
+
+
 def load_train_config(path: str | Path) -> TrainConfig:
     """Read and validate a YAML training config. Errors name the file or the dotted key."""
     path = Path(path)
@@ -387,14 +400,7 @@ def load_train_config(path: str | Path) -> TrainConfig:
         text = path.read_text()
     except OSError as e:
         raise UserError(f"{path}: cannot read config ({e.strerror or e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}: invalid YAML{where}") from None
-    if data is None:
-        raise UserError(f"{path}: empty config file")
+    data = parse_yaml(text, str(path), "config file")
     if not isinstance(data, Mapping):
         raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return train_config_from_dict(data)

@@ -47,6 +47,7 @@ from oialr_tune.config import (
     ROOT_DATASETS,
     TrainConfig,
     convert_value,
+    parse_yaml,
     train_config_from_dict,
     train_config_to_dict,
     with_overrides,
@@ -548,15 +549,7 @@ def load_space(path: str | os.PathLike[str] | None = None) -> SearchSpace:
     """
     text, p = _resolve_path(path)
     where = str(p) if p else f"packaged space {path or 'quickstart'}"
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{where}: invalid YAML{line}") from None
-    if data is None:
-        raise UserError(f"{where}: empty search space file")
-    return space_from_dict(data, source=where)
+    return space_from_dict(parse_yaml(text, where, "search space file"), source=where)
 
 
 def dump_space(space: SearchSpace, path: str | os.PathLike[str]) -> None:
