@@ -212,7 +212,7 @@ def convert_value(value: Any, tp: Any, key: str) -> Any:
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, key)
+        return dataclass_from_dict(tp, value, key)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -278,8 +278,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a bug in the schema, not user input
 
 
-def _from_dict(cls: type, data: Any, prefix: str) -> Any:
-    """Build dataclass `cls` from a mapping, checking keys, types and ranges."""
+def dataclass_from_dict(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys, types and ranges; errors name ``prefix.key``."""
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -343,7 +343,7 @@ def train_config_from_dict(data: Mapping[str, Any] | None) -> TrainConfig:
     Raises UserError with a one-line message naming the dotted key for an unknown key, a wrong type
     or a value out of range.
     """
-    cfg = _from_dict(TrainConfig, data, "")
+    cfg = dataclass_from_dict(TrainConfig, data, "")
     _cross_checks(cfg)
     return cfg
 

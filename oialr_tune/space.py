@@ -34,7 +34,6 @@ import difflib
 import math
 import os
 import re
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources as importlib_resources
@@ -47,6 +46,7 @@ from oialr_tune.config import (
     ROOT_DATASETS,
     TrainConfig,
     convert_value,
+    dataclass_from_dict,
     parse_yaml,
     train_config_from_dict,
     train_config_to_dict,
@@ -298,20 +298,6 @@ _TOP_KEYS = (
 )  # fmt: skip
 
 
-def _section(cls: type, data: Any, key: str) -> Any:
-    """Build a small frozen dataclass from a mapping with strict types; errors name ``key.field``."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise UserError(f"{key}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    for k in data:
-        if k not in known:
-            raise UserError(f"{key}.{k}: unknown key (known: {', '.join(known)})")
-    return cls(**{k: convert_value(v, hints[k], f"{key}.{k}") for k, v in data.items()})
-
-
 def _suggest(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1)
     return f" (did you mean {close[0]}?)" if close else ""
@@ -422,7 +408,7 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     if not isinstance(description, str):
         raise UserError(f"description: expected a string, got {description!r}")
 
-    budget = _section(Budget, data.get("budget"), "budget")
+    budget = dataclass_from_dict(Budget, data.get("budget"), "budget")
     if budget.num_samples < 1:
         raise UserError(f"budget.num_samples: must be >= 1, got {budget.num_samples}")
     if budget.max_epochs < 1:
@@ -475,13 +461,13 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     for p in params:
         _check_endpoints(p, base_cfg)
 
-    objective = _section(Objective, data.get("objective"), "objective")
+    objective = dataclass_from_dict(Objective, data.get("objective"), "objective")
     if objective.mode != "multi" and objective.mode != objective.direction:
         raise UserError(
             f"objective.mode: {objective.metric} is better when {objective.direction}imized; "
             f"use mode: {objective.direction} (or multi), got {objective.mode}"
         )
-    resources = _section(Resources, data.get("resources"), "resources")
+    resources = dataclass_from_dict(Resources, data.get("resources"), "resources")
     if resources.cpu <= 0:
         raise UserError(f"resources.cpu: must be > 0, got {resources.cpu}")
     if resources.gpu < 0:
@@ -501,12 +487,12 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     seed = convert_value(data.get("seed", 0), int, "seed")
     if seed < 0:
         raise UserError(f"seed: must be >= 0, got {seed}")
-    checkpoint = _section(CheckpointPolicy, data.get("checkpoint"), "checkpoint")
+    checkpoint = dataclass_from_dict(CheckpointPolicy, data.get("checkpoint"), "checkpoint")
     if checkpoint.every < 0:
         raise UserError(f"checkpoint.every: must be >= 0 (0 = only at ASHA rungs and the end), got {checkpoint.every}")
     if checkpoint.num_to_keep is not None and checkpoint.num_to_keep < 1:
         raise UserError(f"checkpoint.num_to_keep: must be >= 1 or null, got {checkpoint.num_to_keep}")
-    strategy = _section(Strategy, data.get("strategy"), "strategy")
+    strategy = dataclass_from_dict(Strategy, data.get("strategy"), "strategy")
     if strategy.startup_trials is not None and strategy.startup_trials < 1:
         raise UserError(f"strategy.startup_trials: must be >= 1 or null, got {strategy.startup_trials}")
 
