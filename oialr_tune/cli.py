@@ -7,6 +7,8 @@ stderr and exit status 2 (``--debug`` shows the traceback instead).
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -164,6 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"oialr-tune: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left early (`oialr-tune best DIR | head`): it has what it wanted. Point stdout
+        # at /dev/null so the interpreter's final flush does not raise again, and exit as a
+        # SIGPIPE'd command would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def _one_line(message: str) -> str:

@@ -126,3 +126,20 @@ def test_a_folder_without_an_experiment_is_one_line_exit_2_nothing_written(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(target) in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["not-a-sweep", "notes.txt"]
+
+
+def test_best_piped_into_a_reader_that_leaves_early_is_quiet(sweep_dir: Path) -> None:
+    """`oialr-tune best DIR | head -1`: no BrokenPipeError traceback once `head` has its line."""
+    import subprocess
+    import sys
+
+    code = "import sys; from oialr_tune.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "best", str(sweep_dir), "--format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
