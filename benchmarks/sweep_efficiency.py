@@ -30,8 +30,12 @@ process start-up, scheduling, searcher); and the time outside the window.
 
 Usage::
 
-    python benchmarks/sweep_efficiency.py [--space quickstart] [--arms oialr|both] [--repeats 1]
-        [--variant patched=/tmp/patched] [--out results/benchmarks]
+    python benchmarks/sweep_efficiency.py [--space quickstart] [--num-samples N] [--arms oialr|both]
+        [--repeats 1] [--variant patched=/tmp/patched] [--only ours,...] [--out results/benchmarks]
+
+``--num-samples N`` runs the space with N trials per arm (written as ``sweep_efficiency_nN.md``): the
+fixed cost per sweep (Ray start, worker processes, imports) is paid once, so a long sweep shows what
+each further trial costs.
 
 The machine's load average is recorded before and after each run: on a shared machine it moves
 the numbers (both training and overhead stretch when other processes take the cores).
@@ -40,6 +44,7 @@ the numbers (both training and overhead stretch when other processes take the co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -51,6 +56,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -211,6 +218,11 @@ def run_columns(args: argparse.Namespace, work: Path) -> list[dict]:
     from oialr_tune.space import load_space
 
     space = load_space(args.space)
+    if args.num_samples:
+        # The same space with N trials, as a YAML file that both the CLI and the script load.
+        space = dataclasses.replace(space, budget=dataclasses.replace(space.budget, num_samples=args.num_samples))
+        args.space = str(work / f"{space.name}.yaml")
+        Path(args.space).write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
     slots = max(1, int((os.cpu_count() or 1) // space.resources.cpu))
     base_env = {**os.environ, "RAY_ADDRESS": ""}
     cli = [sys.executable, "-m", "oialr_tune.cli", "sweep", args.space, "-q"]
@@ -335,9 +347,11 @@ def write_report(rows: list[dict], args: argparse.Namespace, out: Path, elapsed:
         variants = " Further columns: `ours` with a patched copy of the package first on PYTHONPATH: " + ", ".join(
             f"`{v.partition('=')[0]}` = {v.partition('=')[2]}" for v in args.variant
         ) + " (the patches are listed below the tables)."
+    trials = f" with {args.num_samples} trials per arm" if args.num_samples else ""
+    arms = "OIALR arm only" if args.arms == "oialr" else "both arms"
     text = f"""# Sweep efficiency: oialr-tune vs hand-written Ray Tune
 
-Task: search space `{args.space}` ({'OIALR arm only' if args.arms == 'oialr' else 'both arms'}), 1 CPU per trial,
+Task: search space `{args.space_name}`{trials} ({arms}), 1 CPU per trial,
 {rows[0]['slots']} CPU slots. Machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU used,
 torch {torch.__version__}, Python {platform.python_version()}; shared with other jobs: load average
 {min(loads):.1f}–{max(loads):.1f} during the runs (1-minute load, sampled before and after each column).
@@ -349,7 +363,7 @@ Command:
 {cmd}
 ```
 
-Columns: `ours` = `oialr-tune sweep {args.space}{' --baseline none' if args.arms == 'oialr' else ''}`;
+Columns: `ours` = `oialr-tune sweep {args.space_name}{' --baseline none' if args.arms == 'oialr' else ''}`;
 `ray defaults` = a hand-written Ray Tune script over the same trainer and space (function trainable,
 `tune.report` + a checkpoint every epoch, OptunaSearch + ASHA with the space's grace period /
 reduction factor / max epochs, Ray's defaults otherwise, so one fresh worker process per trial);
@@ -370,14 +384,16 @@ imports, each worker process's first imports and data loading, results): paid on
 {verdict}
 """
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep_efficiency.md").write_text(text)
-    (out / "sweep_efficiency.json").write_text(json.dumps(rows, indent=1) + "\n")
+    stem = f"sweep_efficiency_n{args.num_samples}" if args.num_samples else "sweep_efficiency"
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     return text
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--space", default="quickstart")
+    p.add_argument("--num-samples", type=int, help="trials per arm (default: the space's budget.num_samples)")
     p.add_argument("--arms", choices=["oialr", "both"], default="oialr")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
@@ -391,6 +407,7 @@ def main() -> None:
         hand_written(args.space, args._storage, reuse_actors=args._column == "reuse")
         return
     args.argv = sys.argv[1:]
+    args.space_name = args.space
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="sweep-eff-") as tmp:
         rows = run_columns(args, Path(tmp))
