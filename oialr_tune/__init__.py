@@ -1,18 +1,19 @@
 """oialr-tune: hyperparameter search for OIALR low-rank training with Ray Tune and Optuna.
 
-The OIALR method (``oialr_tune.oialr``) is plain PyTorch; importing this package does not import
-Ray or Optuna. The tuning API is loaded on first use.
+The OIALR method (``oialr_tune.oialr``) is plain PyTorch; importing this package imports neither
+torch, Ray nor Optuna: each name below is loaded on first use, so the command line reads a config,
+a results folder or an error message without paying for imports it does not need.
 """
 
 from typing import Any
 
-from .oialr import OIALR, export_dense
-
 __all__ = ["OIALR", "SweepResult", "export_dense", "load_space", "load_sweep", "sweep"]
 __version__ = "0.1.0"
 
-# name -> module that defines it; imported on first access so `import oialr_tune` stays torch-only.
+# name -> module that defines it, imported on first access.
 _LAZY = {
+    "OIALR": "oialr",
+    "export_dense": "oialr",
     "sweep": "tune",
     "load_sweep": "tune",
     "SweepResult": "tune",

@@ -6,21 +6,24 @@ type hints are what `check_model_args` validates against, so adding a builder ne
 
 All layers that OIALR should factorize are plain nn.Linear / nn.Conv2d (or torchvision's
 nn.MultiheadAttention in `vit_b16`). No pretrained weights are ever fetched.
+
+torch is imported inside the builders, not at module level: validating a config (which checks
+`model.args` here) stays cheap for the sweep driver and the command line, which never build a model.
 """
 
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from oialr_tune.config import convert_value
 from oialr_tune.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 InShape = tuple[int, ...]  # (C, H, W) of one example
 
@@ -32,6 +35,8 @@ def mlp(
     in_shape: InShape, num_classes: int, hidden: tuple[int, ...] = (256, 256), dropout: float = 0.0
 ) -> nn.Module:
     """Flatten, then Linear + ReLU (+ dropout) per entry of `hidden`, then a Linear classifier."""
+    from torch import nn
+
     layers: list[nn.Module] = [nn.Flatten()]
     width = 1
     for d in in_shape:
@@ -57,6 +62,8 @@ def cnn(
     The feature map is average-pooled to at most 4×4 before the Linear layers so the first of
     them stays small on 32×32 inputs.
     """
+    from torch import nn
+
     c, h, w = in_shape
     layers: list[nn.Module] = []
     for out in channels:
@@ -78,6 +85,8 @@ def cnn(
 
 
 def _resnet(factory: Callable[..., nn.Module], in_shape: InShape, num_classes: int, cifar_stem: bool | None):
+    from torch import nn
+
     model = factory(weights=None, num_classes=num_classes)
     channels, h, w = in_shape
     if cifar_stem is None:  # small images lose too much to a 7×7/2 conv and a max-pool
@@ -104,60 +113,7 @@ def resnet50(in_shape: InShape, num_classes: int, cifar_stem: bool | None = None
     return _resnet(factory, in_shape, num_classes, cifar_stem)
 
 
-# --- a small ViT for small images --------------------------------------------------------------
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with nn.Linear projections (factorizable by OIALR) and SDPA."""
-
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
-        super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class ViT(nn.Module):
-    """Vision transformer: conv patch embedding, class token, learned positions, `depth` blocks."""
-
-    def __init__(self, in_shape: InShape, num_classes: int, patch_size: int, dim: int, depth: int,
-                 heads: int, mlp_ratio: float, dropout: float):
-        super().__init__()
-        c, h, w = in_shape
-        self.patch_embed = nn.Conv2d(c, dim, patch_size, stride=patch_size)
-        tokens = (h // patch_size) * (w // patch_size) + 1
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        x = self.norm(self.blocks(x))
-        return self.head(x[:, 0])
+# --- a small ViT for small images (the network itself is in oialr_tune/vit.py) ----------------
 
 
 def vit_small(
@@ -171,6 +127,8 @@ def vit_small(
     dropout: float = 0.0,
 ) -> nn.Module:
     """A small ViT for CIFAR-size images (ViT-Tiny width by default, patch 4 → 64 tokens on 32×32)."""
+    from oialr_tune.vit import ViT
+
     _, h, w = in_shape
     if h % patch_size or w % patch_size:
         raise UserError(f"model.args.patch_size: {patch_size} does not divide the {h}x{w} images")
@@ -181,6 +139,7 @@ def vit_small(
 
 def vit_b16(in_shape: InShape, num_classes: int, dropout: float = 0.0, attention_dropout: float = 0.0) -> nn.Module:
     """torchvision ViT-B/16 (random init) at the data's image size, which must be square and a multiple of 16."""
+    from torch import nn
     from torchvision.models import vit_b_16
 
     c, h, w = in_shape
@@ -216,7 +175,9 @@ def check_model_args(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
     """
     builder = _builder(name)
     params = list(inspect.signature(builder).parameters)[2:]  # after in_shape, num_classes
-    hints = typing.get_type_hints(builder)
+    # The argument types only: the return annotation (nn.Module) would need torch.
+    arguments = {k: v for k, v in builder.__annotations__.items() if k != "return"}
+    hints = typing.get_type_hints(types.SimpleNamespace(__annotations__=arguments), globalns=globals())
     out = {}
     for key, value in args.items():
         where = f"model.args.{key}"

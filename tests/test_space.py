@@ -296,5 +296,11 @@ def test_import_stays_light_and_the_api_loads_lazily() -> None:
         "assert 'ray' not in sys.modules and 'optuna' not in sys.modules\n"
         "from oialr_tune.tune import sweep\n"
         "assert oialr_tune.sweep is sweep and 'ray' not in sys.modules\n"
+        # The sweep driver validates every packaged space (model arguments included) without torch:
+        # only trial workers pay for it.
+        "from oialr_tune.space import load_space, packaged_spaces\n"
+        "for name in packaged_spaces(): load_space(name)\n"
+        "assert 'torch' not in sys.modules, 'validating a space imported torch'\n"
+        "assert oialr_tune.OIALR.__name__ == 'OIALR' and 'torch' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
