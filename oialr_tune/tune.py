@@ -14,8 +14,9 @@ Why it is built the way it is:
   ``Tuner.restore`` after a killed driver: the searcher pickled with the experiment lags the
   database, re-tells trials the database already holds as finished, and Optuna refuses
   (``UpdateFinishedTrialError``). So the searcher keeps its study in memory, Ray pickles it
-  with the experiment state, and ``study.db`` is written from Ray's record once an arm has finished:
-  one source of truth, and the database is a derived, rebuildable view for Optuna's tools.
+  with the experiment state, and ``study.db`` is written from Ray's record once the arms have
+  finished (on a thread, while Ray stops): one source of truth, and the database is a derived,
+  rebuildable view for Optuna's tools.
 * **Cheap trials.** Actors are reused (a fresh process per trial costs more than a small trial);
   the trainer caches datasets per process; trials report every epoch but checkpoint only at the
   ASHA rungs, every ``checkpoint.every`` epochs and at the end; the experiment state is snapshot
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -524,6 +526,10 @@ def _start_ray(address: str | None, verbose: int) -> bool:
         "log_to_driver": verbose >= 2,  # trial output stays in the trials' log files
     }
     if address is None:
+        if verbose < 2:
+            # Ray logs a warning about its token authentication on every local start; for a private
+            # instance that this command starts and stops itself, it is noise.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # "local": always a fresh instance, never a cluster some other process started with `ray start`.
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
         return True
@@ -645,9 +651,14 @@ def _trial_rows(space: SearchSpace, arm: str, store: _Store) -> list[dict[str, A
         if df is not None and len(df) and "training_iteration" in df:
             # A resumed or restarted trial reports some epochs again: keep each epoch's latest report.
             df = df.drop_duplicates("training_iteration", keep="last").sort_values("training_iteration")
-        history = df.to_dict("records") if df is not None and len(df) else ([last] if last else [])
         metric = space.objective.metric
-        values = [h[metric] for h in history if isinstance(h.get(metric), (int, float))]
+        if df is not None and len(df):  # whole columns: a dict per epoch costs seconds on big sweeps
+            history = df[metric].tolist() if metric in df else []
+            train_time = float(df["train_time_s"].fillna(0.0).sum()) if "train_time_s" in df else 0.0
+        else:
+            history = [last.get(metric)] if last else []
+            train_time = float(last.get("train_time_s") or 0.0)
+        values = [v for v in history if isinstance(v, (int, float))]
         error = None
         if trial.status == "ERROR":
             err = trial.get_error()
@@ -673,12 +684,12 @@ def _trial_rows(space: SearchSpace, arm: str, store: _Store) -> list[dict[str, A
             "trainable_params": last.get("trainable_params"),
             "training_iteration": epochs,
             "time_total_s": last.get("time_total_s"),
-            "train_time_s": sum(h.get("train_time_s") or 0.0 for h in history),
+            "train_time_s": train_time,
             "node_id": last.get("node_id"),
             "gpu_ids": last.get("gpu_ids"),
             "checkpoint": checkpoint.path if checkpoint is not None else None,
             "error": error,
-            "_history": [h.get(metric) for h in history],
+            "_history": history,
             "_params": {k: trial.config.get(k) for k in keys},
         })  # fmt: skip
         rows.append(row)
@@ -808,14 +819,22 @@ def _write_study(space: SearchSpace, arm: str, rows: list[dict[str, Any]], store
 
 
 def _collect(
-    space: SearchSpace, store: _Store, arms: list[str]
-) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame | None]:
-    """Write trials.csv, study.db and summary.json from the arms' Ray records; return them."""
-    all_rows = []
-    for arm in arms:
-        rows = _trial_rows(space, arm, store)
-        _write_study(space, arm, rows, store)
-        all_rows += rows
+    space: SearchSpace, store: _Store, arms: list[str], pool: ThreadPoolExecutor
+) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame | None, Future[None]]:
+    """Write trials.csv, study.db and summary.json from the arms' Ray records; return them.
+
+    study.db is written on a thread of `pool` (the returned future): Optuna's SQLite storage takes
+    about 20 ms per trial, seconds on a big sweep, and nothing else needs to wait for it, so it
+    overlaps stopping Ray.
+    """
+    per_arm = {arm: _trial_rows(space, arm, store) for arm in arms}
+
+    def write_studies() -> None:
+        for arm, rows in per_arm.items():
+            _write_study(space, arm, rows, store)
+
+    studies = pool.submit(write_studies)
+    all_rows = [row for rows in per_arm.values() for row in rows]
     import pandas as pd
 
     full = pd.DataFrame(all_rows)
@@ -844,7 +863,7 @@ def _collect(
             for _, r in pareto.iterrows()
         ]  # fmt: skip
     store.write_text(SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    return df, best, pareto
+    return df, best, pareto, studies
 
 
 def _summary_line(space: SearchSpace, best: dict[str, Any]) -> str:
@@ -957,6 +976,7 @@ def sweep(
     except BaseException:
         _remove_empty(created)
         raise
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oialr-study")
     try:
         try:
             _check_cluster_fits(space)
@@ -977,12 +997,14 @@ def sweep(
             _run_arm(space, arm, store, verbose)
             state["arms_done"].append(arm)
             store.write_text(STATE_FILE, json.dumps(state))
-        df, best, pareto = _collect(space, store, space.arms())
+        df, best, pareto, studies = _collect(space, store, space.arms(), pool)
     finally:
         if started:
             import ray
 
             ray.shutdown()
+        pool.shutdown(wait=True)
+    studies.result()  # raises what writing study.db raised
     line = _summary_line(space, best)
     wall = time.perf_counter() - t0
     if verbose:
