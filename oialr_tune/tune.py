@@ -384,6 +384,59 @@ class _Progress:
         return Progress(*args, **kwargs)
 
 
+class _TensorBoardAtTrialEnd:
+    """Ray's TensorBoard logger, but each trial's events are written once, when the trial ends.
+
+    Ray's own (``TBXLoggerCallback``) writes and flushes (an fsync) the event file after every
+    result, in the driver, on the path between a trial's ``tune.report`` and its next epoch: a
+    cost per epoch that small trials feel (benchmarks/sweep_efficiency.py). Here results are kept in memory
+    while a trial runs and written in one go at its end, under the same tags (``ray/tune/<key>``,
+    step = epoch) with the trial's hyperparameters, so TensorBoard shows the same thing. Being a
+    subclass of Ray's, it stops Ray from adding its own. A driver killed mid-trial leaves the
+    running trials' epochs so far out of TensorBoard (Ray's result.json keeps them).
+    """
+
+    def __new__(cls) -> Any:
+        from ray.tune.logger import TBXLoggerCallback
+
+        class TensorBoardAtTrialEnd(TBXLoggerCallback):
+            def __init__(self) -> None:
+                super().__init__()
+                self._pending: dict[Any, list[dict[str, Any]]] = {}
+
+            def log_trial_start(self, trial: Any) -> None:
+                self._pending[trial] = []
+
+            def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+                self._pending.setdefault(trial, []).append(result)
+
+            def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+                results = self._pending.pop(trial, [])
+                if not results:
+                    return
+                trial.init_local_path()
+                writer = self._trial_writer[trial] = self._summary_writer_cls(trial.local_path, flush_secs=3600)
+                last: dict[str, Any] = {}
+                for result in results:
+                    step = result.get("training_iteration", 0)
+                    for key, value in result.items():
+                        if key in _NOT_TENSORBOARD or isinstance(value, bool) or not isinstance(value, (int, float)):
+                            continue
+                        if math.isfinite(value):
+                            last[f"ray/tune/{key}"] = value
+                            writer.add_scalar(f"ray/tune/{key}", value, global_step=step)
+                if trial.evaluated_params and last:
+                    self._try_log_hparams(trial, last)
+                writer.close()
+                del self._trial_writer[trial]
+
+        return TensorBoardAtTrialEnd()
+
+
+# Result keys Ray's TensorBoard logger leaves out too (plus our own bookkeeping: wall clock, process).
+_NOT_TENSORBOARD = {"pid", "timestamp", "time_total_s", "training_iteration", "reported_at"}
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -582,7 +635,7 @@ def _arm_tuner(space: SearchSpace, arm: str, store: _Store, verbose: int) -> Any
         checkpoint_config=tune.CheckpointConfig(num_to_keep=space.checkpoint.num_to_keep),
         failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
         verbose=1 if verbose >= 2 else 0,
-        callbacks=[_Progress(arm, total, space.objective.metric)],
+        callbacks=[_Progress(arm, total, space.objective.metric), _TensorBoardAtTrialEnd()],
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 

@@ -143,3 +143,35 @@ def test_best_piped_into_a_reader_that_leaves_early_is_quiet(sweep_dir: Path) ->
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def _tensorboard_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from a TensorBoard event file (TFRecord framing of Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    data, i, out = path.read_bytes(), 0, {}
+    while i < len(data):
+        (length,) = struct.unpack("<Q", data[i : i + 8])
+        event = event_pb2.Event.FromString(data[i + 12 : i + 12 + length])
+        i += 12 + length + 4
+        for v in event.summary.value:
+            out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_every_trial_has_tensorboard_events_matching_its_results(sweep_dir: Path) -> None:
+    """TensorBoard reads the sweep: one event file per trial (ours, written at the trial's end, not
+    also Ray's per-epoch one) with every epoch's metrics and the trial's hyperparameters."""
+    trials = sorted((sweep_dir / "oialr").glob("trial_*"))
+    assert trials
+    for trial in trials:
+        files = list(trial.glob("events.out.tfevents.*"))
+        assert len(files) == 1, f"{trial.name}: {files}"
+        scalars = _tensorboard_scalars(files[0])
+        reports = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+        logged = scalars["ray/tune/val_acc"]
+        assert [step for step, _ in logged] == [r["training_iteration"] for r in reports]
+        assert np.allclose([v for _, v in logged], [r["val_acc"] for r in reports], atol=1e-6)
+        assert "ray/tune/trainable_fraction" in scalars and "_hparams_/experiment" in scalars
