@@ -19,8 +19,9 @@ Why it is built the way it is:
   rebuildable view for Optuna's tools.
 * **Cheap trials.** Actors are reused (a fresh process per trial costs more than a small trial);
   the trainer caches datasets per process; trials report every epoch but checkpoint only at the
-  ASHA rungs, every ``checkpoint.every`` epochs and at the end; the experiment state is snapshot
-  every few seconds so a killed sweep loses at most that much scheduling.
+  ASHA rungs, every ``checkpoint.every`` epochs and at the end; TensorBoard events are written
+  when a trial ends, not flushed after every epoch (`_TensorBoardAtTrialEnd`); the experiment
+  state is snapshot every few seconds so a killed sweep loses at most that much scheduling.
 * **Same config, same result, whatever ran before in the process.** A trial builds its whole
   trainer config from the stored base and its sampled values, and the trainer seeds everything
   from that config; nothing is kept between trials but the dataset cache.
