@@ -390,11 +390,11 @@ class _TensorBoardAtTrialEnd:
 
     Ray's own (``TBXLoggerCallback``) writes and flushes (an fsync) the event file after every
     result, in the driver, on the path between a trial's ``tune.report`` and its next epoch: a
-    cost per epoch that small trials feel (benchmarks/sweep_efficiency.py). Here results are kept in memory
-    while a trial runs and written in one go at its end, under the same tags (``ray/tune/<key>``,
-    step = epoch) with the trial's hyperparameters, so TensorBoard shows the same thing. Being a
-    subclass of Ray's, it stops Ray from adding its own. A driver killed mid-trial leaves the
-    running trials' epochs so far out of TensorBoard (Ray's result.json keeps them).
+    cost per epoch that small trials feel (benchmarks/sweep_efficiency.py). Here results are kept
+    in memory while a trial runs and written in one go at its end, under the same tags
+    (``ray/tune/<key>``, step = epoch) with the trial's hyperparameters, so TensorBoard shows the
+    same thing. Being a subclass of Ray's, it stops Ray from adding its own. A driver killed
+    mid-trial leaves the running trials' epochs so far out of TensorBoard (result.json keeps them).
     """
 
     def __new__(cls) -> Any:
