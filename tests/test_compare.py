@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from matplotlib.image import imread
+from tiny_sweep import TINY_BASE
 
 from oialr_tune.cli import main
 from oialr_tune.compare import ARMS, compare, gate_off_space, summarize, untuned_config
@@ -19,13 +20,7 @@ from oialr_tune.stats import welch_interval
 
 SPACE = {
     "name": "tinycmp",
-    "base": {
-        "device": "cpu",
-        "model": {"name": "mlp", "args": {"hidden": [32, 32]}},
-        "data": {"name": "digits"},
-        "schedule": {"batch_size": 64},
-        "oialr": {"delay": 0.2, "stability_frequency": 5},
-    },
+    "base": TINY_BASE,
     "search": {
         "optimizer.lr": {"type": "loguniform", "low": 2.0e-3, "high": 1.0e-2},
         "oialr.stability_threshold": {"type": "categorical", "choices": [0.5, 0.9]},

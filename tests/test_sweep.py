@@ -22,6 +22,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from tiny_sweep import TINY_BASE
 
 from oialr_tune.space import space_from_dict
 from oialr_tune.trainer import read_checkpoint
@@ -29,13 +30,7 @@ from oialr_tune.tune import load_sweep, make_trainable, sweep
 
 SPACE: dict[str, Any] = {
     "name": "unit",
-    "base": {
-        "device": "cpu",
-        "model": {"name": "mlp", "args": {"hidden": [32, 32]}},
-        "data": {"name": "digits"},
-        "schedule": {"batch_size": 64},
-        "oialr": {"delay": 0.2, "stability_frequency": 5},
-    },
+    "base": TINY_BASE,
     "search": {
         "optimizer.lr": {"type": "loguniform", "low": 1.0e-3, "high": 3.0e-2},
         "schedule.rewarm_steps": {"type": "int", "low": 0, "high": 10},

@@ -14,15 +14,19 @@ import pytest
 
 # Multi-objective, with a same-budget baseline: exercises the Pareto set, both arms and ASHA-free
 # FIFO scheduling, on digits in a few seconds of training. Two epochs so OIALR cuts ranks.
+# The trainer config every tiny test sweep starts from: a small MLP on digits, a few seconds a trial.
+# Tests that change it work on a deep copy.
+TINY_BASE = {
+    "device": "cpu",
+    "model": {"name": "mlp", "args": {"hidden": [32, 32]}},
+    "data": {"name": "digits"},
+    "schedule": {"batch_size": 64},
+    "oialr": {"delay": 0.2, "stability_frequency": 5},
+}
+
 SPACE = {
     "name": "tiny",
-    "base": {
-        "device": "cpu",
-        "model": {"name": "mlp", "args": {"hidden": [32, 32]}},
-        "data": {"name": "digits"},
-        "schedule": {"batch_size": 64},
-        "oialr": {"delay": 0.2, "stability_frequency": 5},
-    },
+    "base": TINY_BASE,
     "search": {
         "optimizer.lr": {"type": "loguniform", "low": 2.0e-3, "high": 1.0e-2},
         "oialr.stability_threshold": {"type": "categorical", "choices": [None, 0.9]},
