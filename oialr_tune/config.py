@@ -134,9 +134,14 @@ class OIALRConfig:
     99.3 % with 31 %. `sigma_cutoff_fraction` is 0.2 rather than the paper's 0.1: short runs leave
     flat singular-value spectra, and at 0.1 the CNN's ranks never dropped (42 % from factorizing
     alone) and the MLP kept 48 %, with the same accuracy.
+
+    `preset` picks the controller's rules (`oialr_tune.oialr.Rules`): ``oialr-tune`` (ours) or
+    ``authors`` (the authors' final code; it has no stability gate, so `stability_threshold` is
+    not used). `layer_step_fraction` None means the preset's: 1.0 for ours, 0.1 for the authors'.
     """
 
     enabled: bool = True
+    preset: Literal["oialr-tune", "authors"] = "oialr-tune"
     delay: int | float = 0.25
     stability_frequency: int = _rule(_ge(1), 20)
     stability_threshold: float | None = _rule(_in(0, 1, lo_open=True), 0.9)
@@ -144,7 +149,7 @@ class OIALRConfig:
     min_rank: int = _rule(_ge(1), 1)
     keep_first_layer: bool = False
     keep_last_layer: bool = True
-    layer_step_fraction: float = _rule(_in(0, 1, lo_open=True), 1.0)
+    layer_step_fraction: float | None = _rule(_in(0, 1, lo_open=True), None)
     skip_ratio: float = _rule(_in(0, 1, hi_open=True), 0.1)
 
 

@@ -165,6 +165,15 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
 
 
+def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors being trained now: the optimizer's, which the OIALR controller keeps current.
+
+    Read it where it is used (e.g. for gradient clipping), not once: every OIALR check replaces
+    each low-rank layer's S with a new Parameter, cut or not.
+    """
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def oialr_delay_steps(delay: int | float, total_steps: int) -> int:
     """`oialr.delay` in optimizer steps: a float < 1 is a fraction of the run, an int a step count."""
     steps = round(delay * total_steps) if isinstance(delay, float) else delay
@@ -296,10 +305,11 @@ def train(
             stability_frequency=ocfg.stability_frequency, stability_threshold=ocfg.stability_threshold,
             sigma_cutoff_fraction=ocfg.sigma_cutoff_fraction, min_rank=ocfg.min_rank,
             keep_first_layer=ocfg.keep_first_layer, keep_last_layer=ocfg.keep_last_layer,
-            layer_step_fraction=ocfg.layer_step_fraction, skip_ratio=ocfg.skip_ratio,
+            layer_step_fraction=ocfg.layer_step_fraction, skip_ratio=ocfg.skip_ratio, preset=ocfg.preset,
         )
     full_rank_params = controller.full_rank_parameters if controller else _count_trainable(model)
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    # One backward path for every precision: a disabled scaler passes the loss and step through.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     step, start_epoch, history, last_event = 0, 0, [], None
     if state is not None:
@@ -311,7 +321,7 @@ def train(
                 last_event = max((e.step for e in controller.history), default=None)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state["scaler"] is not None:
+            if scaler.is_enabled() and state["scaler"] is not None:
                 scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"]["torch"])
             if device.type == "cuda" and state["rng"]["cuda"] is not None:
@@ -323,7 +333,6 @@ def train(
 
     # torch.compile (GPU only) wraps the forward lazily; the controller keeps editing `model` itself.
     forward = torch.compile(model) if cfg.compile and device.type == "cuda" else model
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     # A non-finite loss check reads the device: free on the CPU, every few steps on a GPU.
     nan_check_every = 1 if device.type == "cpu" else 32
     checkpoint_epochs = set(checkpoint_epochs or ())
@@ -347,18 +356,12 @@ def train(
             with _autocast(device, cfg.precision):
                 loss = F.cross_entropy(forward(x), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                if cfg.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+            scaler.scale(loss).backward()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(trained_parameters(optimizer), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             loss_sum += loss.detach()
             batches += 1
@@ -373,7 +376,6 @@ def train(
                 if new_events:
                     events += new_events
                     last_event = controller.step_count
-                    trainable = [p for g in optimizer.param_groups for p in g["params"]]
                     if forward is not model:
                         torch._dynamo.reset()  # recompile once for the new shapes, not per guard miss
         train_loss = (loss_sum / max(1, batches)).item()
@@ -422,7 +424,7 @@ def train(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "controller": controller.state_dict() if controller else None,
-                "scaler": scaler.state_dict() if scaler else None,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "rng": {
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,

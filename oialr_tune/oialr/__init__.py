@@ -6,16 +6,27 @@
     controller.step()
 """
 
-from .controller import OIALR, LayerStats, RankEvent, apply_low_rank_structure, low_rank_structure, svd
+from .controller import (
+    OIALR,
+    PRESETS,
+    LayerStats,
+    RankEvent,
+    Rules,
+    apply_low_rank_structure,
+    low_rank_structure,
+    svd,
+)
 from .export import export_dense
 from .lowrank import LowRankLayer, LowRankWeight, factorized_is_cheaper
 
 __all__ = [
     "OIALR",
+    "PRESETS",
     "LayerStats",
     "LowRankLayer",
     "LowRankWeight",
     "RankEvent",
+    "Rules",
     "apply_low_rank_structure",
     "export_dense",
     "factorized_is_cheaper",

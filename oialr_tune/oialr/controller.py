@@ -24,23 +24,35 @@ What happens at each ``step()`` (counted in optimizer steps):
 
 Optimizer state for S follows the layer (rule used for every optimizer whose state holds only
 ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` or ``momentum_buffer``, i.e. SGD, Adam,
-AdamW, RAdam):
+AdamW, RAdam). Two rules, picked by the preset (``Rules.optimizer_state``):
 
-* at factorization the state of W is dropped and S starts with none (Adam moments and step
-  restart at zero, as in the authors' code);
-* at a rotation and cut, first moments and momentum transform like the gradient of S,
-  ``m ← Rᵤᵀ m Rᵥ`` with Rᵤ = Uₛ[:, :k'], Rᵥ = Vₛ[:, :k'] (exact); second moments, which are
-  element-wise squares, use the squared rotations ``v ← (Rᵤ∘Rᵤ)ᵀ v (Rᵥ∘Rᵥ)`` (exact when the
-  gradient's entries are uncorrelated, and it keeps them non-negative); ``step`` is kept.
-* any other optimizer state is reset for S, with a warning.
+* ``"rotate"`` (ours): at factorization W's state is dropped and S starts with none (moments *and*
+  ``step`` restart at zero, so Adam's bias correction restarts too). At every check, first moments
+  and momentum transform like the gradient of S, ``m ← Rᵤᵀ m Rᵥ`` with Rᵤ = Uₛ[:, :k'],
+  Rᵥ = Vₛ[:, :k'] (exact); second moments, which are element-wise squares, use the squared rotations
+  ``v ← (Rᵤ∘Rᵤ)ᵀ v (Rᵥ∘Rᵥ)``: this holds in expectation only, for zero-mean gradient entries that
+  are uncorrelated, and it keeps v non-negative. ``step`` is kept.
+* ``"slice"`` (the authors' code): at factorization the moments become zeros of S's shape and
+  ``step`` is kept; at a check the moments are not rotated, and at a cut they are sliced to
+  ``[:k', :k']``.
+
+Measured (``benchmarks/optimizer_state_rules.py``): the Adam step taken right after a rotation is
+closer to the step the unrotated layer would take with ``"rotate"`` than with ``"slice"`` or with
+the moments reset; see ``results/benchmarks/optimizer_state_rules.md``.
+
+Any other optimizer state is reset for S, with a warning.
+
+Presets (``preset=``) fix the rules where oialr-tune and the authors' final code (package
+``madonna``, Helmholtz-AI-Energy/OIALR) differ; see :class:`Rules` and the README's table.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -48,10 +60,56 @@ from torch.nn.utils import parametrize
 
 from .lowrank import LowRankLayer, LowRankWeight, matrix_shape
 
-__all__ = ["OIALR", "LayerStats", "RankEvent"]
+__all__ = ["OIALR", "PRESETS", "LayerStats", "RankEvent", "Rules"]
 
 _TRANSFORMABLE_STATE = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"}
 _SECOND_MOMENTS = {"exp_avg_sq", "max_exp_avg_sq"}
+# Maps one optimizer-state entry (its key and matrix) of the replaced tensor to the new tensor's.
+StateCarry = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The discrete rules where oialr-tune and the authors' final code differ (README table).
+
+    Attributes:
+        check_at_factorization: run the first check (and cut) at ``delay`` itself, right after
+            factorizing (authors), instead of one ``stability_frequency`` later (ours).
+        max_cut_fraction: the share of a layer's current rank one check may drop; 0.5 means the
+            rank at most halves per check (authors); 1.0 bounds nothing (ours).
+        min_rank_fraction: a rank floor as a share of the layer's input dimension n,
+            ``int(min_rank_fraction · n)`` (authors: 0.01); ``min_rank`` still applies.
+        layer_schedule: what ``layer_step_fraction`` grows, last layers first. ``"factorize"``
+            (ours): the set of factorized layers, one chunk per check. ``"check"`` (authors): every
+            layer is factorized at ``delay``; the set of *checked* layers grows by
+            ``int((n − 1) · layer_step_fraction)`` per check, and when that is 0 (n ≤ 10 at 0.1)
+            every layer is checked from the start, as in the authors' slicing.
+        optimizer_state: ``"rotate"`` or ``"slice"``, see the module docstring.
+        dense_last: which layer ``keep_last_layer`` keeps dense: ``"classifier"`` (ours: the model's
+            last eligible weight, before the size filter) or ``"last_replaced"`` (authors: the last
+            layer that would otherwise be factorized, after the size filter).
+        stability_gate: whether ``stability_threshold`` gates cuts; the authors' final code treats
+            every layer as stable (no gate).
+        layer_step_fraction: the default for the controller's ``layer_step_fraction``.
+    """
+
+    check_at_factorization: bool = False
+    max_cut_fraction: float = 1.0
+    min_rank_fraction: float = 0.0
+    layer_schedule: Literal["factorize", "check"] = "factorize"
+    optimizer_state: Literal["rotate", "slice"] = "rotate"
+    dense_last: Literal["classifier", "last_replaced"] = "classifier"
+    stability_gate: bool = True
+    layer_step_fraction: float = 1.0
+
+
+PRESETS: dict[str, Rules] = {
+    "oialr-tune": Rules(),
+    "authors": Rules(
+        check_at_factorization=True, max_cut_fraction=0.5, min_rank_fraction=0.01, layer_schedule="check",
+        optimizer_state="slice", dense_last="last_replaced", stability_gate=False, layer_step_fraction=0.1,
+    ),
+}
 
 
 @dataclass
@@ -168,8 +226,11 @@ def _find_slots(model: nn.Module) -> list[_Slot]:
             continue
         if isinstance(module, nn.MultiheadAttention):
             # MHA reads its weights directly in a fused kernel: parametrize them instead of swapping.
-            if module._qkv_same_embed_dim and module.in_proj_weight is not None:
-                slots.append(_Slot(f"{name}.in_proj_weight", module, "in_proj_weight", True))
+            # Packed (one in_proj_weight) or separate q/k/v weights (kdim/vdim != embed_dim).
+            separate = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+            for attr in ("in_proj_weight",) if module._qkv_same_embed_dim else separate:
+                if getattr(module, attr) is not None:
+                    slots.append(_Slot(f"{name}.{attr}", module, attr, True))
             slots.append(_Slot(f"{name}.out_proj.weight", module.out_proj, "weight", True))
             handled.add(id(module.out_proj))
             continue
@@ -192,12 +253,15 @@ class OIALR:
         stability_frequency: optimizer steps between stability checks (≥ 1).
         stability_threshold: basis stability in (0, 1] a layer needs before its rank is cut;
             ``None`` turns the gate off (every check cuts, as in the authors' final code).
+            Ignored by a preset without a stability gate.
         sigma_cutoff_fraction: at a cut, drop σ < this × σ_max (in [0, 1)).
         min_rank: a layer's rank never goes below this (≥ 1).
-        keep_first_layer / keep_last_layer: keep the input layer / classifier dense.
-        layer_step_fraction: fraction of eligible layers converted per check, last layers
-            first; 1.0 converts all at ``delay``.
+        keep_first_layer / keep_last_layer: keep the input layer / the last layer dense (which
+            "last" layer: ``Rules.dense_last``).
+        layer_step_fraction: fraction of eligible layers taken on per check, last layers first
+            (what it schedules: ``Rules.layer_schedule``); ``None`` takes the preset's.
         skip_ratio: skip layers with min(m, n) ≤ skip_ratio × max(m, n): they gain nothing.
+        preset: ``"oialr-tune"`` (default) or ``"authors"``: the :class:`Rules` to follow.
     """
 
     def __init__(
@@ -212,9 +276,14 @@ class OIALR:
         min_rank: int = 1,
         keep_first_layer: bool = False,
         keep_last_layer: bool = True,
-        layer_step_fraction: float = 1.0,
+        layer_step_fraction: float | None = None,
         skip_ratio: float = 0.1,
+        preset: str = "oialr-tune",
     ) -> None:
+        _check(preset in PRESETS, "preset", f"one of {sorted(PRESETS)}", preset)
+        rules = PRESETS[preset]
+        if layer_step_fraction is None:
+            layer_step_fraction = rules.layer_step_fraction
         _check(isinstance(delay, int) and delay >= 1, "delay", "an int >= 1", delay)
         _check(isinstance(stability_frequency, int) and stability_frequency >= 1,
                "stability_frequency", "an int >= 1", stability_frequency)
@@ -224,25 +293,27 @@ class OIALR:
         _check(isinstance(min_rank, int) and min_rank >= 1, "min_rank", "an int >= 1", min_rank)
         _check(0.0 < layer_step_fraction <= 1.0, "layer_step_fraction", "in (0, 1]", layer_step_fraction)
         _check(0.0 <= skip_ratio < 1.0, "skip_ratio", "in [0, 1)", skip_ratio)
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.preset, self.rules = model, optimizer, preset, rules
         self.delay, self.stability_frequency = delay, stability_frequency
-        self.stability_threshold, self.sigma_cutoff_fraction = stability_threshold, sigma_cutoff_fraction
+        self.stability_threshold = stability_threshold if rules.stability_gate else None
+        self.sigma_cutoff_fraction = sigma_cutoff_fraction
         self.min_rank, self.layer_step_fraction, self.skip_ratio = min_rank, layer_step_fraction, skip_ratio
 
         slots = _find_slots(model)
         if not slots:
             raise ValueError("OIALR: the model has no Linear, Conv1d/Conv2d or MultiheadAttention layer")
-        first, last = slots[0].name, slots[-1].name
+        first = slots[0].name
+        big_enough = [s for s in slots if min(s.shape) > skip_ratio * max(s.shape)]
+        last = (slots if rules.dense_last == "classifier" else big_enough or slots)[-1].name
         self._slots = [
-            s for s in slots
-            if not (keep_first_layer and s.name == first)
-            and not (keep_last_layer and s.name == last)
-            and min(s.shape) > skip_ratio * max(s.shape)
+            s for s in big_enough
+            if not (keep_first_layer and s.name == first) and not (keep_last_layer and s.name == last)
         ]
         self.full_rank_parameters = _count_trainable(model)
         self.history: list[RankEvent] = []
         self._step = 0
         self._converted = 0  # how many slots (counted from the last) are low-rank
+        self._checked = 0  # "check" schedule: how many slots (from the last) are checked; 0 = all
 
     # --- public read-outs ----------------------------------------------------------------------
 
@@ -278,19 +349,30 @@ class OIALR:
         since = self._step - self.delay
         if since < 0 or since % self.stability_frequency:
             return []
-        events: list[RankEvent] = []
-        if since > 0:
-            for slot in self._slots:
-                if slot.low_rank:
-                    events += self._check_and_cut(slot)
-        events += self._convert_next_layers()
+        if self.rules.check_at_factorization:
+            events = self._convert_next_layers()
+            events += self._check_layers()
+        else:
+            events = self._check_layers() if since > 0 else []
+            events += self._convert_next_layers()
         self.history += events
+        return events
+
+    def _check_layers(self) -> list[RankEvent]:
+        low_rank = [s for s in self._slots if s.low_rank]
+        if self.rules.layer_schedule == "check":
+            # The authors' slice `layer_names[-checked:]`: 0 (a step that rounds to 0) means all.
+            self._checked += int((len(self._slots) - 1) * self.layer_step_fraction)
+            low_rank = low_rank[-self._checked:] if self._checked else low_rank
+        events: list[RankEvent] = []
+        for slot in low_rank:
+            events += self._check_and_cut(slot)
         return events
 
     def _convert_next_layers(self) -> list[RankEvent]:
         n = len(self._slots)
-        chunk = max(1, math.ceil(self.layer_step_fraction * n))
-        target = min(n, self._converted + chunk)
+        step = 1.0 if self.rules.layer_schedule == "check" else self.layer_step_fraction
+        target = min(n, self._converted + max(1, math.ceil(step * n)))
         events = []
         for slot in reversed(self._slots[n - target : n - self._converted]):
             W = slot.dense_weight()
@@ -303,10 +385,17 @@ class OIALR:
             k = s.shape[0]
             dtype = W.dtype
             S = slot.factorize(U.to(dtype), torch.diag(s).to(dtype), Vt.to(dtype))
-            self._swap_param(W, S, transform=None)
+            self._swap_param(W, S, self._state_at_factorization(S))
             self._converted += 1
             events.append(RankEvent(self._step, slot.name, "factorize", k, k, None))
         return events
+
+    def _new_rank(self, s: torch.Tensor, old: int, n: int) -> int:
+        """The rank after a cut: σ ≥ cutoff·σ_max kept, bounded below by the preset's floors."""
+        keep = int((s >= self.sigma_cutoff_fraction * s[0]).sum())
+        halving_floor = int(old * (1.0 - self.rules.max_cut_fraction))
+        size_floor = int(self.rules.min_rank_fraction * n)
+        return min(old, max(keep, halving_floor, size_floor, self.min_rank))
 
     def _check_and_cut(self, slot: _Slot) -> list[RankEvent]:
         U, S, Vt = slot.factors()
@@ -322,26 +411,46 @@ class OIALR:
         old = S.shape[0]
         new = old
         if self.stability_threshold is None or stability >= self.stability_threshold:
-            keep = int((s >= self.sigma_cutoff_fraction * s[0]).sum())
-            new = min(old, max(keep, self.min_rank))
+            new = self._new_rank(s, old, Vt.shape[1])
         dtype = S.dtype
         Ru, Rv = Us[:, :new].to(dtype), Vs[:, :new].to(dtype)
         new_S = slot.set_factors(U @ Ru, torch.diag(s[:new]).to(dtype), Rv.T @ Vt)
-        self._swap_param(S, new_S, transform=(Ru, Rv))
+        self._swap_param(S, new_S, self._state_at_check(Ru, Rv, new))
         if new < old:
             return [RankEvent(self._step, slot.name, "cut", old, new, stability)]
         return []
 
     # --- optimizer bookkeeping -----------------------------------------------------------------
 
-    def _swap_param(self, old: nn.Parameter, new: nn.Parameter, transform) -> None:
-        """Put ``new`` where ``old`` was in the optimizer and carry (or drop) its state."""
+    def _state_at_factorization(self, S: torch.Tensor) -> StateCarry | None:
+        """How W's optimizer state becomes S's: dropped ("rotate"), or zero moments, same step ("slice")."""
+        if self.rules.optimizer_state == "rotate":
+            return None
+        return lambda key, value: torch.zeros_like(S, memory_format=torch.contiguous_format)
+
+    def _state_at_check(self, Ru: torch.Tensor, Rv: torch.Tensor, k: int) -> StateCarry:
+        """How S's optimizer state follows a rotation (and cut to rank k), by the preset's rule."""
+        if self.rules.optimizer_state == "slice":
+            return lambda key, value: value[:k, :k].clone()
+
+        def rotate(key: str, value: torch.Tensor) -> torch.Tensor:
+            if key in _SECOND_MOMENTS:
+                return ((Ru * Ru).T @ value @ (Rv * Rv)).clamp_min(0)
+            return Ru.T @ value @ Rv
+
+        return rotate
+
+    def _swap_param(self, old: nn.Parameter, new: nn.Parameter, carry: StateCarry | None) -> None:
+        """Put ``new`` where ``old`` was in the optimizer; `carry` maps old's matrix state to new's.
+
+        ``step`` and other non-matrix state are kept as they are; ``carry=None`` drops all state.
+        """
         for group in self.optimizer.param_groups:
             for i, p in enumerate(group["params"]):
                 if p is old:
                     group["params"][i] = new
         state = self.optimizer.state.pop(old, None)
-        if not state or transform is None:
+        if not state or carry is None:
             return
         if not set(state) <= _TRANSFORMABLE_STATE:
             warnings.warn(
@@ -349,16 +458,10 @@ class OIALR:
                 "it is reset for the cut layer", stacklevel=4,
             )
             return
-        Ru, Rv = transform
-        carried = {}
-        for key, value in state.items():
-            if key == "step" or not torch.is_tensor(value) or value.dim() != 2:
-                carried[key] = value
-            elif key in _SECOND_MOMENTS:
-                carried[key] = ((Ru * Ru).T @ value @ (Rv * Rv)).clamp_min(0)
-            else:
-                carried[key] = Ru.T @ value @ Rv
-        self.optimizer.state[new] = carried
+        self.optimizer.state[new] = {
+            key: carry(key, value) if torch.is_tensor(value) and value.dim() >= 2 else value
+            for key, value in state.items()
+        }
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -367,6 +470,7 @@ class OIALR:
         return {
             "step": self._step,
             "converted": self._converted,
+            "checked": self._checked,
             "ranks": low_rank_structure(self.model),
             "stability": {s.name: s.stability for s in self._slots},
             "history": [asdict(e) for e in self.history],
@@ -380,13 +484,14 @@ class OIALR:
         ``optimizer.load_state_dict``, which then fill in the weights and the optimizer state.
         """
         for old, new in apply_low_rank_structure(self.model, state["ranks"]):
-            self._swap_param(old, new, transform=None)
+            self._swap_param(old, new, carry=None)
         by_name = {s.name: s for s in self._slots}
         for name, value in state["stability"].items():
             if name in by_name:
                 by_name[name].stability = value
         self._step = state["step"]
         self._converted = state["converted"]
+        self._checked = state.get("checked", 0)  # absent in checkpoints written before presets
         self.history = [RankEvent(**e) for e in state["history"]]
         self.full_rank_parameters = state["full_rank_parameters"]
 

@@ -25,6 +25,11 @@ def export_dense(model: nn.Module) -> nn.Module:
             parent_name, _, attr = name.rpartition(".")
             setattr(dense.get_submodule(parent_name), attr, module.to_dense())
         elif parametrize.is_parametrized(module):
+            # deepcopy shares the dynamically made Parametrized* class with the original, and
+            # remove_parametrizations deletes the tensor's property from that class: give the copy
+            # a class of its own first, or the original model loses its weight.
+            shared = type(module)
+            module.__class__ = type(shared.__name__, shared.__bases__, dict(shared.__dict__))
             for tensor_name in list(module.parametrizations.keys()):
                 if isinstance(module.parametrizations[tensor_name][0], LowRankWeight):
                     parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)

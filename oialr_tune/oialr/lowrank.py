@@ -41,14 +41,16 @@ class LowRankLayer(nn.Module):
         U: torch.Tensor,
         S: torch.Tensor,
         Vt: torch.Tensor,
-        bias: torch.Tensor | None,
+        bias: nn.Parameter | torch.Tensor | None,
         conv: dict | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("U", U.detach().clone())
         self.register_buffer("Vt", Vt.detach().clone())
         self.S = nn.Parameter(S.detach().clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        # The dense layer's own bias Parameter, not a copy: the optimizer already holds it (and its
+        # state), so it keeps training after the swap.
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
         # conv holds what F.convNd needs beyond the weight: kernel shape, stride, padding, dilation.
         self.conv = conv
 
