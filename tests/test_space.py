@@ -304,3 +304,14 @@ def test_import_stays_light_and_the_api_loads_lazily() -> None:
         "assert oialr_tune.OIALR.__name__ == 'OIALR' and 'torch' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_documented_submodules_are_reachable_from_a_bare_import() -> None:
+    code = (
+        "import sys, oialr_tune\n"
+        "assert callable(oialr_tune.results.best_trial) and callable(oialr_tune.retrain.retrain)\n"
+        "assert callable(oialr_tune.report.write_report) and callable(oialr_tune.trainer.train)\n"
+        "assert 'ray' not in sys.modules, 'reading the API imported ray'\n"
+        "try:\n    oialr_tune.no_such_module\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
