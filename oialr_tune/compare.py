@@ -101,9 +101,10 @@ def compare(
     validation) among those that ended at or under that trainable fraction: the question becomes
     "does OIALR match full rank *at this size*", rather than at whatever size tuned best.
     """
-    from oialr_tune.results import best_trial
+    from oialr_tune.results import best_trial, check_max_trainable_fraction
     from oialr_tune.tune import sweep
 
+    check_max_trainable_fraction(max_trainable_fraction)
     space = space if isinstance(space, SearchSpace) else load_space(space)
     space = _with_trials(dataclasses.replace(space, baseline="same-budget"), trials)
     seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) else list(seeds)

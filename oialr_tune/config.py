@@ -24,6 +24,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from oialr_tune.errors import UserError
+from oialr_tune.files import read_text
 
 Check = Callable[[Any], "str | None"]  # returns an error text ("must be > 0") or None when fine
 
@@ -45,6 +46,21 @@ def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> C
         return None if ok else f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
     return check
+
+
+# Seeds reach NumPy's and Optuna's generators, which take [0, 2**32 - 1] (torch takes more). One
+# range for every seed (trainer, split, sweep, retrain) means a seed the config accepted cannot
+# fail later, inside a trial or after Ray has started.
+MAX_SEED = 2**32 - 1
+_seed_range = _in(0, MAX_SEED)
+
+
+def check_seed(seed: int, key: str) -> int:
+    """`seed` if it is in [0, MAX_SEED]; else UserError naming `key` (for seeds set outside a config)."""
+    problem = _seed_range(seed)
+    if problem:
+        raise UserError(f"{key}: {problem}, got {seed}")
+    return seed
 
 
 def _rule(check: Check | None = None, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -95,7 +111,7 @@ class DataConfig:
     test_fraction: float = _rule(_in(0, 1, lo_open=True, hi_open=True), 0.15)
     augment: bool = True
     num_workers: int = _rule(_ge(0), 2)
-    split_seed: int = _rule(_ge(0), 0)
+    split_seed: int = _rule(_seed_range, 0)
     image_size: int = _rule(_ge(8), 224)  # imagefolder only: side of the square crops
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -157,7 +173,7 @@ class OIALRConfig:
 class TrainConfig:
     """Everything one training run needs; see the module docstring for how it is built."""
 
-    seed: int = _rule(_ge(0), 0)
+    seed: int = _rule(_seed_range, 0)
     device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -401,11 +417,7 @@ def parse_yaml(text: str, where: str, what: str) -> Any:
 def load_train_config(path: str | Path) -> TrainConfig:
     """Read and validate a YAML training config. Errors name the file or the dotted key."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read config ({e.strerror or e})") from None
-    data = parse_yaml(text, str(path), "config file")
+    data = parse_yaml(read_text(path, "config"), str(path), "config file")
     if not isinstance(data, Mapping):
         raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return train_config_from_dict(data)

@@ -15,8 +15,10 @@ no pyplot global state, no display, no server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sqlite3
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +30,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from oialr_tune.errors import UserError
+from oialr_tune.files import writable_folder
 from oialr_tune.results import (
     DIRECTIONS,
     SIZE_METRIC,
@@ -189,10 +193,33 @@ def plot_ranks(history: pd.DataFrame, trial_id: str, path: Path) -> str | None:
     return f"{len(ranks.columns)} low-rank-eligible layers; ranks at the end of each epoch"
 
 
+def _check_study_file(path: Path) -> None:
+    """Refuse a ``study.db`` that SQLite cannot read (truncated, garbage) or that holds no Optuna tables.
+
+    Checked read-only, before Optuna opens it: Optuna would turn an empty file into a new study
+    database, and fail on a damaged one with a traceback from deep in SQLAlchemy.
+    """
+    fix = "delete it to report without importances"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"{path}: not a readable SQLite database ({e}); {fix}") from None
+    if verdict != "ok":
+        raise UserError(f"{path}: damaged SQLite database ({verdict}); {fix}")
+    if "studies" not in tables:
+        raise UserError(f"{path}: holds no Optuna study; {fix}")
+
+
 def param_importances(res: SweepResults, arm: str, metric: str) -> tuple[dict[str, float] | None, str]:
-    """Optuna's importances of an arm's searched keys for `metric`, or None and the reason why not."""
+    """Optuna's importances of an arm's searched keys for `metric`, or None and the reason why not.
+
+    Raises UserError naming ``study.db`` when it is there but unreadable.
+    """
     if not res.study_path.is_file():
         return None, f"no {STUDY_FILE}"
+    _check_study_file(res.study_path)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -287,12 +314,15 @@ def _top_trials(res: SweepResults, metric: str) -> tuple[list[dict[str, Any]], l
 def write_report(results_dir: str | Path) -> Path:
     """Write ``report.md`` and its PNGs into `results_dir`; returns the report's path.
 
-    Raises UserError (before writing anything) when the directory holds no experiment.
+    Raises UserError (before writing anything) when the directory holds no experiment, is not
+    writable, or holds an unreadable ``study.db``.
     """
     res = open_results(results_dir)
     space = res.space
     metric = space.objective.metric
     out = res.path
+    writable_folder(out, "results folder")
+    importances_found = {arm: param_importances(res, arm, metric) for arm in res.arms}
     best: dict[str, BestTrial] = {}
     notes: dict[str, str] = {}
     for arm in res.arms:
@@ -373,7 +403,7 @@ def write_report(results_dir: str | Path) -> Path:
     md += ["## Hyperparameter importances (Optuna)", ""]
     importances: dict[str, dict[str, float]] = {}
     for arm in res.arms:
-        values, why = param_importances(res, arm, metric)
+        values, why = importances_found[arm]
         if values:
             importances[arm] = values
             md += [f"**{arm}** ({why}):", "", markdown_table(

@@ -42,6 +42,7 @@ __all__ = [
     "SweepResults",
     "TrialInfo",
     "best_trial",
+    "check_max_trainable_fraction",
     "format_best",
     "open_results",
     "pareto_mask",
@@ -340,6 +341,15 @@ def open_results(results_dir: str | Path) -> SweepResults:
     return SweepResults(path, space, trials, summary)
 
 
+def check_max_trainable_fraction(value: float | None) -> None:
+    """UserError unless `value` is None or > 0: a size budget no model can meet is a typo.
+
+    Its own function so ``compare`` can refuse it before its sweeps run, not after.
+    """
+    if value is not None and not value > 0:
+        raise UserError(f"--max-trainable-fraction: must be > 0, got {value}")
+
+
 def best_trial(
     results_dir: str | Path | SweepResults,
     *,
@@ -367,8 +377,7 @@ def best_trial(
     if metric not in DIRECTIONS:
         raise UserError(f"--objective: expected one of {', '.join(DIRECTIONS)}, got {metric!r}")
     mode = DIRECTIONS[metric]
-    if max_trainable_fraction is not None and not max_trainable_fraction > 0:
-        raise UserError(f"--max-trainable-fraction: must be > 0, got {max_trainable_fraction}")
+    check_max_trainable_fraction(max_trainable_fraction)
     all_rows = res.trials[res.trials["arm"] == arm]
     usable = res.usable(arm, metric)
     if usable.empty:

@@ -39,14 +39,15 @@ import yaml
 from torch.utils.data import ConcatDataset, Subset
 
 from oialr_tune import trainer
-from oialr_tune.config import TrainConfig, resolve_device, train_config_from_dict, train_config_to_dict
+from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_config_from_dict, train_config_to_dict
 from oialr_tune.data import Splits, TensorData, load_data
 from oialr_tune.errors import UserError
+from oialr_tune.files import writable_folder
 from oialr_tune.model_io import load_model, save_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
 from oialr_tune.stats import verdict, welch_interval
-from oialr_tune.trainer import CHECKPOINT_NAME, Callback, evaluate, read_checkpoint, train
+from oialr_tune.trainer import CHECKPOINT_NAME, Callback, evaluate, model_from_checkpoint, read_checkpoint, train
 
 __all__ = ["RETRAIN_DIR", "retrain"]
 
@@ -113,7 +114,11 @@ def _training_on_train_and_val() -> Iterator[None]:
 
 
 def _checkpoint_file(trial: TrialInfo) -> Path:
-    """The trainer checkpoint file of a trial (its folder holds ``checkpoint.pt``)."""
+    """The trainer checkpoint file of a trial (its folder holds ``checkpoint.pt``), proven to load.
+
+    Loaded once here, while the retrain is still being planned, so a corrupt file or weights that do
+    not fit their config are refused before any output (a ``config.yaml``) is written.
+    """
     if not trial.checkpoint:
         raise UserError(f"--from-checkpoint: trial {trial.trial_id} has no checkpoint")
     path = Path(trial.checkpoint)
@@ -121,6 +126,7 @@ def _checkpoint_file(trial: TrialInfo) -> Path:
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise UserError(f"--from-checkpoint: {path} does not exist")
+    model_from_checkpoint(path)
     return path
 
 
@@ -292,8 +298,10 @@ def retrain(
     seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise UserError("--seeds: need at least one seed")
-    if len(set(seed_list)) != len(seed_list) or min(seed_list) < 0:
-        raise UserError(f"--seeds: seeds must be distinct and >= 0, got {seed_list}")
+    if len(set(seed_list)) != len(seed_list):
+        raise UserError(f"--seeds: seeds must be distinct, got {seed_list}")
+    for seed in seed_list:
+        check_seed(seed, "--first-seed")
     if epochs is not None and epochs < 1:
         raise UserError(f"--epochs: must be >= 1, got {epochs}")
     if train_on not in ("train", "train+val"):
@@ -322,7 +330,7 @@ def retrain(
         raise UserError(f"--from-trial: trial {from_trial!r} is not in the arms being retrained ({arms_text})")
 
     out_dir = Path(out) if out is not None else res.path / RETRAIN_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
+    writable_folder(out_dir, "--out folder")
     if train_on == "train+val":
         log("training on train+val: the validation examples are part of training, so there are no val metrics")
     rows: list[dict[str, Any]] = []

@@ -45,6 +45,7 @@ import yaml
 from oialr_tune.config import (
     ROOT_DATASETS,
     TrainConfig,
+    check_seed,
     convert_value,
     dataclass_from_dict,
     parse_yaml,
@@ -53,6 +54,7 @@ from oialr_tune.config import (
     with_overrides,
 )
 from oialr_tune.errors import UserError
+from oialr_tune.files import read_text
 
 PARAM_TYPES = ("uniform", "loguniform", "int", "categorical")
 BASELINES = ("same-budget", "once", "none")
@@ -484,9 +486,7 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     baseline = data.get("baseline", "same-budget")
     if baseline not in BASELINES:
         raise UserError(f"baseline: expected one of {', '.join(BASELINES)}, got {baseline!r}")
-    seed = convert_value(data.get("seed", 0), int, "seed")
-    if seed < 0:
-        raise UserError(f"seed: must be >= 0, got {seed}")
+    seed = check_seed(convert_value(data.get("seed", 0), int, "seed"), "seed")
     checkpoint = dataclass_from_dict(CheckpointPolicy, data.get("checkpoint"), "checkpoint")
     if checkpoint.every < 0:
         raise UserError(f"checkpoint.every: must be >= 0 (0 = only at ASHA rungs and the end), got {checkpoint.every}")
@@ -519,11 +519,9 @@ def _resolve_path(path: str | os.PathLike[str] | None) -> tuple[str, Path | None
     if not p.exists() and p.suffix == "" and str(path) in packaged_spaces():
         resource = importlib_resources.files("oialr_tune") / "search_spaces" / f"{path}.yaml"
         return resource.read_text(), None
-    try:
-        return p.read_text(), p
-    except OSError as e:
-        hint = f" (packaged spaces: {', '.join(packaged_spaces())})" if not p.exists() else ""
-        raise UserError(f"{p}: cannot read search space ({e.strerror or e}){hint}") from None
+    if not p.exists():
+        raise UserError(f"{p}: no such search space file (packaged spaces: {', '.join(packaged_spaces())})")
+    return read_text(p, "search space"), p
 
 
 def load_space(path: str | os.PathLike[str] | None = None) -> SearchSpace:
@@ -550,9 +548,10 @@ def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
     """Checks that need the machine the sweep runs on, before Ray starts; returns the space to run.
 
     On a local sweep (`local`): GPUs must exist if trials ask for them, per-trial CPUs must fit the
-    machine, and a dataset root must exist. Trials run in their own working directories, so a
-    relative ``data.root`` is made absolute here (on a cluster it is left as given: it names a path
-    on the workers).
+    machine, a dataset root must exist, and the base config's data must load and one example go
+    through its model (:func:`_check_one_example`). Trials run in their own working directories, so
+    a relative ``data.root`` is made absolute here (on a cluster it is left as given: it names a
+    path on the workers).
     """
     base = copy.deepcopy(space.base)
     data = base["data"]
@@ -577,4 +576,35 @@ def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
         cpus = os.cpu_count() or 1
         if space.resources.cpu > cpus:
             raise UserError(f"resources.cpu: {space.resources.cpu} per trial but this machine has {cpus} CPU(s)")
+        _check_one_example(base)
     return dataclasses.replace(space, base=base)
+
+
+def _check_one_example(base: dict[str, Any]) -> None:
+    """Load the base config's data and pass one example through its model, on the CPU, in eval mode.
+
+    What only running can tell (a missing optional package such as mlxtend, a model argument that
+    does not fit the images, unreadable dataset files) would otherwise fail every trial inside Ray,
+    with a traceback each, and leave a sweep of nothing. It costs the data loading and one forward
+    pass; the data stay cached in this process. Errors name the ``base.`` key, as the trainer
+    reports them in ``oialr-tune train``.
+    """
+    import torch
+
+    from oialr_tune.data import load_data
+    from oialr_tune.models import build_model
+
+    cfg = train_config_from_dict(base)
+    try:
+        splits = load_data(cfg.data, "cpu")
+        x, _ = next(iter(dataclasses.replace(splits, num_workers=0).loader("train", 1)))
+        model = build_model(cfg.model.name, splits.in_shape, splits.num_classes, **cfg.model.args)
+    except UserError as e:
+        raise UserError(f"base.{e}") from None
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as e:  # the CLI prints a multi-line message as one line
+        raise UserError(
+            f"base.model: one {cfg.data.name} example does not go through {cfg.model.name} ({type(e).__name__}: {e})"
+        ) from None

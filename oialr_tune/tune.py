@@ -39,6 +39,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from oialr_tune.errors import UserError
+from oialr_tune.files import remove_empty, writable_folder
 from oialr_tune.space import (
     NAME_RE,
     SIZE_METRIC,
@@ -69,6 +71,8 @@ STATE_FILE = "state.json"
 TRIALS_FILE = "trials.csv"
 SUMMARY_FILE = "summary.json"
 STUDY_FILE = "study.db"
+# How long the first look at a URI results folder may take before the sweep gives up (see _Store._probe).
+_STORAGE_PROBE_S = 10.0
 # Ray snapshots the experiment (trial list + pickled searcher) at most this often, in seconds. Its
 # "auto" default is >= 10 s, during which a killed driver could lose trials that already finished.
 _SNAPSHOT_PERIOD_S = "2"
@@ -110,11 +114,13 @@ class SweepResult:
 class _Store:
     """The sweep's folder. Ray writes its experiments there itself; this writes our small files.
 
-    A local path is used as is; a URI (``s3://``, ``gs://``, ``file://``...) goes through pyarrow,
-    the same filesystem layer Ray uses for ``storage_path``.
+    A local path is used as is, and so is a ``file://`` URI's path (then the local checks apply: a
+    read-only folder is refused before Ray starts); another URI (``s3://``, ``gs://``...) goes
+    through pyarrow, the same filesystem layer Ray uses for ``storage_path``.
     """
 
     def __init__(self, root: str):
+        root = root.removeprefix("file://")
         self.is_local = "://" not in root
         if self.is_local:
             self.root = str(Path(root).expanduser().resolve())
@@ -128,6 +134,34 @@ class _Store:
                 self._fs, self._base = pyarrow.fs.FileSystem.from_uri(self.root)
             except Exception as e:
                 raise UserError(f"{root}: not a storage path or URI pyarrow can open ({e})") from None
+            self._probe()
+
+    def _probe(self) -> None:
+        """Look at the folder once, within `_STORAGE_PROBE_S`, or raise UserError naming the URI.
+
+        Without network or credentials pyarrow's GCS client retries silently for 15 minutes (S3
+        fails at once, in `from_uri`). The look runs on a daemon thread that is left behind on a
+        timeout: nothing waits for it, and the command ends with its one-line error.
+        """
+        outcome: list[BaseException | None] = []
+
+        def look() -> None:
+            try:
+                self._fs.get_file_info(self._base)
+                outcome.append(None)
+            except Exception as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=look, name="oialr-storage-probe", daemon=True)
+        thread.start()
+        thread.join(_STORAGE_PROBE_S)
+        if not outcome:
+            raise UserError(
+                f"{self.root}: the storage did not answer within {_STORAGE_PROBE_S:g} s (no network or no credentials?)"
+            )
+        if outcome[0] is not None:
+            message = str(outcome[0]).strip().splitlines()[0] if str(outcome[0]).strip() else type(outcome[0]).__name__
+            raise UserError(f"{self.root}: cannot reach the storage ({message})")
 
     def join(self, *parts: str) -> str:
         return "/".join([self.root, *parts]) if not self.is_local else str(Path(self.root, *parts))
@@ -483,17 +517,19 @@ def _check_address(address: str) -> None:
 
 
 def _check_auth(address: str, gcs_address: str) -> None:
-    """Fail fast, in one line, when the cluster refuses this process's credentials.
+    """Fail fast, in one line, when the server is not a Ray GCS or refuses this process's credentials.
 
-    A cluster started with ``ray start`` uses token authentication (Ray >= 2.52). A driver without
-    the cluster's token is refused, and ``ray.init`` then retries for about 20 s, logging a warning
-    per retry, before a generic "Failed to connect". One call to the cluster's GCS with the
+    Any gRPC server passes the HTTP/2 handshake; against one that is not Ray's GCS, ``ray.init``
+    waits for ever and ignores SIGTERM. One call to the GCS, with a 5 s deadline, tells them apart.
+    It also checks authentication: a cluster started with ``ray start`` uses tokens (Ray >= 2.52); a
+    driver without the cluster's token is refused, and ``ray.init`` then retries for about 20 s,
+    logging a warning per retry, before a generic "Failed to connect". The call carries the
     credentials ``ray.init`` would send (``RAY_AUTH_MODE``, then ``RAY_AUTH_TOKEN``,
-    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) is refused at once with an AuthenticationError.
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) and is refused at once with an AuthenticationError.
     """
     try:
         from ray._raylet import InnerGcsClient
-        from ray.exceptions import AuthenticationError
+        from ray.exceptions import AuthenticationError, RpcError
     except ImportError:  # a Ray without this (private) client: let ray.init find out
         return
     try:
@@ -510,7 +546,9 @@ def _check_auth(address: str, gcs_address: str) -> None:
             f"--address: the Ray cluster at {address} refused this process's authentication token; "
             f"use the head node's token ({sources})"
         ) from None
-    except Exception:  # a timeout, an older GCS...: ray.init says what it says
+    except RpcError as e:  # no answer within the deadline, or a gRPC error: not Ray's GCS
+        raise UserError(f"--address: {address} speaks HTTP/2 but is not a Ray cluster ({e})") from None
+    except Exception:  # anything else: ray.init says what it says
         return
 
 
@@ -531,37 +569,6 @@ def _stderr_silenced() -> Any:
 
 # The HTTP/2 client connection preface followed by an empty SETTINGS frame.
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
-
-
-def _make_results_folder(store: _Store) -> list[Path]:
-    """Create the sweep's local folder, or raise UserError naming it; returns the folders created
-    (so a failure before anything is written can remove them again). URIs are left to Ray."""
-    if not store.is_local:
-        return []
-    root = Path(store.root)
-    missing = []
-    p = root
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    if not p.is_dir():
-        raise UserError(f"{root}: cannot create the results folder ({p} is a file, not a folder)")
-    try:
-        for folder in reversed(missing):
-            folder.mkdir()
-        probe = root / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        _remove_empty(missing)
-        raise UserError(f"{root}: cannot create or write the results folder ({e.strerror or e})") from None
-    return missing
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:  # deepest first
-        with contextlib.suppress(OSError):
-            folder.rmdir()
 
 
 def _start_ray(address: str | None, verbose: int) -> bool:
@@ -589,7 +596,7 @@ def _start_ray(address: str | None, verbose: int) -> bool:
         return True
     try:
         ray.init(address=address, **kwargs)
-    except ConnectionError as e:
+    except (ConnectionError, ValueError) as e:  # ValueError: ray:// without the ray[client] extra
         raise UserError(f"--address: {str(e).splitlines()[0]}") from None
     return True
 
@@ -945,7 +952,19 @@ def _summary_line(space: SearchSpace, best: dict[str, Any]) -> str:
 
 
 def _read_state(store: _Store) -> dict[str, Any]:
-    return json.loads(store.read_text(STATE_FILE)) if store.exists(STATE_FILE) else {"arms_done": []}
+    """Which arms have finished (``state.json``); read before Ray starts, so a damaged file is bad input."""
+    if not store.exists(STATE_FILE):
+        return {"arms_done": []}
+    try:
+        state = json.loads(store.read_text(STATE_FILE))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("arms_done"), list):
+        raise UserError(
+            f"{store.join(STATE_FILE)}: damaged (truncated or not this tool's JSON); delete it and resume "
+            "again: each arm is then resumed from Ray's own record"
+        )
+    return state
 
 
 def _open_existing(path: str | os.PathLike[str]) -> tuple[_Store, SearchSpace]:
@@ -1016,7 +1035,10 @@ def sweep(
     space = preflight(space, local=address is None)
     if address is not None:
         _check_address(address)
-    created = _make_results_folder(store) if not resume else []
+    # A local folder is created (or, resumed, proven writable) now: a read-only or misplaced one is
+    # bad input, found before Ray starts. URIs are left to Ray.
+    created = writable_folder(store.root, "results folder") if store.is_local else []
+    state = _read_state(store)
 
     global _print_progress
     _print_progress = verbose >= 1
@@ -1028,21 +1050,20 @@ def sweep(
     try:
         started = _start_ray(address, verbose)
     except BaseException:
-        _remove_empty(created)
+        remove_empty(created)
         raise
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oialr-study")
     try:
         try:
             _check_cluster_fits(space)
         except UserError:
-            _remove_empty(created)
+            remove_empty(created)
             raise
         if not resume:
             store.write_text(SWEEP_FILE, yaml.safe_dump(space.to_dict(), sort_keys=False))
             store.write_text(STATE_FILE, json.dumps({"arms_done": []}))
         if verbose:
             print(f"sweep {space.name} -> {store.root}", flush=True)
-        state = _read_state(store)
         for arm in space.arms():
             if arm in state["arms_done"]:
                 if verbose:
@@ -1064,7 +1085,28 @@ def sweep(
     if verbose:
         print(line, flush=True)
         print(f"results: {store.root} ({len(df)} trials, {wall:.1f}s)", flush=True)
+    _check_every_arm_finished(space, store, df, best)
     return SweepResult(store.root, space, df, best, pareto, line, wall)
+
+
+def _check_every_arm_finished(space: SearchSpace, store: _Store, df: pd.DataFrame, best: dict[str, Any]) -> None:
+    """UserError when an arm has no finished trial: a sweep of nothing must not exit 0.
+
+    Raised after the results are written (they hold the errors), so `best` and `report` can still
+    show them; the message says where.
+    """
+    parts = []
+    for arm in space.arms():
+        if arm not in best:
+            rows = df[df["arm"] == arm]
+            errored = int((rows["status"] == "ERROR").sum())
+            diverged = int((rows["trainer_status"] == "diverged").sum())
+            parts.append(f"arm {arm}: {errored} of {len(rows)} trials errored, {diverged} diverged")
+    if parts:
+        raise UserError(
+            f"{store.root}: no trial finished ({'; '.join(parts)}); the errors are in the error column of "
+            f"{store.join(TRIALS_FILE)} and in full in {store.join('<arm>', 'trial_*', 'error.txt')}"
+        )
 
 
 def load_sweep(path: str | os.PathLike[str]) -> SweepResult:

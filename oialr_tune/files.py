@@ -1,0 +1,62 @@
+"""The user's files and folders: read as text, or claimed for writing, with one-line errors.
+
+Every command reads YAML the user wrote and writes into a folder the user named. What goes wrong
+there (a file saved in another encoding, a read-only or full disk, a file where a folder should
+be) is bad input, not a bug: it must come out as a :class:`~oialr_tune.errors.UserError` naming
+the path, found before anything is written, rather than as a traceback half-way through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from oialr_tune.errors import UserError
+
+__all__ = ["read_text", "remove_empty", "writable_folder"]
+
+def read_text(path: str | Path, what: str) -> str:
+    """The UTF-8 text of `path` (a `what`: "config", "search space", ...), or UserError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: the {what} is not UTF-8 text (invalid byte at offset {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+
+
+def writable_folder(path: str | Path, what: str) -> list[Path]:
+    """Create folder `path` (and its missing parents), or check that the existing one is writable.
+
+    Returns the folders this call created, deepest first, so a caller that fails before writing
+    anything can take them back (:func:`remove_empty`). Raises UserError naming `path` (`what` says
+    which folder: "results folder", "--out folder", ...) when it is a file, cannot be created, or is
+    not writable (a read-only mount, another user's folder). An existing folder is checked with
+    access(2), which writes nothing and also reports a read-only mount to root.
+    """
+    root = Path(path)
+    missing = []
+    p = root
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        where = "it is" if p == root else f"{p} is"
+        raise UserError(f"{root}: cannot use it as the {what} ({where} a file, not a folder)")
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+    except OSError as e:
+        remove_empty(missing)
+        raise UserError(f"{root}: cannot create the {what} ({e.strerror or e})") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise UserError(f"{root}: cannot write into the {what} (a read-only filesystem, or no permission)")
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) where they are still empty: undo :func:`writable_folder`."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
