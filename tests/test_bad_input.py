@@ -20,8 +20,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -464,3 +465,108 @@ def test_process_address_where_no_ray_listens_fails_in_seconds(tmp_path: Path) -
         code, err, seconds = run_cli(sweep_args(space, tmp_path, "--address", address), tmp_path, timeout=25)
     assert_one_line(code, err, "--address", address)
     assert seconds < 15
+
+
+def _h2_server_that_is_not_ray(server: socket.socket, accepted: list[float]) -> None:
+    """Answer every connection's HTTP/2 preface with a SETTINGS frame, as any gRPC server does, then nothing.
+
+    Appends the time of each accepted connection to `accepted`.
+    """
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            conn.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            while conn.recv(65536):
+                pass
+
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:  # the test closed the server
+            return
+        accepted.append(time.monotonic())
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+@contextlib.contextmanager
+def http2_server() -> Iterator[tuple[str, list[float]]]:
+    """An address where an HTTP/2 server that is not Ray listens (it passes a bare handshake check),
+    and the list of times it accepted a connection."""
+    accepted: list[float] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        threading.Thread(target=_h2_server_that_is_not_ray, args=(server, accepted), daemon=True).start()
+        yield f"127.0.0.1:{server.getsockname()[1]}", accepted
+
+
+def test_process_address_where_an_http2_server_that_is_not_ray_listens(tmp_path: Path) -> None:
+    space = write_space(tmp_path, SPACE)
+    before = snapshot(tmp_path)
+    with http2_server() as (address, _):
+        code, err, seconds = run_cli(sweep_args(space, tmp_path, "--address", address), tmp_path, timeout=25)
+    assert_one_line(code, err, "--address", address)
+    assert seconds < 15
+    assert snapshot(tmp_path) == before
+
+
+def test_process_sigterm_while_checking_an_address_ends_the_command(tmp_path: Path) -> None:
+    space = write_space(tmp_path, SPACE)
+    with http2_server() as (address, accepted):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "oialr_tune.cli", *sweep_args(space, tmp_path, "--address", address)],
+            cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            env={**os.environ, "RAY_ADDRESS": ""},
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(accepted) < 2:  # the handshake check, then Ray's GCS client
+            time.sleep(0.05)
+        assert len(accepted) >= 2, "the command never tried the address as Ray would"
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            pytest.fail("SIGTERM did not end `oialr-tune sweep` within 5 s")
+    assert proc.returncode != 0
+
+
+def test_process_gs_results_dir_without_network_fails_in_seconds(tmp_path: Path) -> None:
+    """Without network (or credentials) pyarrow's GCS client retries silently for 15 minutes; the probe waits 10 s."""
+    space = write_space(tmp_path, SPACE)
+    before = snapshot(tmp_path)
+    uri = "gs://oialr-tune-test-no-such-bucket/results"
+    code, err, seconds = run_cli(["sweep", str(space), "--results-dir", uri, "--name", "s", "-q"], tmp_path, timeout=40)
+    assert_one_line(code, err, uri)
+    assert seconds < 20
+    assert snapshot(tmp_path) == before
+
+
+def _read_only_prefix(folder: Path) -> list[str]:
+    """A command prefix that runs the rest with `folder` read-only: a read-only bind mount in a private
+    mount namespace, since file modes do not stop root (who runs CI here)."""
+    if os.geteuid() != 0:
+        for p in [folder, *folder.rglob("*")]:
+            p.chmod(p.stat().st_mode & ~0o222)
+        return []
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--mount", "true"]).returncode != 0:
+        pytest.skip("root without unshare --mount: cannot make a read-only folder")
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind -o ro "$0" "$0" && exec "$@"', str(folder)]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", [["report"], ["retrain", "--seeds", "1"], ["sweep", "-q", "--resume"]],
+                         ids=["report", "retrain", "resume"])  # fmt: skip
+def test_process_command_on_a_read_only_results_folder(command: list[str], sweep_copy: Path, tmp_path: Path) -> None:
+    prefix = _read_only_prefix(sweep_copy)
+    before = snapshot(tmp_path)
+    start = time.monotonic()
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-m", "oialr_tune.cli", *command, str(sweep_copy)], cwd=tmp_path,
+        capture_output=True, text=True, timeout=60, env={**os.environ, "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    assert_one_line(proc.returncode, proc.stderr, str(sweep_copy))
+    assert time.monotonic() - start < 30
+    assert snapshot(tmp_path) == before

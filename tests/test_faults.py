@@ -112,6 +112,26 @@ def test_best_ignores_failed_and_diverged_trials(failing_sweep: Path, capsys: py
     assert summary["best"]["oialr"]["trial_id"] == best["trial_id"]
 
 
+def test_a_sweep_whose_trials_all_fail_exits_2_and_says_where_the_errors_are(
+    ray_session: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The base passes the pre-flight (patch_size 4), but every trial draws patch_size 3 and fails inside Ray."""
+    space = {**FAILING_SPACE, "search": {"model.args.patch_size": {"type": "categorical", "choices": [3]}},
+             "budget": {"num_samples": 2, "max_epochs": 1, "max_concurrent": 2}}  # fmt: skip
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    capsys.readouterr()
+    code = main(["sweep", str(tmp_path / "space.yaml"), "--results-dir", str(tmp_path), "--name", "f", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    line = err.splitlines()[0]
+    assert line.startswith("oialr-tune: error: ") and "no trial finished" in line, err
+    assert "arm oialr: 2 of 2 trials errored" in line and str(tmp_path / "f" / "trials.csv") in line, line
+    df = pd.read_csv(tmp_path / "f" / "trials.csv")  # the results are written: they hold the errors
+    assert list(df["status"]) == ["ERROR", "ERROR"] and df["error"].str.contains("model.args.patch_size").all()
+    assert len(list((tmp_path / "f" / "oialr").glob("trial_*/error.txt"))) == 2
+
+
 # --- a trial's process killed mid-trial --------------------------------------------------------------
 
 
