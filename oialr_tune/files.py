@@ -21,9 +21,9 @@ def read_text(path: str | Path, what: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: the {what} is not UTF-8 text (invalid byte at offset {e.start})") from None
+        raise UserError(f"{path}: {what} is not UTF-8 text (invalid byte at offset {e.start})") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+        raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
 
 
 def writable_folder(path: str | Path, what: str) -> list[Path]:

@@ -520,7 +520,7 @@ def _resolve_path(path: str | os.PathLike[str] | None) -> tuple[str, Path | None
         resource = importlib_resources.files("oialr_tune") / "search_spaces" / f"{path}.yaml"
         return resource.read_text(), None
     if not p.exists():
-        raise UserError(f"{p}: no such search space file (packaged spaces: {', '.join(packaged_spaces())})")
+        raise UserError(f"{p}: cannot read search space (no such file; packaged: {', '.join(packaged_spaces())})")
     return read_text(p, "search space"), p
 
 

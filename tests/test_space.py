@@ -119,9 +119,9 @@ def test_multi_objective_defaults_to_fifo() -> None:
     assert space.checkpoint_epochs() == [3]
 
 
-def test_preflight_makes_a_data_root_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "data").mkdir()
-    monkeypatch.chdir(tmp_path)
+def test_preflight_makes_a_data_root_absolute(tiny_cifar10: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-flight also loads the data and runs one example through the model: a real (tiny) CIFAR-10."""
+    monkeypatch.chdir(tiny_cifar10.parent)
     space = load_space("cifar10_resnet18")
     space = space_from_dict(
         {
@@ -129,15 +129,15 @@ def test_preflight_makes_a_data_root_absolute(tmp_path: Path, monkeypatch: pytes
             "resources": {"cpu": 1, "gpu": 0},
             "base": {
                 **space.base,
-                "data": {**space.base["data"], "root": "data"},
+                "data": {**space.base["data"], "root": tiny_cifar10.name},
                 "device": "cpu",
                 "precision": "fp32",
             },
         }
     )
-    assert preflight(space).base["data"]["root"] == str(tmp_path / "data")
+    assert preflight(space).base["data"]["root"] == str(tiny_cifar10)
     # On a cluster the path names the workers' file system: left as is.
-    assert preflight(space, local=False).base["data"]["root"] == "data"
+    assert preflight(space, local=False).base["data"]["root"] == tiny_cifar10.name
 
 
 # --- invalid spaces: one line naming the key, before Ray starts, nothing written ---------------
