@@ -83,6 +83,7 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path: Path) -> None:
         ({"oialr": {"delay": 1.5}}, "oialr.delay"),
         ({"oialr": {"delay": 0}}, "oialr.delay"),
         ({"oialr": {"layer_step_fraction": 0}}, "oialr.layer_step_fraction"),
+        ({"oialr": {"preset": "madonna"}}, "oialr.preset"),
         ({"oialr": {"enabled": "yes"}}, "oialr.enabled: expected true or false"),
         ({"oialr": {"min_rank": True}}, "oialr.min_rank"),
         ({"data": {"name": "cifar10"}}, "data.root"),
