@@ -10,6 +10,12 @@ experiment in ``<results>/<name>/``:
 
 Why it is built the way it is:
 
+* **Nothing reported finished is lost, whatever kills the driver.** Each ended trial is written
+  to the arm's journal (fsynced) before its done line is printed, and trials.csv, summary.json
+  and study.db are rebuilt from the journals (:mod:`oialr_tune.sweep_state`). On resume, Ray's
+  saved state is restored only when it is signed by this user's key and agrees with the journal;
+  otherwise (a kill mid-write, a full disk, a state older than the journal, a moved folder) the
+  arm is rebuilt: a new Tuner whose searcher is told the journal's trials, for the trials left.
 * **Resumable without an Optuna database during the run.** ``OptunaSearch(storage=...)`` breaks
   ``Tuner.restore`` after a killed driver: the searcher pickled with the experiment lags the
   database, re-tells trials the database already holds as finished, and Optuna refuses
@@ -36,6 +42,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -50,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from oialr_tune import sweep_state
 from oialr_tune.errors import UserError
 from oialr_tune.files import remove_empty, writable_folder
 from oialr_tune.space import (
@@ -79,7 +87,12 @@ _SNAPSHOT_PERIOD_S = "2"
 
 
 class SweepInterrupted(Exception):
-    """The sweep stopped before every arm finished (Ctrl-C, a lost cluster); it can be resumed."""
+    """The sweep stopped before every arm finished (Ctrl-C, SIGTERM, a lost cluster, a full disk);
+    it can be resumed. `signum` is the signal that stopped it (the CLI exits with 128 + it)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -121,6 +134,9 @@ class _Store:
 
     def __init__(self, root: str):
         root = root.removeprefix("file://")
+        # Set by the sweep: the folder's signature (local folders) and the key its journals are signed with.
+        self.signature: sweep_state.Signature | None = None
+        self.key: bytes | None = None
         self.is_local = "://" not in root
         if self.is_local:
             self.root = str(Path(root).expanduser().resolve())
@@ -185,19 +201,42 @@ class _Store:
         info = self._fs.get_file_info(pyarrow.fs.FileSelector(self._base, allow_not_found=True))
         return not info
 
-    def read_text(self, rel: str) -> str:
+    def read_bytes(self, rel: str) -> bytes:
         if self.is_local:
-            return Path(self.root, rel).read_text()
+            return Path(self.root, rel).read_bytes()
         with self._fs.open_input_stream(self._fs_path(rel)) as f:
-            return f.read().decode()
+            return f.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def relative(self, fs_path: str) -> str:
+        """A path Ray reports (local, or on the store's filesystem) relative to the sweep folder:
+        what the folder's own files record, so that a moved or copied folder still works."""
+        base = self.root if self.is_local else self._base
+        return os.path.relpath(fs_path, base) if self.is_local else fs_path.removeprefix(base.rstrip("/") + "/")
+
+    def top_files(self, rel: str) -> list[str]:
+        """Names of the plain files directly in folder `rel` (an arm's Ray state)."""
+        if self.is_local:
+            folder = Path(self.root, rel)
+            return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        import pyarrow.fs
+
+        infos = self._fs.get_file_info(pyarrow.fs.FileSelector(self._fs_path(rel), allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.File)
+
+    def remove(self, rel: str) -> None:
+        if self.is_local:
+            Path(self.root, rel).unlink(missing_ok=True)
+        else:
+            self._fs.delete_file(self._fs_path(rel))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.is_local:
             path = Path(self.root, rel)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)  # a reader never sees half a file
+            sweep_state.write_durably(path, data)  # a reader never sees half a file, even after a crash
             return
         self._fs.create_dir(self._base, recursive=True)
         with self._fs.open_output_stream(self._fs_path(rel)) as f:
@@ -341,8 +380,13 @@ def _startup_trials(space: SearchSpace) -> int:
     return min(10, max(4, space.budget.num_samples // 4))
 
 
-def _searcher(space: SearchSpace, arm: str) -> Any:
-    """OptunaSearch with a seeded TPE (or random) sampler, or None when the arm searches nothing."""
+def _searcher(space: SearchSpace, arm: str, prior: list[dict[str, Any]]) -> Any:
+    """OptunaSearch with a seeded TPE (or random) sampler, or None when the arm searches nothing.
+
+    `prior` are trial rows of the arm that already ended (a rebuilt arm, see `_arm_tuner`): the
+    searcher's study starts with them, so the sampler learns from them and proposes only new points.
+    The study stays in memory (pickled with Ray's state), never in a database: see the module notes.
+    """
     params = space.arm_params(arm)
     if not params:
         return None
@@ -356,12 +400,21 @@ def _searcher(space: SearchSpace, arm: str) -> Any:
         sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=_startup_trials(space))
     metrics, modes = space.objective.metrics(arm), space.objective.modes(arm)
     multi = len(metrics) > 1
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name=arm, directions=_directions(space, arm))
+    study.add_trials(_optuna_trials(space, arm, prior))
     return OptunaSearch(
         space={p.key: optuna_distribution(p) for p in params},
         metric=metrics if multi else metrics[0],
         mode=modes if multi else modes[0],
         sampler=sampler,
+        storage=storage,
+        study_name=arm,
     )
+
+
+def _directions(space: SearchSpace, arm: str) -> list[str]:
+    return ["maximize" if m == "max" else "minimize" for m in space.objective.modes(arm)]
 
 
 def _scheduler(space: SearchSpace) -> Any:
@@ -379,44 +432,6 @@ def _scheduler(space: SearchSpace) -> Any:
         grace_period=b.grace_period,
         reduction_factor=b.reduction_factor,
     )
-
-
-# Whether the driver prints a line per finished trial. A module global, not callback state, because
-# a restored experiment brings back the callbacks pickled with it, made under the first run's flags.
-_print_progress = True
-
-
-class _Progress:
-    """Driver-side Ray Tune callback: one concise line per finished trial (see `_print_progress`)."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        from ray import tune
-
-        # Built as a subclass of Ray's Callback on first use, so importing this module stays cheap.
-        class Progress(tune.Callback):
-            def __init__(self, arm: str, total: int, metric: str):
-                self.arm, self.total, self.metric = arm, total, metric
-
-            def _line(self, trials: list, trial: Any, what: str) -> None:
-                if not _print_progress:
-                    return
-                # Counted from Ray's trial list, so a resumed sweep keeps counting where it was.
-                done = sum(1 for t in trials if t is trial or t.status in ("TERMINATED", "ERROR"))
-                r = trial.last_result or {}
-                params = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(trial.config.items()))
-                print(
-                    f"[{self.arm}] {done}/{self.total} {trial.trial_id} {what} epochs={r.get('epoch', 0)} "
-                    f"{self.metric}={_fmt(r.get(self.metric))} frac={_fmt(r.get(SIZE_METRIC))} {params}",
-                    flush=True,
-                )
-
-            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                self._line(trials, trial, "done ")
-
-            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                self._line(trials, trial, "ERROR")
-
-        return Progress(*args, **kwargs)
 
 
 class _TensorBoardAtTrialEnd:
@@ -616,22 +631,35 @@ def _check_cluster_fits(space: SearchSpace) -> None:
 # --- running one arm --------------------------------------------------------------------------
 
 
-def _arm_tuner(space: SearchSpace, arm: str, store: _Store, verbose: int) -> Any:
-    """A new Tuner for an arm, or the restored one when the arm was interrupted."""
+def _arm_tuner(
+    space: SearchSpace, arm: str, store: _Store, ended: Mapping[str, dict[str, Any]], verbose: int
+) -> Any:
+    """The restored Tuner when Ray's saved state of the arm can be trusted, else a new one.
+
+    A new Tuner's searcher starts with the journal's ended trials and runs only the trials left;
+    Ray's old state files of the arm are deleted first (its trial folders stay: they hold the
+    ended trials' checkpoints and histories).
+    """
     import ray
     from ray import tune
 
     trainable = make_trainable(space, arm)
     arm_path = store.join(arm)
-    if tune.Tuner.can_restore(arm_path):
+    why_not = _why_not_restore(store, arm, ended)
+    if why_not is None:
         if verbose:
             print(f"[{arm}] resuming {arm_path}", flush=True)
         return tune.Tuner.restore(arm_path, trainable, resume_unfinished=True, resume_errored=True)
-    total = space.arm_num_samples(arm)
+    if ended or store.top_files(arm):
+        if verbose:
+            print(f"[{arm}] rebuilding from its journal ({len(ended)} trials ended): {why_not}", flush=True)
+        for name in store.top_files(arm):
+            store.remove(f"{arm}/{name}")
+    prior = _rows_of(space, arm, ended)
     tune_config = tune.TuneConfig(
-        search_alg=_searcher(space, arm),
+        search_alg=_searcher(space, arm, prior),
         scheduler=_scheduler(space),
-        num_samples=total,
+        num_samples=space.arm_num_samples(arm) - len(prior),
         max_concurrent_trials=space.budget.max_concurrent or _slots(space.resources, ray.cluster_resources()),
         reuse_actors=True,
         trial_dirname_creator=_trial_dirname,
@@ -643,9 +671,42 @@ def _arm_tuner(space: SearchSpace, arm: str, store: _Store, verbose: int) -> Any
         checkpoint_config=tune.CheckpointConfig(num_to_keep=space.checkpoint.num_to_keep),
         failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
         verbose=1 if verbose >= 2 else 0,
-        callbacks=[_Progress(arm, total, space.objective.metric), _TensorBoardAtTrialEnd()],
+        callbacks=[_sweep_callback(), _TensorBoardAtTrialEnd()],
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _sweep_callback() -> Any:
+    from oialr_tune.sweep_hooks import SweepCallback
+
+    return SweepCallback()
+
+
+def _why_not_restore(store: _Store, arm: str, ended: Mapping[str, dict[str, Any]]) -> str | None:
+    """None when Ray's saved state of the arm may be restored, else why not (in a few words).
+
+    Restored only when every file Ray would unpickle is signed as it is now (local folders), its
+    experiment state is whole, and the trials it holds as ended are exactly the journal's: a state
+    that lags the journal would rerun (or re-propose) trials already reported done.
+    """
+    files = store.top_files(arm)
+    if "tuner.pkl" not in files:
+        return "no tuner.pkl"
+    states = sorted(f for f in files if f.startswith("experiment_state-") and f.endswith(".json"))
+    if not states:
+        return "no experiment state"
+    signature = store.signature
+    if signature is not None and signature.unsigned_in(arm):
+        return f"{', '.join(signature.unsigned_in(arm))} not signed as it is"
+    try:
+        state = json.loads(store.read_text(f"{arm}/{states[-1]}"))
+        trials = [json.loads(t[0]) for t in state["trial_data"]]
+        ray_ended = {t["trial_id"] for t in trials if t.get("status") in ("TERMINATED", "ERROR")}
+    except (ValueError, KeyError, IndexError, TypeError):
+        return f"{states[-1]} is incomplete"
+    if ray_ended != set(ended):
+        return f"its state holds {len(ray_ended)} ended trials, the journal {len(ended)}"
+    return None
 
 
 def _slots(resources: Resources, have: Mapping[str, float]) -> int:
@@ -680,62 +741,81 @@ def _describe_arm(space: SearchSpace, arm: str) -> str:
 
 def _run_arm(space: SearchSpace, arm: str, store: _Store, verbose: int) -> None:
     """Run (or finish) one arm; raises SweepInterrupted if Ray stopped before every trial ended."""
+    from oialr_tune import sweep_hooks
+
     if verbose:
         print(_describe_arm(space, arm), flush=True)
-    tuner = _arm_tuner(space, arm, store, verbose)
-    quiet = contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext()
-    with quiet:  # Ray prints an experiment header whatever its verbosity; verbose=0 means silent
-        results = tuner.fit()
-    expected = space.arm_num_samples(arm)
-    ended = results.num_terminated + results.num_errors
-    if len(results) < expected or ended < len(results):
+    signature = store.signature
+    journal = _journal(store, arm)
+    ended = sweep_state.ended_trials(journal.path, journal.key)
+    total = space.arm_num_samples(arm)
+    run = sweep_hooks.ArmRun(
+        arm, total, space.objective.metrics(arm), journal, signature, store.relative, set(ended), verbose >= 1
+    )
+    sweep_hooks.ACTIVE = run
+    try:
+        if len(ended) < total:
+            tuner = _arm_tuner(space, arm, store, ended, verbose)
+            if signature is not None:
+                signature.refresh(arm)  # tuner.pkl, written by the Tuner itself
+            sweep_state.kill_point(f"arm-start:{arm}")
+            quiet = contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext()
+            try:
+                with quiet:  # Ray prints an experiment header whatever its verbosity; verbose=0 means silent
+                    tuner.fit()
+            except Exception:
+                if run.error is None:
+                    raise
+            if run.error is None and signature is not None:
+                signature.refresh(arm)  # Ray's last snapshot
+    finally:
+        sweep_hooks.ACTIVE = None
+        journal.close()
+    if run.error is not None:
         raise SweepInterrupted(
-            f"arm {arm} stopped with {ended}/{expected} trials ended; continue with: "
+            f"arm {arm}: cannot record trials ({run.error.strerror or run.error}); free the space and "
+            f"continue with: oialr-tune sweep --resume {store.root}"
+        )
+    if len(run.ended) < total:
+        raise SweepInterrupted(
+            f"arm {arm} stopped with {len(run.ended)}/{total} trials ended; continue with: "
             f"oialr-tune sweep --resume {store.root}"
         )
+
+
+def _journal(store: _Store, arm: str) -> sweep_state.Journal:
+    """The arm's journal; for a URI store, a local copy uploaded after every ended trial."""
+    key = store.key
+    rel = sweep_state.JOURNAL_TEMPLATE.format(arm=arm)
+    if store.is_local:
+        return sweep_state.Journal(Path(store.root, rel), key)
+    local = Path(tempfile.mkdtemp(prefix="oialr-journal-"), rel)
+    if store.exists(rel):
+        local.write_bytes(store.read_bytes(rel))
+    return sweep_state.Journal(local, key, on_durable=lambda: store.write_bytes(rel, local.read_bytes()))
 
 
 # --- collecting results -----------------------------------------------------------------------
 
 
-def _trial_rows(space: SearchSpace, arm: str, store: _Store) -> list[dict[str, Any]]:
-    """One dict per trial of an arm, from Ray's own record of the experiment."""
-    from ray.tune import ExperimentAnalysis
-
-    analysis = ExperimentAnalysis(store.join(arm))
-    frames = analysis.trial_dataframes
+def _rows_of(space: SearchSpace, arm: str, ended: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One dict per ended trial of an arm (a trials.csv row), from the arm's journal records."""
     keys = [p.key for p in space.arm_params(arm)]
+    metric = space.objective.metric
     rows = []
-    for trial in analysis.trials:
-        last = trial.last_result or {}
-        df = frames.get(trial.trial_id)
-        if df is not None and len(df) and "training_iteration" in df:
-            # A resumed or restarted trial reports some epochs again: keep each epoch's latest report.
-            df = df.drop_duplicates("training_iteration", keep="last").sort_values("training_iteration")
-        metric = space.objective.metric
-        if df is not None and len(df):  # whole columns: a dict per epoch costs seconds on big sweeps
-            history = df[metric].tolist() if metric in df else []
-            train_time = float(df["train_time_s"].fillna(0.0).sum()) if "train_time_s" in df else 0.0
-        else:
-            history = [last.get(metric)] if last else []
-            train_time = float(last.get("train_time_s") or 0.0)
-        values = [v for v in history if isinstance(v, (int, float))]
-        error = None
-        if trial.status == "ERROR":
-            err = trial.get_error()
-            error = str(err).strip().splitlines()[-1][:300] if err else "error"
-        epochs = int(last.get("training_iteration", 0) or 0)
+    for trial_id, rec in ended.items():
+        last, epochs = rec.get("result", {}), rec.get("epochs", [])
+        history = [e.get(metric) for e in epochs] if epochs else [last.get(metric)]
+        values = [v for v in history if isinstance(v, (int, float)) and math.isfinite(v)]
         trainer_status = last.get("run_status")
-        # Ray's own status (TERMINATED, ERROR; PENDING/RUNNING only in an interrupted arm), and
-        # the trainer's verdict beside it: finished, diverged, or running when ASHA stopped it.
-        row: dict[str, Any] = {"arm": arm, "trial_id": trial.trial_id, "status": trial.status}
-        row["trainer_status"] = "error" if error else trainer_status
-        row["stopped_early"] = trial.status == "TERMINATED" and trainer_status == "running"
-        checkpoint = trial.checkpoint
-        if trial.status in ("TERMINATED", "ERROR"):
-            _prune_checkpoints(store, trial.path, checkpoint.path if checkpoint is not None else None)
+        # Ray's status (TERMINATED or ERROR), and the trainer's verdict beside it: finished,
+        # diverged, or running when ASHA stopped it.
+        row: dict[str, Any] = {"arm": arm, "trial_id": trial_id, "status": rec["status"]}
+        row["trainer_status"] = "error" if rec.get("error") else trainer_status
+        row["stopped_early"] = rec["status"] == "TERMINATED" and trainer_status == "running"
+        config = rec.get("config", {})
         for k in keys:
-            row[f"config.{k}"] = trial.config.get(k)
+            row[f"config.{k}"] = config.get(k)
         best = (max if space.objective.direction == "max" else min)(values) if values else None
         row.update({
             metric: last.get(metric),
@@ -743,38 +823,45 @@ def _trial_rows(space: SearchSpace, arm: str, store: _Store) -> list[dict[str, A
             "val_acc": last.get("val_acc"),
             SIZE_METRIC: last.get(SIZE_METRIC),
             "trainable_params": last.get("trainable_params"),
-            "training_iteration": epochs,
+            "training_iteration": int(last.get("training_iteration") or 0),
             "time_total_s": last.get("time_total_s"),
-            "train_time_s": train_time,
+            "train_time_s": float(sum(e.get("train_time_s") or 0.0 for e in epochs)),
             "node_id": last.get("node_id"),
             "gpu_ids": last.get("gpu_ids"),
-            "checkpoint": checkpoint.path if checkpoint is not None else None,
-            "error": error,
+            "checkpoint": rec.get("checkpoint"),
+            "error": rec.get("error"),
             "_history": history,
-            "_params": {k: trial.config.get(k) for k in keys},
+            "_params": {k: config.get(k) for k in keys},
+            "_dir": rec.get("dir"),
         })  # fmt: skip
         rows.append(row)
     return rows
 
 
-def _prune_checkpoints(store: _Store, trial_path: str, keep: str | None) -> None:
-    """Delete an ended trial's checkpoints except the one Ray records as its last.
+def _prune_checkpoints(store: _Store, trial_dir: str, keep: str | None) -> None:
+    """Delete an ended trial's checkpoints except the one its journal record names.
 
-    Runs once an arm is over: until then every checkpoint stays (see CheckpointPolicy), because
+    Runs once the arm is over: until then every checkpoint stays (see CheckpointPolicy), because
     the experiment state a killed driver leaves behind may name any of them.
     """
     if store.is_local:
-        for ckpt in Path(trial_path).glob("checkpoint_*"):
-            if keep is None or ckpt.resolve() != Path(keep).resolve():
+        for ckpt in Path(store.root, trial_dir).glob("checkpoint_*"):
+            if keep is None or ckpt != Path(store.root, keep):
                 shutil.rmtree(ckpt, ignore_errors=True)
         return
     import pyarrow.fs
 
     fs = store._fs
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True)):
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(store._fs_path(trial_dir), allow_not_found=True)):
         is_checkpoint = info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
-        if is_checkpoint and (keep is None or info.path.rstrip("/") != keep.rstrip("/")):
+        if is_checkpoint and (keep is None or info.path.rstrip("/") != store._fs_path(keep).rstrip("/")):
             fs.delete_dir(info.path)
+
+
+def _trial_rows(space: SearchSpace, arm: str, store: _Store) -> list[dict[str, Any]]:
+    """The arm's trial rows, from its journal."""
+    journal = _journal(store, arm)
+    return _rows_of(space, arm, sweep_state.ended_trials(journal.path, journal.key))
 
 
 def _pareto(df: pd.DataFrame, metric: str, direction: str) -> pd.DataFrame:
@@ -829,66 +916,79 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _write_study(space: SearchSpace, arm: str, rows: list[dict[str, Any]], store: _Store) -> None:
-    """(Re)write the arm's Optuna study in ``study.db`` from Ray's record of its trials.
+def _optuna_trials(space: SearchSpace, arm: str, rows: list[dict[str, Any]]) -> list[Any]:
+    """Each trial row as the Optuna trial the searcher was told of.
 
-    Each Ray trial becomes one Optuna trial with the value(s) the searcher was told (the last
-    reported metric, as Ray's OptunaSearch does), its per-epoch values as intermediate values,
-    and the Ray trial id and status as user attributes; errored trials are FAIL. The study is
-    rebuilt from scratch, so re-running this after a resume cannot duplicate trials.
+    The value(s) are the last reported metric(s), as Ray's OptunaSearch reports them; the per-epoch
+    values become intermediate values, the Ray trial id and status user attributes; a trial that
+    errored or has no finite value is FAIL.
+    """
+    import optuna
+
+    dists = {p.key: optuna_distribution(p) for p in space.arm_params(arm)}
+    metrics = space.objective.metrics(arm)
+    trials = []
+    for row in rows:
+        values = [row.get(m) for m in metrics]
+        complete = row["status"] == "TERMINATED" and all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in values
+        )
+        inter = {}
+        if len(metrics) == 1:
+            inter = {
+                i + 1: v for i, v in enumerate(row["_history"]) if isinstance(v, (int, float)) and math.isfinite(v)
+            }
+        trials.append(
+            optuna.trial.create_trial(
+                params={k: row[f"config.{k}"] for k in dists},
+                distributions=dists,
+                values=[float(v) for v in values] if complete else None,
+                state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.FAIL,
+                intermediate_values=inter,
+                user_attrs={
+                    "ray_trial_id": row["trial_id"],
+                    "status": row["status"],
+                    "epochs": row["training_iteration"],
+                },
+            )
+        )
+    return trials
+
+
+def _write_study(space: SearchSpace, arm: str, rows: list[dict[str, Any]], store: _Store) -> None:
+    """(Re)write the arm's Optuna study in ``study.db`` from its trial rows (see `_optuna_trials`).
+
+    The study is rebuilt from scratch, so re-running this after a resume cannot duplicate trials.
     """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    params = space.arm_params(arm)
-    dists = {p.key: optuna_distribution(p) for p in params}
-    metrics, modes = space.objective.metrics(arm), space.objective.modes(arm)
-    directions = ["maximize" if m == "max" else "minimize" for m in modes]
     with store.local_file(STUDY_FILE) as db:
         storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
         with contextlib.suppress(KeyError):
             optuna.delete_study(study_name=arm, storage=storage)
-        study = optuna.create_study(storage=storage, study_name=arm, directions=directions)
+        study = optuna.create_study(storage=storage, study_name=arm, directions=_directions(space, arm))
         study.set_user_attr("space", space.name)
-        trials = []
-        for row in rows:
-            values = [row.get(m) for m in metrics]
-            complete = row["status"] == "TERMINATED" and all(
-                isinstance(v, (int, float)) and math.isfinite(v) for v in values
-            )
-            inter = {}
-            if len(metrics) == 1:
-                inter = {
-                    i + 1: v for i, v in enumerate(row["_history"]) if isinstance(v, (int, float)) and math.isfinite(v)
-                }
-            trials.append(
-                optuna.trial.create_trial(
-                    params={k: row[f"config.{k}"] for k in dists},
-                    distributions=dists,
-                    values=[float(v) for v in values] if complete else None,
-                    state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.FAIL,
-                    intermediate_values=inter,
-                    user_attrs={
-                        "ray_trial_id": row["trial_id"],
-                        "status": row["status"],
-                        "epochs": row["training_iteration"],
-                    },
-                )
-            )
-        study.add_trials(trials)
+        study.add_trials(_optuna_trials(space, arm, rows))
         storage.engine.dispose()  # release the SQLite file before it is (maybe) uploaded
 
 
 def _collect(
     space: SearchSpace, store: _Store, arms: list[str], pool: ThreadPoolExecutor
 ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame | None, Future[None]]:
-    """Write trials.csv, study.db and summary.json from the arms' Ray records; return them.
+    """Write trials.csv, study.db and summary.json from the arms' journals; return them.
+
+    Paths in them (checkpoints) are relative to the sweep folder, so a moved folder still works.
 
     study.db is written on a thread of `pool` (the returned future): Optuna's SQLite storage takes
     about 20 ms per trial, seconds on a big sweep, and nothing else needs to wait for it, so it
     overlaps stopping Ray.
     """
     per_arm = {arm: _trial_rows(space, arm, store) for arm in arms}
+    for rows in per_arm.values():
+        for row in rows:
+            if row["_dir"]:
+                _prune_checkpoints(store, row["_dir"], row["checkpoint"])
 
     def write_studies() -> None:
         for arm, rows in per_arm.items():
@@ -904,8 +1004,9 @@ def _collect(
         if p.type == "int" and col in full:
             full[col] = full[col].astype("Int64")
     best = {arm: b for arm in arms if (b := _best(full, space, arm)) is not None}
-    df = full.drop(columns=["_history", "_params"])
+    df = full.drop(columns=["_history", "_params", "_dir"])
     store.write_text(TRIALS_FILE, df.to_csv(index=False))
+    sweep_state.kill_point("final-writes")
     pareto = None
     if space.objective.is_multi:
         pareto = _pareto(
@@ -967,7 +1068,9 @@ def _read_state(store: _Store) -> dict[str, Any]:
     return state
 
 
-def _open_existing(path: str | os.PathLike[str]) -> tuple[_Store, SearchSpace]:
+def _open_existing(path: str | os.PathLike[str], verify: bool = False) -> tuple[_Store, SearchSpace]:
+    """A sweep folder and its space. With `verify` (a resume), a local folder must carry this
+    user's signature and an unedited sweep.yaml; the signature is then attached to the store."""
     store = _Store(str(path))
     if not store.exists(SWEEP_FILE):
         raise UserError(f"{path}: holds no sweep (no {SWEEP_FILE})")
@@ -975,6 +1078,20 @@ def _open_existing(path: str | os.PathLike[str]) -> tuple[_Store, SearchSpace]:
         data = yaml.safe_load(store.read_text(SWEEP_FILE))
     except yaml.YAMLError:
         raise UserError(f"{path}/{SWEEP_FILE}: invalid YAML") from None
+    if verify and not store.is_local:  # a bucket's state is not signed: its access control is the boundary
+        store.key = sweep_state.load_key(create=True)
+    elif verify:
+        store.signature = sweep_state.Signature.verify(Path(store.root))
+        diff = sweep_state.first_difference(store.signature.config, json.loads(json.dumps(data)))
+        if diff is not None:
+            key, was, now = diff
+            raise UserError(
+                f"{path}/{SWEEP_FILE}: edited since the sweep started ({key}: {was!r} -> {now!r}); a resumed sweep "
+                f"keeps its config: restore it or start a new sweep"
+            )
+        store.key = store.signature.key
+        for arm in ("oialr", "baseline"):  # every journal line must be this user's too
+            sweep_state.ended_trials(Path(store.root, sweep_state.JOURNAL_TEMPLATE.format(arm=arm)), store.key)
     return store, space_from_dict(data, source=f"{path}/{SWEEP_FILE}")
 
 
@@ -995,14 +1112,16 @@ def sweep(
         name: the sweep's folder under `results_dir`; default ``<space name>-<YYYYmmdd-HHMMSS>``.
         results_dir: a local folder, a shared path, or a URI Ray accepts as ``storage_path``.
         resume: continue an interrupted sweep: True with `name`, or the sweep's folder. The space
-            is reloaded from its ``sweep.yaml``; arms that finished are not rerun.
+            is reloaded from its ``sweep.yaml``; arms that finished are not rerun. A local folder
+            must be signed by this user's key and its sweep.yaml unedited (see `sweep_state`).
         address: join an existing Ray cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``);
             None starts Ray on this machine (or uses the Ray already initialized in this process).
         baseline: override the space's ``baseline`` (same-budget, once, none).
         verbose: 0 silent, 1 one line per finished trial and a summary, 2 also Ray's own output.
 
-    Raises UserError (before Ray starts, nothing written) for a bad space, folder or address, and
-    SweepInterrupted when Ray stopped early (the sweep can then be resumed).
+    Raises UserError (before Ray starts, nothing written) for a bad space, folder or address, a
+    folder another sweep holds, or (resume) an unsigned or edited folder; SweepInterrupted when
+    the sweep stopped early (Ctrl-C, SIGTERM, a full disk, a lost cluster): it can then be resumed.
     """
     t0 = time.perf_counter()
     if resume:
@@ -1010,7 +1129,7 @@ def sweep(
             if not name:
                 raise UserError("--resume: name the sweep folder to resume (results/<name>)")
             resume = Path(results_dir, name) if "://" not in str(results_dir) else f"{results_dir}/{name}"
-        store, stored = _open_existing(resume)
+        store, stored = _open_existing(resume, verify=True)
         if space is not None:
             given = space if isinstance(space, SearchSpace) else load_space(space)
             if given.to_dict() != stored.to_dict():
@@ -1039,40 +1158,65 @@ def sweep(
     # bad input, found before Ray starts. URIs are left to Ray.
     created = writable_folder(store.root, "results folder") if store.is_local else []
     state = _read_state(store)
+    lock = sweep_state.FolderLock(Path(store.root)) if store.is_local else None
+    try:
+        if lock is not None:
+            lock.acquire()
+            if not resume and set(os.listdir(store.root)) != {sweep_state.LOCK_FILE}:
+                raise UserError(f"{store.root}: another sweep started in it; choose another --name")
+        return _run_sweep(space, store, bool(resume), state, address, verbose, t0)
+    finally:
+        if lock is not None:
+            lock.release()
+        remove_empty(created)  # only folders left empty: a sweep refused before it wrote anything
 
-    global _print_progress
-    _print_progress = verbose >= 1
+
+def _run_sweep(
+    space: SearchSpace,
+    store: _Store,
+    resume: bool,
+    state: dict[str, Any],
+    address: str | None,
+    verbose: int,
+    t0: float,
+) -> SweepResult:
+    """The sweep proper, in a folder this process holds (see `sweep`)."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", _SNAPSHOT_PERIOD_S)
     # Ray also snapshots whenever a trial has saved `num_to_keep` checkpoints since the last one
     # (so its record never points at a deleted checkpoint) and warns when that is frequent; with
     # small trials it is, by design, and cheap: silence the warning, keep the snapshots.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    try:
-        started = _start_ray(address, verbose)
-    except BaseException:
-        remove_empty(created)
-        raise
+    started = _start_ray(address, verbose)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oialr-study")
     try:
-        try:
-            _check_cluster_fits(space)
-        except UserError:
-            remove_empty(created)
-            raise
-        if not resume:
-            store.write_text(SWEEP_FILE, yaml.safe_dump(space.to_dict(), sort_keys=False))
-            store.write_text(STATE_FILE, json.dumps({"arms_done": []}))
-        if verbose:
-            print(f"sweep {space.name} -> {store.root}", flush=True)
-        for arm in space.arms():
-            if arm in state["arms_done"]:
+        with _sigterm_as_interrupt() as stopped_by:
+            try:
+                _check_cluster_fits(space)
+                if not resume:
+                    store.key = sweep_state.load_key(create=True)
+                    store.write_text(SWEEP_FILE, yaml.safe_dump(space.to_dict(), sort_keys=False))
+                    store.write_text(STATE_FILE, json.dumps({"arms_done": []}))
+                    if store.is_local:
+                        store.signature = sweep_state.Signature.create(Path(store.root), space.to_dict())
+                        store.signature.save()
                 if verbose:
-                    print(f"[{arm}] already finished", flush=True)
-                continue
-            _run_arm(space, arm, store, verbose)
-            state["arms_done"].append(arm)
-            store.write_text(STATE_FILE, json.dumps(state))
-        df, best, pareto, studies = _collect(space, store, space.arms(), pool)
+                    print(f"sweep {space.name} -> {store.root}", flush=True)
+                for arm in space.arms():
+                    if arm in state["arms_done"]:
+                        if verbose:
+                            print(f"[{arm}] already finished", flush=True)
+                        continue
+                    _run_arm(space, arm, store, verbose)
+                    state["arms_done"].append(arm)
+                    store.write_text(STATE_FILE, json.dumps(state))
+                df, best, pareto, studies = _collect(space, store, space.arms(), pool)
+            except KeyboardInterrupt:
+                raise SweepInterrupted(
+                    f"stopped; continue with: oialr-tune sweep --resume {store.root}", stopped_by[0]
+                ) from None
+            except SweepInterrupted as e:
+                e.signum = stopped_by[0]
+                raise
     finally:
         if started:
             import ray
@@ -1086,7 +1230,38 @@ def sweep(
         print(line, flush=True)
         print(f"results: {store.root} ({len(df)} trials, {wall:.1f}s)", flush=True)
     _check_every_arm_finished(space, store, df, best)
-    return SweepResult(store.root, space, df, best, pareto, line, wall)
+    return SweepResult(store.root, space, df, _absolute(store, best), pareto, line, wall)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM (SLURM, Kubernetes, ``kill``) stops the sweep as Ctrl-C does: Ray's own SIGINT
+    handling saves the experiment and ends `fit`, or, outside it, a KeyboardInterrupt. Yields a
+    one-item list holding the signal that stopped the sweep (SIGINT unless SIGTERM came)."""
+    stopped_by = [int(signal.SIGINT)]
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped_by
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        stopped_by[0] = signum
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield stopped_by
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _absolute(store: _Store, best: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The best trials with their checkpoints as full paths (the files store them relative)."""
+    return {arm: {**b, "checkpoint": store.join(b["checkpoint"]) if b.get("checkpoint") else None}
+            for arm, b in best.items()}  # fmt: skip
 
 
 def _check_every_arm_finished(space: SearchSpace, store: _Store, df: pd.DataFrame, best: dict[str, Any]) -> None:
@@ -1126,7 +1301,7 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepResult:
         pareto = _pareto(
             _usable(df, "oialr", space.objective.metric), space.objective.metric, space.objective.direction
         )
-    best = summary.get("best", {})
+    best = _absolute(store, summary.get("best", {}))
     return SweepResult(store.root, space, df, best, pareto, _summary_line(space, best))
 
 

@@ -1,0 +1,132 @@
+"""The sweep driver's Ray Tune callback: journal every trial, then print it; keep the state signed.
+
+A module of its own, imported only by :mod:`oialr_tune.tune` once Ray is needed, so that the
+callback is a module-level class: Ray pickles the callbacks into ``tuner.pkl``, and a class pickled
+by name runs this version's code on resume, not a copy frozen into the folder. For the same reason
+it holds no state: what it needs comes from :data:`ACTIVE`, set by the driver for the arm it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import tune
+
+from oialr_tune.space import SIZE_METRIC
+from oialr_tune.sweep_state import Journal, Signature, kill_point
+
+# Last-result keys an end record keeps (what trials.csv shows of a trial).
+RESULT_KEYS = (
+    "val_acc", "val_loss", SIZE_METRIC, "trainable_params", "training_iteration", "time_total_s",
+    "node_id", "gpu_ids", "run_status",
+)  # fmt: skip
+
+
+@dataclass
+class ArmRun:
+    """The arm the driver is running: where to record, what to print, what went wrong."""
+
+    arm: str
+    total: int
+    metrics: list[str]
+    journal: Journal
+    signature: Signature | None  # None for a URI store: Ray's state there is not signed
+    relative: Any  # fs path -> path relative to the sweep folder
+    ended: set[str] = field(default_factory=set)
+    print_progress: bool = True
+    epochs_seen: int = 0
+    error: OSError | None = None
+
+
+ACTIVE: ArmRun | None = None
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class SweepCallback(tune.Callback):
+    """One journal line per reported epoch; per ended trial a durable journal line, then its done line."""
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
+        run = ACTIVE
+        if run is None or run.error is not None:
+            return
+        record = {"kind": "epoch", "trial_id": trial.trial_id, "training_iteration": result.get("training_iteration")}
+        record.update({m: _json_number(result.get(m)) for m in run.metrics})
+        record["train_time_s"] = _json_number(result.get("train_time_s"))
+        try:
+            run.journal.append(record, durable=False)
+        except OSError as e:
+            run.error = e
+            return
+        run.epochs_seen += 1
+        kill_point(f"epoch:{run.arm}:{run.epochs_seen}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ended(trial, "TERMINATED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ended(trial, "ERROR")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        run = ACTIVE
+        if run is None:
+            return
+        if run.error is not None:
+            raise run.error  # ends fit(); the driver reports it and the sweep can be resumed
+        if run.signature is not None:
+            try:
+                run.signature.refresh(run.arm)
+            except OSError as e:
+                run.error = e
+
+    def _ended(self, trial: Any, status: str) -> None:
+        run = ACTIVE
+        if run is None or run.error is not None:
+            return
+        last = trial.last_result or {}
+        checkpoint = trial.checkpoint
+        record = {
+            "kind": "end",
+            "trial_id": trial.trial_id,
+            "status": status,
+            "config": dict(trial.config),
+            "result": {k: _json_number(last.get(k)) for k in (*run.metrics, *RESULT_KEYS)},
+            "dir": run.relative(trial.path),
+            "checkpoint": run.relative(checkpoint.path) if checkpoint is not None else None,
+            "error": _error_text(trial) if status == "ERROR" else None,
+        }
+        try:
+            run.journal.append(record, durable=True)  # on disk before anyone is told it is done
+        except OSError as e:
+            run.error = e
+            return
+        run.ended.add(trial.trial_id)
+        if run.print_progress:
+            r = record["result"]
+            params = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(trial.config.items()))
+            what = "done " if status == "TERMINATED" else "ERROR"
+            metric = run.metrics[0]
+            print(
+                f"[{run.arm}] {len(run.ended)}/{run.total} {trial.trial_id} {what} epochs={last.get('epoch', 0)} "
+                f"{metric}={_fmt(r.get(metric))} frac={_fmt(r.get(SIZE_METRIC))} {params}",
+                flush=True,
+            )
+        kill_point(f"done:{run.arm}:{len(run.ended)}")
+
+
+def _json_number(v: Any) -> Any:
+    """Plain JSON values: numpy scalars become Python numbers (inf and NaN stay floats; Python's
+    json writes and reads them)."""
+    return v.item() if hasattr(v, "item") else v
+
+
+def _error_text(trial: Any) -> str:
+    """The last line of the trial's error (Ray's text file, never its pickled exception)."""
+    try:
+        err = trial.get_error()
+    except Exception:  # the file may be on a storage that just failed
+        err = None
+    return str(err).strip().splitlines()[-1][:300] if err else "error"
