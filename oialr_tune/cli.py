@@ -47,7 +47,7 @@ def _sweep(args: argparse.Namespace) -> int:
         )
     except SweepInterrupted as exc:
         print(f"oialr-tune: sweep interrupted: {exc}", file=sys.stderr)
-        return 130
+        return 128 + exc.signum  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports a signal
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,6 +322,7 @@ def open_results(results_dir: str | Path) -> SweepResults:
         raise UserError(
             f"{path}: holds no finished sweep (no {TRIALS_FILE}; resume it with `oialr-tune sweep --resume {path}`)"
         )
+    _repair_if_incomplete(path)
     try:
         space = load_space(sweep_file)
     except UserError as e:
@@ -348,6 +350,37 @@ def check_max_trainable_fraction(value: float | None) -> None:
     """
     if value is not None and not value > 0:
         raise UserError(f"--max-trainable-fraction: must be > 0, got {value}")
+
+
+def _repair_if_incomplete(path: Path) -> None:
+    """Rebuild trials.csv, summary.json and study.db from the journals when they are incomplete.
+
+    A kill during the final writes leaves trials.csv without study.db; a damaged trials.csv may be
+    cut mid-row (pandas would read the row with blanks, and `best` could pick the wrong trial). The
+    journals (``journal-<arm>.jsonl``) record every ended trial, so they win. Says so on stderr.
+    """
+    from oialr_tune.sweep_state import JOURNAL_TEMPLATE, ended_trials
+
+    journals = sorted(path.glob(JOURNAL_TEMPLATE.format(arm="*")))
+    trials_file = path / TRIALS_FILE
+    text = trials_file.read_bytes()
+    if not journals:  # a folder from before journals: detect what can be detected
+        if text and not text.endswith(b"\n"):
+            raise UserError(f"{trials_file}: cut off mid-row; rerun the sweep's final step with --resume {path}")
+        return
+    ended = sum(len(ended_trials(j, key=None)) for j in journals)
+    rows = text.count(b"\n") - 1 if text.endswith(b"\n") else -1
+    missing = [f for f in (STUDY_FILE, SUMMARY_FILE) if not (path / f).is_file()]
+    if rows == ended and not missing:
+        return
+    why = f"{', '.join(missing)} missing" if missing else f"{TRIALS_FILE} holds {max(rows, 0)} of {ended} ended trials"
+    from oialr_tune.tune import rebuild_results
+
+    try:
+        rebuild_results(path)
+    except OSError as e:
+        raise UserError(f"{path}: results incomplete ({why}) and cannot be rewritten ({e.strerror or e})") from None
+    print(f"oialr-tune: note: {path}: results were incomplete ({why}); rebuilt from the journals", file=sys.stderr)
 
 
 def best_trial(

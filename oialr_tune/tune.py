@@ -1,7 +1,7 @@
 """Tuning sweeps: Ray Tune runs trainer trials, Optuna proposes settings, ASHA stops weak trials.
 
-The only module that imports Ray and Optuna. One sweep runs up to two *arms*, each a Ray Tune
-experiment in ``<results>/<name>/``:
+The only module that imports Ray and Optuna (with its driver callback, `sweep_hooks`). One sweep
+runs up to two *arms*, each a Ray Tune experiment in ``<results>/<name>/``:
 
 * ``oialr``: OIALR on, searching the OIALR knobs and the learning-rate ranges of the space;
 * ``baseline``: the same network at full rank (``oialr.enabled: false``), searching the same
@@ -1284,6 +1284,18 @@ def _check_every_arm_finished(space: SearchSpace, store: _Store, df: pd.DataFram
         )
 
 
+def rebuild_results(path: str | os.PathLike[str]) -> None:
+    """Rewrite a finished sweep's trials.csv, summary.json and study.db from its journals.
+
+    For a folder whose final writes were cut short (a kill, a full disk) or whose trials.csv was
+    damaged: the journals hold every ended trial, so nothing needs Ray.
+    """
+    store, space = _open_existing(path)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        studies = _collect(space, store, space.arms(), pool)[3]
+    studies.result()
+
+
 def load_sweep(path: str | os.PathLike[str]) -> SweepResult:
     """Read a finished (or interrupted) sweep's results back from its folder, without Ray running.
 
@@ -1305,4 +1317,4 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepResult:
     return SweepResult(store.root, space, df, best, pareto, _summary_line(space, best))
 
 
-__all__ = ["SweepInterrupted", "SweepResult", "load_sweep", "make_trainable", "run_trial", "sweep"]
+__all__ = ["SweepInterrupted", "SweepResult", "load_sweep", "make_trainable", "rebuild_results", "run_trial", "sweep"]

@@ -65,6 +65,19 @@ def tiny_mnist(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def signing_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Sweeps sign their folders with a key in the user's config dir: the tests' own, not the real one.
+
+    Set in the environment, so the sweeps the tests start in subprocesses use the same key.
+    """
+    import os
+
+    folder = tmp_path_factory.mktemp("config-home")
+    os.environ["XDG_CONFIG_HOME"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance (2 CPUs) for the whole test session, started by the first test that needs it.

@@ -91,11 +91,13 @@ def test_sweep_finds_best_and_results_are_consistent(ray_session: Any, tmp_path:
     # Files: trials.csv is the returned table; summary.json has the same best trials.
     assert pd.read_csv(root / "trials.csv")["trial_id"].tolist() == df["trial_id"].tolist()
     summary = json.loads((root / "summary.json").read_text())
-    assert summary["best"] == json.loads(json.dumps(result.best))
+    # The folder's files hold checkpoints relative to it (a moved folder still works); the API full paths.
+    in_folder = {arm: {**b, "checkpoint": str(root / b["checkpoint"])} for arm, b in summary["best"].items()}
+    assert in_folder == json.loads(json.dumps(result.best))
     assert pd.read_csv(root / "trials.csv")["config.schedule.rewarm_steps"].dropna().map(float.is_integer).all()
     assert yaml.safe_load((root / "sweep.yaml").read_text()) == result.space.to_dict()
     reloaded = load_sweep(root)
-    assert reloaded.best == summary["best"]
+    assert reloaded.best == in_folder
 
     # study.db: one Optuna study per arm with the same trials, readable by Optuna's own tools.
     storage = f"sqlite:///{root / 'study.db'}"

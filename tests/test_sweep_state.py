@@ -1,0 +1,248 @@
+"""A sweep folder survives any kill: the kill-point matrix, a full disk, SIGTERM, the lock, a moved
+folder, an edited config, an unsigned or tampered state, and final writes cut short.
+
+Kills use the driver's own hook (`OIALR_TUNE_TEST_KILL_AT`, see `oialr_tune.sweep_state.kill_point`):
+the driver SIGKILLs its whole process group (itself and the Ray it started) at a named point, so
+each phase is hit exactly. Resumes run in-process on the session's Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from tiny_sweep import SPACE as TINY_SPACE
+from tiny_sweep import tiny_sweep_dir
+
+from oialr_tune import sweep_state
+from oialr_tune.cli import main
+from oialr_tune.space import space_from_dict
+from oialr_tune.tune import SweepInterrupted, sweep
+
+# Two arms of 2 trials x 2 epochs (ASHA may stop a trial after epoch 1).
+SPACE: dict[str, Any] = {**copy.deepcopy(TINY_SPACE), "objective": {"metric": "val_acc", "mode": "max"}}
+SPACE["budget"] = {"num_samples": 2, "max_epochs": 2, "max_concurrent": 1}
+DONE = re.compile(r"^\[(\w+)\] \d+/\d+ (\w+) done\s+epochs=(\d+) val_acc=(\S+)", re.M)
+
+
+def _driver(tmp_path: Path, name: str, kill_at: str | None = None) -> subprocess.Popen:
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    if kill_at:
+        env[sweep_state.KILL_ENV] = kill_at
+    return subprocess.Popen(
+        [sys.executable, "-m", "oialr_tune.cli", "sweep", str(tmp_path / "space.yaml"), "--name", name,
+         "--results-dir", str(tmp_path / "r")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+    )  # fmt: skip
+
+
+def _assert_done_trials_kept(folder: Path, printed: str) -> None:
+    """Every trial printed done is in trials.csv with the printed metric and epochs; the sweep is whole."""
+    df = pd.read_csv(folder / "trials.csv").set_index("trial_id")
+    assert (df["arm"] == "oialr").sum() == 2 and (df["arm"] == "baseline").sum() == 2, df
+    assert set(df["status"]) == {"TERMINATED"}
+    for arm, trial_id, epochs, val_acc in DONE.findall(printed):
+        assert trial_id in df.index, f"trial {trial_id} was printed done but is not in trials.csv"
+        row = df.loc[trial_id]
+        assert row["arm"] == arm and row["training_iteration"] == int(epochs)
+        assert f"{row['val_acc']:.4g}" == val_acc
+    assert (folder / "study.db").is_file() and (folder / "summary.json").is_file()
+
+
+# Each phase boundary of a two-arm sweep: the second arm's Tuner made (tuner.pkl, no experiment state
+# yet; the first arm finished), mid-trial (an epoch reported), right after a done line, the final writes.
+KILL_POINTS = ["arm-start:baseline", "epoch:oialr:3", "done:oialr:1", "final-writes"]
+
+
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+def test_kill_at_each_phase_then_resume_loses_no_trial_printed_done(
+    ray_session: Any, tmp_path: Path, kill_at: str
+) -> None:
+    proc = _driver(tmp_path, "k", kill_at)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL, f"the driver was not killed at {kill_at}:\n{out}\n{err[-2000:]}"
+    folder = tmp_path / "r" / "k"
+    if kill_at == "done:oialr:1":  # also: a moved folder resumes (its files hold relative paths)
+        folder = folder.rename(tmp_path / "moved")
+    assert main(["sweep", "--resume", str(folder), "-q"]) == 0
+    _assert_done_trials_kept(folder, out)
+    assert not (folder / sweep_state.LOCK_FILE).exists()
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_sweep_resumes(ray_session: Any, tmp_path: Path) -> None:
+    proc = _driver(tmp_path, "t")
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:  # SIGTERM right after the first done line
+        lines.append(line)
+        if DONE.match(line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    printed = "".join(lines) + out
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and "--resume" in err.splitlines()[-1]
+    assert main(["sweep", "--resume", str(tmp_path / "r" / "t"), "-q"]) == 0
+    _assert_done_trials_kept(tmp_path / "r" / "t", printed)
+
+
+def test_full_disk_stops_the_sweep_and_resume_completes_it(
+    ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk fills when the 2nd trial ends: its journal line fails, so it is not printed done; Ray's
+    own files are left as a full disk leaves them (experiment state cut short, searcher state empty)."""
+    append, ends = sweep_state.Journal.append, []
+
+    def filling(self: sweep_state.Journal, record: Any, durable: bool) -> None:
+        if durable:
+            ends.append(record["trial_id"])
+            if len(ends) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        append(self, record, durable)
+
+    monkeypatch.setattr(sweep_state.Journal, "append", filling)
+    with pytest.raises(SweepInterrupted, match="No space left on device"):
+        sweep(space_from_dict(SPACE), name="d", results_dir=tmp_path, verbose=1)
+    printed = capsys.readouterr().out
+    assert len(DONE.findall(printed)) == 1
+    arm = tmp_path / "d" / "oialr"
+    for f in arm.glob("experiment_state-*.json"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    for f in arm.glob("search*_state-*"):
+        f.write_bytes(b"")
+    monkeypatch.setattr(sweep_state.Journal, "append", append)
+    sweep(resume=tmp_path / "d", verbose=0)
+    _assert_done_trials_kept(tmp_path / "d", printed)
+
+
+@pytest.fixture
+def sweep_copy(ray_session: Any, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
+    """A copy of the session's finished tiny sweep (signed with the tests' key), to change freely."""
+    return Path(shutil.copytree(tiny_sweep_dir(tmp_path_factory), tmp_path / "copy"))
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("oialr-tune: error: "), err
+    return err[0]
+
+
+def test_a_locked_folder_is_refused_and_a_stale_lock_taken_over(
+    sweep_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lock = sweep_copy / sweep_state.LOCK_FILE
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "started": "now"}))
+        assert main(["sweep", "--resume", str(sweep_copy), "-q"]) == 2
+        assert f"in use by oialr-tune pid {holder.pid}" in _one_error_line(capsys)
+        assert main(["sweep", "--resume", str(sweep_copy), "-q"]) == 2  # the lock is not taken over
+        _one_error_line(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["sweep", "--resume", str(sweep_copy), "-q"]) == 0  # its holder is dead: stale
+    assert not lock.exists()
+
+
+def test_a_copied_folder_resumes_and_reports_its_own_paths(
+    sweep_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["sweep", "--resume", str(sweep_copy), "-q"]) == 0
+    assert main(["best", str(sweep_copy), "--format", "json"]) == 0
+    best = json.loads(capsys.readouterr().out)
+    assert best["checkpoint"].startswith(str(sweep_copy)) and Path(best["checkpoint_file"]).is_file()
+    assert not pd.read_csv(sweep_copy / "trials.csv")["checkpoint"].str.startswith("/").any()
+
+
+def test_an_edited_sweep_yaml_is_refused_naming_the_key(sweep_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = sweep_copy / "sweep.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["budget"]["num_samples"] = 8
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    before = sorted(p.name for p in sweep_copy.iterdir())
+    assert main(["sweep", "--resume", str(sweep_copy), "-q"]) == 2
+    assert "budget.num_samples: 3 -> 8" in _one_error_line(capsys)
+    assert sorted(p.name for p in sweep_copy.iterdir()) == before
+
+
+class _Payload:
+    """Unpickling this creates a marker file: what a crafted folder would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_never_unpickles_an_unsigned_or_tampered_state(
+    sweep_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "payload-ran"
+    (sweep_copy / "oialr" / "tuner.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    # The arm looks unfinished: its last trial's end is cut from the journal, so a resume runs it.
+    journal = sweep_state.journal_path(sweep_copy, "oialr")
+    lines = journal.read_text().splitlines(keepends=True)
+    last_end = max(i for i, line in enumerate(lines) if '"kind": "end"' in line)
+    journal.write_text("".join(lines[:last_end]))
+    (sweep_copy / "state.json").write_text(json.dumps({"arms_done": []}))
+    for name in ("trials.csv", "summary.json", "study.db"):
+        (sweep_copy / name).unlink()
+
+    # Another user's folder (no key here for it), then a folder without a signature: refused.
+    with monkeypatch.context() as m:
+        m.setenv("XDG_CONFIG_HOME", str(tmp_path / "someone-else"))
+        assert main(["sweep", "--resume", str(sweep_copy), "-q"]) == 2
+    assert "not signed by this user's key" in _one_error_line(capsys)
+    signature = sweep_copy / sweep_state.SIGNATURE_FILE
+    saved = signature.read_bytes()
+    signature.unlink()
+    assert main(["sweep", "--resume", str(sweep_copy), "-q"]) == 2
+    assert "not signed by this user's key" in _one_error_line(capsys)
+    assert not marker.exists()
+
+    # Signed folder, tampered tuner.pkl: not unpickled; the arm is rebuilt from its journal.
+    signature.write_bytes(saved)
+    assert main(["sweep", "--resume", str(sweep_copy)]) == 0
+    assert not marker.exists()
+    assert "rebuilding from its journal" in capsys.readouterr().out
+    df = pd.read_csv(sweep_copy / "trials.csv")
+    assert (df["arm"] == "oialr").sum() == 3 and set(df["status"]) == {"TERMINATED"}
+
+
+def test_final_writes_cut_short_are_rebuilt_from_the_journals(
+    sweep_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["best", str(sweep_copy), "--format", "json"]) == 0
+    expected = json.loads(capsys.readouterr().out)["trial_id"]
+    # Killed during the final writes: trials.csv but no study.db, no summary.json.
+    (sweep_copy / "study.db").unlink()
+    (sweep_copy / "summary.json").unlink()
+    assert main(["best", str(sweep_copy), "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["trial_id"] == expected
+    assert "(study.db, summary.json missing); rebuilt from the journals" in captured.err
+    assert (sweep_copy / "study.db").is_file() and (sweep_copy / "summary.json").is_file()
+    # trials.csv cut mid-row: the best trial's row loses its metrics.
+    trials = sweep_copy / "trials.csv"
+    text = trials.read_text()
+    trials.write_text(text[: text.index(f",{expected},") + 30])
+    assert main(["best", str(sweep_copy), "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["trial_id"] == expected and "rebuilt from the journals" in captured.err
+    assert trials.read_text() == text
