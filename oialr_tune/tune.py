@@ -631,9 +631,7 @@ def _check_cluster_fits(space: SearchSpace) -> None:
 # --- running one arm --------------------------------------------------------------------------
 
 
-def _arm_tuner(
-    space: SearchSpace, arm: str, store: _Store, ended: Mapping[str, dict[str, Any]], verbose: int
-) -> Any:
+def _arm_tuner(space: SearchSpace, arm: str, store: _Store, ended: Mapping[str, dict[str, Any]], verbose: int) -> Any:
     """The restored Tuner when Ray's saved state of the arm can be trusted, else a new one.
 
     A new Tuner's searcher starts with the journal's ended trials and runs only the trials left;
