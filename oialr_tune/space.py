@@ -516,7 +516,9 @@ def _resolve_path(path: str | os.PathLike[str] | None) -> tuple[str, Path | None
     if path is None:
         path = "quickstart"
     p = Path(path)
-    if not p.exists() and p.suffix == "" and str(path) in packaged_spaces():
+    # A folder may share a packaged space's name (`compare quickstart --out quickstart`): only a
+    # file of that name shadows the packaged space.
+    if not p.is_file() and p.suffix == "" and str(path) in packaged_spaces():
         resource = importlib_resources.files("oialr_tune") / "search_spaces" / f"{path}.yaml"
         return resource.read_text(), None
     if not p.exists():

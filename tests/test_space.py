@@ -69,6 +69,12 @@ def test_default_is_quickstart_and_repo_dir_points_at_the_packaged_files() -> No
         assert load_space(ROOT / "search_spaces" / f"{name}.yaml").to_dict() == load_space(name).to_dict()
 
 
+def test_a_folder_named_like_a_packaged_space_does_not_shadow_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart").mkdir()  # e.g. `oialr-tune compare quickstart --out quickstart`
+    assert load_space("quickstart").name == "quickstart"
+
+
 def test_roundtrip_through_yaml(tmp_path: Path) -> None:
     space = load_space("cifar10_vit")
     dump_space(space, tmp_path / "s.yaml")
