@@ -175,9 +175,8 @@ class _Store:
             raise UserError(
                 f"{self.root}: the storage did not answer within {_STORAGE_PROBE_S:g} s (no network or no credentials?)"
             )
-        if outcome[0] is not None:
-            message = str(outcome[0]).strip().splitlines()[0] if str(outcome[0]).strip() else type(outcome[0]).__name__
-            raise UserError(f"{self.root}: cannot reach the storage ({message})")
+        if outcome[0] is not None:  # the CLI prints a multi-line message as one line
+            raise UserError(f"{self.root}: cannot reach the storage ({type(outcome[0]).__name__}: {outcome[0]})")
 
     def join(self, *parts: str) -> str:
         return "/".join([self.root, *parts]) if not self.is_local else str(Path(self.root, *parts))
