@@ -9,6 +9,7 @@ it holds no state: what it needs comes from :data:`ACTIVE`, set by the driver fo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -124,9 +125,14 @@ def _json_number(v: Any) -> Any:
 
 
 def _error_text(trial: Any) -> str:
-    """The last line of the trial's error (Ray's text file, never its pickled exception)."""
+    """The last line of the trial's error, from Ray's text file (never its pickled exception).
+
+    Read the trial's local copy: Ray writes it before calling the callbacks, while
+    `trial.get_error()` reads the storage copy, which is synced only later.
+    """
     try:
-        err = trial.get_error()
-    except Exception:  # the file may be on a storage that just failed
-        err = None
-    return str(err).strip().splitlines()[-1][:300] if err else "error"
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:  # the file may be on a storage that just failed
+        text = ""
+    lines = text.strip().splitlines()
+    return lines[-1][:300] if lines else "error"
