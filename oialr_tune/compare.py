@@ -97,15 +97,21 @@ def compare(
 ) -> pd.DataFrame:
     """Run the whole protocol (module docstring) and write the comparison; returns the per-seed table.
 
-    With `max_trainable_fraction`, the tuned OIALR arms retrain their most accurate trial (on
-    validation) among those that ended at or under that trainable fraction: the question becomes
-    "does OIALR match full rank *at this size*", rather than at whatever size tuned best.
+    With `max_trainable_fraction` (or the space's ``objective.max_trainable_fraction``), the OIALR
+    searches treat larger trials as infeasible (constrained TPE) and the tuned OIALR arms retrain
+    their most accurate trial (on validation) among those that ended at or under that trainable
+    fraction: the question becomes "does OIALR match full rank *at this size*", rather than at
+    whatever size tuned best.
     """
     from oialr_tune.results import best_trial, check_max_trainable_fraction
     from oialr_tune.tune import sweep
 
     check_max_trainable_fraction(max_trainable_fraction)
     space = space if isinstance(space, SearchSpace) else load_space(space)
+    if max_trainable_fraction is not None:  # the budget goes into the OIALR searches, not only the pick
+        objective = dataclasses.replace(space.objective, max_trainable_fraction=max_trainable_fraction)
+        space = dataclasses.replace(space, objective=objective)
+    max_trainable_fraction = space.objective.max_trainable_fraction
     space = _with_trials(dataclasses.replace(space, baseline="same-budget"), trials)
     seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) else list(seeds)
     if len(seed_list) < 2:

@@ -399,6 +399,7 @@ def best_trial(
             default: the sweep's objective metric.
         max_trainable_fraction: only trials at or under this trainable fraction count; for a
             multi-objective sweep this picks the most accurate Pareto point under the budget.
+            Default for the OIALR arm: the space's ``objective.max_trainable_fraction``.
 
     Raises UserError for a directory without an experiment, an arm the sweep did not run, or no
     trial that qualifies.
@@ -410,6 +411,8 @@ def best_trial(
     if metric not in DIRECTIONS:
         raise UserError(f"--objective: expected one of {', '.join(DIRECTIONS)}, got {metric!r}")
     mode = DIRECTIONS[metric]
+    if max_trainable_fraction is None and arm == "oialr":
+        max_trainable_fraction = res.space.objective.max_trainable_fraction
     check_max_trainable_fraction(max_trainable_fraction)
     all_rows = res.trials[res.trials["arm"] == arm]
     usable = res.usable(arm, metric)

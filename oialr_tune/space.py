@@ -116,10 +116,18 @@ class Param:
 
 @dataclass(frozen=True)
 class Objective:
-    """What a trial is judged by: one metric, or (``multi``) that metric and the trainable fraction."""
+    """What a trial is judged by: one metric, or (``multi``) that metric and the trainable fraction.
+
+    `max_trainable_fraction` is a size budget inside the search: the OIALR arm's sampler treats a
+    trial whose final trainable fraction is above it as infeasible (Optuna's constrained TPE), and
+    ``best`` picks among the trials under it. A trial ASHA stops early counts with the fraction of
+    its last reported epoch: one stopped before its cuts is infeasible, which is what it is as a
+    candidate model.
+    """
 
     metric: Literal["val_acc", "val_loss"] = "val_acc"
     mode: Literal["max", "min", "multi"] = "max"
+    max_trainable_fraction: float | None = None
 
     @property
     def is_multi(self) -> bool:
@@ -464,6 +472,9 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
         _check_endpoints(p, base_cfg)
 
     objective = dataclass_from_dict(Objective, data.get("objective"), "objective")
+    budget_fraction = objective.max_trainable_fraction
+    if budget_fraction is not None and not 0 < budget_fraction <= 1:
+        raise UserError(f"objective.max_trainable_fraction: must be in (0, 1], got {budget_fraction}")
     if objective.mode != "multi" and objective.mode != objective.direction:
         raise UserError(
             f"objective.mode: {objective.metric} is better when {objective.direction}imized; "

@@ -390,7 +390,8 @@ def _searcher(space: SearchSpace, arm: str, prior: list[dict[str, Any]]) -> Any:
     if not params:
         return None
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from oialr_tune.budget_search import BudgetedOptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if space.strategy.sampler == "random":
@@ -402,14 +403,22 @@ def _searcher(space: SearchSpace, arm: str, prior: list[dict[str, Any]]) -> Any:
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage, study_name=arm, directions=_directions(space, arm))
     study.add_trials(_optuna_trials(space, arm, prior))
-    return OptunaSearch(
+    # With a size budget every told trial carries its constraint and TPE models the infeasible ones
+    # apart (a random sampler ignores it: the budget then acts at the pick only).
+    return BudgetedOptunaSearch(
         space={p.key: optuna_distribution(p) for p in params},
         metric=metrics if multi else metrics[0],
         mode=modes if multi else modes[0],
         sampler=sampler,
         storage=storage,
         study_name=arm,
+        max_trainable_fraction=_size_budget(space, arm),
     )
+
+
+def _size_budget(space: SearchSpace, arm: str) -> float | None:
+    """The OIALR arm's `objective.max_trainable_fraction` (the baseline arm is full size by construction)."""
+    return space.objective.max_trainable_fraction if arm == "oialr" else None
 
 
 def _directions(space: SearchSpace, arm: str) -> list[str]:
@@ -890,6 +899,9 @@ def _best(df: pd.DataFrame, space: SearchSpace, arm: str) -> dict[str, Any] | No
     """
     metric = space.objective.metric
     rows = _usable(df, arm, metric)
+    budget = space.objective.max_trainable_fraction
+    if budget is not None and arm == "oialr":  # the size budget, as `results.best_trial` applies it
+        rows = rows[rows[SIZE_METRIC] <= budget]
     if rows.empty:
         return None
     r = rows.loc[rows[metric].idxmax() if space.objective.direction == "max" else rows[metric].idxmin()]
@@ -924,12 +936,20 @@ def _optuna_trials(space: SearchSpace, arm: str, rows: list[dict[str, Any]]) -> 
 
     dists = {p.key: optuna_distribution(p) for p in space.arm_params(arm)}
     metrics = space.objective.metrics(arm)
+    budget = _size_budget(space, arm)
     trials = []
     for row in rows:
         values = [row.get(m) for m in metrics]
         complete = row["status"] == "TERMINATED" and all(
             isinstance(v, (int, float)) and math.isfinite(v) for v in values
         )
+        constraints = None
+        if budget is not None and complete:
+            from oialr_tune.budget_search import size_constraint
+
+            fraction = row.get(SIZE_METRIC)
+            finite = isinstance(fraction, (int, float)) and math.isfinite(fraction)
+            constraints = size_constraint(fraction if finite else None, budget)
         inter = {}
         if len(metrics) == 1:
             inter = {
@@ -947,6 +967,7 @@ def _optuna_trials(space: SearchSpace, arm: str, rows: list[dict[str, Any]]) -> 
                     "status": row["status"],
                     "epochs": row["training_iteration"],
                 },
+                constraints=constraints,
             )
         )
     return trials
