@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from . import __version__
 from .errors import UserError
 
 
@@ -88,7 +89,11 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="oialr-tune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="oialr-tune",
+        description="Hyperparameter search for OIALR low-rank training: sweep, then best, retrain and report.",
+    )
+    parser.add_argument("--version", action="version", version=f"oialr-tune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -8,9 +8,10 @@ it holds no state: what it needs comes from :data:`ACTIVE`, set by the driver fo
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ray import tune
 
@@ -36,6 +37,8 @@ class ArmRun:
     relative: Any  # fs path -> path relative to the sweep folder
     ended: set[str] = field(default_factory=set)
     print_progress: bool = True
+    # Where the progress lines go: the real stdout, captured before Ray's own output is silenced.
+    out: TextIO | None = None
     epochs_seen: int = 0
     error: OSError | None = None
 
@@ -113,6 +116,7 @@ class SweepCallback(tune.Callback):
             print(
                 f"[{run.arm}] {len(run.ended)}/{run.total} {trial.trial_id} {what} epochs={last.get('epoch', 0)} "
                 f"{metric}={_fmt(r.get(metric))} frac={_fmt(r.get(SIZE_METRIC))} {params}",
+                file=run.out or sys.stdout,
                 flush=True,
             )
         kill_point(f"done:{run.arm}:{len(run.ended)}")

@@ -756,7 +756,8 @@ def _run_arm(space: SearchSpace, arm: str, store: _Store, verbose: int) -> None:
     ended = sweep_state.ended_trials(journal.path, journal.key)
     total = space.arm_num_samples(arm)
     run = sweep_hooks.ArmRun(
-        arm, total, space.objective.metrics(arm), journal, signature, store.relative, set(ended), verbose >= 1
+        arm, total, space.objective.metrics(arm), journal, signature, store.relative, set(ended), verbose >= 1,
+        out=sys.stdout,
     )
     sweep_hooks.ACTIVE = run
     try:
@@ -765,9 +766,12 @@ def _run_arm(space: SearchSpace, arm: str, store: _Store, verbose: int) -> None:
             if signature is not None:
                 signature.refresh(arm)  # tuner.pkl, written by the Tuner itself
             sweep_state.kill_point(f"arm-start:{arm}")
-            quiet = contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext()
+            # Ray prints its boxed experiment header and a TensorBoard hint (pointing into its /tmp
+            # session) whatever its verbosity: only -v (verbose 2) shows Ray's own output. Our
+            # progress lines go to the stdout captured in `run.out`.
+            quiet = contextlib.redirect_stdout(io.StringIO()) if verbose < 2 else contextlib.nullcontext()
             try:
-                with quiet:  # Ray prints an experiment header whatever its verbosity; verbose=0 means silent
+                with quiet:
                     tuner.fit()
             except Exception:
                 if run.error is None:
@@ -1246,7 +1250,8 @@ def _run_sweep(
     wall = time.perf_counter() - t0
     if verbose:
         print(line, flush=True)
-        print(f"results: {store.root} ({len(df)} trials, {wall:.1f}s)", flush=True)
+        print(f"results: {store.root} ({len(df)} trials, {wall:.1f}s); TensorBoard: tensorboard --logdir {store.root}",
+              flush=True)
     _check_every_arm_finished(space, store, df, best)
     return SweepResult(store.root, space, df, _absolute(store, best), pareto, line, wall)
 

@@ -321,3 +321,12 @@ def test_documented_submodules_are_reachable_from_a_bare_import() -> None:
         "try:\n    oialr_tune.no_such_module\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_version_and_plain_top_level_help() -> None:
+    from oialr_tune import __version__
+
+    version = subprocess.run([sys.executable, "-m", "oialr_tune.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"oialr-tune {__version__}"
+    helps = subprocess.run([sys.executable, "-m", "oialr_tune.cli", "--help"], capture_output=True, text=True)
+    assert helps.returncode == 0 and "``" not in helps.stdout and "--version" in helps.stdout

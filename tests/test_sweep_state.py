@@ -75,6 +75,8 @@ def test_kill_at_each_phase_then_resume_loses_no_trial_printed_done(
     proc = _driver(tmp_path, "k", kill_at)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == -signal.SIGKILL, f"the driver was not killed at {kill_at}:\n{out}\n{err[-2000:]}"
+    # Our progress lines only: Ray's boxed experiment header and its /tmp TensorBoard hint need -v.
+    assert "Configuration for experiment" not in out and "tensorboard --logdir /tmp/ray" not in out
     folder = tmp_path / "r" / "k"
     if kill_at == "done:oialr:1":  # also: a moved folder resumes (its files hold relative paths)
         folder = folder.rename(tmp_path / "moved")
