@@ -70,19 +70,20 @@ def _rule(check: Check | None = None, default: Any = dataclasses.MISSING, **kw: 
 
 # --- the schema --------------------------------------------------------------------------------
 
-ModelName = Literal["mlp", "cnn", "resnet18", "resnet50", "vit_small", "vit_b16"]
-DataName = Literal[
-    "digits", "mnist5k", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic"
-]
+DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
 # Datasets read from `data.root` (the others ship inside installed packages or are generated).
 ROOT_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder")
 
 
 @dataclass
 class ModelConfig:
-    """Which network to build; `args` go to its builder in `oialr_tune.models` (checked there)."""
+    """Which network to build; `args` go to its builder in `oialr_tune.models` (checked there).
 
-    name: ModelName = "mlp"
+    `name` is a catalogue name (mlp, cnn, resnet18, resnet50, vit_small, vit_b16),
+    ``"torchvision:<name>"``, ``"timm:<name>"`` or a user's ``"package.module:function"``.
+    """
+
+    name: str = "mlp"
     args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,9 +103,13 @@ class DataConfig:
 
     The split seed is fixed (`split_seed`, not the run's `seed`) so every trial of a sweep and every
     retrain sees the same validation and test examples.
+
+    `name` is a built-in dataset or a user's ``"package.module:function"``, called with `args` as
+    keyword arguments and returning ``(train, val, test)`` Datasets (see `oialr_tune.user_data`).
     """
 
-    name: DataName = "digits"
+    name: str = "digits"
+    args: dict[str, Any] = field(default_factory=dict)
     root: str | None = None
     download: bool = False
     val_fraction: float = _rule(_in(0, 1, lo_open=True, hi_open=True), 0.15)
@@ -186,6 +191,14 @@ class TrainConfig:
     checkpoint_every: int = _rule(_ge(0), 1)
     grad_clip: float | None = _rule(_gt(0), None)
     oialr: OIALRConfig = field(default_factory=OIALRConfig)
+    # What is learned and how it is scored (`oialr_tune.tasks`): the default loss and metrics of
+    # the task, or a user's loss ``"module:fn"`` and extra metrics ``{name: "module:fn"}``.
+    task: Literal["classification", "regression"] = "classification"
+    loss: str | None = None
+    metrics: dict[str, str] = field(default_factory=dict)
+    # A user's own training loop ``"module:function"`` f(config, trial) (`oialr_tune.loop`), run
+    # instead of the built-in one.
+    trainable: str | None = None
 
 
 # --- conversion --------------------------------------------------------------------------------
@@ -339,6 +352,25 @@ def _cross_checks(cfg: TrainConfig) -> None:
         )
     if d.name in ROOT_DATASETS and not d.root:
         raise UserError(f"data.root: required for data.name {d.name!r} (a local folder)")
+    from oialr_tune import plugins  # no torch: only the form of import paths is checked here
+
+    if d.name not in DATASETS:
+        if not plugins.is_import_path(d.name):
+            raise UserError(
+                f"data.name: unknown dataset {d.name!r} (known: {', '.join(DATASETS)} or an import path "
+                f"'package.module:function')"
+            )
+        plugins.check_syntax(d.name, "data.name")
+    elif d.args:
+        raise UserError(f"data.args: only for a dataset given by import path, not {d.name!r}")
+    for key, name in [("loss", cfg.loss), ("trainable", cfg.trainable)] + [
+        (f"metrics.{k}", v) for k, v in cfg.metrics.items()
+    ]:
+        if name is not None:
+            plugins.check_syntax(name, key)
+    for k in cfg.metrics:
+        if not k.isidentifier():
+            raise UserError(f"metrics.{k}: metric names must be identifiers (reported as val_{k})")
     o = cfg.optimizer
     if o.name == "sgd" and o.nesterov and o.momentum <= 0:
         raise UserError("optimizer.nesterov: needs optimizer.momentum > 0")
@@ -356,6 +388,13 @@ def _cross_checks(cfg: TrainConfig) -> None:
     from oialr_tune.models import check_model_args  # imported here: models pulls in torchvision
 
     cfg.model.args = check_model_args(cfg.model.name, cfg.model.args)
+
+
+def reported_metrics(task: str = "classification", metrics: Mapping[str, str] | None = None,
+                     split: str = "val") -> list[str]:
+    """The metrics a run of `task` reports per split (see `oialr_tune.tasks`): loss, acc or mae, user ones."""
+    main = "acc" if task == "classification" else "mae"
+    return [f"{split}_loss", f"{split}_{main}", *(f"{split}_{k}" for k in metrics or {})]
 
 
 def train_config_from_dict(data: Mapping[str, Any] | None) -> TrainConfig:
@@ -395,7 +434,7 @@ def with_overrides(cfg: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfi
             if not isinstance(node.get(part), dict):
                 raise UserError(f"{'.'.join(parents[: i + 1])}: unknown key")
             node = node[part]
-        if last not in node and parents != ["model", "args"]:  # builder args are checked later
+        if last not in node and parents not in (["model", "args"], ["data", "args"]):  # checked by their users
             raise UserError(f"{dotted}: unknown key")
         node[last] = value
     return train_config_from_dict(data)

@@ -66,6 +66,7 @@ class TensorData:
     b: torch.Tensor  # (1, C, 1, 1): -mean / std
     pad: int = 0
     flip: bool = False
+    normalize: bool = True  # False: a user's examples, given to the model as they are (any shape, dtype)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -85,9 +86,10 @@ class TensorLoader:
         self.shuffle, self.drop_last, self.memory_format = shuffle, drop_last, memory_format
         self.augment = augment and (data.pad > 0 or data.flip)
         self.generator = generator
-        _, _, h, w = data.x.shape
-        self._rows = torch.arange(h, device=data.x.device)
-        self._cols = torch.arange(w, device=data.x.device)
+        if self.augment:  # images (N, C, H, W): the crop's index grids
+            h, w = data.x.shape[-2:]
+            self._rows = torch.arange(h, device=data.x.device)
+            self._cols = torch.arange(w, device=data.x.device)
 
     @property
     def num_examples(self) -> int:
@@ -111,7 +113,8 @@ class TensorLoader:
                 x, y = d.x[idx], d.y[idx]
             if self.augment:
                 x = self._crop_flip(x)
-            x = (x.float() * d.a + d.b).contiguous(memory_format=self.memory_format)
+            if d.normalize:
+                x = (x.float() * d.a + d.b).contiguous(memory_format=self.memory_format)
             yield x, y
 
     def _crop_flip(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,10 +177,19 @@ class Splits:
     train: TensorData | Dataset
     val: TensorData | Dataset
     test: TensorData | Dataset
-    in_shape: tuple[int, int, int]
-    num_classes: int
+    in_shape: tuple[int, ...]
+    num_classes: int  # 0 when the targets are not class labels
     device: torch.device
     num_workers: int = 0
+    target_width: int | None = None  # a user's data: width of a target as a regression sees it
+
+    def num_outputs(self, task: str) -> int:
+        """What the model must output for `task`: one score per class, or one value per target entry."""
+        if task == "classification":
+            return self.num_classes
+        if self.target_width is None:
+            raise UserError(f"task: regression needs numeric targets; data.name {self.name!r} has class labels")
+        return self.target_width
 
     def loader(self, split: str, batch_size: int, *, train: bool = False, augment: bool = False,
                seed: int = 0, memory_format: torch.memory_format = torch.contiguous_format) -> Loader:
@@ -406,9 +418,12 @@ def load_data(cfg: DataConfig, device: torch.device | str = "cpu", seed: int | N
     seed = cfg.split_seed if seed is None else seed
     key = (repr(dataclasses.replace(cfg, augment=True)), str(device), seed)  # augment is the loader's
     if key not in _CACHE:
-        if cfg.name not in _LOADERS:
-            raise UserError(f"data.name: unknown dataset {cfg.name!r} (known: {', '.join(_LOADERS)})")
-        _CACHE[key] = _LOADERS[cfg.name](cfg, device, seed)
+        if cfg.name in _LOADERS:
+            _CACHE[key] = _LOADERS[cfg.name](cfg, device, seed)
+        else:  # a user's data function (the config allows nothing else)
+            from oialr_tune.user_data import load_user_data
+
+            _CACHE[key] = load_user_data(cfg, device, seed)
     return _CACHE[key]
 
 

@@ -100,9 +100,10 @@ def save_model(
         from oialr_tune.config import train_config_from_dict
         from oialr_tune.data import load_data
 
-        splits = load_data(train_config_from_dict(dict(cfg_dict)).data)
+        cfg = train_config_from_dict(dict(cfg_dict))
+        splits = load_data(cfg.data)
         in_shape = splits.in_shape if in_shape is None else in_shape
-        num_classes = splits.num_classes if num_classes is None else num_classes
+        num_classes = splits.num_outputs(cfg.task) if num_classes is None else num_classes
     if dense:
         model = export_dense(model)
     ranks = low_rank_structure(model)

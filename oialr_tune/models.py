@@ -4,6 +4,12 @@
 keyword arguments (after `in_shape` and `num_classes`) are the model's `args` in the config; their
 type hints are what `check_model_args` validates against, so adding a builder needs no other change.
 
+Besides the catalogue, `name` may be a user's builder by import path (``"my_models:build"``, called
+like the built-in builders, see `oialr_tune.plugins`), ``"torchvision:<name>"`` (any model of
+``torchvision.models.get_model``) or ``"timm:<name>"`` (``timm.create_model``, extra
+``oialr-tune[timm]``), always with random weights and `num_classes` outputs. Their `args` go to the
+builder unchecked here: `oialr_tune.checks` builds the model once before a sweep starts instead.
+
 All layers that OIALR should factorize are plain nn.Linear / nn.Conv2d (or torchvision's
 nn.MultiheadAttention in `vit_b16`). No pretrained weights are ever fetched.
 
@@ -13,12 +19,14 @@ torch is imported inside the builders, not at module level: validating a config 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from oialr_tune import plugins
 from oialr_tune.config import convert_value
 from oialr_tune.errors import UserError
 
@@ -163,16 +171,40 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def _builder(name: str) -> Callable[..., nn.Module]:
-    if name not in MODELS:
-        raise UserError(f"model.name: unknown model {name!r} (known: {', '.join(MODELS)})")
-    return MODELS[name]
+    if name in MODELS:
+        return MODELS[name]
+    if name.startswith(plugins.ZOO_PREFIXES):
+        from oialr_tune import zoo
+
+        family, _, arch = name.partition(":")
+        return functools.partial(zoo.torchvision_model if family == "torchvision" else zoo.timm_model, arch)
+    if plugins.is_import_path(name):
+        return plugins.resolve(name, "model.name")
+    raise UserError(
+        f"model.name: unknown model {name!r} (known: {', '.join(MODELS)}, 'torchvision:<name>', 'timm:<name>' "
+        f"or an import path 'package.module:function')"
+    )
+
+
+def check_model_name(name: str) -> None:
+    """A catalogue name, a zoo name or a well-formed import path; imports nothing (config validation)."""
+    if name in MODELS or (name.startswith(plugins.ZOO_PREFIXES) and name.partition(":")[2]):
+        return
+    if plugins.is_import_path(name):
+        plugins.check_syntax(name, "model.name")
+        return
+    _builder(name)  # raises the unknown-model error
 
 
 def check_model_args(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
     """Validate `model.args` against the builder's signature; returns them converted to their types.
 
     Raises UserError naming ``model.args.X`` for an unknown argument, a wrong type or a bad value.
+    Arguments of zoo and import-path models are the user's builder's business: returned as given.
     """
+    check_model_name(name)
+    if name not in MODELS:
+        return dict(args)
     builder = _builder(name)
     params = list(inspect.signature(builder).parameters)[2:]  # after in_shape, num_classes
     # The argument types only: the return annotation (nn.Module) would need torch.
@@ -196,5 +228,19 @@ def check_model_args(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_model(name: str, in_shape: InShape, num_classes: int, **args: Any) -> nn.Module:
-    """Build model `name` for inputs of shape `in_shape` (C, H, W) and `num_classes` outputs."""
-    return _builder(name)(tuple(in_shape), num_classes, **check_model_args(name, args))
+    """Build model `name` for inputs of shape `in_shape` (C, H, W, or any example shape for an
+    import-path model) and `num_classes` outputs (classes, or the target width of a regression).
+
+    A user's or a zoo's builder that raises, or returns something that is not an ``nn.Module``,
+    is a UserError naming ``model.name``.
+    """
+    from torch import nn
+
+    args = check_model_args(name, args)
+    builder = _builder(name)
+    if name in MODELS:
+        return builder(tuple(in_shape), num_classes, **args)
+    model = plugins.call(builder, name, "model.name", tuple(in_shape), num_classes, **args)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.name: {name} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -396,6 +396,7 @@ def write_report(results_dir: str | Path) -> Path:
             if caption is not None:
                 md += [f"![ranks over training]({PLOTS['ranks']})", "", caption + ".", ""]
                 ranks_note = ""
+            md += _dense_layers_note(history)
     if ranks_note:
         _remove(out / PLOTS["ranks"])
         md += [f"Not plotted: {ranks_note}.", ""]
@@ -431,30 +432,42 @@ def write_report(results_dir: str | Path) -> Path:
     return report
 
 
+def _dense_layers_note(history: pd.DataFrame) -> list[str]:
+    """Which weight layers OIALR left dense and why (grouped convs, thin layers, kept head), if any."""
+    if "dense_layers" not in history or history.empty:
+        return []
+    value = history["dense_layers"].iloc[-1]
+    dense = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(dense, dict) or not dense:
+        return []
+    return ["Layers kept dense:", "", *(f"- `{name}`: {why}" for name, why in dense.items()), ""]
+
+
 def _retrain_section(path: Path) -> list[str]:
     """The test-split results of ``oialr-tune retrain`` (its default output folder), if present."""
     try:
         summary = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return []
+    m = summary.get("test_metric", "test_acc")
     rows = []
     for arm, s in summary.get("arms", {}).items():
-        acc, frac = s.get("test_acc", {}), s.get("trainable_fraction", {})
+        acc, frac = s.get(m, {}), s.get("trainable_fraction", {})
         rows.append({
             "arm": arm, "trial_id": s.get("trial_id"), "seeds": acc.get("n"),
-            "test_acc mean": acc.get("mean"), "test_acc std": acc.get("std"),
+            f"{m} mean": acc.get("mean"), f"{m} std": acc.get("std"),
             "trainable_fraction": frac.get("mean"),
         })  # fmt: skip
     lines = ["## Final retraining (test split)", "",
              f"From `{path.parent}` (train on {summary.get('train_on')}, seeds {summary.get('seeds')}).", "",
-             markdown_table(rows, ["arm", "trial_id", "seeds", "test_acc mean", "test_acc std", "trainable_fraction"]),
+             markdown_table(rows, ["arm", "trial_id", "seeds", f"{m} mean", f"{m} std", "trainable_fraction"]),
              ""]  # fmt: skip
     c = summary.get("comparison")
     if c and c.get("low") is not None:
-        lines += [f"OIALR − full rank test accuracy: {c['difference']:+.4f}, 95 % Welch interval "
+        lines += [f"OIALR − full rank {m}: {c['difference']:+.4f}, 95 % Welch interval "
                   f"[{c['low']:+.4f}, {c['high']:+.4f}]: {c['verdict']}.", ""]  # fmt: skip
     elif c:
-        lines += [f"OIALR − full rank test accuracy: {c['difference']:+.4f} (too few seeds for an interval).", ""]
+        lines += [f"OIALR − full rank {m}: {c['difference']:+.4f} (too few seeds for an interval).", ""]
     return lines
 
 

@@ -39,15 +39,18 @@ import yaml
 from torch.utils.data import ConcatDataset, Subset
 
 from oialr_tune import trainer
+from oialr_tune.checks import check_user_code
 from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_config_from_dict, train_config_to_dict
 from oialr_tune.data import Splits, TensorData, load_data
 from oialr_tune.errors import UserError
 from oialr_tune.files import writable_folder
 from oialr_tune.model_io import load_model, save_model
 from oialr_tune.oialr import low_rank_structure
+from oialr_tune.plugins import uses_user_code
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
 from oialr_tune.stats import verdict, welch_interval
-from oialr_tune.trainer import CHECKPOINT_NAME, Callback, evaluate, model_from_checkpoint, read_checkpoint, train
+from oialr_tune.tasks import task_for
+from oialr_tune.trainer import CHECKPOINT_NAME, Callback, model_from_checkpoint, read_checkpoint, train
 
 __all__ = ["RETRAIN_DIR", "retrain"]
 
@@ -56,8 +59,10 @@ METRICS_COLUMNS = (
     "arm", "seed", "status", "test_acc", "test_loss", "reloaded_test_acc", "dense_test_acc", "val_acc",
     "trainable_fraction",
     "trainable_params", "total_params", "epochs", "wall_time_s", "model", "model_dense",
+    "test_mae", "reloaded_test_mae", "dense_test_mae", "val_mae",  # regression (empty for classification)
 )  # fmt: skip
-SUMMARY_STATS = ("test_acc", "test_loss", "dense_test_acc", "trainable_fraction", "trainable_params", "wall_time_s")
+SUMMARY_STATS = ("test_acc", "test_mae", "test_loss", "dense_test_acc", "dense_test_mae", "trainable_fraction",
+                 "trainable_params", "wall_time_s")
 TrainOn = Literal["train", "train+val"]
 
 
@@ -193,26 +198,39 @@ def run_seed(
         result = train(cfg, callbacks=callbacks, checkpoint_dir=ckpt_dir, resume=True, evaluate_test=True)
 
     final = result.final
+    main = "test_acc" if cfg.task == "classification" else "test_mae"
     row: dict[str, Any] = {
         "arm": arm, "seed": cfg.seed, "status": result.status,
         "test_acc": result.test_acc, "test_loss": result.test_loss, "reloaded_test_acc": None, "dense_test_acc": None,
         "val_acc": final.get("val_acc"), "trainable_fraction": final.get("trainable_fraction"),
         "trainable_params": final.get("trainable_params"), "total_params": final.get("total_params"),
         "epochs": final.get("epoch"), "wall_time_s": result.wall_time_s, "model": None, "model_dense": None,
+        "test_mae": result.test_metrics.get("test_mae"), "val_mae": final.get("val_mae"),
     }  # fmt: skip
     if result.status == "diverged":
         _log(f"{arm} seed {cfg.seed}: diverged; no model saved")
         return row
+    if result.model_shapes is None:
+        _log(f"{arm} seed {cfg.seed}: trainable {cfg.trainable} built its model without trial.build_model; "
+             f"no model file saved")  # fmt: skip
+        return row
 
+    in_shape, num_outputs = result.model_shapes
+    meta = {"arm": arm, "seed": cfg.seed, **result.test_metrics,
+            "trainable_fraction": final.get("trainable_fraction"), "train_on": train_on}  # fmt: skip
+    shapes = {"in_shape": in_shape, "num_classes": num_outputs}
+    if cfg.trainable is not None:  # its data is its own: save the files, the loop scored them
+        row["model"] = str(save_model(seed_dir / "model.pt", result.model, cfg_dict, meta=meta, **shapes)
+                           .relative_to(out_dir))
+        if low_rank_structure(result.model):
+            dense_path = save_model(seed_dir / "model_dense.pt", result.model, cfg_dict, dense=True, meta=meta,
+                                    **shapes)
+            row["model_dense"] = str(dense_path.relative_to(out_dir))
+        return row
     device = resolve_device(cfg.device)
     splits = load_data(cfg.data, device)  # cached: the same tensors the trainer used
-    meta = {
-        "arm": arm, "seed": cfg.seed, "test_acc": result.test_acc, "test_loss": result.test_loss,
-        "trainable_fraction": final.get("trainable_fraction"), "train_on": train_on,
-        # What the model expects: raw pixels x -> x * scale + shift per channel (see data.TensorData).
-        "input_scale": getattr(splits.test, "a", None), "input_shift": getattr(splits.test, "b", None),
-    }  # fmt: skip
-    shapes = {"in_shape": splits.in_shape, "num_classes": splits.num_classes}
+    # What the model expects: raw pixels x -> x * scale + shift per channel (see data.TensorData).
+    meta.update(input_scale=getattr(splits.test, "a", None), input_shift=getattr(splits.test, "b", None))
     model_path = save_model(seed_dir / "model.pt", result.model, cfg_dict, meta=meta, **shapes)
     row["model"] = str(model_path.relative_to(out_dir))
 
@@ -223,20 +241,22 @@ def run_seed(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     test_loader = splits.loader("test", 2 * cfg.schedule.batch_size, memory_format=memory_format)
 
+    task = task_for(cfg)
+
     def score(path: Path) -> float:
         model = load_model(path, device).to(memory_format=memory_format)
-        return evaluate(model, test_loader, precision=cfg.precision)[1]
+        return task.evaluate(model, test_loader, precision=cfg.precision, prefix="test")[main]
 
-    row["reloaded_test_acc"] = score(model_path)
-    if row["reloaded_test_acc"] != result.test_acc:
-        _log(f"warning: {model_path} scores test_acc={row['reloaded_test_acc']} after reloading, "
-             f"training reported {result.test_acc}")  # fmt: skip
+    row[f"reloaded_{main}"] = score(model_path)
+    if row[f"reloaded_{main}"] != row[main] and len(splits.test):  # type: ignore[arg-type]
+        _log(f"warning: {model_path} scores {main}={row[f'reloaded_{main}']} after reloading, "
+             f"training reported {row[main]}")  # fmt: skip
     if low_rank_structure(result.model):
         dense_path = save_model(seed_dir / "model_dense.pt", result.model, cfg_dict, dense=True, meta=meta, **shapes)
         row["model_dense"] = str(dense_path.relative_to(out_dir))
-        row["dense_test_acc"] = score(dense_path)
+        row[f"dense_{main}"] = score(dense_path)
     else:
-        row["dense_test_acc"] = row["reloaded_test_acc"]
+        row[f"dense_{main}"] = row[f"reloaded_{main}"]
     return row
 
 
@@ -322,6 +342,8 @@ def retrain(
         if epochs is not None:
             data["schedule"] = {**data["schedule"], "epochs": epochs}
         cfg = train_config_from_dict(data)
+        if uses_user_code(data):  # the user's module may have changed or gone since the sweep
+            check_user_code(cfg)
         if train_on == "train+val":
             merge_train_val(load_data(cfg.data, resolve_device(cfg.device)))  # unsupported data fails here
         plans.append((arm, trial, why, cfg, _checkpoint_file(trial) if from_checkpoint else None))
@@ -329,6 +351,11 @@ def retrain(
         arms_text = ", ".join(arm_list)
         raise UserError(f"--from-trial: trial {from_trial!r} is not in the arms being retrained ({arms_text})")
 
+    main = "test_acc" if not plans or plans[0][3].task == "classification" else "test_mae"
+    no_test = None
+    if plans and plans[0][3].trainable is None and not len(load_data(plans[0][3].data, "cpu").test):
+        no_test = f"data.name {plans[0][3].data.name} returned test=None, so test metrics are n/a"
+        log(f"no test split: {no_test}")
     out_dir = Path(out) if out is not None else res.path / RETRAIN_DIR
     writable_folder(out_dir, "--out folder")
     if train_on == "train+val":
@@ -347,7 +374,7 @@ def retrain(
             run_cfg = dataclasses.replace(cfg, seed=seed)
             row = run_seed(arm, run_cfg, out_dir, train_on=train_on, start_from=start_from)
             log(
-                f"{arm} seed {seed}: status={row['status']} test_acc={_num(row['test_acc'])} "
+                f"{arm} seed {seed}: status={row['status']} {main}={_num(row[main])} "
                 f"test_loss={_num(row['test_loss'])} trainable_fraction={_num(row['trainable_fraction'])} "
                 f"({row['wall_time_s']:.1f}s)"
             )
@@ -374,32 +401,34 @@ def retrain(
         "std": "sample standard deviation (n - 1)",
         "arms": arms_summary,
     }
-    summary["comparison"] = _compare(arms_summary)
+    summary["test_metric"] = main
+    summary["no_test_split"] = no_test
+    summary["comparison"] = _compare(arms_summary, main)
     with open(out_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     for arm, s in arms_summary.items():
-        acc = s["test_acc"]
-        log(f"{arm}: test_acc {_pm(acc)} over {acc['n']} seed(s), trainable_fraction {_pm(s['trainable_fraction'])}")
+        acc = s[main]
+        log(f"{arm}: {main} {_pm(acc)} over {acc['n']} seed(s), trainable_fraction {_pm(s['trainable_fraction'])}")
     if summary["comparison"]:
         c = summary["comparison"]
-        log(f"OIALR - baseline test_acc: {c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] -> {c['verdict']}"
-            if c.get("low") is not None else f"OIALR - baseline test_acc: {c['difference']:+.4f}")  # fmt: skip
+        log(f"OIALR - baseline {main}: {c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] -> {c['verdict']}"
+            if c.get("low") is not None else f"OIALR - baseline {main}: {c['difference']:+.4f}")  # fmt: skip
     log(f"wrote {out_dir}")
     return summary
 
 
-def _compare(arms: dict[str, Any]) -> dict[str, Any] | None:
-    """OIALR minus baseline mean test accuracy, with a Welch 95 % interval when both have ≥ 2 seeds."""
+def _compare(arms: dict[str, Any], metric: str = "test_acc") -> dict[str, Any] | None:
+    """OIALR minus baseline mean `metric`, with a Welch 95 % interval when both have ≥ 2 seeds."""
     if "oialr" not in arms or "baseline" not in arms:
         return None
-    a = [v for v in arms["oialr"]["test_acc"]["values"] if v is not None and math.isfinite(v)]
-    b = [v for v in arms["baseline"]["test_acc"]["values"] if v is not None and math.isfinite(v)]
+    a = [v for v in arms["oialr"][metric]["values"] if v is not None and math.isfinite(v)]
+    b = [v for v in arms["baseline"][metric]["values"] if v is not None and math.isfinite(v)]
     if not a or not b:
         return None
-    out: dict[str, Any] = {"metric": "test_acc", "difference": statistics.fmean(a) - statistics.fmean(b)}
+    out: dict[str, Any] = {"metric": metric, "difference": statistics.fmean(a) - statistics.fmean(b)}
     if len(a) >= 2 and len(b) >= 2:
         iv = welch_interval(a, b)
         out.update(low=iv.low, high=iv.high, confidence=iv.confidence, verdict=verdict(iv))
@@ -409,16 +438,19 @@ def _compare(arms: dict[str, Any]) -> dict[str, Any] | None:
 def format_summary(summary: dict[str, Any]) -> str:
     """A few lines for people: per arm, test accuracy mean ± std and trainable fraction; the comparison."""
     lines = [f"retrain of {summary['results_dir']} (train on {summary['train_on']}, seeds {summary['seeds']})"]
+    m = summary.get("test_metric", "test_acc")
     for arm, s in summary["arms"].items():
         lines.append(
-            f"  {arm:<9} trial {s['trial_id']}: test_acc {_pm(s['test_acc'])}  "
-            f"dense export {_pm(s['dense_test_acc'])}  trainable_fraction {_pm(s['trainable_fraction'])}  "
-            f"({s['test_acc']['n']} seeds, {s['diverged']} diverged)"
+            f"  {arm:<9} trial {s['trial_id']}: {m} {_pm(s[m])}  "
+            f"dense export {_pm(s['dense_' + m])}  trainable_fraction {_pm(s['trainable_fraction'])}  "
+            f"({s[m]['n']} seeds, {s['diverged']} diverged)"
         )
     c = summary.get("comparison")
     if c:
         interval = f" [{c['low']:+.4f}, {c['high']:+.4f}] 95% Welch: {c['verdict']}" if c.get("low") is not None else ""
-        lines.append(f"  OIALR - full rank test_acc {c['difference']:+.4f}{interval}")
+        lines.append(f"  OIALR - full rank {m} {c['difference']:+.4f}{interval}")
+    if summary.get("no_test_split"):
+        lines.append(f"  no test split: {summary['no_test_split']}")
     lines.append(f"  models, metrics.csv and summary.json in {summary['out']}")
     return "\n".join(lines)
 

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import yaml
 
+from oialr_tune import plugins
 from oialr_tune.config import (
     ROOT_DATASETS,
     TrainConfig,
@@ -49,6 +50,7 @@ from oialr_tune.config import (
     convert_value,
     dataclass_from_dict,
     parse_yaml,
+    reported_metrics,
     train_config_from_dict,
     train_config_to_dict,
     with_overrides,
@@ -59,8 +61,9 @@ from oialr_tune.files import read_text
 PARAM_TYPES = ("uniform", "loguniform", "int", "categorical")
 BASELINES = ("same-budget", "once", "none")
 ARMS = ("oialr", "baseline")
-# Metric name -> the direction that makes it better (the trainer reports both every epoch).
-METRIC_DIRECTIONS = {"val_acc": "max", "val_loss": "min"}
+# Metric name -> the direction that makes it better. Which ones a trial reports depends on its
+# task (`config.reported_metrics`); a user metric's direction is the objective's mode.
+METRIC_DIRECTIONS = {"val_acc": "max", "val_loss": "min", "val_mae": "min"}
 # Second objective of ``mode: multi``: fewer trainable parameters is better.
 SIZE_METRIC = "trainable_fraction"
 # Schedule keys that only act after an OIALR rank event: the full-rank baseline does not search them.
@@ -118,6 +121,9 @@ class Param:
 class Objective:
     """What a trial is judged by: one metric, or (``multi``) that metric and the trainable fraction.
 
+    `metric` is one the trials report: val_loss, val_acc (classification), val_mae (regression) or
+    val_<name> of a user metric (whose direction is `mode`). Default: the task's own metric.
+
     `max_trainable_fraction` is a size budget inside the search: the OIALR arm's sampler treats a
     trial whose final trainable fraction is above it as infeasible (Optuna's constrained TPE), and
     ``best`` picks among the trials under it. A trial ASHA stops early counts with the fraction of
@@ -125,7 +131,7 @@ class Objective:
     candidate model.
     """
 
-    metric: Literal["val_acc", "val_loss"] = "val_acc"
+    metric: str = "val_acc"
     mode: Literal["max", "min", "multi"] = "max"
     max_trainable_fraction: float | None = None
 
@@ -136,7 +142,7 @@ class Objective:
     @property
     def direction(self) -> str:
         """'max' or 'min' for the main metric (in multi mode too)."""
-        return METRIC_DIRECTIONS[self.metric]
+        return METRIC_DIRECTIONS.get(self.metric, self.mode)
 
     def metrics(self, arm: str = "oialr") -> list[str]:
         """Metric names handed to the searcher; the baseline arm is always single-objective
@@ -332,7 +338,7 @@ def _parse_param(key: str, spec: Any, trainer_keys: list[str]) -> Param:
         raise UserError(f"search: keys must be dotted trainer config keys, got {key!r}")
     if key in UNSEARCHABLE:
         raise UserError(f"{where}: cannot be searched ({UNSEARCHABLE[key]})")
-    if key not in trainer_keys and not key.startswith("model.args."):
+    if key not in trainer_keys and not key.startswith(("model.args.", "data.args.")):
         raise UserError(f"{where}: not a trainer config key{_suggest(key, trainer_keys)}")
     if not isinstance(spec, Mapping):
         raise UserError(f"{where}: expected a mapping like {{type: uniform, low: 0, high: 1}}, got {spec!r}")
@@ -471,7 +477,21 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     for p in params:
         _check_endpoints(p, base_cfg)
 
-    objective = dataclass_from_dict(Objective, data.get("objective"), "objective")
+    raw_objective = data.get("objective")
+    objective = dataclass_from_dict(Objective, raw_objective, "objective")
+    reported = reported_metrics(base_cfg.task, base_cfg.metrics)
+    if base_cfg.task == "regression" and "metric" not in (raw_objective or {}):
+        objective = dataclasses.replace(objective, metric="val_mae", mode="multi" if objective.is_multi else "min")
+    if objective.metric not in reported and base_cfg.trainable is None:  # a user's loop reports its own
+        raise UserError(
+            f"objective.metric: {objective.metric} is not reported by task {base_cfg.task} "
+            f"(reported: {', '.join(reported)})"
+        )
+    if objective.is_multi and objective.metric not in METRIC_DIRECTIONS:
+        raise UserError(
+            f"objective.mode: multi needs a metric of known direction ({', '.join(METRIC_DIRECTIONS)}); "
+            f"for {objective.metric} use mode: max or min"
+        )
     budget_fraction = objective.max_trainable_fraction
     if budget_fraction is not None and not 0 < budget_fraction <= 1:
         raise UserError(f"objective.max_trainable_fraction: must be in (0, 1], got {budget_fraction}")
@@ -589,7 +609,10 @@ def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
         cpus = os.cpu_count() or 1
         if space.resources.cpu > cpus:
             raise UserError(f"resources.cpu: {space.resources.cpu} per trial but this machine has {cpus} CPU(s)")
-        _check_one_example(base)
+        if plugins.uses_user_code(base):
+            check_user_code(base)
+        else:
+            _check_one_example(base)
     return dataclasses.replace(space, base=base)
 
 
@@ -621,3 +644,13 @@ def _check_one_example(base: dict[str, Any]) -> None:
         raise UserError(
             f"base.model: one {cfg.data.name} example does not go through {cfg.model.name} ({type(e).__name__}: {e})"
         ) from None
+
+
+def check_user_code(base: dict[str, Any]) -> None:
+    """Run the checks of `oialr_tune.checks` on a base naming user code: model, data, task, loss, loop."""
+    from oialr_tune.checks import check_user_code as check
+
+    try:
+        check(train_config_from_dict(base))
+    except UserError as e:
+        raise UserError(f"base.{e}") from None

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from oialr_tune.config import TrainConfig, resolve_device, train_config_from_dict, train_config_to_dict
@@ -37,10 +36,11 @@ from oialr_tune.data import Splits, load_data
 from oialr_tune.errors import UserError
 from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, apply_low_rank_structure
+from oialr_tune.tasks import Task, task_for
+from oialr_tune.tasks import autocast as _autocast
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _CHECKPOINT_FORMAT = 1
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --- plug-in point ------------------------------------------------------------------------------
@@ -66,7 +66,11 @@ class Callback:
 
 @dataclass
 class TrainResult:
-    """What a run returns. `final` is the last epoch's metrics; test_* only with evaluate_test."""
+    """What a run returns. `final` is the last epoch's metrics; test_* only with evaluate_test.
+
+    `test_metrics` holds every test metric of the task (test_loss, test_acc or test_mae, user
+    metrics); `test_loss` and `test_acc` repeat the first two for classification.
+    """
 
     history: list[dict[str, Any]]
     final: dict[str, Any]
@@ -77,6 +81,10 @@ class TrainResult:
     controller: OIALR | None
     wall_time_s: float
     checkpoint_path: Path | None = field(default=None)
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    # What the model was built for, (in_shape, num_outputs), so it can be saved and rebuilt;
+    # None when a user's training loop built its model by itself.
+    model_shapes: tuple[tuple[int, ...], int] | None = None
 
 
 # --- learning rate ------------------------------------------------------------------------------
@@ -119,35 +127,15 @@ def lr_at(
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
              precision: str = "fp32") -> tuple[float, float]:
-    """Mean cross-entropy (no label smoothing) and accuracy of `model` over `loader`.
+    """Mean cross-entropy (no label smoothing) and accuracy of a classifier over `loader`.
 
     Runs in eval mode (restoring the model's previous mode) and reads the device once at the end.
+    Other tasks: `oialr_tune.tasks.Task.evaluate`.
     """
-    was_training = model.training
-    model.eval()
-    loss_sum = correct = None
-    n = 0
-    for x, y in loader:
-        with _autocast(x.device, precision):
-            out = model(x)
-        batch_loss = F.cross_entropy(out.float(), y, reduction="sum")
-        batch_correct = (out.argmax(dim=1) == y).sum()
-        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-        correct = batch_correct if correct is None else correct + batch_correct
-        n += len(y)
-    model.train(was_training)
-    if n == 0:
-        return float("nan"), float("nan")
-    return float(loss_sum) / n, float(correct) / n
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()  # cheaper per step than a disabled autocast
-    return torch.autocast(device.type, dtype=_AMP_DTYPES[precision])
+    metrics = Task().evaluate(model, loader, precision=precision)
+    return metrics["val_loss"], metrics["val_acc"]
 
 
 # --- building blocks ----------------------------------------------------------------------------
@@ -178,6 +166,21 @@ def oialr_delay_steps(delay: int | float, total_steps: int) -> int:
     """`oialr.delay` in optimizer steps: a float < 1 is a fraction of the run, an int a step count."""
     steps = round(delay * total_steps) if isinstance(delay, float) else delay
     return max(1, int(steps))
+
+
+def make_controller(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    total_steps: int) -> OIALR | None:
+    """The OIALR controller `cfg.oialr` describes for a run of `total_steps` steps; None when disabled."""
+    o = cfg.oialr
+    if not o.enabled:
+        return None
+    return OIALR(
+        model, optimizer, delay=oialr_delay_steps(o.delay, total_steps),
+        stability_frequency=o.stability_frequency, stability_threshold=o.stability_threshold,
+        sigma_cutoff_fraction=o.sigma_cutoff_fraction, min_rank=o.min_rank,
+        keep_first_layer=o.keep_first_layer, keep_last_layer=o.keep_last_layer,
+        layer_step_fraction=o.layer_step_fraction, skip_ratio=o.skip_ratio, preset=o.preset,
+    )
 
 
 def _count_trainable(model: nn.Module) -> int:
@@ -259,9 +262,11 @@ def train(
 ) -> TrainResult:
     """Train one model as `cfg` says; report each epoch to `callbacks`; return a `TrainResult`.
 
-    Per-epoch metrics: epoch (1-based), train_loss, val_loss, val_acc, lr (last step's),
+    Per-epoch metrics: epoch (1-based), train_loss, the task's validation metrics (val_loss and
+    val_acc for classification, val_mae for regression, val_<name> for user metrics), lr (last step's),
     trainable_params, total_params (trainable parameters at full rank), trainable_fraction,
-    ranks (OIALR layer → rank; {} for full rank), examples_per_s (training steps only),
+    ranks (OIALR layer → rank; {} for full rank), dense_layers (weight layers OIALR leaves dense → why),
+    examples_per_s (training steps only),
     train_time_s (training steps + validation of this epoch, excluding checkpoint and callbacks),
     oialr_events (this epoch's rank events as dicts), status ("running", "finished", "diverged").
 
@@ -271,9 +276,17 @@ def train(
     (never used for tuning). `splits` replaces the data `cfg.data` describes (e.g. train + val merged
     for a final retrain); it must be on the run's device.
     """
+    if cfg.trainable is not None:  # the user's own loop, with the same callbacks and checkpoints
+        from oialr_tune.loop import run_trainable
+
+        if splits is not None:
+            raise UserError("trainable: a user's training loop loads its own data; it cannot be given splits")
+        return run_trainable(cfg, callbacks=callbacks, checkpoint_dir=checkpoint_dir, resume=resume,
+                             evaluate_test=evaluate_test, checkpoint_epochs=checkpoint_epochs)
     wall_start = time.perf_counter()
     device = resolve_device(cfg.device)
-    sch, ocfg = cfg.schedule, cfg.oialr
+    sch = cfg.schedule
+    task = task_for(cfg)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
     state = read_checkpoint(ckpt_path) if resume and ckpt_path is not None and ckpt_path.exists() else None
@@ -288,7 +301,8 @@ def train(
     channels_last = cfg.channels_last and len(splits.in_shape) == 3
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, splits.in_shape, splits.num_classes, **cfg.model.args)
+    num_outputs = splits.num_outputs(cfg.task)
+    model = build_model(cfg.model.name, splits.in_shape, num_outputs, **cfg.model.args)
     model = model.to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, cfg)
     train_loader = splits.loader("train", sch.batch_size, train=True, augment=cfg.data.augment, seed=cfg.seed,
@@ -298,15 +312,7 @@ def train(
     total_steps = sch.epochs * steps_per_epoch
     warmup_steps = round(sch.warmup_fraction * total_steps)
 
-    controller = None
-    if ocfg.enabled:
-        controller = OIALR(
-            model, optimizer, delay=oialr_delay_steps(ocfg.delay, total_steps),
-            stability_frequency=ocfg.stability_frequency, stability_threshold=ocfg.stability_threshold,
-            sigma_cutoff_fraction=ocfg.sigma_cutoff_fraction, min_rank=ocfg.min_rank,
-            keep_first_layer=ocfg.keep_first_layer, keep_last_layer=ocfg.keep_last_layer,
-            layer_step_fraction=ocfg.layer_step_fraction, skip_ratio=ocfg.skip_ratio, preset=ocfg.preset,
-        )
+    controller = make_controller(model, optimizer, cfg, total_steps)
     full_rank_params = controller.full_rank_parameters if controller else _count_trainable(model)
     # One backward path for every precision: a disabled scaler passes the loss and step through.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -354,7 +360,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with _autocast(device, cfg.precision):
-                loss = F.cross_entropy(forward(x), y, label_smoothing=cfg.label_smoothing)
+                loss = task.train_loss(forward(x), y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip is not None:
@@ -384,9 +390,9 @@ def train(
             status = "diverged"
         if status == "diverged":
             # No validation of a broken model: report the worst values so searchers rank it last.
-            val_loss, val_acc = float("inf"), 0.0
+            val_metrics = task.worst()
         else:
-            val_loss, val_acc = evaluate(forward, val_loader, precision=cfg.precision)
+            val_metrics = task.evaluate(forward, val_loader, precision=cfg.precision)
             status = "finished" if epoch + 1 == sch.epochs else "running"
         t_epoch = time.perf_counter() - t0
 
@@ -394,13 +400,13 @@ def train(
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
+            **val_metrics,
             "lr": lr,
             "trainable_params": trainable_now,
             "total_params": full_rank_params,
             "trainable_fraction": trainable_now / full_rank_params,
             "ranks": controller.layer_ranks() if controller else {},
+            "dense_layers": controller.dense_layers() if controller else {},
             "examples_per_s": examples / t_train if t_train > 0 else float("nan"),
             "train_time_s": t_epoch,
             "oialr_events": [asdict(e) for e in events],
@@ -408,7 +414,9 @@ def train(
         }
         history.append(metrics)
         if progress is not None:
-            progress.set_postfix(epoch=epoch + 1, val_acc=f"{val_acc:.3f}", frac=f"{metrics['trainable_fraction']:.2f}")
+            main = f"val_{task.main_metric}"
+            progress.set_postfix({"epoch": epoch + 1, main: f"{val_metrics[main]:.3f}",
+                                  "frac": f"{metrics['trainable_fraction']:.2f}"})
 
         written = None
         due = (epoch + 1 == sch.epochs or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)
@@ -418,7 +426,7 @@ def train(
                 "format": _CHECKPOINT_FORMAT,
                 "config": train_config_to_dict(cfg),
                 "in_shape": list(splits.in_shape),
-                "num_classes": splits.num_classes,
+                "num_classes": num_outputs,  # the model's outputs (the key predates regression)
                 "epoch": epoch + 1,
                 "step": step,
                 "model": model.state_dict(),
@@ -440,13 +448,15 @@ def train(
     if progress is not None:
         progress.close()
 
-    test_loss = test_acc = None
+    test_metrics: dict[str, float] = {}
     if evaluate_test and status != "diverged":
         test_loader = splits.loader("test", 2 * sch.batch_size, memory_format=memory_format)
-        test_loss, test_acc = evaluate(forward, test_loader, precision=cfg.precision)
+        test_metrics = task.evaluate(forward, test_loader, precision=cfg.precision, prefix="test")
     result = TrainResult(
-        history=history, final=history[-1] if history else {}, test_loss=test_loss, test_acc=test_acc,
-        status=status, model=model, controller=controller, wall_time_s=time.perf_counter() - wall_start,
+        history=history, final=history[-1] if history else {}, test_loss=test_metrics.get("test_loss"),
+        test_acc=test_metrics.get("test_acc"), test_metrics=test_metrics,
+        model_shapes=(tuple(splits.in_shape), num_outputs), status=status, model=model, controller=controller,
+        wall_time_s=time.perf_counter() - wall_start,
         checkpoint_path=ckpt_path if ckpt_path is not None and ckpt_path.exists() else None,
     )
     for cb in callbacks:

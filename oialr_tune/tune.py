@@ -271,8 +271,8 @@ def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for k, v in metrics.items():
-        if k == "ranks":
-            out["ranks"] = json.dumps(v, sort_keys=True)
+        if k in ("ranks", "dense_layers"):  # dense_layers: weight layers OIALR leaves dense -> why
+            out[k] = json.dumps(v, sort_keys=True)
         elif k == "oialr_events":
             out["oialr_events"] = len(v)
         elif k == "status":
@@ -307,8 +307,12 @@ class _ReportToRay:
         pass
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], checkpoint_epochs: list[int]) -> None:
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], checkpoint_epochs: list[int],
+              user_code: bytes | None = None) -> None:
     """One Ray Tune trial: the trainer on `base` with the sampled `config` (dotted keys).
+
+    `user_code` is the driver's resolved user functions (`oialr_tune.plugins.pickled`), so a
+    worker runs the same code even where it could not import it.
 
     Resumes from the trial's latest Ray checkpoint when there is one (a restored sweep, a retried
     failure). Everything the run depends on comes from `base` and `config`, so a reused worker
@@ -317,9 +321,12 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], checkpoint_epochs
     import ray
     from ray import tune
 
+    from oialr_tune import plugins
     from oialr_tune.config import train_config_from_dict, with_overrides
     from oialr_tune.trainer import Callback, train
 
+    if user_code is not None:
+        plugins.install(user_code)
     cfg = with_overrides(train_config_from_dict(base), config) if config else train_config_from_dict(base)
     cfg.checkpoint_every = 0  # the sweep decides when to checkpoint: `checkpoint_epochs`
     # Where the trial ran: the node, the worker process (reused across trials) and Ray's GPU ids.
@@ -346,7 +353,11 @@ def make_trainable(space: SearchSpace, arm: str) -> Any:
     """
     from ray import tune
 
-    fn = tune.with_parameters(run_trial, base=space.arm_base(arm), checkpoint_epochs=space.checkpoint_epochs())
+    from oialr_tune import plugins
+
+    base = space.arm_base(arm)
+    user_code = plugins.pickled(base) if plugins.names_in(base) else None
+    fn = tune.with_parameters(run_trial, base=base, checkpoint_epochs=space.checkpoint_epochs(), user_code=user_code)
     return tune.with_resources(fn, {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
 
 

@@ -243,6 +243,33 @@ def _find_slots(model: nn.Module) -> list[_Slot]:
     return slots
 
 
+def _dense_reasons(model: nn.Module, slots: list[_Slot], chosen: list[_Slot], skip_ratio: float,
+                   kept_first: str | None, kept_last: str | None) -> dict[str, str]:
+    """Why each weight layer outside `chosen` stays dense (see `OIALR.dense_layers`)."""
+    chosen_names = {s.name for s in chosen}
+    out: dict[str, str] = {}
+    for s in slots:
+        if s.name in chosen_names:
+            continue
+        m, n = s.shape
+        if s.name == kept_first:
+            out[s.name] = "first layer kept dense (keep_first_layer)"
+        elif s.name == kept_last:
+            out[s.name] = "last layer kept dense (keep_last_layer)"
+        else:
+            out[s.name] = f"too thin to gain: min({m}, {n}) <= skip_ratio {skip_ratio} x max"
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and name not in out and name not in chosen_names:
+            if module.groups > 1:
+                kind = "depthwise" if module.groups == module.in_channels else "grouped"
+                out[name] = f"{kind} conv (groups={module.groups}): not a single matrix, stays dense"
+            elif module.padding_mode != "zeros":
+                out[name] = f"conv with padding_mode={module.padding_mode!r}: stays dense"
+            elif not isinstance(module, nn.Conv1d | nn.Conv2d):
+                out[name] = f"{type(module).__name__}: not supported, stays dense"
+    return out
+
+
 class OIALR:
     """Orthogonality-informed adaptive low-rank training for any model and torch optimizer.
 
@@ -309,6 +336,8 @@ class OIALR:
             s for s in big_enough
             if not (keep_first_layer and s.name == first) and not (keep_last_layer and s.name == last)
         ]
+        self._dense = _dense_reasons(model, slots, self._slots, skip_ratio, first if keep_first_layer else None,
+                                     last if keep_last_layer else None)
         self.full_rank_parameters = _count_trainable(model)
         self.history: list[RankEvent] = []
         self._step = 0
@@ -324,6 +353,15 @@ class OIALR:
     def layer_ranks(self) -> dict[str, int]:
         """Current rank of each eligible layer (min(m, n) while dense)."""
         return {s.name: s.rank for s in self._slots}
+
+    def dense_layers(self) -> dict[str, str]:
+        """Layers with a weight matrix or kernel that this controller leaves dense, and why.
+
+        E.g. a grouped or depthwise conv (its kernel is a block-diagonal matrix: U S Vᵀ of it
+        would not be a grouped conv), a layer too thin to gain, or the kept first/last layer.
+        Users read it to see why `layer_ranks` lacks a layer.
+        """
+        return dict(self._dense)
 
     def layer_stats(self) -> list[LayerStats]:
         stats = []

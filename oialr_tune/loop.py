@@ -1,0 +1,209 @@
+"""Your own training loop under the tuner: ``trainable: "module:function"``, a function f(config, trial).
+
+The function gets the trainer config with the searched values (`config`, a `TrainConfig`) and a
+:class:`Trial`, and does everything else itself::
+
+    def train(config, trial):
+        model = trial.build_model(in_shape=(10,), num_outputs=1)      # or any nn.Module
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.lr)
+        oialr = trial.oialr(model, optimizer, total_steps=config.schedule.epochs * steps_per_epoch)
+        if trial.checkpoint:                                           # resuming: after trial.oialr
+            model.load_state_dict(trial.checkpoint["model"]); optimizer.load_state_dict(...)
+        for epoch in range(trial.start_epoch + 1, config.schedule.epochs + 1):
+            ...; optimizer.step(); oialr.step()
+            metrics = {"val_loss": ..., "val_acc": ...}
+            if trial.evaluate_test and epoch == config.schedule.epochs:
+                metrics.update(test_loss=..., test_acc=...)
+            trial.report(epoch=epoch, checkpoint={"model": model.state_dict(), ...}, **metrics)
+
+`trial.oialr` is the OIALR controller with the searched knobs, or (the full-rank baseline arm) a
+controller that never changes the model. `trial.report` adds what the tuner needs (trainable
+parameters and fraction, ranks, status), saves the checkpoint with the controller's state when the
+sweep asks for one, and hands the epoch to the sweep (Ray) or to retrain, exactly like the built-in
+trainer's epochs, so ASHA, the baseline arm, best, retrain, report and compare work unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from oialr_tune import plugins
+from oialr_tune.config import TrainConfig, resolve_device, train_config_to_dict
+from oialr_tune.errors import UserError
+from oialr_tune.models import build_model
+from oialr_tune.oialr import OIALR, RankEvent
+from oialr_tune.trainer import (
+    _CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    Callback,
+    TrainResult,
+    _count_trainable,
+    _save_atomic,
+    make_controller,
+    read_checkpoint,
+)
+
+
+class FullRank:
+    """The controller of the full-rank arm: same calls as :class:`~oialr_tune.oialr.OIALR`, no changes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.full_rank_parameters = _count_trainable(model)
+
+    def step(self) -> list[RankEvent]:
+        return []
+
+    def layer_ranks(self) -> dict[str, int]:
+        return {}
+
+    def trainable_parameters(self) -> int:
+        return _count_trainable(self.model)
+
+
+class _Stop(BaseException):
+    """Raised by `Trial.report` to end a diverged run inside the user's loop.
+
+    A BaseException, like GeneratorExit: the user's ``except Exception`` must not swallow it.
+    """
+
+
+class Trial:
+    """What a user's training loop gets besides its config (see the module docstring).
+
+    Attributes:
+        config: the trainer config with this trial's searched values.
+        seed: the run's seed (torch's global RNG is seeded with it before the function is called).
+        device: the torch device the run should use (``config.device`` resolved).
+        evaluate_test: True in a retrain: report test_* metrics (e.g. test_loss, test_acc) at the
+            last epoch; never used for tuning.
+        checkpoint: what the last reported `checkpoint` was, when the run resumes; else None.
+        start_epoch: the last epoch done before a resume (0 for a fresh run).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callback], checkpoint_dir: Path | None,
+                 state: dict[str, Any] | None, evaluate_test: bool, checkpoint_epochs: set[int]) -> None:
+        self.config, self.seed, self.evaluate_test = cfg, cfg.seed, evaluate_test
+        self.device = resolve_device(cfg.device)
+        self.checkpoint = state["user"] if state else None
+        self.start_epoch = state["epoch"] if state else 0
+        self.history: list[dict[str, Any]] = state["history"] if state else []
+        self.model: nn.Module | None = None
+        self.model_shapes: tuple[tuple[int, ...], int] | None = None
+        self.controller: OIALR | FullRank | None = None
+        self.test_metrics: dict[str, float] = {}
+        self._callbacks, self._dir, self._epochs = callbacks, checkpoint_dir, checkpoint_epochs
+        self._controller_state = state["controller"] if state else None
+        self._seen_events = 0
+
+    def build_model(self, in_shape: Iterable[int], num_outputs: int) -> nn.Module:
+        """``config.model`` built for this data, on the run's device; retrain can then save and
+        reload it as a model file (a model built otherwise is trained and tested but not saved)."""
+        in_shape = tuple(int(d) for d in in_shape)
+        model = build_model(self.config.model.name, in_shape, num_outputs, **self.config.model.args)
+        self.model_shapes = (in_shape, int(num_outputs))
+        return model.to(self.device)
+
+    def oialr(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int | None = None
+              ) -> OIALR | FullRank:
+        """The controller for `model` and `optimizer`: call ``.step()`` after each ``optimizer.step()``.
+
+        `total_steps` (all optimizer steps of the run) is needed when ``oialr.delay`` is a fraction.
+        On a resume the low-rank structure of the checkpoint is restored here: load the model's
+        and optimizer's state after this call.
+        """
+        self.model = model
+        delay = self.config.oialr.delay
+        if self.config.oialr.enabled and isinstance(delay, float) and total_steps is None:
+            raise UserError(f"trainable: oialr.delay {delay} is a fraction of the run: call trial.oialr(model, "
+                            f"optimizer, total_steps=...)")  # fmt: skip
+        controller = make_controller(model, optimizer, self.config, total_steps or 1)
+        if controller is None:
+            self.controller = FullRank(model)
+            return self.controller
+        if self._controller_state is not None:
+            controller.load_state_dict(self._controller_state)
+            self._seen_events = len(controller.history)
+        self.controller = controller
+        return controller
+
+    def report(self, *, epoch: int, checkpoint: Any = None, **metrics: float) -> None:
+        """End of an epoch (1-based): its metrics (val_* for tuning, test_* in a retrain) and state.
+
+        `checkpoint` is any data ``torch.save`` can write (state dicts, numbers); it is kept when
+        the sweep checkpoints this epoch and given back as `Trial.checkpoint` on a resume.
+        """
+        if self.controller is None:
+            raise UserError("trainable: call trial.oialr(model, optimizer) before trial.report(...)")
+        self.test_metrics.update({k: float(v) for k, v in metrics.items() if k.startswith("test_")})
+        values = {k: float(v) for k, v in metrics.items() if not k.startswith("test_")}
+        last = epoch >= self.config.schedule.epochs
+        diverged = any(not math.isfinite(v) for k, v in values.items() if k.endswith("loss"))
+        status = "diverged" if diverged else "finished" if last else "running"
+        c = self.controller
+        events = c.history[self._seen_events:] if isinstance(c, OIALR) else []
+        self._seen_events += len(events)
+        trainable = c.trainable_parameters()
+        row = {
+            "epoch": epoch, "train_loss": values.pop("train_loss", float("nan")), **values,
+            "trainable_params": trainable, "total_params": c.full_rank_parameters,
+            "trainable_fraction": trainable / c.full_rank_parameters, "ranks": c.layer_ranks(),
+            "dense_layers": c.dense_layers() if isinstance(c, OIALR) else {},
+            "oialr_events": [asdict(e) for e in events], "status": status,
+        }  # fmt: skip
+        self.history.append(row)
+        written = None
+        every = self.config.checkpoint_every
+        due = last or epoch in self._epochs or (every and epoch % every == 0)
+        if self._dir is not None and due and not diverged:
+            _save_atomic({
+                "format": _CHECKPOINT_FORMAT, "config": train_config_to_dict(self.config), "epoch": epoch,
+                "user": checkpoint, "history": self.history,
+                "controller": c.state_dict() if isinstance(c, OIALR) else None,
+            }, self._dir / CHECKPOINT_NAME)  # fmt: skip
+            written = self._dir
+        for cb in self._callbacks:
+            cb.on_epoch_end(row, written)
+        if diverged:
+            raise _Stop
+
+
+def run_trainable(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), checkpoint_dir: str | Path | None = None,
+                  resume: bool = True, evaluate_test: bool = False,
+                  checkpoint_epochs: Iterable[int] | None = None) -> TrainResult:
+    """Run ``cfg.trainable`` as one training run; the trainer's `train` calls this for such configs."""
+    wall_start = time.perf_counter()
+    fn = plugins.resolve(cfg.trainable, "trainable")
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
+    state = read_checkpoint(ckpt_path) if resume and ckpt_path is not None and ckpt_path.exists() else None
+    if state is not None and "user" not in state:
+        raise UserError(f"{ckpt_path}: a checkpoint of the built-in trainer, not of trainable {cfg.trainable}")
+    torch.manual_seed(cfg.seed)
+    trial = Trial(cfg, callbacks=callbacks, checkpoint_dir=ckpt_dir, state=state, evaluate_test=evaluate_test,
+                  checkpoint_epochs=set(checkpoint_epochs or ()))
+    with contextlib.suppress(_Stop):
+        plugins.call(fn, cfg.trainable, "trainable", cfg, trial)
+    if not trial.history:
+        raise UserError(f"trainable: {cfg.trainable} returned without calling trial.report(...)")
+    final = trial.history[-1]
+    controller = trial.controller if isinstance(trial.controller, OIALR) else None
+    result = TrainResult(
+        history=trial.history, final=final, test_loss=trial.test_metrics.get("test_loss"),
+        test_acc=trial.test_metrics.get("test_acc"), status=final["status"], model=trial.model,
+        controller=controller, wall_time_s=time.perf_counter() - wall_start,
+        checkpoint_path=ckpt_path if ckpt_path is not None and ckpt_path.exists() else None,
+        test_metrics=trial.test_metrics, model_shapes=trial.model_shapes,
+    )  # fmt: skip
+    for cb in callbacks:
+        cb.on_train_end(result)
+    return result

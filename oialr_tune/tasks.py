@@ -1,0 +1,129 @@
+"""What a run learns and how it is scored: the training loss and the evaluation metrics of a task.
+
+* ``classification`` (default): cross-entropy (with the config's label smoothing in training);
+  metrics ``loss`` (plain cross-entropy) and ``acc``.
+* ``regression``: mean squared error; metrics ``loss`` (MSE) and ``mae``. Targets may be scalars
+  or vectors; they are compared in the model output's shape.
+* A user's loss ``"module:fn"`` — ``fn(outputs, targets) -> scalar tensor`` — replaces the task's
+  in training and is the reported ``loss``; user metrics ``{name: "module:fn"}`` —
+  ``fn(outputs, targets) -> float`` on the whole split's outputs — are reported as ``val_<name>``
+  (``test_<name>`` on the test split).
+
+The names a config reports are `oialr_tune.config.reported_metrics`; the search space checks its
+objective against them before a sweep starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oialr_tune import plugins
+from oialr_tune.config import TrainConfig
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for `precision` (bf16/fp16) on `device`; nothing at all for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()  # cheaper per step than a disabled autocast
+    return torch.autocast(device.type, dtype=_AMP_DTYPES[precision])
+
+
+def _regression_targets(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Targets in the output's shape and dtype: (N,) scalar targets against (N, 1) outputs."""
+    return y.to(out.dtype).reshape(out.shape)
+
+
+@dataclass
+class Task:
+    """The loss and metrics of one run. Build it with :func:`task_for`."""
+
+    kind: str = "classification"
+    label_smoothing: float = 0.0
+    loss_name: str | None = None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    metric_fns: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = field(default_factory=dict)
+
+    @property
+    def main_metric(self) -> str:
+        """The task's own quality metric (without split prefix): ``acc`` or ``mae``."""
+        return "acc" if self.kind == "classification" else "mae"
+
+    def train_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss minimised in training (mean over the batch)."""
+        if self.loss_fn is not None:
+            return self.loss_fn(out, y)
+        if self.kind == "classification":
+            return F.cross_entropy(out, y, label_smoothing=self.label_smoothing)
+        return F.mse_loss(out, _regression_targets(out, y))
+
+    def _sums(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-batch sums of the loss and of the main metric (summed on the device, read once)."""
+        out = out.float()
+        if self.loss_fn is not None:
+            loss = self.loss_fn(out, y).float() * len(y)
+        elif self.kind == "classification":
+            loss = F.cross_entropy(out, y, reduction="sum")
+        else:
+            loss = F.mse_loss(out, _regression_targets(out, y), reduction="sum") / out[0].numel()
+        if self.kind == "classification":
+            main = (out.argmax(dim=1) == y).sum()
+        else:
+            main = (out - _regression_targets(out, y)).abs().sum() / out[0].numel()
+        return loss, main
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                 precision: str = "fp32", prefix: str = "val") -> dict[str, float]:
+        """``{prefix_loss, prefix_acc | prefix_mae, prefix_<user metric>...}`` of `model` over `loader`.
+
+        Runs in eval mode (restoring the model's previous mode). Empty data gives NaN everywhere.
+        """
+        was_training = model.training
+        model.eval()
+        loss_sum = main_sum = None
+        outputs, targets = [], []
+        n = 0
+        for x, y in loader:
+            with autocast(x.device, precision):
+                out = model(x)
+            loss, main = self._sums(out, y)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            main_sum = main if main_sum is None else main_sum + main
+            if self.metric_fns:
+                outputs.append(out.float())
+                targets.append(y)
+            n += len(y)
+        model.train(was_training)
+        names = [f"{prefix}_loss", f"{prefix}_{self.main_metric}", *(f"{prefix}_{k}" for k in self.metric_fns)]
+        if n == 0:
+            return dict.fromkeys(names, float("nan"))
+        result = {names[0]: float(loss_sum) / n, names[1]: float(main_sum) / n}
+        if self.metric_fns:
+            out_all, y_all = torch.cat(outputs), torch.cat(targets)
+            for k, fn in self.metric_fns.items():
+                value = plugins.call(fn, k, f"metrics.{k}", out_all, y_all)
+                result[f"{prefix}_{k}"] = float(value)
+        return result
+
+    def worst(self, prefix: str = "val") -> dict[str, float]:
+        """Metrics for a diverged run: the worst values, so searchers rank it last."""
+        out = {f"{prefix}_loss": float("inf"), f"{prefix}_{self.main_metric}":
+               0.0 if self.kind == "classification" else float("inf")}  # fmt: skip
+        out.update({f"{prefix}_{k}": float("nan") for k in self.metric_fns})
+        return out
+
+
+def task_for(cfg: TrainConfig) -> Task:
+    """The :class:`Task` a config describes, with its user loss and metrics resolved."""
+    loss_fn = plugins.resolve(cfg.loss, "loss") if cfg.loss else None
+    metric_fns = {k: plugins.resolve(v, f"metrics.{k}") for k, v in cfg.metrics.items()}
+    return Task(cfg.task, cfg.label_smoothing, cfg.loss, loss_fn, metric_fns)
