@@ -33,13 +33,13 @@ from matplotlib.ticker import MaxNLocator
 from oialr_tune.errors import UserError
 from oialr_tune.files import writable_folder
 from oialr_tune.results import (
-    DIRECTIONS,
     SIZE_METRIC,
     STUDY_FILE,
     BestTrial,
     SweepResults,
     TrialInfo,
     best_trial,
+    metric_direction,
     open_results,
     pareto_mask,
 )
@@ -79,7 +79,7 @@ def plot_pareto(res: SweepResults, metric: str, best: dict[str, BestTrial], path
     """Scatter of every usable trial (metric vs trainable fraction), the OIALR Pareto front, full rank."""
     fig = _new_figure(6.4, 5.0)
     ax = fig.add_subplot()
-    higher_better = DIRECTIONS[metric] == "max"
+    higher_better = metric_direction(res, metric) == "max"
     if "oialr" in res.arms:
         df = res.usable("oialr", metric)
         y, x = _numeric(df, metric), _numeric(df, SIZE_METRIC)
@@ -138,7 +138,7 @@ def plot_best_so_far(res: SweepResults, metric: str, path: Path) -> str:
     """Best-so-far metric per arm vs trial number (creation order) and vs wall time since the arm began."""
     fig = _new_figure(10, 4)
     by_trial, by_time = fig.subplots(1, 2)
-    better = np.fmax if DIRECTIONS[metric] == "max" else np.fmin
+    better = np.fmax if metric_direction(res, metric) == "max" else np.fmin
     for arm in res.arms:
         rows = res.trials[res.trials["arm"] == arm]
         ok = rows.index.isin(res.usable(arm, metric).index)
@@ -236,7 +236,7 @@ def param_importances(res: SweepResults, arm: str, metric: str) -> tuple[dict[st
         return None, "every finished trial has the same values (nothing searched or nothing varied)"
     # The study stores the metric first ([val_acc] or [val_acc, trainable_fraction]). Optuna's
     # default evaluator (PED-ANOVA) explains *low* target values, so a maximized metric is negated.
-    sign = -1.0 if DIRECTIONS[metric] == "max" else 1.0
+    sign = -1.0 if metric_direction(res, metric) == "max" else 1.0
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -286,7 +286,7 @@ def _pareto_set(res: SweepResults, metric: str) -> list[TrialInfo]:
     if "oialr" not in res.arms:
         return []
     df = res.usable("oialr", metric)
-    score = _numeric(df, metric) * (1 if DIRECTIONS[metric] == "max" else -1)
+    score = _numeric(df, metric) * (1 if metric_direction(res, metric) == "max" else -1)
     front = df[pareto_mask(score, _numeric(df, SIZE_METRIC).fillna(1.0))]
     front = front.assign(_size=_numeric(front, SIZE_METRIC)).sort_values("_size")
     return [res.trial_info(r.to_dict()) for _, r in front.iterrows()]
@@ -301,7 +301,7 @@ def _top_trials(res: SweepResults, metric: str) -> tuple[list[dict[str, Any]], l
     """The best trials of all arms by `metric` (failed/diverged ones left out), as table rows."""
     frames = [res.usable(arm, metric) for arm in res.arms]
     df = pd.concat(frames) if frames else res.trials.iloc[:0]
-    df = df.assign(_key=_numeric(df, metric)).sort_values("_key", ascending=DIRECTIONS[metric] == "min")
+    df = df.assign(_key=_numeric(df, metric)).sort_values("_key", ascending=metric_direction(res, metric) == "min")
     columns = ["arm", "trial_id", metric, *(["val_acc"] if metric != "val_acc" else []), SIZE_METRIC,
                "training_iteration", *(p.key for p in res.space.search)]  # fmt: skip
     rows = []

@@ -56,14 +56,19 @@ STUDY_FILE = "study.db"
 CONFIG_PREFIX = "config."
 CHECKPOINT_FILE = "checkpoint.pt"  # what the trainer writes into each Ray checkpoint folder
 # Direction that makes each selectable metric better.
-DIRECTIONS = {"val_acc": "max", "val_loss": "min", SIZE_METRIC: "min"}
+DIRECTIONS = {"val_acc": "max", "val_loss": "min", "val_mae": "min", SIZE_METRIC: "min"}
+
+
+def metric_direction(res: SweepResults, metric: str) -> str:
+    """'max' or 'min': the sweep's own objective knows its direction (a user metric's is its mode)."""
+    return res.space.objective.direction if metric == res.space.objective.metric else DIRECTIONS[metric]
 # Ray's status of a trial that ended without error (ran out its epochs or was stopped by ASHA).
 FINISHED_STATUSES = {"TERMINATED"}
 # The trainer's verdict (``trainer_status`` column) of runs that produced nothing usable.
 BROKEN_TRAINER_STATUSES = {"diverged", "error"}
 # Metric columns copied into a trial's `metrics`, when present.
 METRIC_COLUMNS = (
-    "val_acc", "val_loss", "train_loss", SIZE_METRIC, "trainable_params", "total_params",
+    "val_acc", "val_loss", "val_mae", "train_loss", SIZE_METRIC, "trainable_params", "total_params",
     "training_iteration", "time_total_s", "train_time_s",
 )  # fmt: skip
 
@@ -197,8 +202,9 @@ class SweepResults:
 
     # -- which trials count --
 
-    def usable(self, arm: str, metric: str = "val_acc") -> pd.DataFrame:
-        """The arm's trials that ended normally, without error, with a finite `metric`."""
+    def usable(self, arm: str, metric: str | None = None) -> pd.DataFrame:
+        """The arm's trials that ended normally, without error, with a finite `metric` (default: the objective's)."""
+        metric = metric or self.space.objective.metric
         df = self.trials[self.trials["arm"] == arm]
         ok = df["status"].astype(str).str.upper().isin(FINISHED_STATUSES)
         if "error" in df:
@@ -231,7 +237,8 @@ class SweepResults:
         cfg = self.space.trial_config(arm, params)
         from oialr_tune.config import train_config_to_dict
 
-        metrics = {c: _plain(row[c]) for c in METRIC_COLUMNS if c in row}
+        columns = dict.fromkeys((*METRIC_COLUMNS, self.space.objective.metric))  # a user metric too
+        metrics = {c: _plain(row[c]) for c in columns if c in row}
         ckpt = row.get("checkpoint")
         checkpoint = None
         if not _is_blank(ckpt):
@@ -408,9 +415,9 @@ def best_trial(
     if arm not in res.space.arms():
         raise UserError(f"--arm: sweep {res.name!r} has no {arm!r} arm (arms: {', '.join(res.space.arms())})")
     metric = objective or res.space.objective.metric
-    if metric not in DIRECTIONS:
+    if metric not in DIRECTIONS and metric != res.space.objective.metric:
         raise UserError(f"--objective: expected one of {', '.join(DIRECTIONS)}, got {metric!r}")
-    mode = DIRECTIONS[metric]
+    mode = metric_direction(res, metric)
     if max_trainable_fraction is None and arm == "oialr":
         max_trainable_fraction = res.space.objective.max_trainable_fraction
     check_max_trainable_fraction(max_trainable_fraction)

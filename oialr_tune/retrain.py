@@ -199,14 +199,15 @@ def run_seed(
 
     final = result.final
     main = "test_acc" if cfg.task == "classification" else "test_mae"
-    row: dict[str, Any] = {
+    row: dict[str, Any] = dict.fromkeys(METRICS_COLUMNS)
+    row.update({
         "arm": arm, "seed": cfg.seed, "status": result.status,
         "test_acc": result.test_acc, "test_loss": result.test_loss, "reloaded_test_acc": None, "dense_test_acc": None,
         "val_acc": final.get("val_acc"), "trainable_fraction": final.get("trainable_fraction"),
         "trainable_params": final.get("trainable_params"), "total_params": final.get("total_params"),
         "epochs": final.get("epoch"), "wall_time_s": result.wall_time_s, "model": None, "model_dense": None,
         "test_mae": result.test_metrics.get("test_mae"), "val_mae": final.get("val_mae"),
-    }  # fmt: skip
+    })  # fmt: skip
     if result.status == "diverged":
         _log(f"{arm} seed {cfg.seed}: diverged; no model saved")
         return row

@@ -654,3 +654,25 @@ def check_user_code(base: dict[str, Any]) -> None:
         check(train_config_from_dict(base))
     except UserError as e:
         raise UserError(f"base.{e}") from None
+
+
+def with_user_code(space: SearchSpace, **named: Any) -> SearchSpace:
+    """`space` with ``model``, ``data``, ``trainable``, ``loss`` given as import paths or callables.
+
+    A callable is registered (`oialr_tune.plugins.register`) under its ``module:qualname`` name,
+    which the configs then carry; the sweep ships it to the workers. None leaves a key as it is.
+    """
+    from oialr_tune import plugins
+
+    data = space.to_dict()
+    base = data["base"]
+    for key, value in named.items():
+        if value is None:
+            continue
+        name = plugins.name_of(value)
+        if key in ("model", "data"):
+            base[key] = {**base[key], "name": name}
+        else:
+            base[key] = name
+    return space_from_dict(data, source="search space")
+

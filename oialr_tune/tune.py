@@ -48,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,6 +69,7 @@ from oialr_tune.space import (
     load_space,
     preflight,
     space_from_dict,
+    with_user_code,
 )
 
 if TYPE_CHECKING:  # pandas is imported where tables are built: Ray workers never need it
@@ -1137,6 +1138,9 @@ def sweep(
     address: str | None = None,
     baseline: str | None = None,
     verbose: int = 1,
+    model: str | Callable[..., Any] | None = None,
+    data: str | Callable[..., Any] | None = None,
+    trainable: str | Callable[..., Any] | None = None,
 ) -> SweepResult:
     """Run a tuning sweep: the OIALR arm, then the full-rank baseline arm; return the results.
 
@@ -1151,6 +1155,8 @@ def sweep(
             None starts Ray on this machine (or uses the Ray already initialized in this process).
         baseline: override the space's ``baseline`` (same-budget, once, none).
         verbose: 0 silent, 1 one line per finished trial and a summary, 2 also Ray's own output.
+        model, data, trainable: replace the space's ``model.name``, ``data.name`` or ``trainable``
+            with an import path or a callable (shipped to Ray's workers; see `oialr_tune.plugins`).
 
     Raises UserError (before Ray starts, nothing written) for a bad space, folder or address, a
     folder another sweep holds, or (resume) an unsigned or edited folder; SweepInterrupted when
@@ -1170,6 +1176,8 @@ def sweep(
         space = stored
     else:
         space = space if isinstance(space, SearchSpace) else load_space(space)
+        if model is not None or data is not None or trainable is not None:
+            space = with_user_code(space, model=model, data=data, trainable=trainable)
         if name is None:
             name = f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
         if not NAME_RE.match(name):

@@ -1,0 +1,223 @@
+"""Users' own code under the tuner: the examples/custom folder (model, data, regression, own loop),
+callables through the Python API, zoo models' layers under OIALR, and the Lightning callback.
+
+The sweeps are tiny (2 trials, 2 epochs) on the session's Ray; each runs from a copy of
+examples/custom as the working directory, as a user would, so the import paths resolve from it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from oialr_tune import plugins
+from oialr_tune.config import train_config_from_dict
+from oialr_tune.errors import UserError
+from oialr_tune.model_io import load_model, read_model_file
+from oialr_tune.models import build_model
+from oialr_tune.oialr import OIALR, low_rank_structure
+from oialr_tune.report import write_report
+from oialr_tune.results import best_trial
+from oialr_tune.retrain import retrain
+from oialr_tune.space import space_from_dict
+from oialr_tune.trainer import train
+from oialr_tune.tune import sweep
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "custom"
+TINY = {"budget": {"num_samples": 2, "max_epochs": 2, "grace_period": 1}, "resources": {"cpu": 1}}
+
+
+@pytest.fixture
+def custom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of examples/custom as the working directory; its modules are forgotten afterwards."""
+    folder = tmp_path / "custom"
+    shutil.copytree(EXAMPLES, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # plugins adds the working directory
+    for name in ("my_models", "my_data", "my_loop"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return folder
+
+
+def _tiny_space(folder: Path, file: str, **changes: Any) -> Any:
+    doc = yaml.safe_load((folder / file).read_text())
+    doc.update(TINY, **changes)
+    return space_from_dict(doc)
+
+
+def _test_split(folder: Path, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import my_data
+
+    _, _, test = getattr(my_data, fn)()
+    return test.tensors
+
+
+@pytest.mark.parametrize(("file", "data_fn", "metric"), [
+    ("classification.yaml", "breast_cancer", "test_acc"),
+    ("regression.yaml", "diabetes", "test_mae"),
+])
+def test_own_model_and_data_sweep_best_retrain_load(custom: Path, ray_session: Any, file: str, data_fn: str,
+                                                     metric: str) -> None:
+    space = _tiny_space(custom, file, baseline="once")
+    result = sweep(space, results_dir=custom / "results", name="s", verbose=0)
+    best = best_trial(result.path)
+    assert best.trial.config["model"]["name"] == "my_models:mlp"
+    summary = retrain(result.path, seeds=[1000], log=lambda _: None)
+    assert summary["test_metric"] == metric
+    assert set(summary["arms"]) == {"oialr", "baseline"}
+
+    # The model file rebuilds the user's model from its import path and scores what retrain reported.
+    path = Path(summary["out"]) / "oialr" / "seed_1000" / "model.pt"
+    assert read_model_file(path).model_name == "my_models:mlp"
+    model = load_model(path)
+    x, y = _test_split(custom, data_fn)
+    with torch.no_grad():
+        out = model(x)
+    reported = summary["arms"]["oialr"][metric]["mean"]
+    if metric == "test_acc":
+        assert (out.argmax(1) == y).float().mean().item() == pytest.approx(reported, abs=1e-6)
+    else:
+        assert (out.squeeze(1) - y).abs().mean().item() == pytest.approx(reported, rel=1e-4)
+
+    # Where the module cannot be imported, one line names it.
+    sys.modules.pop("my_models")
+    sys.path[:] = [p for p in sys.path if Path(p).resolve() != custom.resolve()]
+    (custom / "my_models.py").rename(custom / "elsewhere.py")
+    with pytest.raises(UserError, match=r"^model\.name: cannot import module 'my_models'") as e:
+        load_model(path)
+    assert "\n" not in str(e.value)
+
+
+def test_own_training_loop_end_to_end(custom: Path, ray_session: Any) -> None:
+    space = _tiny_space(custom, "own_loop.yaml", baseline="same-budget")
+    assert space.scheduler() == "asha"
+    result = sweep(space, results_dir=custom / "results", name="loop", verbose=0)
+    df = result.trials
+    assert set(df["arm"]) == {"oialr", "baseline"}
+    assert (df["trainer_status"].isin(["finished", "running"])).all(), df[["trainer_status", "error"]]
+    assert df.loc[df["arm"] == "baseline", "trainable_fraction"].eq(1.0).all()  # trial.oialr: a no-op there
+    summary = retrain(result.path, seeds=[1000], log=lambda _: None)
+    for arm in ("oialr", "baseline"):
+        mae = summary["arms"][arm]["test_mae"]["values"][0]
+        assert mae is not None and 0 < mae < 2  # the loop scored the test split when asked
+    model = load_model(Path(summary["out"]) / "oialr" / "seed_1000" / "model.pt")
+    assert model(torch.zeros(3, 10)).shape == (3, 1)
+    report = write_report(result.path).read_text()
+    assert "Final retraining" in report and "test_mae" in report
+
+
+# --- the Python API: callables defined here, shipped to Ray's workers ------------------------------------
+
+
+def _blobs() -> tuple[TensorDataset, None, TensorDataset]:
+    """Three Gaussian blobs in 6-D: easy, so two epochs learn them."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    x = torch.randn(300, 6, generator=g) + 3 * nn.functional.one_hot(y, 6).float()
+    return TensorDataset(x[:240], y[:240]), None, TensorDataset(x[240:], y[240:])
+
+
+def _net(in_shape: tuple[int, ...], num_outputs: int, hidden: int = 32) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_shape[0], hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_outputs))
+
+
+def test_python_api_takes_callables(tmp_path: Path, ray_session: Any) -> None:
+    space = space_from_dict({
+        "name": "api", "base": {"device": "cpu", "schedule": {"batch_size": 32},
+                                "oialr": {"delay": 0.3, "stability_frequency": 5}},
+        "search": {"optimizer.lr": {"type": "loguniform", "low": 3e-3, "high": 1e-2}},
+        "baseline": "none", **TINY,
+    })  # fmt: skip
+    result = sweep(space, results_dir=tmp_path, name="api", verbose=0, model=_net, data=_blobs)
+    assert result.space.base["model"]["name"] == "test_custom:_net"
+    assert result.space.base["data"]["name"] == "test_custom:_blobs"
+    assert (result.trials["trainer_status"] == "finished").all(), result.trials.get("error")
+    assert result.best["oialr"]["val_acc"] > 0.8
+
+
+# --- zoo models: which layers OIALR takes, and why the others stay dense ----------------------------------
+
+
+def _controller(model: nn.Module) -> OIALR:
+    return OIALR(model, torch.optim.SGD(model.parameters(), lr=0.1), delay=1, stability_frequency=1)
+
+
+def test_torchvision_models_mha_and_depthwise_convs() -> None:
+    vit = build_model("torchvision:vit_b_16", (1, 16, 16), 10)  # one 16x16 patch, grayscale adapted
+    assert vit(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+    ranks = _controller(vit).layer_ranks()
+    assert "1.encoder.layers.encoder_layer_0.self_attention.in_proj_weight" in ranks
+    assert "1.encoder.layers.encoder_layer_0.self_attention.out_proj.weight" in ranks
+
+    mobilenet = build_model("torchvision:mobilenet_v3_small", (3, 32, 32), 4)
+    controller = _controller(mobilenet)
+    dense = controller.dense_layers()
+    depthwise = {k: v for k, v in dense.items() if "depthwise conv" in v}
+    assert "features.1.block.0.0" in depthwise, dense
+    assert not set(depthwise) & set(controller.layer_ranks())
+    with pytest.raises(UserError, match="torchvision has no model 'resnet7'"):
+        build_model("torchvision:resnet7", (3, 32, 32), 4)
+
+
+def test_timm_vit_example_trains_and_factorizes_its_qkv() -> None:
+    pytest.importorskip("timm", reason="timm is an optional extra: pip install 'oialr-tune[timm]'")
+    doc = yaml.safe_load((EXAMPLES / "timm_vit.yaml").read_text())
+    cfg = train_config_from_dict({**doc["base"], "schedule": {"batch_size": 64, "epochs": 1},
+                                  "oialr": {"delay": 5, "stability_frequency": 5, "stability_threshold": None,
+                                            "sigma_cutoff_fraction": 0.3}})
+    result = train(cfg)
+    assert result.status == "finished"
+    assert "blocks.0.attn.qkv" in low_rank_structure(result.model)  # timm's fused q/k/v Linear
+    assert result.final["ranks"]["blocks.0.attn.qkv"] < 64
+    assert result.final["trainable_fraction"] < 1.0
+
+
+# --- Lightning --------------------------------------------------------------------------------------------
+
+
+def test_lightning_callback_cuts_a_lightning_module() -> None:
+    pl = pytest.importorskip("lightning.pytorch", reason="Lightning is an optional extra")
+    from oialr_tune.lightning import OIALRCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _net((6,), 3, hidden=48)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    train_set, _, _ = _blobs()
+    loader = torch.utils.data.DataLoader(train_set, batch_size=16, shuffle=True)
+    callback = OIALRCallback(delay=0.3, stability_frequency=5, stability_threshold=None, sigma_cutoff_fraction=0.3)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    module = Module()
+    trainer.fit(module, loader)
+    controller = callback.controller
+    assert controller is not None and controller.history, "no factorization or cut happened"
+    assert controller.step_count == trainer.global_step == 3 * len(loader)
+    assert controller.trainable_fraction < 1.0
+    assert trainer.callback_metrics["trainable_fraction"] == pytest.approx(controller.trainable_fraction)
+    x, y = train_set.tensors
+    assert (module.net(x).argmax(1) == y).float().mean() > 0.8  # it still learns through the low-rank layers
+
+
+def test_registered_callables_resolve_by_name() -> None:
+    name = plugins.register(_net)
+    assert name == "test_custom:_net" and plugins.resolve(name, "model.name") is _net
+    assert json.dumps(name)  # a plain string in every config
