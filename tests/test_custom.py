@@ -141,7 +141,8 @@ def test_python_api_takes_callables(tmp_path: Path, ray_session: Any) -> None:
     result = sweep(space, results_dir=tmp_path, name="api", verbose=0, model=_net, data=_blobs)
     assert result.space.base["model"]["name"] == "test_custom:_net"
     assert result.space.base["data"]["name"] == "test_custom:_blobs"
-    assert (result.trials["trainer_status"] == "finished").all(), result.trials.get("error")
+    assert (result.trials["status"] == "TERMINATED").all(), result.trials.get("error")  # ran on the workers
+    assert result.trials["trainer_status"].isin(["finished", "running"]).all()  # running: stopped by ASHA
     assert result.best["oialr"]["val_acc"] > 0.8
 
 

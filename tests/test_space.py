@@ -193,7 +193,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         tiny(**{"search/schedule.epochs": {"type": "int", "low": 1, "high": 3}}),
         "search.schedule.epochs: cannot be searched (set budget.max_epochs instead)",
     ),
-    ("bad base", tiny(**{"base.model.name": "resnet9000"}), "base.model.name: expected one of"),
+    ("bad base", tiny(**{"base.model.name": "resnet9000"}), "base.model.name: unknown model 'resnet9000'"),
     (
         "grace period beyond the budget",
         tiny(**{"budget.grace_period": 7}),
