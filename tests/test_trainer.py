@@ -89,13 +89,15 @@ def test_metrics_callbacks_and_checkpoints(tmp_path: Path) -> None:
     assert [m["status"] for m, _ in recorder.epochs] == ["running"] * 3 + ["finished"]
     first, last = result.history[0], result.final
     assert set(first) == {"epoch", "train_loss", "val_loss", "val_acc", "lr", "trainable_params", "total_params",
-                          "trainable_fraction", "ranks", "examples_per_s", "train_time_s", "oialr_events", "status"}
+                          "trainable_fraction", "ranks", "dense_layers", "examples_per_s", "train_time_s",
+                          "oialr_events", "status"}
     assert last["val_acc"] > 0.8 and result.test_acc is not None and result.test_acc > 0.8
     assert first["total_params"] == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
     assert last["trainable_fraction"] < 1.0 and last["trainable_params"] < last["total_params"]
     events = [e for m in result.history for e in m["oialr_events"]]
     assert {e["kind"] for e in events} == {"factorize", "cut"}
     assert last["ranks"] == result.controller.layer_ranks() and min(last["ranks"].values()) < 64
+    assert first["dense_layers"] == {"7": "last layer kept dense (keep_last_layer)"}  # the classifier, and why
     assert all(m["train_time_s"] > 0 and m["examples_per_s"] > 0 for m in result.history)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no temp files left behind
     # The checkpoint alone rebuilds the low-rank model, with the same predictions.
