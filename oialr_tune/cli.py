@@ -56,8 +56,23 @@ def _best(args: argparse.Namespace) -> None:
     from .results import best_trial, format_best
 
     best = best_trial(args.results_dir, arm=args.arm, objective=args.objective,
-                      max_trainable_fraction=args.max_trainable_fraction)
+                      max_trainable_fraction=args.max_trainable_fraction, address=args.address,
+                    max_concurrent=args.max_concurrent)
     print(format_best(best, args.format))
+
+
+def _add_parallel_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--address", default=None, help="run on this Ray cluster (default: a local Ray)")
+    p.add_argument("--max-concurrent", type=_positive_int, default=None, metavar="N",
+                   help=f"at most N {what} at once, each with the sweep's per-trial resources "
+                        "(default: as many as fit; 1: one after another)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _retrain(args: argparse.Namespace) -> None:
@@ -66,7 +81,7 @@ def _retrain(args: argparse.Namespace) -> None:
     summary = retrain(
         args.results_dir, seeds=args.seeds, first_seed=args.first_seed, epochs=args.epochs,
         train_on=args.train_on, out=args.out, from_trial=args.from_trial, from_checkpoint=args.from_checkpoint,
-        arms=[args.arm] if args.arm else None,
+        arms=[args.arm] if args.arm else None, address=args.address, max_concurrent=args.max_concurrent,
     )  # fmt: skip
     print(format_summary(summary))
 
@@ -81,7 +96,8 @@ def _compare(args: argparse.Namespace) -> None:
     from .compare import compare, summarize
 
     table = compare(args.space, trials=args.trials, seeds=args.seeds, out=args.out, resume=args.resume,
-                    max_trainable_fraction=args.max_trainable_fraction)
+                    max_trainable_fraction=args.max_trainable_fraction, address=args.address,
+                    max_concurrent=args.max_concurrent)
     for s in summarize(table):
         diff = f"  diff {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}] {s['verdict']}" if "diff" in s else ""
         print(f"{s['label']:<34} test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}  "
@@ -142,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-checkpoint", action="store_true",
                    help="fine-tune from the chosen trial's checkpoint instead of training from scratch")
     p.add_argument("--arm", choices=["oialr", "baseline"], default=None, help="only this arm (default: every arm)")
+    _add_parallel_options(p, "seeds")
     p.set_defaults(run=_retrain)
 
     p = sub.add_parser("report", help="write report.md and PNG plots into a sweep's results folder")
@@ -156,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted compare in --out")
     p.add_argument("--max-trainable-fraction", type=float, default=None,
                    help="tuned OIALR arms retrain their best trial at or under this trainable fraction")
+    _add_parallel_options(p, "retrains")
     p.set_defaults(run=_compare)
     return parser
 

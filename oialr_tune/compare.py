@@ -38,6 +38,7 @@ import pandas as pd
 
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.errors import UserError
+from oialr_tune.parallel import run_all
 from oialr_tune.retrain import _log, run_seed
 from oialr_tune.space import SearchSpace, load_space, space_from_dict
 from oialr_tune.stats import verdict, welch_interval
@@ -93,6 +94,8 @@ def compare(
     out: str | Path | None = None,
     resume: bool = False,
     max_trainable_fraction: float | None = None,
+    address: str | None = None,
+    max_concurrent: int | None = None,
     log: Callable[[str], None] = _log,
 ) -> pd.DataFrame:
     """Run the whole protocol (module docstring) and write the comparison; returns the per-seed table.
@@ -102,6 +105,9 @@ def compare(
     their most accurate trial (on validation) among those that ended at or under that trainable
     fraction: the question becomes "does OIALR match full rank *at this size*", rather than at
     whatever size tuned best.
+
+    The sweeps and the (arm, seed) retrains run on the Ray cluster at `address` (default: a local
+    Ray); at most `max_concurrent` retrains run at once (1: one after another in this process).
     """
     from oialr_tune.results import best_trial, check_max_trainable_fraction
     from oialr_tune.tune import sweep
@@ -131,9 +137,9 @@ def compare(
             continue
         has_run = (out_dir / folder / "sweep.yaml").exists()
         if has_run:  # interrupted earlier: continue it from its own sweep.yaml
-            sweep(None, resume=out_dir / folder)
+            sweep(None, resume=out_dir / folder, address=address)
         else:
-            sweep(sp, name=folder, results_dir=out_dir)
+            sweep(sp, name=folder, results_dir=out_dir, address=address)
         tuning[folder] = out_dir / folder
 
     def tuning_time(folder: str, arm: str) -> float:
@@ -153,14 +159,18 @@ def compare(
         "oialr_gate_off": (best_oialr("gate_off"), tuning_time("gate_off", "oialr"),
                            f"best trial of gate_off/ oialr arm{budget}"),
     }  # fmt: skip
-    rows = []
-    for arm, (config, tuning_s, source) in plans.items():
-        cfg = train_config_from_dict(config)
-        for seed in seed_list:
-            log(f"compare: {arm} seed {seed}")
-            row = run_seed(arm, dataclasses.replace(cfg, seed=seed), out_dir / "retrain", train_on="train",
-                           start_from=None)
-            rows.append({**{k: row.get(k) for k in CSV_COLUMNS}, "tuning_wall_time_s": tuning_s, "source": source})
+    # Every (arm, seed) retrain is independent: Ray runs them side by side (see oialr_tune.parallel).
+    jobs = [{"arm": arm, "cfg": dataclasses.replace(train_config_from_dict(config), seed=seed),
+             "out_dir": out_dir / "retrain", "train_on": "train", "start_from": None}
+            for arm, (config, _, _) in plans.items() for seed in seed_list]  # fmt: skip
+
+    def done(i: int, row: dict[str, Any]) -> None:
+        log(f"compare: {row['arm']} seed {row['seed']} done ({row['status']}, test_acc {row['test_acc']})")
+
+    results = run_all(run_seed, jobs, resources=space.resources, address=address, max_concurrent=max_concurrent,
+                      on_done=done)  # fmt: skip
+    rows = [{**{k: row.get(k) for k in CSV_COLUMNS}, "tuning_wall_time_s": plans[row["arm"]][1],
+             "source": plans[row["arm"]][2]} for row in results]  # fmt: skip
     table = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
     table.to_csv(out_dir / "comparison.csv", index=False)
     write_comparison(out_dir, table, title=f"{space.name}: {space.budget.num_samples} trials per arm, "

@@ -38,7 +38,7 @@ import torch
 import yaml
 from torch.utils.data import ConcatDataset, Subset
 
-from oialr_tune import trainer
+from oialr_tune import plugins, trainer
 from oialr_tune.checks import check_user_code
 from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_config_from_dict, train_config_to_dict
 from oialr_tune.data import Splits, TensorData, load_data
@@ -46,11 +46,12 @@ from oialr_tune.errors import UserError
 from oialr_tune.files import writable_folder
 from oialr_tune.model_io import load_model, save_model
 from oialr_tune.oialr import low_rank_structure
+from oialr_tune.parallel import run_all
 from oialr_tune.plugins import uses_user_code
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
 from oialr_tune.stats import verdict, welch_interval
 from oialr_tune.tasks import task_for
-from oialr_tune.trainer import CHECKPOINT_NAME, Callback, model_from_checkpoint, read_checkpoint, train
+from oialr_tune.trainer import CHECKPOINT_NAME, model_from_checkpoint, read_checkpoint, train
 
 __all__ = ["RETRAIN_DIR", "retrain"]
 
@@ -165,19 +166,11 @@ def _write_start_checkpoint(source: Path, cfg: TrainConfig, work_dir: Path) -> N
 # --- one run --------------------------------------------------------------------------------------
 
 
-class _EpochLog(Callback):
-    """Trainer callback: one progress line per epoch (val_acc n/a when val is merged into train)."""
-
-    def __init__(self, arm: str, seed: int, epochs: int) -> None:
-        self.arm, self.seed, self.epochs = arm, seed, epochs
-
-    def on_epoch_end(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        val = metrics.get("val_acc", float("nan"))
-        val_text = f"val_acc={val:.4f}" if isinstance(val, float) and math.isfinite(val) else "val_acc=n/a"
-        _log(
-            f"{self.arm} seed {self.seed} epoch {metrics['epoch']}/{self.epochs} "
-            f"train_loss={metrics['train_loss']:.4f} {val_text} trainable_fraction={metrics['trainable_fraction']:.3f}"
-        )
+def run_seed_anywhere(user_code: bytes | None, **job: Any) -> dict[str, Any]:
+    """`run_seed` in any process (a Ray worker too): first make the driver's user functions resolvable."""
+    if user_code is not None:
+        plugins.install(user_code)
+    return run_seed(**job)
 
 
 def run_seed(
@@ -188,14 +181,13 @@ def run_seed(
     seed_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = train_config_to_dict(cfg)
     (seed_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-    callbacks = [_EpochLog(arm, cfg.seed, cfg.schedule.epochs)]
     merge = _training_on_train_and_val() if train_on == "train+val" else contextlib.nullcontext()
     with merge, tempfile.TemporaryDirectory(prefix="oialr-retrain-") as work:
         ckpt_dir = None
         if start_from is not None:
             ckpt_dir = Path(work)
             _write_start_checkpoint(start_from, cfg, ckpt_dir)
-        result = train(cfg, callbacks=callbacks, checkpoint_dir=ckpt_dir, resume=True, evaluate_test=True)
+        result = train(cfg, checkpoint_dir=ckpt_dir, resume=True, evaluate_test=True)
 
     final = result.final
     main = "test_acc" if cfg.task == "classification" else "test_mae"
@@ -296,9 +288,15 @@ def retrain(
     from_trial: str | None = None,
     from_checkpoint: bool = False,
     arms: Sequence[str] | None = None,
+    address: str | None = None,
+    max_concurrent: int | None = None,
     log: Callable[[str], None] = _log,
 ) -> dict[str, Any]:
     """Retrain the best configuration(s) of a sweep with fresh seeds and test them; returns the summary.
+
+    The (arm, seed) runs are independent: they run in parallel as Ray tasks with the sweep's
+    per-trial resources (see `oialr_tune.parallel`), at most `max_concurrent` at once (1: one after
+    another in this process), locally or on the Ray cluster at `address`. Same seeds, same metrics.
 
     Args:
         results_dir: the sweep's results directory.
@@ -311,6 +309,8 @@ def retrain(
         from_checkpoint: fine-tune from the chosen trial's checkpoint instead of training from
             scratch (see :func:`_write_start_checkpoint` for what carries over).
         arms: which arms; default every arm the sweep ran (``oialr`` and, if present, ``baseline``).
+        address: a Ray cluster to run on (default: a local Ray, started for this call).
+        max_concurrent: at most this many runs at once (default: as many as the resources allow).
 
     Everything is validated (results dir, trials, checkpoints, arguments) before anything is
     written. Raises UserError for bad input.
@@ -361,26 +361,30 @@ def retrain(
     writable_folder(out_dir, "--out folder")
     if train_on == "train+val":
         log("training on train+val: the validation examples are part of training, so there are no val metrics")
-    rows: list[dict[str, Any]] = []
-    arms_summary: dict[str, Any] = {}
+    jobs = []
     for arm, trial, why, cfg, start_from in plans:
         arm_dir = out_dir / arm
         arm_dir.mkdir(parents=True, exist_ok=True)
         (arm_dir / "config.yaml").write_text(yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False))
         how = f"fine-tuning from {start_from}" if start_from else "training from scratch"
         log(f"{arm}: {why}; {len(seed_list)} seed(s) {seed_list}, {cfg.schedule.epochs} epochs, {how}")
-        arm_rows = []
-        for i, seed in enumerate(seed_list, 1):
-            log(f"{arm} seed {seed} ({i}/{len(seed_list)})")
-            run_cfg = dataclasses.replace(cfg, seed=seed)
-            row = run_seed(arm, run_cfg, out_dir, train_on=train_on, start_from=start_from)
-            log(
-                f"{arm} seed {seed}: status={row['status']} {main}={_num(row[main])} "
-                f"test_loss={_num(row['test_loss'])} trainable_fraction={_num(row['trainable_fraction'])} "
-                f"({row['wall_time_s']:.1f}s)"
-            )
-            arm_rows.append(row)
-        rows += arm_rows
+        user_code = plugins.pickled(trial.config) if plugins.names_in(trial.config) else None
+        jobs += [{"arm": arm, "cfg": dataclasses.replace(cfg, seed=seed), "out_dir": out_dir, "train_on": train_on,
+                  "start_from": start_from, "user_code": user_code} for seed in seed_list]  # fmt: skip
+    finished = 0
+
+    def done(i: int, row: dict[str, Any]) -> None:
+        nonlocal finished
+        finished += 1
+        log(f"{row['arm']} seed {row['seed']} ({finished}/{len(jobs)} done): status={row['status']} "
+            f"{main}={_num(row[main])} test_loss={_num(row['test_loss'])} "
+            f"trainable_fraction={_num(row['trainable_fraction'])} ({row['wall_time_s']:.1f}s)")  # fmt: skip
+
+    rows = run_all(run_seed_anywhere, jobs, resources=res.space.resources, address=address,
+                   max_concurrent=max_concurrent, on_done=done)  # fmt: skip
+    arms_summary: dict[str, Any] = {}
+    for arm, trial, why, _, _ in plans:
+        arm_rows = [r for r in rows if r["arm"] == arm]
         arms_summary[arm] = {
             "trial_id": trial.trial_id,
             "chosen": why,

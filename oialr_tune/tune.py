@@ -606,7 +606,7 @@ def _stderr_silenced() -> Any:
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 
-def _start_ray(address: str | None, verbose: int) -> bool:
+def start_ray(address: str | None, verbose: int) -> bool:
     """Connect to (or start) Ray; returns True if this call started it (and should stop it).
 
     An already initialized Ray (a notebook, the test session) is used as is.
@@ -1227,7 +1227,7 @@ def _run_sweep(
     # (so its record never points at a deleted checkpoint) and warns when that is frequent; with
     # small trials it is, by design, and cheap: silence the warning, keep the snapshots.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started = _start_ray(address, verbose)
+    started = start_ray(address, verbose)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oialr-study")
     try:
         with _sigterm_as_interrupt() as stopped_by:

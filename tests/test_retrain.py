@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from oialr_tune.data import load_data
 from oialr_tune.model_io import load_model, read_model_file
 from oialr_tune.oialr import LowRankLayer, low_rank_structure
 from oialr_tune.results import best_trial
-from oialr_tune.retrain import _write_start_checkpoint, merge_train_val
+from oialr_tune.retrain import _write_start_checkpoint, merge_train_val, retrain
 from oialr_tune.trainer import evaluate, read_checkpoint
 
 
@@ -40,7 +41,8 @@ def test_retrain_two_seeds_reloads_to_the_reported_test_accuracy(
     out = tmp_path / "final"
     assert main(["retrain", str(sweep_dir), "--seeds", "2", "--epochs", "2", "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "[retrain] oialr seed 1000 epoch 1/2" in captured.err  # progress while it runs
+    # one line per finished seed, in the order they finish
+    assert re.search(r"\[retrain\] oialr seed 1000 \([1-4]/4 done\): status=finished", captured.err)
     assert "OIALR - full rank test_acc" in captured.out
 
     rows = _rows(out / "metrics.csv")
@@ -75,6 +77,17 @@ def test_retrain_two_seeds_reloads_to_the_reported_test_accuracy(
             assert abs(float(r["dense_test_acc"]) - acc) <= 1 / len(splits.test)  # float rounding at most
         else:
             assert r["model_dense"] == "" and float(r["trainable_fraction"]) == 1.0
+
+
+def test_parallel_retrain_gives_the_sequential_metrics(sweep_dir: Path, tmp_path: Path) -> None:
+    """The same (arm, seed) runs as Ray tasks side by side, or one after another in this process."""
+    quiet = {"seeds": 2, "epochs": 2, "log": lambda message: None}
+    retrain(sweep_dir, out=tmp_path / "sequential", max_concurrent=1, **quiet)
+    retrain(sweep_dir, out=tmp_path / "parallel", max_concurrent=4, **quiet)
+    keys = ("arm", "seed", "status", "test_acc", "test_loss", "val_acc", "trainable_fraction", "trainable_params")
+    sequential = [tuple(r[k] for k in keys) for r in _rows(tmp_path / "sequential" / "metrics.csv")]
+    parallel = [tuple(r[k] for k in keys) for r in _rows(tmp_path / "parallel" / "metrics.csv")]
+    assert len(sequential) == 4 and parallel == sequential
 
 
 def test_fine_tune_a_chosen_trial_from_its_checkpoint_on_train_and_val(
