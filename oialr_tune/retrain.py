@@ -22,7 +22,6 @@ small trial seeds) so the final numbers do not inherit a lucky seed the search m
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -30,7 +29,7 @@ import math
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +37,7 @@ import torch
 import yaml
 from torch.utils.data import ConcatDataset, Subset
 
-from oialr_tune import plugins, trainer
+from oialr_tune import plugins
 from oialr_tune.checks import check_user_code
 from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_config_from_dict, train_config_to_dict
 from oialr_tune.data import Splits, TensorData, load_data
@@ -95,25 +94,6 @@ def merge_train_val(splits: Splits) -> Splits:
         )
         return dataclasses.replace(splits, train=merged, val=Subset(val.dataset, []))
     raise UserError(f"--train-on: train+val is not supported for data.name {splits.name!r}")
-
-
-@contextlib.contextmanager
-def _training_on_train_and_val() -> Iterator[None]:
-    """While active, the trainer's data loading returns splits with val merged into train.
-
-    The trainer loads its own data and has no hook for this; swapping the one name it calls keeps
-    the change local to a retrain (and is undone on exit, even on error).
-    """
-    original = trainer.load_data  # the module attribute, so the patch reaches train()
-
-    def load(cfg: Any, device: Any = "cpu", seed: int | None = None) -> Any:
-        return merge_train_val(original(cfg, device, seed))
-
-    trainer.load_data = load
-    try:
-        yield
-    finally:
-        trainer.load_data = original
 
 
 # --- fine-tuning from a trial's checkpoint -------------------------------------------------------
@@ -181,13 +161,14 @@ def run_seed(
     seed_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = train_config_to_dict(cfg)
     (seed_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-    merge = _training_on_train_and_val() if train_on == "train+val" else contextlib.nullcontext()
-    with merge, tempfile.TemporaryDirectory(prefix="oialr-retrain-") as work:
+    # train+val: the trainer gets the merged splits instead of loading the configured ones.
+    splits = merge_train_val(load_data(cfg.data, resolve_device(cfg.device))) if train_on == "train+val" else None
+    with tempfile.TemporaryDirectory(prefix="oialr-retrain-") as work:
         ckpt_dir = None
         if start_from is not None:
             ckpt_dir = Path(work)
             _write_start_checkpoint(start_from, cfg, ckpt_dir)
-        result = train(cfg, checkpoint_dir=ckpt_dir, resume=True, evaluate_test=True)
+        result = train(cfg, checkpoint_dir=ckpt_dir, resume=True, evaluate_test=True, splits=splits)
 
     final = result.final
     main = "test_acc" if cfg.task == "classification" else "test_mae"
