@@ -56,8 +56,7 @@ def _best(args: argparse.Namespace) -> None:
     from .results import best_trial, format_best
 
     best = best_trial(args.results_dir, arm=args.arm, objective=args.objective,
-                      max_trainable_fraction=args.max_trainable_fraction, address=args.address,
-                    max_concurrent=args.max_concurrent)
+                      max_trainable_fraction=args.max_trainable_fraction)
     print(format_best(best, args.format))
 
 

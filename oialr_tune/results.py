@@ -316,10 +316,15 @@ def _typed(value: Any, param: Param) -> Any:
 def open_results(results_dir: str | Path) -> SweepResults:
     """Open a results directory written by ``oialr-tune sweep``.
 
+    A bare name that is not a folder here is also looked up under ``results/`` (where ``sweep``
+    puts its folders), so ``oialr-tune best quickstart-20261201-011148`` works from the project root.
+
     Raises UserError naming the path when it does not exist or holds no experiment (no
     ``sweep.yaml`` or no ``trials.csv``), or when those files are unreadable.
     """
     path = Path(results_dir)
+    if not path.is_dir() and len(path.parts) == 1 and (Path("results") / path).is_dir():
+        path = Path("results") / path
     if not path.is_dir():
         raise UserError(f"{path}: no such results directory")
     sweep_file, trials_file = path / SWEEP_FILE, path / TRIALS_FILE

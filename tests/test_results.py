@@ -175,3 +175,14 @@ def test_every_trial_has_tensorboard_events_matching_its_results(sweep_dir: Path
         assert [step for step, _ in logged] == [r["training_iteration"] for r in reports]
         assert np.allclose([v for _, v in logged], [r["val_acc"] for r in reports], atol=1e-6)
         assert "ray/tune/trainable_fraction" in scalars and "_hparams_/experiment" in scalars
+
+
+def test_a_bare_name_is_found_under_results(sweep_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`oialr-tune best NAME` from the project root, as the README's user path types it."""
+    shutil.copytree(sweep_dir, tmp_path / "results" / "my-sweep")
+    monkeypatch.chdir(tmp_path)
+    assert main(["best", "my-sweep", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["arm"] == "oialr"
+    assert main(["best", "no-such-sweep"]) == 2
+    assert "no-such-sweep: no such results directory" in capsys.readouterr().err
