@@ -30,6 +30,7 @@ from oialr_tune.config import train_config_from_dict
 from oialr_tune.data import load_data
 from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, LowRankLayer, svd
+from oialr_tune.oialr.controller import state_at_check
 from oialr_tune.trainer import make_optimizer
 
 DELAY, FREQUENCY, CHECK = 60, 40, 3  # measure right before the 3rd check after factorizing
@@ -79,11 +80,10 @@ def measure(seed: int) -> dict[str, list[float]]:
         Us, _, Vst = svd(S)
         Vs = Vst.T
         g_rot = Us.T @ g @ Vs  # the gradient of the rotated S, exactly
-        moments = {
-            "rotate": (Us.T @ m @ Vs, ((Us * Us).T @ v @ (Vs * Vs)).clamp_min(0), step),
-            "slice": (m, v, step),
-            "reset": (torch.zeros_like(m), torch.zeros_like(v), 0.0),
-        }
+        moments = {"reset": (torch.zeros_like(m), torch.zeros_like(v), 0.0)}
+        for rule in ("rotate", "slice"):  # the controller's own rules; no cut: the check only rotates
+            carry = state_at_check(rule, Us, Vs, S.shape[0])
+            moments[rule] = (carry("exp_avg", m), carry("exp_avg_sq", v), step)
         for rule, (m_r, v_r, step_r) in moments.items():
             update = (U @ Us) @ adam_update(Us.T @ S @ Vs, g_rot, m_r, v_r, step_r, **hyper) @ (Vst @ Vt)
             errors[rule].append(float((update - reference).norm() / reference.norm()))

@@ -423,7 +423,7 @@ class OIALR:
             k = s.shape[0]
             dtype = W.dtype
             S = slot.factorize(U.to(dtype), torch.diag(s).to(dtype), Vt.to(dtype))
-            self._swap_param(W, S, self._state_at_factorization(S))
+            self._swap_param(W, S, state_at_factorization(self.rules.optimizer_state, S))
             self._converted += 1
             events.append(RankEvent(self._step, slot.name, "factorize", k, k, None))
         return events
@@ -453,30 +453,12 @@ class OIALR:
         dtype = S.dtype
         Ru, Rv = Us[:, :new].to(dtype), Vs[:, :new].to(dtype)
         new_S = slot.set_factors(U @ Ru, torch.diag(s[:new]).to(dtype), Rv.T @ Vt)
-        self._swap_param(S, new_S, self._state_at_check(Ru, Rv, new))
+        self._swap_param(S, new_S, state_at_check(self.rules.optimizer_state, Ru, Rv, new))
         if new < old:
             return [RankEvent(self._step, slot.name, "cut", old, new, stability)]
         return []
 
     # --- optimizer bookkeeping -----------------------------------------------------------------
-
-    def _state_at_factorization(self, S: torch.Tensor) -> StateCarry | None:
-        """How W's optimizer state becomes S's: dropped ("rotate"), or zero moments, same step ("slice")."""
-        if self.rules.optimizer_state == "rotate":
-            return None
-        return lambda key, value: torch.zeros_like(S, memory_format=torch.contiguous_format)
-
-    def _state_at_check(self, Ru: torch.Tensor, Rv: torch.Tensor, k: int) -> StateCarry:
-        """How S's optimizer state follows a rotation (and cut to rank k), by the preset's rule."""
-        if self.rules.optimizer_state == "slice":
-            return lambda key, value: value[:k, :k].clone()
-
-        def rotate(key: str, value: torch.Tensor) -> torch.Tensor:
-            if key in _SECOND_MOMENTS:
-                return ((Ru * Ru).T @ value @ (Rv * Rv)).clamp_min(0)
-            return Ru.T @ value @ Rv
-
-        return rotate
 
     def _swap_param(self, old: nn.Parameter, new: nn.Parameter, carry: StateCarry | None) -> None:
         """Put ``new`` where ``old`` was in the optimizer; `carry` maps old's matrix state to new's.
@@ -532,6 +514,31 @@ class OIALR:
         self._checked = state.get("checked", 0)  # absent in checkpoints written before presets
         self.history = [RankEvent(**e) for e in state["history"]]
         self.full_rank_parameters = state["full_rank_parameters"]
+
+
+def state_at_factorization(rule: str, S: torch.Tensor) -> StateCarry | None:
+    """How W's optimizer state becomes S's: dropped (``"rotate"``), or zero moments and the same step
+    (``"slice"``). None drops all state."""
+    if rule == "rotate":
+        return None
+    return lambda key, value: torch.zeros_like(S, memory_format=torch.contiguous_format)
+
+
+def state_at_check(rule: str, Ru: torch.Tensor, Rv: torch.Tensor, k: int) -> StateCarry:
+    """How S's optimizer state follows a check's rotation by (Ru, Rv) and cut to rank k.
+
+    ``"rotate"``: moments transform like S's gradient (second moments with the squared rotations);
+    ``"slice"``: moments stay in the old basis, cut to ``[:k, :k]``.
+    """
+    if rule == "slice":
+        return lambda key, value: value[:k, :k].clone()
+
+    def rotate(key: str, value: torch.Tensor) -> torch.Tensor:
+        if key in _SECOND_MOMENTS:
+            return ((Ru * Ru).T @ value @ (Rv * Rv)).clamp_min(0)
+        return Ru.T @ value @ Rv
+
+    return rotate
 
 
 def low_rank_structure(model: nn.Module) -> dict[str, int]:
