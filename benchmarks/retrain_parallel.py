@@ -1,10 +1,14 @@
-"""Parallel retrain: `retrain --seeds N` as Ray tasks against the same N seeds one after another.
+"""Parallel retrain: `retrain --seeds N` (Ray tasks) against N single-seed retrains and against one after another.
 
-Both runs retrain the OIALR arm's best trial of RESULTS_DIR with the same seeds and epochs, one
-with ``max_concurrent=1`` (in-process, one seed after another: what retrain did before) and one
-with the default (every seed a Ray task with the sweep's per-trial resources). Reported: both
-wall times and their ratio, and whether the per-seed metrics are identical. Writes
-``results/benchmarks/retrain_parallel.md``.
+Three ways to retrain the OIALR arm's best trial of RESULTS_DIR with seeds S..S+N-1, each a real
+`oialr-tune retrain` command timed from start to exit (interpreter, imports and Ray included):
+
+* N single-seed commands, ``--seeds 1 --first-seed s`` one after another (the issue's baseline);
+* one command, ``--seeds N --max-concurrent 1``: in one process, one seed after another;
+* one command, ``--seeds N``: every seed a Ray task with the sweep's per-trial resources.
+
+Reported: the three wall times, the ratios of the parallel command to the other two, and whether
+the per-seed metrics of the three are identical. Writes ``results/benchmarks/retrain_parallel.md``.
 
     oialr-tune sweep                                   # a quickstart sweep, if you have none
     python benchmarks/retrain_parallel.py results/quickstart-... --seeds 4 --epochs 100
@@ -15,22 +19,31 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from oialr_tune.retrain import retrain
+FIRST_SEED = 1000
+KEYS = ("seed", "test_acc", "test_loss", "trainable_fraction")
 
 
-def timed(results_dir: Path, out: Path, seeds: int, epochs: int, max_concurrent: int | None) -> tuple[float, list]:
+def command(results_dir: Path, out: Path, epochs: int, *extra: str) -> float:
+    """Wall seconds of one `oialr-tune retrain` process."""
     start = time.perf_counter()
-    retrain(results_dir, seeds=seeds, epochs=epochs, out=out, arms=["oialr"], max_concurrent=max_concurrent,
-            log=lambda message: None)  # fmt: skip
-    wall = time.perf_counter() - start
-    with open(out / "metrics.csv", newline="") as f:
-        rows = [(r["seed"], r["test_acc"], r["test_loss"], r["trainable_fraction"]) for r in csv.DictReader(f)]
-    return wall, rows
+    subprocess.run([sys.executable, "-m", "oialr_tune.cli", "retrain", str(results_dir), "--arm", "oialr",
+                    "--epochs", str(epochs), "--out", str(out), *extra],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def metrics(*outs: Path) -> list[tuple[str, ...]]:
+    rows = []
+    for out in outs:
+        with open(out / "metrics.csv", newline="") as f:
+            rows += [tuple(r[k] for k in KEYS) for r in csv.DictReader(f)]
+    return sorted(rows)
 
 
 def main() -> None:
@@ -40,20 +53,27 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        sequential, seq_rows = timed(args.results_dir, Path(tmp, "seq"), args.seeds, args.epochs, 1)
-        parallel, par_rows = timed(args.results_dir, Path(tmp, "par"), args.seeds, args.epochs, None)
+    n, tmp = args.seeds, Path(tempfile.mkdtemp())
+    singles = [tmp / f"single{i}" for i in range(n)]
+    single = sum(command(args.results_dir, out, args.epochs, "--seeds", "1", "--first-seed", str(FIRST_SEED + i))
+                 for i, out in enumerate(singles))  # fmt: skip
+    sequential = command(args.results_dir, tmp / "seq", args.epochs, "--seeds", str(n), "--max-concurrent", "1")
+    parallel = command(args.results_dir, tmp / "par", args.epochs, "--seeds", str(n))
+    same = metrics(*singles) == metrics(tmp / "seq") == metrics(tmp / "par")
     load = os.getloadavg()
-    command = "python benchmarks/retrain_parallel.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/retrain_parallel.py " + " ".join(sys.argv[1:])
     text = "\n".join([
-        "# Parallel retrain vs one seed after another",
+        "# Parallel retrain vs single-seed runs and vs one seed after another",
         "",
-        f"Command: `{command}`. {os.cpu_count()} CPUs; load average at the end {load[0]:.1f} / {load[1]:.1f} "
-        f"(1 / 5 min). OIALR arm's best trial, {args.seeds} seeds × {args.epochs} epochs.",
+        f"Command: `{cmd}`. {os.cpu_count()} CPUs; load average at the end {load[0]:.1f} / {load[1]:.1f} "
+        f"(1 / 5 min). OIALR arm's best trial, {n} seeds × {args.epochs} epochs; each figure is one "
+        f"`oialr-tune retrain` process (or, for the first, the sum of {n} of them) from start to exit.",
         "",
-        "| one after another (s) | parallel (s) | parallel / sequential | identical per-seed metrics |",
-        "|---:|---:|---:|---|",
-        f"| {sequential:.1f} | {parallel:.1f} | {parallel / sequential:.2f} | {seq_rows == par_rows} |",
+        f"| {n} × `--seeds 1` (s) | `--seeds {n} --max-concurrent 1` (s) | `--seeds {n}` parallel (s) "
+        "| parallel / single-seed runs | parallel / one after another | identical per-seed metrics |",
+        "|---:|---:|---:|---:|---:|---|",
+        f"| {single:.1f} | {sequential:.1f} | {parallel:.1f} | {parallel / single:.2f} | "
+        f"{parallel / sequential:.2f} | {same} |",
         "",
     ])
     args.out.mkdir(parents=True, exist_ok=True)
