@@ -45,10 +45,11 @@ def run_all(
 
     import ray
 
-    from oialr_tune.tune import start_ray
+    from oialr_tune.tune import check_cluster_fits, start_ray
 
     started = start_ray(address, verbose=0)
     try:
+        check_cluster_fits(resources)
         task = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu, max_retries=0)(_run_with_threads)
         limit = max_concurrent or len(jobs)
         waiting = list(enumerate(jobs))

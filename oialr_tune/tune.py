@@ -636,12 +636,11 @@ def start_ray(address: str | None, verbose: int) -> bool:
     return True
 
 
-def _check_cluster_fits(space: SearchSpace) -> None:
-    """A trial asking for more than the cluster has would wait forever: refuse it now."""
+def check_cluster_fits(r: Resources) -> None:
+    """A trial (or retrain run) asking for more than the cluster has would wait forever: refuse it now."""
     import ray
 
     have = ray.cluster_resources()
-    r = space.resources
     if r.cpu > have.get("CPU", 0):
         raise UserError(f"resources.cpu: {r.cpu} per trial but the Ray cluster has {have.get('CPU', 0)} CPU(s)")
     if r.gpu > have.get("GPU", 0):
@@ -1232,7 +1231,7 @@ def _run_sweep(
     try:
         with _sigterm_as_interrupt() as stopped_by:
             try:
-                _check_cluster_fits(space)
+                check_cluster_fits(space.resources)
                 if not resume:
                     store.key = sweep_state.load_key(create=True)
                     store.write_text(SWEEP_FILE, yaml.safe_dump(space.to_dict(), sort_keys=False))
