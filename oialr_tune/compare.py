@@ -39,7 +39,7 @@ import pandas as pd
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.errors import UserError
 from oialr_tune.parallel import run_all
-from oialr_tune.retrain import _log, run_seed
+from oialr_tune.retrain import _log, run_seed_anywhere, seed_jobs
 from oialr_tune.space import SearchSpace, load_space, space_from_dict
 from oialr_tune.stats import verdict, welch_interval
 
@@ -160,15 +160,14 @@ def compare(
                            f"best trial of gate_off/ oialr arm{budget}"),
     }  # fmt: skip
     # Every (arm, seed) retrain is independent: Ray runs them side by side (see oialr_tune.parallel).
-    jobs = [{"arm": arm, "cfg": dataclasses.replace(train_config_from_dict(config), seed=seed),
-             "out_dir": out_dir / "retrain", "train_on": "train", "start_from": None}
-            for arm, (config, _, _) in plans.items() for seed in seed_list]  # fmt: skip
+    jobs = [job for arm, (config, _, _) in plans.items()
+            for job in seed_jobs(arm, train_config_from_dict(config), seed_list, out_dir / "retrain")]
 
     def done(i: int, row: dict[str, Any]) -> None:
         log(f"compare: {row['arm']} seed {row['seed']} done ({row['status']}, test_acc {row['test_acc']})")
 
-    results = run_all(run_seed, jobs, resources=space.resources, address=address, max_concurrent=max_concurrent,
-                      on_done=done)  # fmt: skip
+    results = run_all(run_seed_anywhere, jobs, resources=space.resources, address=address,
+                      max_concurrent=max_concurrent, on_done=done)  # fmt: skip
     rows = [{**{k: row.get(k) for k in CSV_COLUMNS}, "tuning_wall_time_s": plans[row["arm"]][1],
              "source": plans[row["arm"]][2]} for row in results]  # fmt: skip
     table = pd.DataFrame(rows, columns=list(CSV_COLUMNS))

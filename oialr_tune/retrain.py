@@ -146,6 +146,19 @@ def _write_start_checkpoint(source: Path, cfg: TrainConfig, work_dir: Path) -> N
 # --- one run --------------------------------------------------------------------------------------
 
 
+def seed_jobs(arm: str, cfg: TrainConfig, seeds: Sequence[int], out_dir: Path, *, train_on: TrainOn = "train",
+              start_from: Path | None = None) -> list[dict[str, Any]]:
+    """One `run_seed_anywhere` job per seed: what retrain and compare hand to `oialr_tune.parallel.run_all`.
+
+    The user functions `cfg` names travel pickled with each job, so a Ray worker (whose working
+    directory is not the user's) can resolve them.
+    """
+    config = train_config_to_dict(cfg)
+    user_code = plugins.pickled(config) if plugins.names_in(config) else None
+    return [{"arm": arm, "cfg": dataclasses.replace(cfg, seed=seed), "out_dir": out_dir, "train_on": train_on,
+             "start_from": start_from, "user_code": user_code} for seed in seeds]  # fmt: skip
+
+
 def run_seed_anywhere(user_code: bytes | None, **job: Any) -> dict[str, Any]:
     """`run_seed` in any process (a Ray worker too): first make the driver's user functions resolvable."""
     if user_code is not None:
@@ -343,15 +356,13 @@ def retrain(
     if train_on == "train+val":
         log("training on train+val: the validation examples are part of training, so there are no val metrics")
     jobs = []
-    for arm, trial, why, cfg, start_from in plans:
+    for arm, _, why, cfg, start_from in plans:
         arm_dir = out_dir / arm
         arm_dir.mkdir(parents=True, exist_ok=True)
         (arm_dir / "config.yaml").write_text(yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False))
         how = f"fine-tuning from {start_from}" if start_from else "training from scratch"
         log(f"{arm}: {why}; {len(seed_list)} seed(s) {seed_list}, {cfg.schedule.epochs} epochs, {how}")
-        user_code = plugins.pickled(trial.config) if plugins.names_in(trial.config) else None
-        jobs += [{"arm": arm, "cfg": dataclasses.replace(cfg, seed=seed), "out_dir": out_dir, "train_on": train_on,
-                  "start_from": start_from, "user_code": user_code} for seed in seed_list]  # fmt: skip
+        jobs += seed_jobs(arm, cfg, seed_list, out_dir, train_on=train_on, start_from=start_from)
     finished = 0
 
     def done(i: int, row: dict[str, Any]) -> None:
