@@ -827,7 +827,7 @@ def _rows_of(space: SearchSpace, arm: str, ended: Mapping[str, dict[str, Any]]) 
     for trial_id, rec in ended.items():
         last, epochs = rec.get("result", {}), rec.get("epochs", [])
         history = [e.get(metric) for e in epochs] if epochs else [last.get(metric)]
-        values = [v for v in history if isinstance(v, (int, float)) and math.isfinite(v)]
+        values = [v for v in history if _is_finite_number(v)]
         trainer_status = last.get("run_status")
         # Ray's status (TERMINATED or ERROR), and the trainer's verdict beside it: finished,
         # diverged, or running when ASHA stopped it.
@@ -931,6 +931,11 @@ def _best(df: pd.DataFrame, space: SearchSpace, arm: str) -> dict[str, Any] | No
     }
 
 
+def _is_finite_number(v: Any) -> bool:
+    """A real metric value: a number, not NaN or inf (pandas gives NaN for a missing cell)."""
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def _plain(v: Any) -> Any:
     """numpy scalars / NaN -> plain JSON-able Python values."""
     if hasattr(v, "item"):
@@ -949,27 +954,22 @@ def _optuna_trials(space: SearchSpace, arm: str, rows: list[dict[str, Any]]) -> 
     """
     import optuna
 
+    from oialr_tune.budget_search import size_constraint
+
     dists = {p.key: optuna_distribution(p) for p in space.arm_params(arm)}
     metrics = space.objective.metrics(arm)
     budget = _size_budget(space, arm)
     trials = []
     for row in rows:
         values = [row.get(m) for m in metrics]
-        complete = row["status"] == "TERMINATED" and all(
-            isinstance(v, (int, float)) and math.isfinite(v) for v in values
-        )
+        complete = row["status"] == "TERMINATED" and all(_is_finite_number(v) for v in values)
         constraints = None
         if budget is not None and complete:
-            from oialr_tune.budget_search import size_constraint
-
             fraction = row.get(SIZE_METRIC)
-            finite = isinstance(fraction, (int, float)) and math.isfinite(fraction)
-            constraints = size_constraint(fraction if finite else None, budget)
+            constraints = size_constraint(fraction if _is_finite_number(fraction) else None, budget)
         inter = {}
         if len(metrics) == 1:
-            inter = {
-                i + 1: v for i, v in enumerate(row["_history"]) if isinstance(v, (int, float)) and math.isfinite(v)
-            }
+            inter = {i + 1: v for i, v in enumerate(row["_history"]) if _is_finite_number(v)}
         trials.append(
             optuna.trial.create_trial(
                 params={k: row[f"config.{k}"] for k in dists},
