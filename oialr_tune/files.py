@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from oialr_tune.errors import UserError
 
-__all__ = ["read_text", "remove_empty", "writable_folder"]
+__all__ = ["read_text", "remove_empty", "writable_folder", "write_atomic"]
 
 def read_text(path: str | Path, what: str) -> str:
     """The UTF-8 text of `path` (a `what`: "config", "search space", ...), or UserError naming it."""
@@ -60,3 +63,33 @@ def remove_empty(folders: list[Path]) -> None:
     for folder in folders:
         with contextlib.suppress(OSError):
             folder.rmdir()
+
+
+def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write `data` (bytes, or a function writing into a binary file, like ``torch.save``) to `path`
+    so that a kill or a power cut leaves the old file or the new one, never half of either.
+
+    A temporary file in the same folder is written, fsynced and renamed over `path`; then the
+    folder is fsynced so the rename itself survives (where the filesystem allows it).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

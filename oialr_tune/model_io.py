@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from oialr_tune.files import write_atomic
 from oialr_tune.models import build_model
 from oialr_tune.oialr import apply_low_rank_structure, export_dense, low_rank_structure
 
@@ -122,10 +123,7 @@ def save_model(
         "meta": _plain(dict(meta or {})),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # never leave a half-written model file behind
+    write_atomic(path, lambda f: torch.save(payload, f))  # never leave a half-written model file behind
     return path
 
 

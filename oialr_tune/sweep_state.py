@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from oialr_tune.errors import UserError
+from oialr_tune.files import write_atomic
 
 SIGNATURE_FILE = "signature.json"
 LOCK_FILE = ".lock"
@@ -122,21 +123,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write a file so that a kill or a power cut leaves the old or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself
-    finally:
-        os.close(fd)
-
-
 # --- the signature -------------------------------------------------------------------------------
 
 
@@ -195,7 +181,7 @@ class Signature:
             "files": dict(sorted(self.files.items())),
         }
         data = {**payload, "mac": _mac(self.key, payload)}
-        write_durably(self.root / SIGNATURE_FILE, (json.dumps(data, indent=1) + "\n").encode())
+        write_atomic(self.root / SIGNATURE_FILE, (json.dumps(data, indent=1) + "\n").encode())
 
     def sign(self, *rels: str) -> None:
         """Record the current contents of these files (relative paths) and save."""

@@ -17,11 +17,8 @@ Guarantees the tuning layer relies on:
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +31,7 @@ from torch import nn
 from oialr_tune.config import TrainConfig, resolve_device, train_config_from_dict, train_config_to_dict
 from oialr_tune.data import Splits, load_data
 from oialr_tune.errors import UserError
+from oialr_tune.files import write_atomic
 from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, apply_low_rank_structure
 from oialr_tune.tasks import Task, task_for
@@ -188,28 +186,8 @@ def _count_trainable(model: nn.Module) -> int:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`.
-
-    A reader (or a resume after a crash) sees either the old or the new checkpoint, never half.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)  # only now: a rejected run leaves no folder behind
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """torch.save `obj` so that a reader (or a resume after a crash) sees the old or the new file, never half."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:

@@ -59,7 +59,7 @@ import yaml
 
 from oialr_tune import sweep_state
 from oialr_tune.errors import UserError
-from oialr_tune.files import remove_empty, writable_folder
+from oialr_tune.files import remove_empty, writable_folder, write_atomic
 from oialr_tune.space import (
     NAME_RE,
     SIZE_METRIC,
@@ -236,7 +236,7 @@ class _Store:
         if self.is_local:
             path = Path(self.root, rel)
             path.parent.mkdir(parents=True, exist_ok=True)
-            sweep_state.write_durably(path, data)  # a reader never sees half a file, even after a crash
+            write_atomic(path, data)  # a reader never sees half a file, even after a crash
             return
         self._fs.create_dir(self._base, recursive=True)
         with self._fs.open_output_stream(self._fs_path(rel)) as f:
