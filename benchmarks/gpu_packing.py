@@ -150,7 +150,7 @@ def main() -> None:
 
     from oialr_tune.data import load_data
     from oialr_tune.space import space_from_dict
-    from oialr_tune.tune import sweep
+    from oialr_tune.tuning import sweep
 
     if args.data == "auto":
         try:

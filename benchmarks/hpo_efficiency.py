@@ -50,7 +50,7 @@ def run_one(space: SearchSpace, label: str, seed: int, results_dir: Path) -> pd.
     """One sweep; returns one row per trial with its end time (s since the call) and accuracy."""
     from ray.tune import ExperimentAnalysis
 
-    from oialr_tune.tune import sweep
+    from oialr_tune.tuning import sweep
 
     space = dataclasses.replace(space, seed=seed, strategy=STRATEGIES[label], baseline="none")
     t0 = time.time()

@@ -7,16 +7,17 @@ a results folder or an error message without paying for imports it does not need
 
 from typing import Any
 
-__all__ = ["OIALR", "SweepResult", "export_dense", "load_space", "load_sweep", "sweep"]
+__all__ = ["OIALR", "SweepResults", "best_trial", "export_dense", "load_space", "open_results", "sweep"]
 __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first access.
 _LAZY = {
     "OIALR": "oialr",
     "export_dense": "oialr",
-    "sweep": "tune",
-    "load_sweep": "tune",
-    "SweepResult": "tune",
+    "sweep": "tuning",
+    "SweepResults": "results",
+    "open_results": "results",
+    "best_trial": "results",
     "load_space": "space",
 }
 

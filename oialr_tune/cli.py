@@ -11,9 +11,13 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
 
 from . import __version__
 from .errors import UserError
+from .space import ARMS, BASELINES, METRIC_DIRECTIONS, SIZE_METRIC
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -32,7 +36,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .tune import SweepInterrupted, sweep
+    from .errors import SweepInterrupted
+    from .tuning import sweep
 
     if args.resume and args.space:
         raise UserError("--resume: takes the space from the sweep folder; drop the SPACE argument")
@@ -45,6 +50,9 @@ def _sweep(args: argparse.Namespace) -> int:
             address=args.address,
             baseline=args.baseline,
             verbose=0 if args.quiet else 1 + args.verbose,
+            num_samples=args.num_samples,
+            max_epochs=args.max_epochs,
+            overrides=dict(args.set),
         )
     except SweepInterrupted as exc:
         print(f"oialr-tune: sweep interrupted: {exc}", file=sys.stderr)
@@ -65,6 +73,17 @@ def _add_parallel_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--max-concurrent", type=_positive_int, default=None, metavar="N",
                    help=f"at most N {what} at once, each with the sweep's per-trial resources "
                         "(default: as many as fit; 1: one after another)")
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--set``; the value is read as YAML (``8`` an int, ``null`` None, ``[1, 2]`` a list)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{key}: value is not YAML: {value!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -127,16 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted sweep from its folder (e.g. results/quickstart-20250101-120000)")
     p.add_argument("--address", default=None,
                    help="join a running Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: local Ray)")
-    p.add_argument("--baseline", choices=["same-budget", "once", "none"], default=None,
+    p.add_argument("--baseline", choices=BASELINES, default=None,
                    help="override the space's full-rank baseline arm")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("-v", "--verbose", action="count", default=0, help="also show Ray's own progress output")
+    p.add_argument("--num-samples", type=_positive_int, default=None, metavar="N",
+                   help="trials per arm (default: the space's budget.num_samples)")
+    p.add_argument("--max-epochs", type=_positive_int, default=None, metavar="N",
+                   help="epochs per trial at most (default: the space's budget.max_epochs)")
+    p.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="set a value of the space by dotted key, e.g. budget.grace_period=1 or "
+                        "base.optimizer.weight_decay=0.01 (repeatable; the value is YAML)")
     p.set_defaults(run=_sweep)
 
     p = sub.add_parser("best", help="the best trial of a sweep: config, metrics, checkpoint (Pareto set if multi)")
     p.add_argument("results_dir", help="a sweep's results folder (results/<name>)")
-    p.add_argument("--arm", choices=["oialr", "baseline"], default="oialr", help="which arm (default: oialr)")
-    p.add_argument("--objective", choices=["val_acc", "val_loss", "trainable_fraction"], default=None,
+    p.add_argument("--arm", choices=ARMS, default="oialr", help="which arm (default: oialr)")
+    p.add_argument("--objective", choices=[*METRIC_DIRECTIONS, SIZE_METRIC], default=None,
                    help="rank trials by this metric (default: the sweep's objective)")
     p.add_argument("--format", choices=["table", "yaml", "json"], default="table",
                    help="table for people; yaml = the trainer config only (pipe it to a file for `train`); json")
@@ -156,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-trial", default=None, metavar="ID", help="retrain this trial instead of its arm's best")
     p.add_argument("--from-checkpoint", action="store_true",
                    help="fine-tune from the chosen trial's checkpoint instead of training from scratch")
-    p.add_argument("--arm", choices=["oialr", "baseline"], default=None, help="only this arm (default: every arm)")
+    p.add_argument("--arm", choices=ARMS, default=None, help="only this arm (default: every arm)")
     _add_parallel_options(p, "seeds")
     p.set_defaults(run=_retrain)
 

@@ -38,10 +38,10 @@ import pandas as pd
 
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.errors import UserError
-from oialr_tune.parallel import run_all
 from oialr_tune.retrain import _log, run_seed_anywhere, seed_jobs
-from oialr_tune.space import SearchSpace, load_space, space_from_dict
+from oialr_tune.space import SearchSpace, load_space, space_from_dict, with_settings
 from oialr_tune.stats import verdict, welch_interval
+from oialr_tune.tuning.parallel import run_all
 
 __all__ = ["ARMS", "compare", "summarize", "write_comparison"]
 
@@ -82,7 +82,7 @@ def _with_trials(space: SearchSpace, trials: int | None) -> SearchSpace:
         return space
     if trials < 1:
         raise UserError(f"--trials: must be >= 1, got {trials}")
-    return dataclasses.replace(space, budget=dataclasses.replace(space.budget, num_samples=trials))
+    return with_settings(space, num_samples=trials)
 
 
 def compare(
@@ -110,7 +110,7 @@ def compare(
     Ray); at most `max_concurrent` retrains run at once (1: one after another in this process).
     """
     from oialr_tune.results import best_trial, check_max_trainable_fraction
-    from oialr_tune.tune import sweep
+    from oialr_tune.tuning import sweep
 
     check_max_trainable_fraction(max_trainable_fraction)
     space = space if isinstance(space, SearchSpace) else load_space(space)

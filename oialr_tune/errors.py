@@ -1,4 +1,4 @@
-"""The one exception type that means "the user gave us bad input"."""
+"""The exceptions the command line turns into an exit status: bad input (2), a stopped sweep (128 + signal)."""
 
 
 class UserError(Exception):
@@ -7,3 +7,12 @@ class UserError(Exception):
     The CLI prints the message as one line and exits with status 2, with no traceback
     (unless ``--debug``). Raise it before anything is written, naming the key or path.
     """
+
+
+class SweepInterrupted(Exception):
+    """The sweep stopped before every arm finished (Ctrl-C, SIGTERM, a lost cluster, a full disk);
+    it can be resumed. `signum` is the signal that stopped it (the CLI exits with 128 + it)."""
+
+    def __init__(self, message: str, signum: int = 2):  # 2: SIGINT
+        super().__init__(message)
+        self.signum = signum

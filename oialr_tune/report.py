@@ -15,11 +15,8 @@ no pyplot global state, no display, no server.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import sqlite3
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,19 +27,18 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from oialr_tune.errors import UserError
 from oialr_tune.files import writable_folder
 from oialr_tune.results import (
     SIZE_METRIC,
-    STUDY_FILE,
     BestTrial,
     SweepResults,
     TrialInfo,
     best_trial,
     metric_direction,
     open_results,
-    pareto_mask,
+    pareto_rows,
 )
+from oialr_tune.tuning.study import importances
 
 __all__ = ["PLOTS", "REPORT_FILE", "write_report"]
 
@@ -79,7 +75,6 @@ def plot_pareto(res: SweepResults, metric: str, best: dict[str, BestTrial], path
     """Scatter of every usable trial (metric vs trainable fraction), the OIALR Pareto front, full rank."""
     fig = _new_figure(6.4, 5.0)
     ax = fig.add_subplot()
-    higher_better = metric_direction(res, metric) == "max"
     if "oialr" in res.arms:
         df = res.usable("oialr", metric)
         y, x = _numeric(df, metric), _numeric(df, SIZE_METRIC)
@@ -88,10 +83,9 @@ def plot_pareto(res: SweepResults, metric: str, best: dict[str, BestTrial], path
         if stopped.any():
             ax.scatter(x[stopped], y[stopped], s=28, facecolors="none", edgecolors="tab:blue", alpha=0.6,
                        label="OIALR trial (stopped early)")
-        if len(df):
-            front = pareto_mask(y if higher_better else -y, x)
-            order = np.argsort(x[front].to_numpy())
-            ax.step(x[front].to_numpy()[order], y[front].to_numpy()[order], where="post", color="tab:blue",
+        front = pareto_rows(res, "oialr", metric)
+        if len(front):
+            ax.step(_numeric(front, SIZE_METRIC).fillna(1.0), _numeric(front, metric), where="post", color="tab:blue",
                     lw=1.5, label="Pareto front")
         if "oialr" in best:
             b = best["oialr"].trial
@@ -193,61 +187,12 @@ def plot_ranks(history: pd.DataFrame, trial_id: str, path: Path) -> str | None:
     return f"{len(ranks.columns)} low-rank-eligible layers; ranks at the end of each epoch"
 
 
-def _check_study_file(path: Path) -> None:
-    """Refuse a ``study.db`` that SQLite cannot read (truncated, garbage) or that holds no Optuna tables.
-
-    Checked read-only, before Optuna opens it: Optuna would turn an empty file into a new study
-    database, and fail on a damaged one with a traceback from deep in SQLAlchemy.
-    """
-    fix = "delete it to report without importances"
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as e:
-        raise UserError(f"{path}: not a readable SQLite database ({e}); {fix}") from None
-    if verdict != "ok":
-        raise UserError(f"{path}: damaged SQLite database ({verdict}); {fix}")
-    if "studies" not in tables:
-        raise UserError(f"{path}: holds no Optuna study; {fix}")
-
-
 def param_importances(res: SweepResults, arm: str, metric: str) -> tuple[dict[str, float] | None, str]:
     """Optuna's importances of an arm's searched keys for `metric`, or None and the reason why not.
 
     Raises UserError naming ``study.db`` when it is there but unreadable.
     """
-    if not res.study_path.is_file():
-        return None, f"no {STUDY_FILE}"
-    _check_study_file(res.study_path)
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{res.study_path.resolve()}")
-    try:
-        study = optuna.load_study(study_name=arm, storage=storage)
-    except KeyError:
-        return None, f"no study named {arm!r} in {STUDY_FILE}"
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(complete) < 2:
-        return None, f"{len(complete)} finished trial(s); importances need at least 2"
-    distinct = {k for k in complete[0].params if len({repr(t.params.get(k)) for t in complete}) > 1}
-    if not distinct:
-        return None, "every finished trial has the same values (nothing searched or nothing varied)"
-    # The study stores the metric first ([val_acc] or [val_acc, trainable_fraction]). Optuna's
-    # default evaluator (PED-ANOVA) explains *low* target values, so a maximized metric is negated.
-    sign = -1.0 if metric_direction(res, metric) == "max" else 1.0
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            values = optuna.importance.get_param_importances(
-                study, target=lambda t: sign * t.values[0], params=sorted(distinct)
-            )
-    except (RuntimeError, ValueError, ZeroDivisionError) as e:
-        return None, f"Optuna could not compute them ({type(e).__name__}: {e})"
-    finally:
-        storage.engine.dispose()
-    return dict(values), f"PED-ANOVA over {len(complete)} finished trials"
+    return importances(res.study_path, arm, maximize=metric_direction(res, metric) == "max")
 
 
 def plot_importances(importances: dict[str, dict[str, float]], metric: str, path: Path) -> None:
@@ -285,11 +230,7 @@ def _pareto_set(res: SweepResults, metric: str) -> list[TrialInfo]:
     """The OIALR arm's Pareto set (metric vs trainable fraction), smallest first; any objective mode."""
     if "oialr" not in res.arms:
         return []
-    df = res.usable("oialr", metric)
-    score = _numeric(df, metric) * (1 if metric_direction(res, metric) == "max" else -1)
-    front = df[pareto_mask(score, _numeric(df, SIZE_METRIC).fillna(1.0))]
-    front = front.assign(_size=_numeric(front, SIZE_METRIC)).sort_values("_size")
-    return [res.trial_info(r.to_dict()) for _, r in front.iterrows()]
+    return [res.trial_info(r.to_dict()) for _, r in pareto_rows(res, "oialr", metric).iterrows()]
 
 
 def _shown(params: dict[str, Any]) -> dict[str, Any]:

@@ -23,9 +23,9 @@ per-layer ``ranks`` of each epoch are stored there as a JSON string.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +36,7 @@ import pandas as pd
 import yaml
 
 from oialr_tune.errors import UserError
-from oialr_tune.space import SIZE_METRIC, Param, SearchSpace, load_space
+from oialr_tune.space import METRIC_DIRECTIONS, SIZE_METRIC, Param, SearchSpace, load_space
 
 __all__ = [
     "BestTrial",
@@ -47,16 +47,19 @@ __all__ = [
     "format_best",
     "open_results",
     "pareto_mask",
+    "pareto_rows",
+    "summarize",
 ]
 
 SWEEP_FILE = "sweep.yaml"
+STATE_FILE = "state.json"  # which arms have finished (the sweep's own bookkeeping)
 TRIALS_FILE = "trials.csv"
 SUMMARY_FILE = "summary.json"
 STUDY_FILE = "study.db"
 CONFIG_PREFIX = "config."
 CHECKPOINT_FILE = "checkpoint.pt"  # what the trainer writes into each Ray checkpoint folder
 # Direction that makes each selectable metric better.
-DIRECTIONS = {"val_acc": "max", "val_loss": "min", "val_mae": "min", SIZE_METRIC: "min"}
+DIRECTIONS = {**METRIC_DIRECTIONS, SIZE_METRIC: "min"}
 
 
 def metric_direction(res: SweepResults, metric: str) -> str:
@@ -181,10 +184,25 @@ def _plain(value: Any) -> Any:
 
 
 class SweepResults:
-    """A results directory opened for reading (see the module docstring for its layout)."""
+    """A results directory opened for reading (see the module docstring for its layout).
 
-    def __init__(self, path: Path, space: SearchSpace, trials: pd.DataFrame, summary: dict[str, Any] | None):
+    Also what :func:`oialr_tune.sweep` returns. `path` is the folder (a URI string for a sweep
+    written to remote storage); `summary` is ``summary.json`` (see :func:`summarize`).
+    """
+
+    def __init__(self, path: Path | str, space: SearchSpace, trials: pd.DataFrame, summary: dict[str, Any] | None):
         self.path, self.space, self.trials, self.summary = path, space, trials, summary
+
+    def best(self, arm: str = "oialr", **kwargs: Any) -> BestTrial:
+        """:func:`best_trial` of this sweep (same keyword arguments)."""
+        return best_trial(self, arm=arm, **kwargs)
+
+    def best_config(self, arm: str = "oialr") -> dict[str, Any]:
+        """The full trainer config (plain data) of an arm's best trial, ready for a retrain."""
+        return self.best(arm).config
+
+    def _join(self, rel: str) -> str:
+        return f"{self.path}/{rel}" if isinstance(self.path, str) else str(self.path / rel)
 
     @property
     def name(self) -> str:
@@ -242,8 +260,7 @@ class SweepResults:
         ckpt = row.get("checkpoint")
         checkpoint = None
         if not _is_blank(ckpt):
-            p = Path(str(ckpt))
-            checkpoint = str(p if p.is_absolute() else (self.path / p))
+            checkpoint = str(ckpt) if Path(str(ckpt)).is_absolute() else self._join(str(ckpt))
         return TrialInfo(arm, str(row["trial_id"]), params, train_config_to_dict(cfg), metrics, checkpoint)
 
     def trial_dir(self, arm: str, trial_id: str) -> Path | None:
@@ -334,7 +351,9 @@ def open_results(results_dir: str | Path) -> SweepResults:
         raise UserError(
             f"{path}: holds no finished sweep (no {TRIALS_FILE}; resume it with `oialr-tune sweep --resume {path}`)"
         )
-    _repair_if_incomplete(path)
+    from oialr_tune.tuning.collect import repair_if_incomplete  # may rewrite study.db (Optuna): only here
+
+    repair_if_incomplete(path)
     try:
         space = load_space(sweep_file)
     except UserError as e:
@@ -364,35 +383,47 @@ def check_max_trainable_fraction(value: float | None) -> None:
         raise UserError(f"--max-trainable-fraction: must be > 0, got {value}")
 
 
-def _repair_if_incomplete(path: Path) -> None:
-    """Rebuild trials.csv, summary.json and study.db from the journals when they are incomplete.
+@dataclass
+class _Ranking:
+    """An arm's usable trials ranked for `best`: the one place that defines best and Pareto."""
 
-    A kill during the final writes leaves trials.csv without study.db; a damaged trials.csv may be
-    cut mid-row (pandas would read the row with blanks, and `best` could pick the wrong trial). The
-    journals (``journal-<arm>.jsonl``) record every ended trial, so they win. Says so on stderr.
-    """
-    from oialr_tune.sweep_state import JOURNAL_TEMPLATE, ended_trials
+    usable: pd.DataFrame
+    size: pd.Series  # trainable fraction of each usable trial; a missing one counts as full size (1.0)
+    pareto: pd.DataFrame  # usable trials no other beats on both the metric and the size, smallest first
+    candidates: pd.DataFrame  # trials that may be "best" (the Pareto set when multi), under the budget, best first
+    multi: bool
+    mode: str
 
-    journals = sorted(path.glob(JOURNAL_TEMPLATE.format(arm="*")))
-    trials_file = path / TRIALS_FILE
-    text = trials_file.read_bytes()
-    if not journals:  # a folder from before journals: detect what can be detected
-        if text and not text.endswith(b"\n"):
-            raise UserError(f"{trials_file}: cut off mid-row; rerun the sweep's final step with --resume {path}")
-        return
-    ended = sum(len(ended_trials(j, key=None)) for j in journals)
-    rows = text.count(b"\n") - 1 if text.endswith(b"\n") else -1
-    missing = [f for f in (STUDY_FILE, SUMMARY_FILE) if not (path / f).is_file()]
-    if rows == ended and not missing:
-        return
-    why = f"{', '.join(missing)} missing" if missing else f"{TRIALS_FILE} holds {max(rows, 0)} of {ended} ended trials"
-    from oialr_tune.tune import rebuild_results
 
-    try:
-        rebuild_results(path)
-    except OSError as e:
-        raise UserError(f"{path}: results incomplete ({why}) and cannot be rewritten ({e.strerror or e})") from None
-    print(f"oialr-tune: note: {path}: results were incomplete ({why}); rebuilt from the journals", file=sys.stderr)
+def _rank(res: SweepResults, arm: str, metric: str, max_trainable_fraction: float | None) -> _Ranking:
+    """Rank an arm's usable trials by `metric` (ties: the smaller model, then the earlier trial)."""
+    mode = metric_direction(res, metric)
+    usable = res.usable(arm, metric)
+    multi = res.space.objective.is_multi and arm == "oialr" and metric != SIZE_METRIC
+    score = pd.to_numeric(usable[metric], errors="coerce")
+    score = score if mode == "max" else -score
+    size = pd.to_numeric(usable.get(SIZE_METRIC, pd.Series(1.0, index=usable.index)), errors="coerce").fillna(1.0)
+    pareto = usable[pareto_mask(score, size)]
+    pareto = pareto.loc[size.loc[pareto.index].sort_values(kind="stable").index]
+    candidates = pareto if multi else usable
+    if max_trainable_fraction is not None:
+        candidates = candidates[size.loc[candidates.index] <= max_trainable_fraction]
+    order = pd.DataFrame({"score": score.loc[candidates.index], "size": size.loc[candidates.index]})
+    order = order.sort_values(["score", "size"], ascending=[False, True], kind="stable")
+    return _Ranking(usable, size, pareto, candidates.loc[order.index], multi, mode)
+
+
+def pareto_rows(res: SweepResults, arm: str = "oialr", metric: str | None = None) -> pd.DataFrame:
+    """An arm's Pareto set (`metric` vs trainable fraction, any objective mode) as trials.csv rows,
+    smallest first: the trials no other trial beats on both."""
+    return _rank(res, arm, metric or res.space.objective.metric, None).pareto
+
+
+def _budget(res: SweepResults, arm: str, max_trainable_fraction: float | None) -> float | None:
+    """The size budget that applies: the given one, else (OIALR arm) the space's own."""
+    if max_trainable_fraction is None and arm == "oialr":
+        return res.space.objective.max_trainable_fraction
+    return max_trainable_fraction
 
 
 def best_trial(
@@ -413,6 +444,9 @@ def best_trial(
             multi-objective sweep this picks the most accurate Pareto point under the budget.
             Default for the OIALR arm: the space's ``objective.max_trainable_fraction``.
 
+    Ties on the metric go to the smaller model, then to the earlier trial; a trial that reported
+    no trainable fraction counts as full size. The sweep's own summary uses the same ranking.
+
     Raises UserError for a directory without an experiment, an arm the sweep did not run, or no
     trial that qualifies.
     """
@@ -422,47 +456,65 @@ def best_trial(
     metric = objective or res.space.objective.metric
     if metric not in DIRECTIONS and metric != res.space.objective.metric:
         raise UserError(f"--objective: expected one of {', '.join(DIRECTIONS)}, got {metric!r}")
-    mode = metric_direction(res, metric)
-    if max_trainable_fraction is None and arm == "oialr":
-        max_trainable_fraction = res.space.objective.max_trainable_fraction
+    max_trainable_fraction = _budget(res, arm, max_trainable_fraction)
     check_max_trainable_fraction(max_trainable_fraction)
     all_rows = res.trials[res.trials["arm"] == arm]
-    usable = res.usable(arm, metric)
-    if usable.empty:
+    ranking = _rank(res, arm, metric, max_trainable_fraction)
+    if ranking.usable.empty:
         raise UserError(
             f"{res.path}: no finished trial in arm {arm!r} ({len(all_rows)} trials, all failed, diverged or unfinished)"
         )
-    multi = res.space.objective.is_multi and arm == "oialr" and metric != SIZE_METRIC
-    score = pd.to_numeric(usable[metric], errors="coerce")
-    score = score if mode == "max" else -score
-    size = pd.to_numeric(usable.get(SIZE_METRIC, pd.Series(1.0, index=usable.index)), errors="coerce").fillna(1.0)
-
-    pareto_rows = usable[pareto_mask(score, size)].assign(_size=size).sort_values("_size")
-    candidates = pareto_rows if multi else usable
-    if max_trainable_fraction is not None:
-        under = size.loc[candidates.index] <= max_trainable_fraction
-        if not under.any():
-            smallest = float(size.loc[candidates.index].min())
-            raise UserError(
-                f"--max-trainable-fraction: no finished {arm} trial at or under {max_trainable_fraction} "
-                f"(smallest is {smallest:.4g})"
-            )
-        candidates = candidates[under]
-    # Ties on the metric go to the smaller model, then to the earlier trial (stable order).
-    order = pd.DataFrame({"score": score.loc[candidates.index], "size": size.loc[candidates.index]})
-    chosen = order.sort_values(["score", "size"], ascending=[False, True], kind="stable").index[0]
+    if ranking.candidates.empty:
+        smallest = float(ranking.size.loc[(ranking.pareto if ranking.multi else ranking.usable).index].min())
+        raise UserError(
+            f"--max-trainable-fraction: no finished {arm} trial at or under {max_trainable_fraction} "
+            f"(smallest is {smallest:.4g})"
+        )
     return BestTrial(
-        results_dir=res.path,
+        results_dir=Path(res.path) if not isinstance(res.path, str) else res.path,
         arm=arm,
         objective=metric,
-        mode=mode,
-        multi=multi,
-        trial=res.trial_info(usable.loc[chosen].to_dict()),
-        pareto=[res.trial_info(r.to_dict()) for _, r in pareto_rows.iterrows()] if multi else [],
+        mode=ranking.mode,
+        multi=ranking.multi,
+        trial=res.trial_info(ranking.candidates.iloc[0].to_dict()),
+        pareto=[res.trial_info(r.to_dict()) for _, r in ranking.pareto.iterrows()] if ranking.multi else [],
         max_trainable_fraction=max_trainable_fraction,
-        finished_trials=len(usable),
-        ignored_trials=len(all_rows) - len(usable),
+        finished_trials=len(ranking.usable),
+        ignored_trials=len(all_rows) - len(ranking.usable),
     )
+
+
+def summarize(res: SweepResults) -> dict[str, Any]:
+    """What ``summary.json`` holds: each arm's best trial (as `best_trial` picks it, with the space's
+    budget) and, for a multi-objective sweep, the OIALR arm's Pareto set. Checkpoints stay as
+    trials.csv records them (relative to the folder)."""
+    objective = res.space.objective
+    metric = objective.metric
+    best: dict[str, Any] = {}
+    for arm in res.space.arms():
+        ranking = _rank(res, arm, metric, _budget(res, arm, None))
+        if ranking.candidates.empty:
+            continue
+        row = ranking.candidates.iloc[0]
+        best[arm] = {
+            "trial_id": str(row["trial_id"]),
+            "config": res.params_of(row, arm),
+            **{k: _plain(row.get(k)) for k in dict.fromkeys((metric, "val_acc", SIZE_METRIC, "training_iteration"))},
+            "checkpoint": None if _is_blank(row.get("checkpoint")) else str(row["checkpoint"]),
+        }
+    summary: dict[str, Any] = {
+        "name": res.space.name,
+        "objective": dataclasses.asdict(objective),
+        "trials": {arm: int((res.trials["arm"] == arm).sum()) for arm in res.space.arms()},
+        "best": best,
+    }
+    if objective.is_multi:
+        pareto = _rank(res, "oialr", metric, None).pareto
+        summary["pareto"] = [
+            {"trial_id": str(r["trial_id"]), metric: _plain(r[metric]), SIZE_METRIC: _plain(r.get(SIZE_METRIC))}
+            for _, r in pareto.iterrows()
+        ]
+    return summary
 
 
 # --- output ------------------------------------------------------------------------------------

@@ -45,12 +45,12 @@ from oialr_tune.errors import UserError
 from oialr_tune.files import writable_folder
 from oialr_tune.model_io import load_model, save_model
 from oialr_tune.oialr import low_rank_structure
-from oialr_tune.parallel import run_all
 from oialr_tune.plugins import uses_user_code
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
 from oialr_tune.stats import verdict, welch_interval
 from oialr_tune.tasks import task_for
 from oialr_tune.trainer import CHECKPOINT_NAME, model_from_checkpoint, read_checkpoint, train
+from oialr_tune.tuning.parallel import run_all
 
 __all__ = ["RETRAIN_DIR", "retrain"]
 

@@ -22,7 +22,7 @@ Everything is checked here, before Ray starts, and a mistake raises
 Each range endpoint is also applied to the base config and validated by the trainer's own config
 rules, so a trial can never fail on a value the space allowed at its ends.
 
-This module imports neither Ray nor Optuna: the tuning layer (``oialr_tune.tune``) turns a
+This module imports neither Ray nor Optuna: the tuning layer (``oialr_tune.tuning``) turns a
 :class:`SearchSpace` into their objects.
 """
 
@@ -674,5 +674,47 @@ def with_user_code(space: SearchSpace, **named: Any) -> SearchSpace:
             base[key] = {**base[key], "name": name}
         else:
             base[key] = name
+    return space_from_dict(data, source="search space")
+
+
+
+def with_settings(
+    space: SearchSpace,
+    *,
+    num_samples: int | None = None,
+    max_epochs: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> SearchSpace:
+    """`space` with another number of trials per arm, another epoch budget, or other values by
+    dotted key (``budget.grace_period``, ``base.optimizer.weight_decay``, ``seed``, or
+    ``search.<searched key>`` with a range mapping), validated as a whole, as its YAML would be.
+
+    The result is a space like any other: what a sweep stores of it, `best`, `report` and
+    `retrain` read back. (Changing ``budget.max_epochs`` also changes the trainer's epochs, which
+    the space keeps equal to it: ``dataclasses.replace`` on the budget alone would not.)
+    """
+    data = space.to_dict()
+    settings: dict[str, Any] = dict(overrides or {})
+    if num_samples is not None:
+        settings["budget.num_samples"] = num_samples
+    if max_epochs is not None:
+        settings["budget.max_epochs"] = max_epochs
+    for key, value in settings.items():
+        section, _, rest = key.partition(".")
+        if section not in _TOP_KEYS:
+            raise UserError(f"--set {key}: unknown section {section!r} (one of {', '.join(_TOP_KEYS)})")
+        if not rest:
+            data[section] = value
+            continue
+        # Searched keys are dotted themselves ("optimizer.lr"): the search section is one level deep.
+        path = [rest] if section == "search" else rest.split(".")
+        node = data.setdefault(section, {})
+        for part in path[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise UserError(f"--set {key}: {part!r} holds a value, not a mapping")
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    if "budget.max_epochs" in settings:
+        data["base"].setdefault("schedule", {})["epochs"] = data["budget"]["max_epochs"]
     return space_from_dict(data, source="search space")
 

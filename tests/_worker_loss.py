@@ -20,7 +20,7 @@ from pathlib import Path
 from ray.cluster_utils import Cluster
 
 from oialr_tune.space import space_from_dict
-from oialr_tune.tune import sweep
+from oialr_tune.tuning import sweep
 
 EPOCHS = 6
 SPACE = {

@@ -82,7 +82,7 @@ def signing_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ray_session():
     """One local Ray instance (2 CPUs) for the whole test session, started by the first test that needs it.
 
-    Starting Ray costs seconds; `oialr_tune.tune.sweep` uses an already initialized Ray and leaves
+    Starting Ray costs seconds; `oialr_tune.tuning.sweep` uses an already initialized Ray and leaves
     it running, so every sweep test shares this one. Tests that need their own Ray (a multi-node
     cluster, a driver to kill) run it in a subprocess.
     """

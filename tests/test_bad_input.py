@@ -5,7 +5,7 @@ Every case is its own test. Most run `oialr_tune.cli.main` in-process (fast); a 
 real process to prove that no traceback reaches stderr and that a bad `--address` fails in seconds.
 The cases are listed with the rest of the fault tests in tests/README.md.
 
-"Before Ray starts" is checked by replacing `oialr_tune.tune.start_ray` (and `ray.init`) with a trap
+"Before Ray starts" is checked by replacing `oialr_tune.tuning.cluster.start_ray` (and `ray.init`) with a trap
 for the duration of each in-process case: the session's Ray fixture may or may not be running, so
 comparing `ray.is_initialized()` before and after alone would prove little.
 """
@@ -33,7 +33,7 @@ import torch
 import yaml
 from tiny_sweep import tiny_sweep_dir
 
-import oialr_tune.tune
+import oialr_tune.tuning.cluster
 from oialr_tune.cli import main
 from oialr_tune.errors import UserError
 
@@ -94,7 +94,7 @@ def rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
 
     def check(argv: list[str], *names: str) -> str:
         monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(oialr_tune.tune, "start_ray", trap)
+        monkeypatch.setattr(oialr_tune.tuning.cluster, "start_ray", trap)
         monkeypatch.setattr(ray, "init", trap)
         ray_before = ray.is_initialized()
         before = snapshot(tmp_path)

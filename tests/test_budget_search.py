@@ -11,11 +11,11 @@ import pytest
 import yaml
 from tiny_sweep import SPACE, tiny_sweep_dir
 
-from oialr_tune.budget_search import BudgetedOptunaSearch
 from oialr_tune.errors import UserError
 from oialr_tune.results import best_trial, open_results
 from oialr_tune.space import SIZE_METRIC, load_space, space_from_dict
-from oialr_tune.tune import _optuna_trials, _searcher
+from oialr_tune.tuning.search import BudgetedOptunaSearch, searcher
+from oialr_tune.tuning.study import optuna_trials
 
 BUDGET = 0.3
 
@@ -45,8 +45,8 @@ def _quickstart(budget: float | None):
 
 def test_budget_in_search_finds_more_feasible_trials_than_pick_after() -> None:
     """Same seed, same toy objective: the constrained sampler spends its trials under the budget."""
-    with_budget = _searcher(_quickstart(BUDGET), "oialr", [])
-    pick_after = _searcher(_quickstart(None), "oialr", [])
+    with_budget = searcher(_quickstart(BUDGET), "oialr", [])
+    pick_after = searcher(_quickstart(None), "oialr", [])
     assert with_budget.max_trainable_fraction == BUDGET and pick_after.max_trainable_fraction is None
     results = {"budget": _run(with_budget, 40), "after": _run(pick_after, 40)}
     feasible = {name: sum(r[SIZE_METRIC] <= BUDGET for r in rs) for name, rs in results.items()}
@@ -59,7 +59,7 @@ def test_budget_in_search_finds_more_feasible_trials_than_pick_after() -> None:
 
 
 def test_the_baseline_arm_gets_no_constraint() -> None:
-    assert _searcher(_quickstart(BUDGET), "baseline", []).max_trainable_fraction is None
+    assert searcher(_quickstart(BUDGET), "baseline", []).max_trainable_fraction is None
 
 
 def test_trials_recreated_from_the_journal_carry_their_constraint() -> None:
@@ -67,16 +67,16 @@ def test_trials_recreated_from_the_journal_carry_their_constraint() -> None:
     params = {f"config.{p.key}": p.choices[0] if p.choices else p.low for p in space.arm_params("oialr")}
     row = {**params, "status": "TERMINATED", "val_acc": 0.95, SIZE_METRIC: 0.5, "_history": [0.9, 0.95],
            "trial_id": "abc", "training_iteration": 2}
-    (trial,) = _optuna_trials(space, "oialr", [row])
+    (trial,) = optuna_trials(space, "oialr", [row])
     assert trial.constraints == pytest.approx({SIZE_METRIC: 0.5 - BUDGET})
 
 
 def test_ray_private_map_of_optuna_trials_is_still_there() -> None:
     """BudgetedOptunaSearch reaches the Optuna trial through OptunaSearch._ot_trials: fail loudly if Ray changes it."""
-    searcher = _searcher(_quickstart(BUDGET), "oialr", [])
-    assert isinstance(searcher, BudgetedOptunaSearch)
-    searcher.suggest("x")
-    assert isinstance(searcher._ot_trials["x"], optuna.trial.Trial)
+    search = searcher(_quickstart(BUDGET), "oialr", [])
+    assert isinstance(search, BudgetedOptunaSearch)
+    search.suggest("x")
+    assert isinstance(search._ot_trials["x"], optuna.trial.Trial)
 
 
 def test_a_bad_budget_names_the_key() -> None:

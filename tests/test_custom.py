@@ -30,7 +30,7 @@ from oialr_tune.results import best_trial
 from oialr_tune.retrain import retrain
 from oialr_tune.space import space_from_dict
 from oialr_tune.trainer import train
-from oialr_tune.tune import sweep
+from oialr_tune.tuning import sweep
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "custom"
 TINY = {"budget": {"num_samples": 2, "max_epochs": 2, "grace_period": 1}, "resources": {"cpu": 1}}
@@ -143,7 +143,7 @@ def test_python_api_takes_callables(tmp_path: Path, ray_session: Any) -> None:
     assert result.space.base["data"]["name"] == "test_custom:_blobs"
     assert (result.trials["status"] == "TERMINATED").all(), result.trials.get("error")  # ran on the workers
     assert result.trials["trainer_status"].isin(["finished", "running"]).all()  # running: stopped by ASHA
-    assert result.best["oialr"]["val_acc"] > 0.8
+    assert result.summary["best"]["oialr"]["val_acc"] > 0.8
 
 
 # --- zoo models: which layers OIALR takes, and why the others stay dense ----------------------------------

@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
-import oialr_tune.tune
 from oialr_tune import data
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.errors import UserError
 from oialr_tune.space import space_from_dict
 from oialr_tune.trainer import train
-from oialr_tune.tune import make_trainable, run_trial, sweep
+from oialr_tune.tuning import make_trainable, run_trial, sweep
+from oialr_tune.tuning.cluster import slots as cluster_slots
 
 SPACE: dict[str, Any] = {
     "name": "eff",
@@ -146,10 +146,6 @@ def test_a_cluster_without_gpus_refuses_gpu_trials_before_any_trial(ray_session:
     assert not (tmp_path / "r" / "g").exists()
 
 
-_SLOTS = getattr(oialr_tune.tune, "_slots", None)
-
-
-@pytest.mark.xfail(_SLOTS is None, run=False, strict=True, reason="oialr_tune.tune has no _slots yet (patch proposed)")
 @pytest.mark.parametrize(
     ("cpu", "gpu", "have", "slots"),
     [
@@ -164,4 +160,4 @@ _SLOTS = getattr(oialr_tune.tune, "_slots", None)
 def test_concurrent_trials_follow_from_the_cluster_and_the_per_trial_request(
     cpu: float, gpu: float, have: dict[str, float], slots: int
 ) -> None:
-    assert _SLOTS(gpu_space(cpu, gpu).resources, have) == slots
+    assert cluster_slots(gpu_space(cpu, gpu).resources, have) == slots

@@ -154,7 +154,7 @@ def test_a_killed_trial_process_is_retried_from_its_last_checkpoint(ray_session:
     """SIGKILL the Ray worker running a trial once it has checkpointed; with max_failures 1 the trial is
     restarted in a new process from that checkpoint (its epochs go on, they do not start over at 1)."""
     from oialr_tune.space import space_from_dict
-    from oialr_tune.tune import sweep
+    from oialr_tune.tuning import sweep
 
     epochs = 5
     space = space_from_dict({

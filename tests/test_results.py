@@ -186,3 +186,55 @@ def test_a_bare_name_is_found_under_results(sweep_dir: Path, tmp_path: Path, mon
     assert json.loads(capsys.readouterr().out)["arm"] == "oialr"
     assert main(["best", "no-such-sweep"]) == 2
     assert "no-such-sweep: no such results directory" in capsys.readouterr().err
+
+
+def _journal_sweep(folder: Path, trials: list[tuple[str, float, float | None]], budget: float | None) -> Path:
+    """A sweep folder as a sweep leaves it before its final writes: sweep.yaml and the OIALR arm's
+    journal, one ended trial per (id, val_acc, trainable fraction or None when never reported)."""
+    from tiny_sweep import TINY_BASE
+
+    from oialr_tune.space import space_from_dict
+    from oialr_tune.tuning.state import journal_path
+
+    space = space_from_dict({
+        "name": "ties", "base": TINY_BASE, "baseline": "none",
+        "search": {"optimizer.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+        "objective": {"metric": "val_acc", "mode": "max", "max_trainable_fraction": budget},
+        "budget": {"num_samples": len(trials), "max_epochs": 2},
+    })  # fmt: skip
+    folder.mkdir()
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+    lines = []
+    for i, (trial_id, acc, fraction) in enumerate(trials):
+        result = {"val_acc": acc, "training_iteration": 2, "run_status": "finished"}
+        if fraction is not None:
+            result["trainable_fraction"] = fraction
+        lines.append({"kind": "end", "trial_id": trial_id, "status": "TERMINATED", "result": result,
+                      "config": {"optimizer.lr": 1e-3 * (i + 1)}, "checkpoint": None, "dir": None})  # fmt: skip
+    journal_path(folder, "oialr").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected"),
+    [
+        # Three tied at the top: the smaller model wins; a missing fraction counts as full size.
+        (None, "b"),
+        # The most accurate trial never reported its fraction: full size, so over any budget.
+        (0.4, "b"),
+    ],
+)
+def test_the_sweep_summary_and_best_agree_on_ties_and_missing_fractions(
+    tmp_path: Path, budget: float | None, expected: str
+) -> None:
+    from oialr_tune.tuning.collect import rebuild_results
+
+    trials = [("a", 0.9, 0.5), ("b", 0.9, 0.3), ("c", 0.9, None), ("d", 0.85, 0.1)]
+    if budget is not None:
+        trials.append(("e", 0.95, None))
+    folder = _journal_sweep(tmp_path / "s", trials, budget)
+    rebuild_results(folder)  # what the sweep runs once its arms are done: trials.csv, summary.json, study.db
+    summary = json.loads((folder / "summary.json").read_text())
+    best = best_trial(folder)
+    assert summary["best"]["oialr"]["trial_id"] == best.trial.trial_id == expected
+    assert best.max_trainable_fraction == budget

@@ -231,7 +231,7 @@ def _ray_state() -> bool:
 
 @pytest.mark.parametrize(("case", "data", "message"), BAD[:10], ids=[b[0] for b in BAD[:10]])
 def test_sweep_rejects_bad_space_before_ray_starts(tmp_path: Path, case: str, data: dict, message: str) -> None:
-    from oialr_tune.tune import sweep
+    from oialr_tune.tuning import sweep
 
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -245,7 +245,7 @@ def test_sweep_rejects_bad_space_before_ray_starts(tmp_path: Path, case: str, da
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_sweep_refuses_gpus_on_a_machine_without_cuda(tmp_path: Path) -> None:
-    from oialr_tune.tune import sweep
+    from oialr_tune.tuning import sweep
 
     data = tiny(resources={"cpu": 1, "gpu": 0.25}, **{"base.device": "auto"})
     before = _ray_state()
@@ -255,7 +255,7 @@ def test_sweep_refuses_gpus_on_a_machine_without_cuda(tmp_path: Path) -> None:
 
 
 def test_sweep_refuses_missing_dataset_root_and_bad_results_dirs(tmp_path: Path) -> None:
-    from oialr_tune.tune import sweep
+    from oialr_tune.tuning import sweep
 
     space = load_space("cifar10_resnet18")
     space = space_from_dict(
@@ -300,7 +300,7 @@ def test_import_stays_light_and_the_api_loads_lazily() -> None:
     code = (
         "import sys, oialr_tune\n"
         "assert 'ray' not in sys.modules and 'optuna' not in sys.modules\n"
-        "from oialr_tune.tune import sweep\n"
+        "from oialr_tune.tuning import sweep\n"
         "assert oialr_tune.sweep is sweep and 'ray' not in sys.modules\n"
         # The sweep driver validates every packaged space (model arguments included) without torch:
         # only trial workers pay for it.
@@ -330,3 +330,18 @@ def test_version_and_plain_top_level_help() -> None:
     assert version.returncode == 0 and version.stdout.strip() == f"oialr-tune {__version__}"
     helps = subprocess.run([sys.executable, "-m", "oialr_tune.cli", "--help"], capture_output=True, text=True)
     assert helps.returncode == 0 and "``" not in helps.stdout and "--version" in helps.stdout
+
+
+def test_only_the_tuning_package_imports_ray_or_optuna() -> None:
+    """The README's boundary: the method, the trainer, results, report and retrain import neither."""
+    import re
+
+    package = Path(__file__).resolve().parents[1] / "oialr_tune"
+    pattern = re.compile(r"^\s*(import (ray|optuna)\b|from (ray|optuna)\b)", re.MULTILINE)
+    outside = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if "tuning" not in path.relative_to(package).parts and pattern.search(path.read_text())
+    ]
+    assert outside == []
+    assert any(pattern.search(p.read_text()) for p in (package / "tuning").glob("*.py"))  # the scan finds imports

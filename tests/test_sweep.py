@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,11 @@ import pytest
 import yaml
 from tiny_sweep import TINY_BASE
 
+from oialr_tune.results import open_results, pareto_rows
 from oialr_tune.space import space_from_dict
 from oialr_tune.trainer import read_checkpoint
-from oialr_tune.tune import load_sweep, make_trainable, sweep
+from oialr_tune.tuning import make_trainable, sweep
+from oialr_tune.tuning.driver import summary_line
 
 SPACE: dict[str, Any] = {
     "name": "unit",
@@ -69,16 +72,17 @@ def test_sweep_finds_best_and_results_are_consistent(ray_session: Any, tmp_path:
     # last epoch's state.
     for arm in ("oialr", "baseline"):
         rows = df[df["arm"] == arm]
-        best = result.best[arm]
+        best = result.summary["best"][arm]
         assert best["val_acc"] == rows["val_acc"].max()
         assert best["trial_id"] in set(rows[rows["val_acc"] == rows["val_acc"].max()]["trial_id"])
-        state = read_checkpoint(Path(best["checkpoint"]) / "checkpoint.pt")
+        state = read_checkpoint(root / best["checkpoint"] / "checkpoint.pt")
         assert state["epoch"] == best["training_iteration"]
         assert state["config"]["oialr"]["enabled"] is (arm == "oialr")
         cfg = result.best_config(arm)
         assert cfg["optimizer"]["lr"] == pytest.approx(best["config"]["optimizer.lr"])
-    assert result.best["oialr"]["trainable_fraction"] < 1.0  # OIALR did cut ranks
-    assert "best OIALR val_acc=" in result.summary_line and "best full-rank val_acc=" in result.summary_line
+    assert result.summary["best"]["oialr"]["trainable_fraction"] < 1.0  # OIALR did cut ranks
+    line = summary_line(result)
+    assert "best OIALR val_acc=" in line and "best full-rank val_acc=" in line
 
     # Checkpoints only at the ASHA rungs (2, 4): a finished trial's last is its second (index 1);
     # once the arm is over only each trial's last checkpoint is left.
@@ -91,13 +95,16 @@ def test_sweep_finds_best_and_results_are_consistent(ray_session: Any, tmp_path:
     # Files: trials.csv is the returned table; summary.json has the same best trials.
     assert pd.read_csv(root / "trials.csv")["trial_id"].tolist() == df["trial_id"].tolist()
     summary = json.loads((root / "summary.json").read_text())
-    # The folder's files hold checkpoints relative to it (a moved folder still works); the API full paths.
-    in_folder = {arm: {**b, "checkpoint": str(root / b["checkpoint"])} for arm, b in summary["best"].items()}
-    assert in_folder == json.loads(json.dumps(result.best))
+    # The folder's files hold checkpoints relative to it (a moved folder still works).
+    assert summary == json.loads(json.dumps(result.summary))
+    assert not Path(summary["best"]["oialr"]["checkpoint"]).is_absolute()
     assert pd.read_csv(root / "trials.csv")["config.schedule.rewarm_steps"].dropna().map(float.is_integer).all()
     assert yaml.safe_load((root / "sweep.yaml").read_text()) == result.space.to_dict()
-    reloaded = load_sweep(root)
-    assert reloaded.best == in_folder
+    reloaded = open_results(root)
+    for arm in ("oialr", "baseline"):  # `best` on the folder names the summary's trial, with a full path
+        best = reloaded.best(arm).trial
+        assert best.trial_id == summary["best"][arm]["trial_id"]
+        assert best.checkpoint == str(root / summary["best"][arm]["checkpoint"])
 
     # study.db: one Optuna study per arm with the same trials, readable by Optuna's own tools.
     storage = f"sqlite:///{root / 'study.db'}"
@@ -127,7 +134,7 @@ def test_multi_objective_returns_a_pareto_set(ray_session: Any, tmp_path: Path) 
     df = result.trials
     assert set(df["arm"]) == {"oialr"} and len(df) == 4
     assert (df["training_iteration"] == 3).all()  # FIFO: nothing stopped early
-    pareto = result.pareto
+    pareto = pareto_rows(result, "oialr")
     assert pareto is not None and len(pareto) >= 1
     for _, p in pareto.iterrows():  # nobody is at least as good on both and better on one
         better = (df["val_acc"] >= p["val_acc"]) & (df["trainable_fraction"] <= p["trainable_fraction"])
@@ -186,7 +193,9 @@ def _finished_trials(exp: Path, epochs: int) -> dict[str, dict[str, Any]]:
     return out
 
 
-def test_killed_sweep_resumes_without_losing_finished_trials(ray_session: Any, tmp_path: Path) -> None:
+def test_killed_sweep_resumes_without_losing_finished_trials(
+    ray_session: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     space = make_space(baseline="none", strategy={"scheduler": "fifo"})
     space["base"]["model"]["args"]["hidden"] = [256, 256]
     space["base"]["schedule"]["batch_size"] = 16  # about 2 s per trial: the kill lands mid-sweep
@@ -220,7 +229,14 @@ def test_killed_sweep_resumes_without_losing_finished_trials(ray_session: Any, t
 
     from oialr_tune.cli import main
 
-    assert main(["sweep", "--resume", str(results / "k"), "-q"]) == 0
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["sweep", "--resume", str(results / "k")]) == 0
+    # Our own lines only: no Optuna warning per re-reported epoch, no Ray box or Ray hint.
+    assert not [w for w in caught if "is already reported" in str(w.message)]
+    printed = capfd.readouterr()
+    assert "[oialr]" in printed.out and "Configuration for experiment" not in printed.out + printed.err
     df = pd.read_csv(results / "k" / "trials.csv")
     assert len(df) == 6 and set(df["status"]) == {"TERMINATED"}
     rows = df.set_index("trial_id")
@@ -239,7 +255,7 @@ CLUSTER_SCRIPT = """
 import glob, json, sys
 from ray.cluster_utils import Cluster
 from oialr_tune.space import space_from_dict
-from oialr_tune.tune import sweep
+from oialr_tune.tuning import sweep
 
 space, root = json.loads(sys.argv[1]), sys.argv[2]
 # A head node with one (logical) GPU and a CPU-only worker node, one CPU each.
@@ -285,3 +301,43 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path: Path) -> None:
     gpu = line("GPU")
     assert gpu["nodes"] == [gpu["head"]] and gpu["gpu_ids"] == ["0"]
     assert gpu["overlap"] == 2, "two half-GPU trials should share the one GPU at the same time"
+
+
+def test_a_shrunk_sweep_is_read_back_by_best_and_report(ray_session: Any, tmp_path: Path) -> None:
+    """sweep(space, num_samples=, max_epochs=, overrides=): what it writes, the readers accept."""
+    from oialr_tune.cli import main
+    from oialr_tune.results import best_trial
+
+    result = sweep(space_from_dict(SPACE), name="small", results_dir=tmp_path, verbose=0, num_samples=2, max_epochs=2,
+                   overrides={"budget.grace_period": 1, "baseline": "none", "search.optimizer.lr":
+                              {"type": "loguniform", "low": 3e-3, "high": 4e-3}})  # fmt: skip
+    stored = yaml.safe_load((tmp_path / "small" / "sweep.yaml").read_text())
+    assert stored["budget"]["num_samples"] == 2 and stored["budget"]["max_epochs"] == 2
+    assert stored["base"]["schedule"]["epochs"] == 2 and stored["search"]["optimizer.lr"]["high"] == 4e-3
+    assert len(result.trials) == 2 and (result.trials["training_iteration"] <= 2).all()
+    best = best_trial(tmp_path / "small")
+    assert best.config["schedule"]["epochs"] == 2 and 3e-3 <= best.config["optimizer"]["lr"] <= 4e-3
+    assert main(["report", str(tmp_path / "small")]) == 0
+
+
+def test_the_cli_sweep_settings_reach_the_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--num-samples / --max-epochs / --set KEY=VALUE (YAML values), and a bad key is one line, exit 2."""
+    import oialr_tune.tuning.driver as driver
+    from oialr_tune.cli import main
+
+    seen: dict[str, Any] = {}
+
+    def stop(space: Any, store: Any, *args: Any) -> None:  # runs where the sweep would start Ray
+        seen["space"] = space
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "_run_sweep", stop)
+    with contextlib.suppress(KeyboardInterrupt):
+        main(["sweep", "quickstart", "--results-dir", str(tmp_path), "--name", "q", "--num-samples", "3",
+              "--max-epochs", "4", "--set", "budget.grace_period=2", "--set", "base.optimizer.weight_decay=0.05"])
+    space = seen["space"]
+    assert (space.budget.num_samples, space.budget.max_epochs, space.budget.grace_period) == (3, 4, 2)
+    assert space.base["schedule"]["epochs"] == 4 and space.base["optimizer"]["weight_decay"] == 0.05
+    assert main(["sweep", "quickstart", "--results-dir", str(tmp_path), "--name", "r",
+                 "--set", "budget.num_sample=3"]) == 2  # fmt: skip
+    assert not (tmp_path / "r").exists()

@@ -45,7 +45,7 @@ def tiny_sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The results folder of the session's tiny sweep (run on first use). Treat it as read-only."""
     if "dir" not in _CACHE:
         from oialr_tune.space import space_from_dict
-        from oialr_tune.tune import sweep
+        from oialr_tune.tuning import sweep
 
         root = tmp_path_factory.mktemp("tiny-sweep")
         result = sweep(space_from_dict(SPACE), name="tiny", results_dir=root, verbose=0)

@@ -43,9 +43,10 @@ def run_all(
             on_done(i, results[-1])
         return results
 
+    # Ray only when runs go side by side: one run, or one at a time, never starts it.
     import ray
 
-    from oialr_tune.tune import check_cluster_fits, start_ray
+    from oialr_tune.tuning.cluster import check_cluster_fits, start_ray
 
     started = start_ray(address, verbose=0)
     try:

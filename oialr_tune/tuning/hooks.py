@@ -1,9 +1,9 @@
 """The sweep driver's Ray Tune callback: journal every trial, then print it; keep the state signed.
 
-A module of its own, imported only by :mod:`oialr_tune.tune` once Ray is needed, so that the
-callback is a module-level class: Ray pickles the callbacks into ``tuner.pkl``, and a class pickled
-by name runs this version's code on resume, not a copy frozen into the folder. For the same reason
-it holds no state: what it needs comes from :data:`ACTIVE`, set by the driver for the arm it runs.
+A module of its own so that the callback is a module-level class: Ray pickles the callbacks into
+``tuner.pkl``, and a class pickled by name runs this version's code on resume, not a copy frozen
+into the folder. For the same reason it holds no state: what it needs comes from :data:`ACTIVE`, set
+by the driver for the arm it runs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from ray import tune
 
 from oialr_tune.space import SIZE_METRIC
-from oialr_tune.sweep_state import Journal, Signature, kill_point
+from oialr_tune.tuning.state import Journal, Signature, kill_point
 
 # Last-result keys an end record keeps (what trials.csv shows of a trial).
 RESULT_KEYS = (

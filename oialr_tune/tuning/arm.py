@@ -1,0 +1,234 @@
+"""One arm of a sweep (``oialr`` or ``baseline``): a Ray Tune experiment, restored or rebuilt.
+
+An arm's Ray state is restored only when it can be trusted (signed by this user, whole, and
+agreeing with the arm's journal); otherwise the arm is rebuilt from its journal: a new Tuner
+whose searcher is told the trials that already ended, for the trials left (see :mod:`state`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.logger import TBXLoggerCallback
+
+from oialr_tune.errors import SweepInterrupted
+from oialr_tune.space import SearchSpace
+from oialr_tune.tuning import hooks, state
+from oialr_tune.tuning.cluster import slots
+from oialr_tune.tuning.collect import rows_of
+from oialr_tune.tuning.search import scheduler, searcher
+from oialr_tune.tuning.storage import Store
+from oialr_tune.tuning.worker import make_trainable
+
+__all__ = ["run_arm"]
+
+
+class TensorBoardAtTrialEnd(TBXLoggerCallback):
+    """Ray's TensorBoard logger, but each trial's events are written once, when the trial ends.
+
+    Ray's own (``TBXLoggerCallback``) writes and flushes (an fsync) the event file after every
+    result, in the driver, on the path between a trial's ``tune.report`` and its next epoch: a
+    cost per epoch that small trials feel (benchmarks/sweep_efficiency.py). Here results are kept
+    in memory while a trial runs and written in one go at its end, under the same tags
+    (``ray/tune/<key>``, step = epoch) with the trial's hyperparameters, so TensorBoard shows the
+    same thing. Being a subclass of Ray's, it stops Ray from adding its own. A driver killed
+    mid-trial leaves the running trials' epochs so far out of TensorBoard (result.json keeps them).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: dict[Any, list[dict[str, Any]]] = {}
+
+    def log_trial_start(self, trial: Any) -> None:
+        self._pending[trial] = []
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+        self._pending.setdefault(trial, []).append(result)
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        results = self._pending.pop(trial, [])
+        if not results:
+            return
+        trial.init_local_path()
+        writer = self._trial_writer[trial] = self._summary_writer_cls(trial.local_path, flush_secs=3600)
+        last: dict[str, Any] = {}
+        for result in results:
+            step = result.get("training_iteration", 0)
+            for key, value in result.items():
+                if key in _NOT_TENSORBOARD or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if math.isfinite(value):
+                    last[f"ray/tune/{key}"] = value
+                    writer.add_scalar(f"ray/tune/{key}", value, global_step=step)
+        if trial.evaluated_params and last:
+            self._try_log_hparams(trial, last)
+        writer.close()
+        del self._trial_writer[trial]
+
+
+# Result keys Ray's TensorBoard logger leaves out too (plus our own bookkeeping: wall clock, process).
+_NOT_TENSORBOARD = {"pid", "timestamp", "time_total_s", "training_iteration", "reported_at"}
+
+
+def _trial_dirname(trial: Any) -> str:
+    """Short trial folder names (Ray's default packs every sampled value into the name)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[str, Any]], verbose: int) -> Any:
+    """The restored Tuner when Ray's saved state of the arm can be trusted, else a new one.
+
+    A new Tuner's searcher starts with the journal's ended trials and runs only the trials left;
+    Ray's old state files of the arm are deleted first (its trial folders stay: they hold the
+    ended trials' checkpoints and histories).
+    """
+    trainable = make_trainable(space, arm)
+    arm_path = store.join(arm)
+    why_not = _why_not_restore(store, arm, ended)
+    if why_not is None:
+        if verbose:
+            print(f"[{arm}] resuming {arm_path}", flush=True)
+        return tune.Tuner.restore(arm_path, trainable, resume_unfinished=True, resume_errored=True)
+    if ended or store.top_files(arm):
+        if verbose:
+            print(f"[{arm}] rebuilding from its journal ({len(ended)} trials ended): {why_not}", flush=True)
+        for name in store.top_files(arm):
+            store.remove(f"{arm}/{name}")
+    prior = rows_of(space, arm, ended)
+    tune_config = tune.TuneConfig(
+        search_alg=searcher(space, arm, prior),
+        scheduler=scheduler(space),
+        num_samples=space.arm_num_samples(arm) - len(prior),
+        max_concurrent_trials=space.budget.max_concurrent or slots(space.resources, ray.cluster_resources()),
+        reuse_actors=True,
+        trial_dirname_creator=_trial_dirname,
+    )
+    run_config = tune.RunConfig(
+        name=arm,
+        storage_path=store.root,
+        # num_to_keep None (the default): Ray deletes nothing while the arm runs; see CheckpointPolicy.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=space.checkpoint.num_to_keep),
+        failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
+        verbose=1 if verbose >= 2 else 0,
+        callbacks=[hooks.SweepCallback(), TensorBoardAtTrialEnd()],
+    )
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+
+@contextlib.contextmanager
+def _ray_output_hidden() -> Iterator[None]:
+    """Only -v (verbose 2) shows Ray's own output; our progress lines go to the stdout captured in
+    the arm's `hooks.ArmRun.out`.
+
+    Whatever its verbosity, Ray prints a boxed experiment header and a TensorBoard hint pointing
+    into its /tmp session (stdout), and after an interrupt its own ``Tuner.restore(...)`` hint
+    (logger ``ray.tune.tune``) beside ours. On a restore, Ray's OptunaSearch re-reports the epochs
+    a trial already reported, and Optuna warns once per epoch that it ignores them.
+    """
+    tune_logger = logging.getLogger("ray.tune.tune")
+    level = tune_logger.level
+    tune_logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The reported value is ignored because this `step")
+            yield
+    finally:
+        tune_logger.setLevel(level)
+
+
+def _why_not_restore(store: Store, arm: str, ended: Mapping[str, dict[str, Any]]) -> str | None:
+    """None when Ray's saved state of the arm may be restored, else why not (in a few words).
+
+    Restored only when every file Ray would unpickle is signed as it is now (local folders), its
+    experiment state is whole, and the trials it holds as ended are exactly the journal's: a state
+    that lags the journal would rerun (or re-propose) trials already reported done.
+    """
+    files = store.top_files(arm)
+    if "tuner.pkl" not in files:
+        return "no tuner.pkl"
+    states = sorted(f for f in files if f.startswith("experiment_state-") and f.endswith(".json"))
+    if not states:
+        return "no experiment state"
+    signature = store.signature
+    if signature is not None and signature.unsigned_in(arm):
+        return f"{', '.join(signature.unsigned_in(arm))} not signed as it is"
+    try:
+        state = json.loads(store.read_text(f"{arm}/{states[-1]}"))
+        trials = [json.loads(t[0]) for t in state["trial_data"]]
+        ray_ended = {t["trial_id"] for t in trials if t.get("status") in ("TERMINATED", "ERROR")}
+    except (ValueError, KeyError, IndexError, TypeError):
+        return f"{states[-1]} is incomplete"
+    if ray_ended != set(ended):
+        return f"its state holds {len(ray_ended)} ended trials, the journal {len(ended)}"
+    return None
+
+
+
+def _describe_arm(space: SearchSpace, arm: str) -> str:
+    n = space.arm_num_samples(arm)
+    if not space.arm_params(arm):
+        return f"[{arm}] 1 trial at the base settings"
+    sched = space.scheduler()
+    if sched == "asha":
+        b = space.budget
+        sched = f"ASHA(grace={b.grace_period}, rf={b.reduction_factor:g}, rungs={space.rungs()})"
+    what = "+".join(space.objective.metrics(arm))
+    return (
+        f"[{arm}] {n} trials x <= {space.budget.max_epochs} epochs, {space.strategy.sampler.upper()} + {sched}, "
+        f"objective {what}, searching {', '.join(p.key for p in space.arm_params(arm))}"
+    )
+
+
+
+def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int) -> None:
+    """Run (or finish) one arm; raises SweepInterrupted if Ray stopped before every trial ended."""
+    if verbose:
+        print(_describe_arm(space, arm), flush=True)
+    signature = store.signature
+    journal = store.journal(arm)
+    ended = state.ended_trials(journal.path, journal.key)
+    total = space.arm_num_samples(arm)
+    run = hooks.ArmRun(
+        arm, total, space.objective.metrics(arm), journal, signature, store.relative, set(ended), verbose >= 1,
+        out=sys.stdout,
+    )
+    hooks.ACTIVE = run
+    try:
+        if len(ended) < total:
+            tuner = _tuner(space, arm, store, ended, verbose)
+            if signature is not None:
+                signature.refresh(arm)  # tuner.pkl, written by the Tuner itself
+            state.kill_point(f"arm-start:{arm}")
+            try:
+                with _ray_output_hidden() if verbose < 2 else contextlib.nullcontext():
+                    tuner.fit()
+            except Exception:
+                if run.error is None:
+                    raise
+            if run.error is None and signature is not None:
+                signature.refresh(arm)  # Ray's last snapshot
+    finally:
+        hooks.ACTIVE = None
+        journal.close()
+    if run.error is not None:
+        raise SweepInterrupted(
+            f"arm {arm}: cannot record trials ({run.error.strerror or run.error}); free the space and "
+            f"continue with: oialr-tune sweep --resume {store.root}"
+        )
+    if len(run.ended) < total:
+        raise SweepInterrupted(
+            f"arm {arm} stopped with {len(run.ended)}/{total} trials ended; continue with: "
+            f"oialr-tune sweep --resume {store.root}"
+        )
+
