@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from oialr_tune.config import DataConfig
-from oialr_tune.data import TensorData, TensorLoader, clear_data_cache, load_data, stratified_split
+from oialr_tune.data import clear_data_cache, load_data
 from oialr_tune.errors import UserError
+from oialr_tune.splits import TensorData, TensorLoader, stratified_split
 
 
 @pytest.fixture(autouse=True)
