@@ -73,6 +73,8 @@ def _rule(check: Check | None = None, default: Any = dataclasses.MISSING, **kw: 
 
 # --- the schema --------------------------------------------------------------------------------
 
+# The built-in datasets. Written out here because reading a config must not import torch, which
+# `oialr_tune.data` (their loaders, `data._LOADERS`) does; tests/test_data.py pins the two together.
 DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
 # Datasets read from `data.root` (the others ship inside installed packages or are generated).
 ROOT_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder")
@@ -82,7 +84,7 @@ ROOT_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder")
 class ModelConfig:
     """Which network to build; `args` go to its builder in `oialr_tune.models` (checked there).
 
-    `name` is a catalogue name (mlp, cnn, resnet18, resnet50, vit_small, vit_b16),
+    `name` is a catalogue name (a key of `oialr_tune.models.MODELS`: mlp, cnn, ...),
     ``"torchvision:<name>"``, ``"timm:<name>"`` or a user's ``"package.module:function"``.
     """
 
