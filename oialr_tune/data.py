@@ -164,8 +164,6 @@ def _torchvision(cfg: DataConfig, device: torch.device, seed: int) -> Splits:
     return _tensor_splits(cfg.name, x, y, parts, arrays(test), num_classes, device, scale=1 / 255)
 
 
-
-
 def _imagefolder(cfg: DataConfig, device: torch.device, seed: int) -> Splits:
     """`root/train/<class>/*` (required) and `root/val` or `root/test` as the test split if present."""
     from torchvision import datasets, transforms

@@ -1,8 +1,9 @@
 """Strict conversion of plain data (parsed YAML) to annotated Python types, and shared type aliases.
 
-The lowest layer under `oialr_tune.config` (training configs), `oialr_tune.space` (search spaces) and
-`oialr_tune.models` (model builder arguments): it imports nothing from the package but `errors`, and
-no third-party module, so each of them can import it at module level without a cycle or a torch import.
+The layer under `oialr_tune.config` (training configs), `oialr_tune.models` (model builder
+arguments) and `oialr_tune.space` (search spaces, through config's re-export): it imports nothing
+from the package but `errors`, and no third-party module, so each of them can import it at module
+level without a cycle or a torch import.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Literal, Union
 from oialr_tune.errors import UserError
 
 InShape = tuple[int, ...]  # (C, H, W) of one example: what a model builder is given as `in_shape`
+
 
 def _type_name(tp: Any) -> str:
     """A short human name of a type annotation, for error messages."""
