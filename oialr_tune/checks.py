@@ -16,9 +16,10 @@ from torch import nn
 
 from oialr_tune import plugins
 from oialr_tune.config import DATASETS, TrainConfig, train_config_to_dict
-from oialr_tune.data import Splits, load_data
+from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
 from oialr_tune.models import MODELS, build_model
+from oialr_tune.splits import Splits
 
 
 def check_model_output(model: nn.Module, splits: Splits, task: str, name: str) -> None:

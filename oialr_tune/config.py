@@ -12,19 +12,22 @@ The rules live next to the fields (``field(metadata=...)``) so a new option is o
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from oialr_tune import plugins
 from oialr_tune.errors import UserError
 from oialr_tune.files import read_text
+from oialr_tune.models import check_model_args
+
+# Re-exported: `oialr_tune.space` imports convert_value from here (their home is `oialr_tune.schema`).
+from oialr_tune.schema import convert_value as convert_value
+from oialr_tune.schema import dataclass_from_dict
 
 Check = Callable[[Any], "str | None"]  # returns an error text ("must be > 0") or None when fine
 
@@ -70,6 +73,8 @@ def _rule(check: Check | None = None, default: Any = dataclasses.MISSING, **kw: 
 
 # --- the schema --------------------------------------------------------------------------------
 
+# The built-in datasets. Written out here because reading a config must not import torch, which
+# `oialr_tune.data` (their loaders, `data._LOADERS`) does; tests/test_data.py pins the two together.
 DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
 # Datasets read from `data.root` (the others ship inside installed packages or are generated).
 ROOT_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder")
@@ -79,7 +84,7 @@ ROOT_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder")
 class ModelConfig:
     """Which network to build; `args` go to its builder in `oialr_tune.models` (checked there).
 
-    `name` is a catalogue name (mlp, cnn, resnet18, resnet50, vit_small, vit_b16),
+    `name` is a catalogue name (a key of `oialr_tune.models.MODELS`: mlp, cnn, ...),
     ``"torchvision:<name>"``, ``"timm:<name>"`` or a user's ``"package.module:function"``.
     """
 
@@ -201,143 +206,9 @@ class TrainConfig:
     trainable: str | None = None
 
 
-# --- conversion --------------------------------------------------------------------------------
+# --- validation --------------------------------------------------------------------------------
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
-def _type_name(tp: Any) -> str:
-    """A short human name of a type annotation, for error messages."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return f"a list of {_type_name(args[0])}" if args else "a list"
-    if origin is dict or tp is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    if tp is bool:
-        return "true or false"
-    if tp is float:
-        return "a number"
-    return {int: "an integer", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-class _Bad(Exception):
-    """Internal: a conversion failure; turned into a UserError naming the key by the caller."""
-
-
-def convert_value(value: Any, tp: Any, key: str) -> Any:
-    """Convert `value` from YAML to annotation `tp`, strictly (no bool for int, no 1.5 for int).
-
-    Numeric strings are accepted for floats because YAML 1.1 reads ``1e-3`` (no dot) as a string.
-    Raises UserError naming `key`. Used for config fields and for model builder arguments.
-    """
-    try:
-        return _convert(value, tp, key)
-    except _Bad:
-        raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}") from None
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return dataclass_from_dict(tp, value, key)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Bad
-        # bool is tried first so `true` is not read as 1; int before float keeps 3 an int.
-        order = {bool: 0, int: 1, float: 2}
-        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: order.get(a, 3)):
-            try:
-                return _convert(value, arg, key)
-            except _Bad:
-                continue
-        raise _Bad
-    if origin is Literal:
-        if value in typing.get_args(tp) and isinstance(value, str):
-            return value
-        raise _Bad
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Bad
-        if isinstance(value, (int, float)):
-            out = float(value)
-        elif isinstance(value, str):
-            try:
-                out = float(value)
-            except ValueError:
-                raise _Bad from None
-        else:
-            raise _Bad
-        if not math.isfinite(out):
-            raise UserError(f"{key}: must be a finite number, got {value!r}")
-        return out
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Bad
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _Bad
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise UserError(f"{key}: expected a list of {len(args)} values, got {list(value)!r}")
-            return tuple(convert_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-        item = args[0] if args else Any
-        items = [convert_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise _Bad
-        return dict(value)
-    raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a bug in the schema, not user input
-
-
-def dataclass_from_dict(cls: type, data: Any, prefix: str) -> Any:
-    """Build dataclass `cls` from a mapping, checking keys, types and ranges; errors name ``prefix.key``."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise UserError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in fields:
-            where = f"{prefix}.{k}" if prefix else str(k)
-            known = ", ".join(fields)
-            raise UserError(f"{where}: unknown key (known: {known})")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in data:
-            continue
-        key = f"{prefix}.{name}" if prefix else name
-        value = convert_value(data[name], hints[name], key)
-        check = f.metadata.get("check")
-        if check is not None and value is not None and not isinstance(value, bool):
-            problem = check(value)
-            if problem:
-                raise UserError(f"{key}: {problem}, got {data[name]!r}")
-        kwargs[name] = value
-    return cls(**kwargs)
 
 
 def _cross_checks(cfg: TrainConfig) -> None:
@@ -352,8 +223,6 @@ def _cross_checks(cfg: TrainConfig) -> None:
         )
     if d.name in ROOT_DATASETS and not d.root:
         raise UserError(f"data.root: required for data.name {d.name!r} (a local folder)")
-    from oialr_tune import plugins  # no torch: only the form of import paths is checked here
-
     if d.name not in DATASETS:
         if not plugins.is_import_path(d.name):
             raise UserError(
@@ -385,8 +254,6 @@ def _cross_checks(cfg: TrainConfig) -> None:
         )
     if isinstance(delay, int) and delay < 1:
         raise UserError(f"oialr.delay: a step count must be >= 1, got {delay}")
-    from oialr_tune.models import check_model_args  # imported here: models pulls in torchvision
-
     cfg.model.args = check_model_args(cfg.model.name, cfg.model.args)
 
 
@@ -468,7 +335,7 @@ def resolve_device(device: str) -> Any:
     Checked when a run starts rather than when the config is read, because a sweep's driver may
     run on a machine without the GPUs its workers have. Raises UserError naming `device`.
     """
-    import torch
+    import torch  # here, not at module level: the sweep driver and the command line read configs without torch
 
     if not _DEVICE_RE.match(device):
         raise UserError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")

@@ -27,14 +27,11 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from oialr_tune import plugins
-from oialr_tune.config import convert_value
 from oialr_tune.errors import UserError
+from oialr_tune.schema import InShape, convert_value
 
 if TYPE_CHECKING:
     from torch import nn
-
-InShape = tuple[int, ...]  # (C, H, W) of one example
-
 
 # --- MLP and small CNN -------------------------------------------------------------------------
 
@@ -135,7 +132,7 @@ def vit_small(
     dropout: float = 0.0,
 ) -> nn.Module:
     """A small ViT for CIFAR-size images (ViT-Tiny width by default, patch 4 → 64 tokens on 32×32)."""
-    from oialr_tune.vit import ViT
+    from oialr_tune.vit import ViT  # imports torch: only when a ViT is built (see the module docstring)
 
     _, h, w = in_shape
     if h % patch_size or w % patch_size:
@@ -174,7 +171,7 @@ def _builder(name: str) -> Callable[..., nn.Module]:
     if name in MODELS:
         return MODELS[name]
     if name.startswith(plugins.ZOO_PREFIXES):
-        from oialr_tune import zoo
+        from oialr_tune import zoo  # imports torch: only when a zoo model is built or checked
 
         family, _, arch = name.partition(":")
         return functools.partial(zoo.torchvision_model if family == "torchvision" else zoo.timm_model, arch)

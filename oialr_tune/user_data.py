@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from oialr_tune import plugins
 from oialr_tune.config import DataConfig
-from oialr_tune.data import Splits, TensorData, stratified_split
 from oialr_tune.errors import UserError
+from oialr_tune.splits import Splits, TensorData, stratified_split
 
 MAX_ON_DEVICE_BYTES = 512 * 2**20
 RESERVED_ARGS = ("in_shape", "num_outputs")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oialr_tune.models import InShape
+from oialr_tune.schema import InShape
 
 
 class Attention(nn.Module):

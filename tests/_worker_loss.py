@@ -18,28 +18,23 @@ import time
 from pathlib import Path
 
 from ray.cluster_utils import Cluster
+from tiny_sweep import tiny_space
 
 from oialr_tune.space import space_from_dict
 from oialr_tune.tuning import sweep
 
 EPOCHS = 6
-SPACE = {
-    "name": "worker-loss",
-    "base": {
-        "device": "cpu",
-        "model": {"name": "mlp", "args": {"hidden": [256, 256]}},
-        "data": {"name": "digits"},
-        "schedule": {"batch_size": 16},  # about 0.3 s per epoch: trials are caught mid-run
-        "oialr": {"delay": 0.2, "stability_frequency": 5},
-    },
-    "search": {"optimizer.lr": {"type": "loguniform", "low": 1.0e-3, "high": 1.0e-2}},
-    "budget": {"num_samples": 4, "max_epochs": EPOCHS, "max_concurrent": 2, "max_failures": 2},
-    "strategy": {"scheduler": "fifo"},
-    "checkpoint": {"every": 1, "num_to_keep": 1},
-    "resources": {"cpu": 1},
-    "baseline": "none",
-    "seed": 0,
-}
+SPACE = tiny_space(
+    "worker-loss",
+    hidden=[256, 256],
+    batch_size=16,  # about 0.3 s per epoch: trials are caught mid-run
+    search={"optimizer.lr": {"type": "loguniform", "low": 1.0e-3, "high": 1.0e-2}},
+    budget={"num_samples": 4, "max_epochs": EPOCHS, "max_concurrent": 2, "max_failures": 2},
+    strategy={"scheduler": "fifo"},
+    checkpoint={"every": 1, "num_to_keep": 1},
+    baseline="none",
+    seed=0,
+)
 
 
 def results_so_far(exp: Path) -> dict[str, list[dict]]:

@@ -31,7 +31,7 @@ import pytest
 import ray
 import torch
 import yaml
-from tiny_sweep import tiny_sweep_dir
+from tiny_sweep import tiny_space, tiny_sweep_dir
 
 import oialr_tune.tuning.cluster
 from oialr_tune.cli import main
@@ -40,18 +40,7 @@ from oialr_tune.errors import UserError
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this case needs a machine without a CUDA GPU")
 
 # A valid space (it would sweep a tiny digits MLP); each case breaks one thing in it.
-SPACE: dict[str, Any] = {
-    "name": "bad",
-    "base": {
-        "device": "cpu",
-        "model": {"name": "mlp", "args": {"hidden": [16]}},
-        "data": {"name": "digits"},
-        "oialr": {"delay": 0.2, "stability_frequency": 5},
-    },
-    "search": {"optimizer.lr": {"type": "loguniform", "low": 1.0e-3, "high": 3.0e-2}},
-    "budget": {"num_samples": 2, "max_epochs": 2},
-    "resources": {"cpu": 1},
-}
+SPACE: dict[str, Any] = tiny_space("bad", hidden=[16], base={"schedule": None})
 # A valid trainer config for `oialr-tune train`.
 TRAIN: dict[str, Any] = {"device": "cpu", "model": {"name": "mlp", "args": {"hidden": [8]}}, "schedule": {"epochs": 1}}
 

@@ -38,28 +38,22 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from tiny_sweep import tiny_space
 
 import oialr_tune.tuning.cluster as cluster_module
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 
-SPACE: dict[str, Any] = {
-    "name": "cluster",
-    "base": {
-        "device": "cpu",
-        "model": {"name": "mlp", "args": {"hidden": [32]}},
-        "data": {"name": "digits"},
-        "schedule": {"batch_size": 128},
-        "oialr": {"delay": 0.2, "stability_frequency": 5},
-    },
-    "search": {"optimizer.lr": {"type": "loguniform", "low": 1.0e-3, "high": 3.0e-2}},
+SPACE: dict[str, Any] = tiny_space(
+    "cluster",
+    hidden=[32],
+    batch_size=128,
     # Two trials at a time on two 1-CPU nodes: the two running trials are on different nodes.
-    "budget": {"num_samples": 4, "max_epochs": 2, "max_concurrent": 2},
-    "strategy": {"scheduler": "fifo"},
-    "baseline": "none",
-    "resources": {"cpu": 1},
-}
+    budget={"num_samples": 4, "max_epochs": 2, "max_concurrent": 2},
+    strategy={"scheduler": "fifo"},
+    baseline="none",
+)
 
 
 def _free_port() -> int:

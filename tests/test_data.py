@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from oialr_tune.config import DataConfig
-from oialr_tune.data import TensorData, TensorLoader, clear_data_cache, load_data, stratified_split
+from oialr_tune import data as data_module
+from oialr_tune.config import DATASETS, ROOT_DATASETS, DataConfig
+from oialr_tune.data import clear_data_cache, load_data
 from oialr_tune.errors import UserError
+from oialr_tune.splits import TensorData, TensorLoader, stratified_split
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +25,13 @@ def _fresh_cache():
 
 def _row_keys(data: TensorData) -> set[bytes]:
     return {row.numpy().tobytes() for row in data.x.reshape(len(data), -1)}
+
+
+def test_the_configs_dataset_names_are_the_loaders_names() -> None:
+    # config.DATASETS is written out (a config is read without torch); data._LOADERS is keyed by name.
+    assert set(data_module._LOADERS) == set(DATASETS)
+    assert set(ROOT_DATASETS) <= set(DATASETS)
+    assert set(data_module._STATS) | set(data_module._AUGMENT) <= set(DATASETS)
 
 
 def test_stratified_split_is_disjoint_covering_and_balanced() -> None:

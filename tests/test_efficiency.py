@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tiny_sweep import tiny_space
 
 from oialr_tune import data
 from oialr_tune.config import train_config_from_dict
@@ -29,19 +30,10 @@ from oialr_tune.trainer import train
 from oialr_tune.tuning import make_trainable, run_trial, sweep
 from oialr_tune.tuning.cluster import slots as cluster_slots
 
-SPACE: dict[str, Any] = {
-    "name": "eff",
-    "base": {
-        "device": "cpu",
-        "model": {"name": "mlp", "args": {"hidden": [16]}},
-        "data": {"name": "digits"},
-        "schedule": {"batch_size": 128},
-    },
-    "search": {"optimizer.lr": {"type": "loguniform", "low": 1.0e-3, "high": 3.0e-2}},
-    "budget": {"num_samples": 3, "max_epochs": 1},
-    "baseline": "none",
-    "resources": {"cpu": 1},
-}
+SPACE: dict[str, Any] = tiny_space(
+    "eff", hidden=[16], batch_size=128, base={"oialr": None}, budget={"num_samples": 3, "max_epochs": 1},
+    baseline="none",
+)
 
 
 def gpu_space(cpu: float, gpu: float) -> Any:

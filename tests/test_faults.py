@@ -28,6 +28,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from tiny_sweep import tiny_space
 
 from oialr_tune.cli import main
 from oialr_tune.config import train_config_from_dict
@@ -157,17 +158,14 @@ def test_a_killed_trial_process_is_retried_from_its_last_checkpoint(ray_session:
     from oialr_tune.tuning import sweep
 
     epochs = 5
-    space = space_from_dict({
-        "name": "killed",
-        "base": {"device": "cpu", "model": {"name": "mlp", "args": {"hidden": [256, 256]}}, "data": {"name": "digits"},
-                 "schedule": {"batch_size": 16}, "oialr": {"delay": 0.2, "stability_frequency": 5}},
-        "search": {"optimizer.lr": {"type": "loguniform", "low": 1.0e-3, "high": 1.0e-2}},
-        "budget": {"num_samples": 2, "max_epochs": epochs, "max_concurrent": 1, "max_failures": 1},
-        "strategy": {"scheduler": "fifo"},
-        "checkpoint": {"every": 1, "num_to_keep": 1},
-        "resources": {"cpu": 1},
-        "baseline": "none",
-    })  # fmt: skip
+    space = space_from_dict(tiny_space(
+        "killed", hidden=[256, 256], batch_size=16,
+        search={"optimizer.lr": {"type": "loguniform", "low": 1.0e-3, "high": 1.0e-2}},
+        budget={"num_samples": 2, "max_epochs": epochs, "max_concurrent": 1, "max_failures": 1},
+        strategy={"scheduler": "fifo"},
+        checkpoint={"every": 1, "num_to_keep": 1},
+        baseline="none",
+    ))  # fmt: skip
     exp = tmp_path / "k" / "oialr"
     killed: dict[str, Any] = {}
 

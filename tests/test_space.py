@@ -15,28 +15,26 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from tiny_sweep import tiny_space
 
 from oialr_tune.errors import UserError
 from oialr_tune.space import dump_space, load_space, packaged_spaces, preflight, space_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY: dict[str, Any] = {
-    "name": "tiny",
-    "base": {
-        "device": "cpu",
-        "model": {"name": "mlp", "args": {"hidden": [16]}},
-        "data": {"name": "digits"},
-        "schedule": {"batch_size": 128},
-    },
-    "search": {
+TINY: dict[str, Any] = tiny_space(
+    hidden=[16],
+    batch_size=128,
+    base={"oialr": None},
+    search={
         "optimizer.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
         "oialr.delay": {"type": "uniform", "low": 0.1, "high": 0.5},
         "oialr.stability_frequency": {"type": "int", "low": 2, "high": 10},
         "oialr.stability_threshold": {"type": "categorical", "choices": [None, 0.9]},
     },
-    "budget": {"num_samples": 4, "max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
-}
+    budget={"num_samples": 4, "max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
+    resources=None,
+)
 
 
 def tiny(**changes: Any) -> dict[str, Any]:

@@ -9,12 +9,10 @@
 from .controller import (
     OIALR,
     PRESETS,
-    LayerStats,
     RankEvent,
     Rules,
     apply_low_rank_structure,
     low_rank_structure,
-    svd,
 )
 from .export import export_dense
 from .lowrank import LowRankLayer, LowRankWeight, factorized_is_cheaper
@@ -22,7 +20,6 @@ from .lowrank import LowRankLayer, LowRankWeight, factorized_is_cheaper
 __all__ = [
     "OIALR",
     "PRESETS",
-    "LayerStats",
     "LowRankLayer",
     "LowRankWeight",
     "RankEvent",
@@ -31,5 +28,4 @@ __all__ = [
     "export_dense",
     "factorized_is_cheaper",
     "low_rank_structure",
-    "svd",
 ]

@@ -60,7 +60,7 @@ from torch.nn.utils import parametrize
 
 from .lowrank import LowRankLayer, LowRankWeight, matrix_shape
 
-__all__ = ["OIALR", "PRESETS", "LayerStats", "RankEvent", "Rules"]
+__all__ = ["OIALR", "PRESETS", "RankEvent", "Rules"]
 
 _TRANSFORMABLE_STATE = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"}
 _SECOND_MOMENTS = {"exp_avg_sq", "max_exp_avg_sq"}
@@ -124,19 +124,7 @@ class RankEvent:
     stability: float | None
 
 
-@dataclass
-class LayerStats:
-    """The current state of one eligible layer."""
-
-    name: str
-    shape: tuple[int, int]
-    low_rank: bool
-    rank: int
-    stability: float | None
-    trainable_params: int
-
-
-def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Thin SVD in float32 or better; falls back to float64 on the CPU; ``None`` if both fail.
 
     Low-precision training (bf16/fp16) never reaches the SVD: it always runs in float32+.
@@ -363,14 +351,6 @@ class OIALR:
         """
         return dict(self._dense)
 
-    def layer_stats(self) -> list[LayerStats]:
-        stats = []
-        for s in self._slots:
-            m, n = s.shape
-            params = s.rank**2 if s.low_rank else m * n
-            stats.append(LayerStats(s.name, (m, n), s.low_rank, s.rank, s.stability, params))
-        return stats
-
     def trainable_parameters(self) -> int:
         return _count_trainable(self.model)
 
@@ -415,7 +395,7 @@ class OIALR:
         for slot in reversed(self._slots[n - target : n - self._converted]):
             W = slot.dense_weight()
             m, _ = slot.shape
-            factors = svd(W.detach().reshape(m, -1))
+            factors = _svd(W.detach().reshape(m, -1))
             if factors is None:
                 warnings.warn(f"OIALR: could not factorize {slot.name}; it stays dense for now", stacklevel=3)
                 return events  # retry this layer (and the ones before it) at the next check
@@ -437,7 +417,7 @@ class OIALR:
 
     def _check_and_cut(self, slot: _Slot) -> list[RankEvent]:
         U, S, Vt = slot.factors()
-        factors = svd(S.detach())
+        factors = _svd(S.detach())
         if factors is None:
             warnings.warn(f"OIALR: skipped the check of {slot.name} at step {self._step}", stacklevel=3)
             return []
