@@ -60,10 +60,17 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repaired(results_dir: str) -> str:
+    """A results folder whose final writes a kill cut short is rebuilt from its journals before it is read."""
+    from .tuning.collect import repair_if_incomplete
+
+    return str(repair_if_incomplete(results_dir))
+
+
 def _best(args: argparse.Namespace) -> None:
     from .results import best_trial, format_best
 
-    best = best_trial(args.results_dir, arm=args.arm, objective=args.objective,
+    best = best_trial(_repaired(args.results_dir), arm=args.arm, objective=args.objective,
                       max_trainable_fraction=args.max_trainable_fraction)
     print(format_best(best, args.format))
 
@@ -97,7 +104,7 @@ def _retrain(args: argparse.Namespace) -> None:
     from .retrain import format_summary, retrain
 
     summary = retrain(
-        args.results_dir, seeds=args.seeds, first_seed=args.first_seed, epochs=args.epochs,
+        _repaired(args.results_dir), seeds=args.seeds, first_seed=args.first_seed, epochs=args.epochs,
         train_on=args.train_on, out=args.out, from_trial=args.from_trial, from_checkpoint=args.from_checkpoint,
         arms=[args.arm] if args.arm else None, address=args.address, max_concurrent=args.max_concurrent,
     )  # fmt: skip
@@ -107,7 +114,7 @@ def _retrain(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from .report import write_report
 
-    print(write_report(args.results_dir))
+    print(write_report(_repaired(args.results_dir)))
 
 
 def _compare(args: argparse.Namespace) -> None:

@@ -37,6 +37,7 @@ import yaml
 
 from oialr_tune.errors import UserError
 from oialr_tune.space import METRIC_DIRECTIONS, SIZE_METRIC, Param, SearchSpace, load_space
+from oialr_tune.tuning.state import JOURNAL_TEMPLATE, ended_trials
 
 __all__ = [
     "BestTrial",
@@ -44,7 +45,9 @@ __all__ = [
     "TrialInfo",
     "best_trial",
     "check_max_trainable_fraction",
+    "find_results_dir",
     "format_best",
+    "incomplete",
     "open_results",
     "pareto_mask",
     "pareto_rows",
@@ -330,30 +333,63 @@ def _typed(value: Any, param: Param) -> Any:
     return round(float(value)) if param.type == "int" else float(value)
 
 
-def open_results(results_dir: str | Path) -> SweepResults:
-    """Open a results directory written by ``oialr-tune sweep``.
+def find_results_dir(results_dir: str | Path) -> Path:
+    """The folder of a sweep's results, checked to hold them.
 
     A bare name that is not a folder here is also looked up under ``results/`` (where ``sweep``
     puts its folders), so ``oialr-tune best quickstart-20261201-011148`` works from the project root.
-
     Raises UserError naming the path when it does not exist or holds no experiment (no
-    ``sweep.yaml`` or no ``trials.csv``), or when those files are unreadable.
+    ``sweep.yaml`` or no ``trials.csv``).
     """
     path = Path(results_dir)
     if not path.is_dir() and len(path.parts) == 1 and (Path("results") / path).is_dir():
         path = Path("results") / path
     if not path.is_dir():
         raise UserError(f"{path}: no such results directory")
-    sweep_file, trials_file = path / SWEEP_FILE, path / TRIALS_FILE
-    if not sweep_file.is_file():
+    if not (path / SWEEP_FILE).is_file():
         raise UserError(f"{path}: holds no experiment (no {SWEEP_FILE}; run `oialr-tune sweep` first)")
-    if not trials_file.is_file():
+    if not (path / TRIALS_FILE).is_file():
         raise UserError(
             f"{path}: holds no finished sweep (no {TRIALS_FILE}; resume it with `oialr-tune sweep --resume {path}`)"
         )
-    from oialr_tune.tuning.collect import repair_if_incomplete  # may rewrite study.db (Optuna): only here
+    return path
 
-    repair_if_incomplete(path)
+
+def incomplete(path: Path) -> str | None:
+    """Why the files derived from a sweep's journals (trials.csv, summary.json, study.db) are not whole, or None.
+
+    A kill during the final writes leaves trials.csv without study.db; a damaged trials.csv may be
+    cut mid-row (pandas would read the row with blanks, and `best` could pick the wrong trial). The
+    journals (``journal-<arm>.jsonl``) record every ended trial, so they are the reference.
+    """
+    journals = sorted(path.glob(JOURNAL_TEMPLATE.format(arm="*")))
+    trials_file = path / TRIALS_FILE
+    text = trials_file.read_bytes()
+    if not journals:  # a folder from before journals: detect what can be detected
+        if text and not text.endswith(b"\n"):
+            raise UserError(f"{trials_file}: cut off mid-row; rerun the sweep's final step with --resume {path}")
+        return None
+    ended = sum(len(ended_trials(j, key=None)) for j in journals)
+    rows = text.count(b"\n") - 1 if text.endswith(b"\n") else -1
+    missing = [f for f in (STUDY_FILE, SUMMARY_FILE) if not (path / f).is_file()]
+    if rows == ended and not missing:
+        return None
+    return f"{', '.join(missing)} missing" if missing else f"{TRIALS_FILE} holds {max(rows, 0)} of {ended} ended trials"
+
+
+def open_results(results_dir: str | Path) -> SweepResults:
+    """Open a results directory written by ``oialr-tune sweep`` (see `find_results_dir`).
+
+    Raises UserError naming the path when it holds no experiment, when its files are unreadable,
+    or when they are incomplete (a sweep killed during its final writes): ``oialr-tune best``,
+    ``report`` and ``retrain`` rebuild them from the journals first
+    (:func:`oialr_tune.tuning.collect.repair_if_incomplete`).
+    """
+    path = find_results_dir(results_dir)
+    why = incomplete(path)
+    if why is not None:
+        raise UserError(f"{path}: results incomplete ({why}); `oialr-tune best {path}` rebuilds them from the journals")
+    sweep_file, trials_file = path / SWEEP_FILE, path / TRIALS_FILE
     try:
         space = load_space(sweep_file)
     except UserError as e:

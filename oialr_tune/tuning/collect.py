@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from oialr_tune.errors import UserError
-from oialr_tune.results import STUDY_FILE, SUMMARY_FILE, TRIALS_FILE, SweepResults, summarize
+from oialr_tune.results import SUMMARY_FILE, TRIALS_FILE, SweepResults, find_results_dir, incomplete, summarize
 from oialr_tune.space import SIZE_METRIC, SearchSpace
 from oialr_tune.tuning import state
 from oialr_tune.tuning.storage import Store, open_sweep
@@ -122,28 +122,19 @@ def rebuild_results(path: str | os.PathLike[str]) -> None:
     studies.result()
 
 
-def repair_if_incomplete(path: Path) -> None:
-    """Rebuild trials.csv, summary.json and study.db from the journals when they are incomplete.
+def repair_if_incomplete(results_dir: str | os.PathLike[str]) -> Path:
+    """Rebuild a sweep folder's trials.csv, summary.json and study.db from its journals when they
+    are not whole (see `results.incomplete`), saying so on stderr; return the folder.
 
-    A kill during the final writes leaves trials.csv without study.db; a damaged trials.csv may be
-    cut mid-row (pandas would read the row with blanks, and `best` could pick the wrong trial). The
-    journals (``journal-<arm>.jsonl``) record every ended trial, so they win. Says so on stderr.
+    What ``oialr-tune best``, ``report`` and ``retrain`` run before reading a folder.
     """
-    journals = sorted(path.glob(state.JOURNAL_TEMPLATE.format(arm="*")))
-    trials_file = path / TRIALS_FILE
-    text = trials_file.read_bytes()
-    if not journals:  # a folder from before journals: detect what can be detected
-        if text and not text.endswith(b"\n"):
-            raise UserError(f"{trials_file}: cut off mid-row; rerun the sweep's final step with --resume {path}")
-        return
-    ended = sum(len(state.ended_trials(j, key=None)) for j in journals)
-    rows = text.count(b"\n") - 1 if text.endswith(b"\n") else -1
-    missing = [f for f in (STUDY_FILE, SUMMARY_FILE) if not (path / f).is_file()]
-    if rows == ended and not missing:
-        return
-    why = f"{', '.join(missing)} missing" if missing else f"{TRIALS_FILE} holds {max(rows, 0)} of {ended} ended trials"
+    path = find_results_dir(results_dir)
+    why = incomplete(path)
+    if why is None:
+        return path
     try:
         rebuild_results(path)
     except OSError as e:
         raise UserError(f"{path}: results incomplete ({why}) and cannot be rewritten ({e.strerror or e})") from None
     print(f"oialr-tune: note: {path}: results were incomplete ({why}); rebuilt from the journals", file=sys.stderr)
+    return path
