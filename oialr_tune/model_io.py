@@ -97,27 +97,21 @@ def save_model(
     if "name" not in model_cfg:
         raise ValueError("save_model: cfg_dict has no model.name; pass the trainer config the model was built from")
     if in_shape is None or num_classes is None:
-        # Lazy: reading the data pulls in the dataset code, which a caller with the shapes never needs.
-        from oialr_tune.config import train_config_from_dict
-        from oialr_tune.data import load_data
-
-        cfg = train_config_from_dict(dict(cfg_dict))
-        splits = load_data(cfg.data)
-        in_shape = splits.in_shape if in_shape is None else in_shape
-        num_classes = splits.num_outputs(cfg.task) if num_classes is None else num_classes
+        in_shape, num_classes = _data_shapes(cfg_dict, in_shape, num_classes)
     if dense:
         model = export_dense(model)
     ranks = low_rank_structure(model)
+    spec = {
+        "model_name": str(model_cfg["name"]),
+        "model_args": _plain(dict(model_cfg.get("args") or {})),
+        "in_shape": [int(d) for d in in_shape],
+        "num_classes": int(num_classes),
+        "ranks": {k: int(v) for k, v in ranks.items()},
+        "dense": bool(dense or not ranks),
+    }
     payload = {
         "format": FORMAT,
-        "spec": {
-            "model_name": str(model_cfg["name"]),
-            "model_args": _plain(dict(model_cfg.get("args") or {})),
-            "in_shape": [int(d) for d in in_shape],
-            "num_classes": int(num_classes),
-            "ranks": {k: int(v) for k, v in ranks.items()},
-            "dense": bool(dense or not ranks),
-        },
+        "spec": spec,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "config": _plain(dict(cfg_dict)),
         "meta": _plain(dict(meta or {})),
@@ -125,6 +119,19 @@ def save_model(
     path = Path(path)
     write_atomic(path, lambda f: torch.save(payload, f))  # never leave a half-written model file behind
     return path
+
+
+def _data_shapes(cfg_dict: Mapping[str, Any], in_shape: Sequence[int] | None, num_classes: int | None
+                 ) -> tuple[Sequence[int], int]:
+    """`in_shape` and `num_classes`, the missing ones read from the dataset ``cfg_dict['data']`` describes."""
+    # Lazy: reading the data pulls in the dataset code, which a caller with the shapes never needs.
+    from oialr_tune.config import train_config_from_dict
+    from oialr_tune.data import load_data
+
+    cfg = train_config_from_dict(dict(cfg_dict))
+    splits = load_data(cfg.data)
+    return (splits.in_shape if in_shape is None else in_shape,
+            splits.num_outputs(cfg.task) if num_classes is None else num_classes)
 
 
 def read_model_file(path: str | Path) -> ModelFile:
