@@ -33,6 +33,9 @@ from oialr_tune.oialr import apply_low_rank_structure, export_dense, low_rank_st
 __all__ = ["FORMAT", "ModelFile", "load_model", "read_model_file", "save_model"]
 
 FORMAT = "oialr-tune-model/1"
+# The format of `oialr_tune.trainer`'s checkpoints, which `load_model` reads too; kept here so that
+# this module need not import the trainer (and its data code).
+TRAINER_CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -135,12 +138,19 @@ def _data_shapes(cfg_dict: Mapping[str, Any], in_shape: Sequence[int] | None, nu
 
 
 def read_model_file(path: str | Path) -> ModelFile:
-    """Read a model file without building the model (safe: ``weights_only=True``)."""
+    """Read a model file, or a trainer checkpoint, without building the model (safe: ``weights_only=True``).
+
+    A checkpoint of the built-in trainer (``checkpoint.pt``, see :mod:`oialr_tune.trainer`) is read
+    as the model file of its model at that epoch: its config names the architecture, its OIALR
+    controller state the ranks, and ``meta`` holds the epoch.
+    """
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such model file") from None
+    if _is_checkpoint(payload):
+        return _checkpoint_model_file(payload, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not an oialr-tune model file (expected format {FORMAT!r})")
     spec = payload["spec"]
@@ -157,11 +167,38 @@ def read_model_file(path: str | Path) -> ModelFile:
     )
 
 
+def _is_checkpoint(payload: Any) -> bool:
+    """Whether `payload` is a trainer checkpoint (its format, with its config and history)."""
+    return (isinstance(payload, dict) and payload.get("format") == TRAINER_CHECKPOINT_FORMAT
+            and {"config", "history"} <= payload.keys())
+
+
+def _checkpoint_model_file(state: dict[str, Any], path: Path) -> ModelFile:
+    """The model in a trainer checkpoint, as a `ModelFile` (a user loop's checkpoint holds none)."""
+    if "model" not in state or "in_shape" not in state:
+        raise ValueError(f"{path}: a checkpoint of a user's training loop (trainable): it holds no model to load")
+    model_cfg = state["config"]["model"]
+    ranks = dict((state.get("controller") or {}).get("ranks") or {})
+    return ModelFile(
+        model_name=model_cfg["name"],
+        model_args=dict(model_cfg.get("args") or {}),
+        in_shape=tuple(state["in_shape"]),
+        num_classes=int(state["num_classes"]),
+        ranks=ranks,
+        dense=not ranks,
+        state_dict=state["model"],
+        config=state["config"],
+        meta={"epoch": state["epoch"]},
+    )
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the saved model exactly (low-rank layers included), in eval mode, on ``device``.
 
+    `path` is a model file (`save_model`) or a checkpoint of the built-in trainer (``checkpoint.pt``).
     Needs only torch and this package (no Ray, no Optuna). Raises ``FileNotFoundError`` for a
-    missing file and ``ValueError`` for a file that is not a model file.
+    missing file, ``ValueError`` for a file that is neither, and ``RuntimeError`` when the weights
+    do not fit the architecture the file names.
     """
     mf = read_model_file(path)
     model = build_model(mf.model_name, mf.in_shape, mf.num_classes, **mf.model_args)

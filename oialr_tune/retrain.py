@@ -50,7 +50,7 @@ from oialr_tune.plugins import uses_user_code
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
 from oialr_tune.stats import verdict, welch_interval
 from oialr_tune.tasks import task_for
-from oialr_tune.trainer import CHECKPOINT_NAME, TrainResult, model_from_checkpoint, read_checkpoint, train
+from oialr_tune.trainer import CHECKPOINT_NAME, TrainResult, _one_line, read_checkpoint, train
 
 __all__ = ["RETRAIN_DIR", "retrain"]
 
@@ -112,7 +112,13 @@ def _checkpoint_file(trial: TrialInfo) -> Path:
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise UserError(f"--from-checkpoint: {path} does not exist")
-    model_from_checkpoint(path)
+    read_checkpoint(path)  # a corrupt or foreign file: UserError naming it
+    try:
+        load_model(path)  # its weights must fit the model its config describes
+    except ValueError as e:  # a user loop's checkpoint: no model to rebuild
+        raise UserError(f"--from-checkpoint: {e}") from None
+    except RuntimeError as e:
+        raise UserError(f"{path}: checkpoint does not match its model config ({_one_line(e)})") from None
     return path
 
 

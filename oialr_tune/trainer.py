@@ -29,17 +29,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from oialr_tune.config import TrainConfig, resolve_device, train_config_from_dict, train_config_to_dict
+from oialr_tune.config import TrainConfig, resolve_device, train_config_to_dict
 from oialr_tune.data import Loader, Splits, load_data
 from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
+from oialr_tune.model_io import TRAINER_CHECKPOINT_FORMAT
 from oialr_tune.models import build_model
-from oialr_tune.oialr import OIALR, RankEvent, apply_low_rank_structure
+from oialr_tune.oialr import OIALR, RankEvent
 from oialr_tune.tasks import Task, task_for
 from oialr_tune.tasks import autocast as _autocast
 
 CHECKPOINT_NAME = "checkpoint.pt"
-_CHECKPOINT_FORMAT = 1
 
 
 # --- plug-in point ------------------------------------------------------------------------------
@@ -207,23 +207,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as e:
         raise UserError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != TRAINER_CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint written by oialr-tune's trainer")
     return state
-
-
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """Rebuild the model (low-rank layers included) and its config from a checkpoint, without data."""
-    state = read_checkpoint(path)
-    cfg = train_config_from_dict(state["config"])
-    model = build_model(cfg.model.name, tuple(state["in_shape"]), state["num_classes"], **cfg.model.args)
-    if state.get("controller"):
-        apply_low_rank_structure(model, state["controller"]["ranks"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: checkpoint does not match its model config ({_one_line(e)})") from None
-    return model.to(device), cfg
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -247,7 +233,7 @@ def checkpoint_due(cfg: TrainConfig, epoch: int, checkpoint_epochs: set[int]) ->
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write `payload` as a checkpoint `read_checkpoint` accepts (it adds the format), atomically."""
-    _save_atomic({"format": _CHECKPOINT_FORMAT, **payload}, path)
+    _save_atomic({"format": TRAINER_CHECKPOINT_FORMAT, **payload}, path)
 
 
 def existing(path: Path | None) -> Path | None:

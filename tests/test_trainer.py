@@ -11,13 +11,13 @@ import torch
 
 from oialr_tune.config import TrainConfig, train_config_from_dict
 from oialr_tune.errors import UserError
+from oialr_tune.model_io import load_model, read_model_file
 from oialr_tune.trainer import (
     CHECKPOINT_NAME,
     Callback,
     TrainResult,
     evaluate,
     lr_at,
-    model_from_checkpoint,
     oialr_delay_steps,
     read_checkpoint,
     train,
@@ -101,7 +101,8 @@ def test_metrics_callbacks_and_checkpoints(tmp_path: Path) -> None:
     assert all(m["train_time_s"] > 0 and m["examples_per_s"] > 0 for m in result.history)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no temp files left behind
     # The checkpoint alone rebuilds the low-rank model, with the same predictions.
-    model, saved_cfg = model_from_checkpoint(tmp_path / CHECKPOINT_NAME)
+    model = load_model(tmp_path / CHECKPOINT_NAME)
+    saved_cfg = train_config_from_dict(read_model_file(tmp_path / CHECKPOINT_NAME).config)
     assert saved_cfg == cfg
     x = torch.randn(5, 1, 8, 8)
     result.model.eval()
