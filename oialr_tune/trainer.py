@@ -3,7 +3,7 @@
 Read `train` top to bottom: `_start` builds data, model, optimizer and OIALR controller (and restores
 a checkpoint), `_run_epochs` runs each epoch's training steps, validation, metrics, checkpoint and
 callbacks, `_result` scores the test split. It imports neither Ray nor Optuna; the tuning layer
-plugs in through `Callback`.
+plugs in through `Callback`, a person watching through `oialr_tune.progress.TrainProgress`.
 
 Guarantees the tuning layer relies on:
 
@@ -19,12 +19,11 @@ Guarantees the tuning layer relies on:
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +37,9 @@ from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, RankEvent
 from oialr_tune.tasks import Task, task_for
 from oialr_tune.tasks import autocast as _autocast
+
+if TYPE_CHECKING:
+    from oialr_tune.progress import TrainProgress
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -408,7 +410,7 @@ def _oialr_step(run: _Run) -> list[RankEvent]:
     return events
 
 
-def _train_steps(run: _Run, progress: Any) -> _Steps:
+def _train_steps(run: _Run, progress: TrainProgress | None) -> _Steps:
     """One pass over the training data; stops early (status "diverged") at a non-finite loss.
 
     The loss is summed on the device; a non-finite check reads it: free on the CPU, so every step
@@ -425,7 +427,7 @@ def _train_steps(run: _Run, progress: Any) -> _Steps:
         batches += 1
         examples += len(y)
         if progress is not None:
-            progress.update(1)
+            progress.step()
         if run.step % nan_check_every == 0 and not torch.isfinite(loss_sum):
             run.status = "diverged"
             break
@@ -433,7 +435,7 @@ def _train_steps(run: _Run, progress: Any) -> _Steps:
     return _Steps((loss_sum / max(1, batches)).item(), lr, examples, events)
 
 
-def _train_epoch(run: _Run, epoch: int, progress: Any) -> dict[str, Any]:
+def _train_epoch(run: _Run, epoch: int, progress: TrainProgress | None) -> dict[str, Any]:
     """Epoch `epoch` (0-based): training steps, then validation; returns its metrics row (see `train`)."""
     run.model.train()
     t0 = time.perf_counter()
@@ -468,15 +470,13 @@ def _train_epoch(run: _Run, epoch: int, progress: Any) -> dict[str, Any]:
 
 
 def _run_epochs(run: _Run, *, callbacks: Sequence[Callback], ckpt_path: Path | None, checkpoint_epochs: set[int],
-                progress: Any) -> None:
+                progress: TrainProgress | None) -> None:
     """The remaining epochs of `run`, each followed by its checkpoint (when due) and the callbacks."""
     for epoch in range(run.start_epoch, run.cfg.schedule.epochs):
         metrics = _train_epoch(run, epoch, progress)
         run.history.append(metrics)
         if progress is not None:
-            main = f"val_{run.task.main_metric}"
-            progress.set_postfix({"epoch": epoch + 1, main: f"{metrics[main]:.3f}",
-                                  "frac": f"{metrics['trainable_fraction']:.2f}"})
+            progress.on_epoch_end(metrics, None)
         written = None
         if ckpt_path is not None and checkpoint_due(run.cfg, epoch + 1, checkpoint_epochs) \
                 and run.status != "diverged":
@@ -514,6 +514,7 @@ def train(
     evaluate_test: bool = False,
     checkpoint_epochs: Iterable[int] | None = None,
     splits: Splits | None = None,
+    progress: TrainProgress | None = None,
 ) -> TrainResult:
     """Train one model as `cfg` says; report each epoch to `callbacks`; return a `TrainResult`.
 
@@ -529,19 +530,23 @@ def train(
     at the (1-based) epochs in `checkpoint_epochs` and after the last epoch; with `resume` an
     existing one is continued exactly. `evaluate_test` scores the final model on the test split
     (never used for tuning). `splits` replaces the data `cfg.data` describes (e.g. train + val merged
-    for a final retrain); it must be on the run's device.
+    for a final retrain); it must be on the run's device. `progress` (opt-in; the CLI's ``train``
+    passes one) shows a person the run on the console; without it the run prints nothing.
     """
     if cfg.trainable is not None:  # the user's own loop, with the same callbacks and checkpoints
         return _train_user_loop(cfg, callbacks=callbacks, checkpoint_dir=checkpoint_dir, resume=resume,
-                                evaluate_test=evaluate_test, checkpoint_epochs=checkpoint_epochs,
-                                splits=splits)  # fmt: skip
+                                evaluate_test=evaluate_test, checkpoint_epochs=checkpoint_epochs, splits=splits,
+                                progress=progress)  # fmt: skip
     wall_start = time.perf_counter()
     device = resolve_device(cfg.device)
     ckpt_path = checkpoint_file(checkpoint_dir)
     state = resume_state(ckpt_path, resume)
+    if progress is not None:
+        progress.start(cfg, device, done_epochs=state["epoch"] if state else 0)
     run = _start(cfg, device, splits, state, ckpt_path)
-    progress = _progress_bar(run.total_steps, run.step)
     try:
+        if progress is not None:
+            progress.begin_steps(run.total_steps, run.step)
         _run_epochs(run, callbacks=callbacks, ckpt_path=ckpt_path, checkpoint_epochs=set(checkpoint_epochs or ()),
                     progress=progress)
     finally:
@@ -553,19 +558,17 @@ def train(
     return result
 
 
-def _train_user_loop(cfg: TrainConfig, *, splits: Splits | None, **kwargs: Any) -> TrainResult:
-    """`train` for ``cfg.trainable``: the user's loop (see `oialr_tune.loop`)."""
+def _train_user_loop(cfg: TrainConfig, *, callbacks: Sequence[Callback], splits: Splits | None,
+                     progress: TrainProgress | None, **kwargs: Any) -> TrainResult:
+    """`train` for ``cfg.trainable``: the user's loop (see `oialr_tune.loop`), progress as one more callback."""
     from oialr_tune.loop import run_trainable
 
     if splits is not None:
         raise UserError("trainable: a user's training loop loads its own data; it cannot be given splits")
-    return run_trainable(cfg, **kwargs)
-
-
-def _progress_bar(total: int, initial: int) -> Any:
-    """A tqdm bar over optimizer steps, only for a person watching (stderr is a terminal)."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+    if progress is None:
+        return run_trainable(cfg, callbacks=callbacks, **kwargs)
+    progress.start(cfg, resolve_device(cfg.device))
+    try:
+        return run_trainable(cfg, callbacks=[progress, *callbacks], **kwargs)
+    finally:
+        progress.close()

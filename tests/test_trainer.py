@@ -240,3 +240,44 @@ def test_default_oialr_settings_keep_accuracy_with_half_the_parameters() -> None
     assert low_rank.final["trainable_fraction"] <= 0.5
     assert any(e["kind"] == "cut" for m in low_rank.history for e in m["oialr_events"])
     assert low_rank.test_acc >= full.test_acc - 0.02 and full.test_acc > 0.95
+
+
+def test_cli_train_shows_a_start_line_then_one_line_per_epoch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`oialr-tune train`: what trains, where and how long at once; a line per epoch off a terminal."""
+    import yaml
+
+    from oialr_tune.cli import main
+    from oialr_tune.config import train_config_to_dict
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(train_config_to_dict(small(**{"schedule.epochs": 2}))))
+    assert main(["train", str(config)]) == 0
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert lines[0] == "[train] mlp on digits (OIALR) on cpu: 2 epochs"
+    assert [line.split(":")[0] for line in lines[1:]] == ["[train] epoch 1/2", "[train] epoch 2/2"]
+    assert "val_acc" in lines[2] and "trainable" in lines[2]
+    assert out.startswith("status=finished")  # the result alone on stdout
+
+
+def test_progress_is_opt_in_and_a_bar_on_a_terminal(capsys: pytest.CaptureFixture) -> None:
+    """Quiet without `progress` (Ray trials, retrain); with it on a terminal, one in-place bar."""
+    import io
+
+    from oialr_tune.progress import TrainProgress
+
+    cfg = small(**{"schedule.epochs": 1})
+    train(cfg)
+    assert capsys.readouterr() == ("", "")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    train(cfg, progress=TrainProgress(terminal))
+    text = terminal.getvalue()
+    assert text.startswith("[train] mlp on digits (OIALR) on cpu: 1 epoch\n")
+    assert "\r" in text and "19/19" in text and "epoch 1/1" in text  # redrawn in place, step by step
+    assert "\n[train] epoch" not in text  # no per-epoch lines on a terminal
+    assert capsys.readouterr() == ("", "")
