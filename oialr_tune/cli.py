@@ -22,10 +22,12 @@ from .space import ARMS, BASELINES, METRIC_DIRECTIONS, SIZE_METRIC
 
 def _train(args: argparse.Namespace) -> None:
     from .config import load_train_config
+    from .progress import TrainProgress
     from .trainer import train
 
     cfg = load_train_config(args.config)
-    result = train(cfg, checkpoint_dir=args.checkpoint_dir, evaluate_test=True)
+    # Progress on stderr (a start line, then a bar on a terminal or a line per epoch); the result on stdout.
+    result = train(cfg, checkpoint_dir=args.checkpoint_dir, evaluate_test=True, progress=TrainProgress())
     final = result.history[-1] if result.history else {}
     print(
         f"status={result.status} val_acc={final.get('val_acc', float('nan')):.4f} "

@@ -42,14 +42,15 @@ from oialr_tune.errors import UserError
 from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, RankEvent
 from oialr_tune.trainer import (
-    _CHECKPOINT_FORMAT,
-    CHECKPOINT_NAME,
     Callback,
     TrainResult,
     _count_trainable,
-    _save_atomic,
+    checkpoint_due,
+    checkpoint_file,
+    existing,
     make_controller,
-    read_checkpoint,
+    resume_state,
+    write_checkpoint,
 )
 
 
@@ -90,7 +91,7 @@ class Trial:
         start_epoch: the last epoch done before a resume (0 for a fresh run).
     """
 
-    def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callback], checkpoint_dir: Path | None,
+    def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callback], checkpoint_path: Path | None,
                  state: dict[str, Any] | None, evaluate_test: bool, checkpoint_epochs: set[int]) -> None:
         self.config, self.seed, self.evaluate_test = cfg, cfg.seed, evaluate_test
         self.device = resolve_device(cfg.device)
@@ -101,7 +102,7 @@ class Trial:
         self.model_shapes: tuple[tuple[int, ...], int] | None = None
         self.controller: OIALR | FullRank | None = None
         self.test_metrics: dict[str, float] = {}
-        self._callbacks, self._dir, self._epochs = callbacks, checkpoint_dir, checkpoint_epochs
+        self._callbacks, self._path, self._epochs = callbacks, checkpoint_path, checkpoint_epochs
         self._controller_state = state["controller"] if state else None
         self._seen_events = 0
 
@@ -162,15 +163,12 @@ class Trial:
         }  # fmt: skip
         self.history.append(row)
         written = None
-        every = self.config.checkpoint_every
-        due = last or epoch in self._epochs or (every and epoch % every == 0)
-        if self._dir is not None and due and not diverged:
-            _save_atomic({
-                "format": _CHECKPOINT_FORMAT, "config": train_config_to_dict(self.config), "epoch": epoch,
-                "user": checkpoint, "history": self.history,
-                "controller": c.state_dict() if isinstance(c, OIALR) else None,
-            }, self._dir / CHECKPOINT_NAME)  # fmt: skip
-            written = self._dir
+        if self._path is not None and checkpoint_due(self.config, epoch, self._epochs) and not diverged:
+            write_checkpoint(self._path, {
+                "config": train_config_to_dict(self.config), "epoch": epoch, "user": checkpoint,
+                "history": self.history, "controller": c.state_dict() if isinstance(c, OIALR) else None,
+            })  # fmt: skip
+            written = self._path.parent
         for cb in self._callbacks:
             cb.on_epoch_end(row, written)
         if diverged:
@@ -183,13 +181,12 @@ def run_trainable(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), check
     """Run ``cfg.trainable`` as one training run; the trainer's `train` calls this for such configs."""
     wall_start = time.perf_counter()
     fn = plugins.resolve(cfg.trainable, "trainable")
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
-    state = read_checkpoint(ckpt_path) if resume and ckpt_path is not None and ckpt_path.exists() else None
+    ckpt_path = checkpoint_file(checkpoint_dir)
+    state = resume_state(ckpt_path, resume)
     if state is not None and "user" not in state:
         raise UserError(f"{ckpt_path}: a checkpoint of the built-in trainer, not of trainable {cfg.trainable}")
     torch.manual_seed(cfg.seed)
-    trial = Trial(cfg, callbacks=callbacks, checkpoint_dir=ckpt_dir, state=state, evaluate_test=evaluate_test,
+    trial = Trial(cfg, callbacks=callbacks, checkpoint_path=ckpt_path, state=state, evaluate_test=evaluate_test,
                   checkpoint_epochs=set(checkpoint_epochs or ()))
     with contextlib.suppress(_Stop):
         plugins.call(fn, cfg.trainable, "trainable", cfg, trial)
@@ -201,8 +198,7 @@ def run_trainable(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), check
         history=trial.history, final=final, test_loss=trial.test_metrics.get("test_loss"),
         test_acc=trial.test_metrics.get("test_acc"), status=final["status"], model=trial.model,
         controller=controller, wall_time_s=time.perf_counter() - wall_start,
-        checkpoint_path=ckpt_path if ckpt_path is not None and ckpt_path.exists() else None,
-        test_metrics=trial.test_metrics, model_shapes=trial.model_shapes,
+        checkpoint_path=existing(ckpt_path), test_metrics=trial.test_metrics, model_shapes=trial.model_shapes,
     )  # fmt: skip
     for cb in callbacks:
         cb.on_train_end(result)

@@ -33,6 +33,9 @@ from oialr_tune.oialr import apply_low_rank_structure, export_dense, low_rank_st
 __all__ = ["FORMAT", "ModelFile", "load_model", "read_model_file", "save_model"]
 
 FORMAT = "oialr-tune-model/1"
+# The format of `oialr_tune.trainer`'s checkpoints, which `load_model` reads too; kept here so that
+# this module need not import the trainer (and its data code).
+TRAINER_CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -97,27 +100,21 @@ def save_model(
     if "name" not in model_cfg:
         raise ValueError("save_model: cfg_dict has no model.name; pass the trainer config the model was built from")
     if in_shape is None or num_classes is None:
-        # Lazy: reading the data pulls in the dataset code, which a caller with the shapes never needs.
-        from oialr_tune.config import train_config_from_dict
-        from oialr_tune.data import load_data
-
-        cfg = train_config_from_dict(dict(cfg_dict))
-        splits = load_data(cfg.data)
-        in_shape = splits.in_shape if in_shape is None else in_shape
-        num_classes = splits.num_outputs(cfg.task) if num_classes is None else num_classes
+        in_shape, num_classes = _data_shapes(cfg_dict, in_shape, num_classes)
     if dense:
         model = export_dense(model)
     ranks = low_rank_structure(model)
+    spec = {
+        "model_name": str(model_cfg["name"]),
+        "model_args": _plain(dict(model_cfg.get("args") or {})),
+        "in_shape": [int(d) for d in in_shape],
+        "num_classes": int(num_classes),
+        "ranks": {k: int(v) for k, v in ranks.items()},
+        "dense": bool(dense or not ranks),
+    }
     payload = {
         "format": FORMAT,
-        "spec": {
-            "model_name": str(model_cfg["name"]),
-            "model_args": _plain(dict(model_cfg.get("args") or {})),
-            "in_shape": [int(d) for d in in_shape],
-            "num_classes": int(num_classes),
-            "ranks": {k: int(v) for k, v in ranks.items()},
-            "dense": bool(dense or not ranks),
-        },
+        "spec": spec,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "config": _plain(dict(cfg_dict)),
         "meta": _plain(dict(meta or {})),
@@ -127,13 +124,33 @@ def save_model(
     return path
 
 
+def _data_shapes(cfg_dict: Mapping[str, Any], in_shape: Sequence[int] | None, num_classes: int | None
+                 ) -> tuple[Sequence[int], int]:
+    """`in_shape` and `num_classes`, the missing ones read from the dataset ``cfg_dict['data']`` describes."""
+    # Lazy: reading the data pulls in the dataset code, which a caller with the shapes never needs.
+    from oialr_tune.config import train_config_from_dict
+    from oialr_tune.data import load_data
+
+    cfg = train_config_from_dict(dict(cfg_dict))
+    splits = load_data(cfg.data)
+    return (splits.in_shape if in_shape is None else in_shape,
+            splits.num_outputs(cfg.task) if num_classes is None else num_classes)
+
+
 def read_model_file(path: str | Path) -> ModelFile:
-    """Read a model file without building the model (safe: ``weights_only=True``)."""
+    """Read a model file, or a trainer checkpoint, without building the model (safe: ``weights_only=True``).
+
+    A checkpoint of the built-in trainer (``checkpoint.pt``, see :mod:`oialr_tune.trainer`) is read
+    as the model file of its model at that epoch: its config names the architecture, its OIALR
+    controller state the ranks, and ``meta`` holds the epoch.
+    """
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such model file") from None
+    if _is_checkpoint(payload):
+        return _checkpoint_model_file(payload, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not an oialr-tune model file (expected format {FORMAT!r})")
     spec = payload["spec"]
@@ -150,11 +167,38 @@ def read_model_file(path: str | Path) -> ModelFile:
     )
 
 
+def _is_checkpoint(payload: Any) -> bool:
+    """Whether `payload` is a trainer checkpoint (its format, with its config and history)."""
+    return (isinstance(payload, dict) and payload.get("format") == TRAINER_CHECKPOINT_FORMAT
+            and {"config", "history"} <= payload.keys())
+
+
+def _checkpoint_model_file(state: dict[str, Any], path: Path) -> ModelFile:
+    """The model in a trainer checkpoint, as a `ModelFile` (a user loop's checkpoint holds none)."""
+    if "model" not in state or "in_shape" not in state:
+        raise ValueError(f"{path}: a checkpoint of a user's training loop (trainable): it holds no model to load")
+    model_cfg = state["config"]["model"]
+    ranks = dict((state.get("controller") or {}).get("ranks") or {})
+    return ModelFile(
+        model_name=model_cfg["name"],
+        model_args=dict(model_cfg.get("args") or {}),
+        in_shape=tuple(state["in_shape"]),
+        num_classes=int(state["num_classes"]),
+        ranks=ranks,
+        dense=not ranks,
+        state_dict=state["model"],
+        config=state["config"],
+        meta={"epoch": state["epoch"]},
+    )
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the saved model exactly (low-rank layers included), in eval mode, on ``device``.
 
+    `path` is a model file (`save_model`) or a checkpoint of the built-in trainer (``checkpoint.pt``).
     Needs only torch and this package (no Ray, no Optuna). Raises ``FileNotFoundError`` for a
-    missing file and ``ValueError`` for a file that is not a model file.
+    missing file, ``ValueError`` for a file that is neither, and ``RuntimeError`` when the weights
+    do not fit the architecture the file names.
     """
     mf = read_model_file(path)
     model = build_model(mf.model_name, mf.in_shape, mf.num_classes, **mf.model_args)

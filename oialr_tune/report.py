@@ -259,11 +259,30 @@ def write_report(results_dir: str | Path) -> Path:
     writable, or holds an unreadable ``study.db``.
     """
     res = open_results(results_dir)
-    space = res.space
-    metric = space.objective.metric
-    out = res.path
-    writable_folder(out, "results folder")
+    metric = res.space.objective.metric
+    writable_folder(res.path, "results folder")
     importances_found = {arm: param_importances(res, arm, metric) for arm in res.arms}
+    best, notes = _best_per_arm(res)
+    md = _overview(res, metric)
+    md += _best_section(res, metric, best)
+    md += _pareto_section(res, metric, best)
+    md += _search_progress_section(res, metric)
+    md += _ranks_section(res, best)
+    md += _importances_section(res, metric, importances_found)
+    rows, columns = _top_trials(res, metric)
+    md += [f"## Top {TOP_TRIALS} trials by {metric}", "", markdown_table(rows, columns), ""]
+    retrain_summary = res.path / "retrain" / "summary.json"
+    if retrain_summary.is_file():
+        md += _retrain_section(retrain_summary)
+    if notes:
+        md += ["## Notes", ""] + [f"- {k}: {v}" for k, v in notes.items()] + [""]
+    report = res.path / REPORT_FILE
+    report.write_text("\n".join(md))
+    return report
+
+
+def _best_per_arm(res: SweepResults) -> tuple[dict[str, BestTrial], dict[str, str]]:
+    """Each arm's best trial; for an arm without a finished trial, a note saying why instead."""
     best: dict[str, BestTrial] = {}
     notes: dict[str, str] = {}
     for arm in res.arms:
@@ -271,7 +290,12 @@ def write_report(results_dir: str | Path) -> Path:
             best[arm] = best_trial(res, arm=arm)
         except Exception as e:  # an arm without a finished trial: the report says so, and goes on
             notes[f"best {arm}"] = str(e)
+    return best, notes
 
+
+def _overview(res: SweepResults, metric: str) -> list[str]:
+    """Title, description, and the sweep at a glance: objective, budget, trials, model and data."""
+    space = res.space
     md = [f"# Sweep report: {res.name}", ""]
     if space.description:
         md += [space.description, ""]
@@ -288,16 +312,20 @@ def write_report(results_dir: str | Path) -> Path:
         + " (failed and diverged trials are left out of everything below)",
         f"- model `{space.base['model']['name']}` on `{space.base['data']['name']}`",
         "",
-        "## Best configuration per arm",
-        "",
     ]  # fmt: skip
+    return md
+
+
+def _best_section(res: SweepResults, metric: str, best: dict[str, BestTrial]) -> list[str]:
+    """The best configuration per arm, and tuned OIALR against tuned full rank on validation."""
+    md = ["## Best configuration per arm", ""]
     best_rows = [
         {"arm": arm, "trial_id": bt.trial.trial_id, metric: bt.trial.metrics.get(metric),
          SIZE_METRIC: bt.trial.trainable_fraction, "epochs": bt.trial.metrics.get("training_iteration"),
          **_shown(bt.trial.params)}
         for arm, bt in best.items()
     ]  # fmt: skip
-    param_cols = [p.key for p in space.search]
+    param_cols = [p.key for p in res.space.search]
     md += [markdown_table(best_rows, ["arm", "trial_id", metric, SIZE_METRIC, "epochs", *param_cols]), ""]
     if "oialr" in best and "baseline" in best:
         o, f = best["oialr"].trial, best["baseline"].trial
@@ -309,10 +337,13 @@ def write_report(results_dir: str | Path) -> Path:
             "",
         ]
     md += [f"Full trainer config: `oialr-tune best {res.path} --format yaml > best.yaml`.", ""]
+    return md
 
-    # Plots.
-    md += ["## Accuracy vs trainable parameters", ""]
-    caption = plot_pareto(res, metric, best, out / PLOTS["pareto"])
+
+def _pareto_section(res: SweepResults, metric: str, best: dict[str, BestTrial]) -> list[str]:
+    """The accuracy vs trainable-parameters plot, and the OIALR Pareto set."""
+    md = ["## Accuracy vs trainable parameters", ""]
+    caption = plot_pareto(res, metric, best, res.path / PLOTS["pareto"])
     md += [f"![{metric} vs trainable fraction]({PLOTS['pareto']})", "", caption + ".", ""]
     front = _pareto_set(res, metric)
     if front:
@@ -320,32 +351,44 @@ def write_report(results_dir: str | Path) -> Path:
                "budget with `oialr-tune best RESULTS_DIR --max-trainable-fraction F`.", ""]  # fmt: skip
         rows = [{"trial_id": p.trial_id, metric: p.metrics.get(metric), SIZE_METRIC: p.trainable_fraction,
                  "epochs": p.metrics.get("training_iteration"), **_shown(p.params)} for p in front]  # fmt: skip
+        param_cols = [p.key for p in res.space.search]
         md += [markdown_table(rows, ["trial_id", metric, SIZE_METRIC, "epochs", *param_cols]), ""]
+    return md
 
-    md += ["## Search progress", ""]
-    caption = plot_best_so_far(res, metric, out / PLOTS["best_so_far"])
-    md += [f"![best {metric} so far]({PLOTS['best_so_far']})", "", caption + ".", ""]
 
-    md += ["## Ranks during training (best OIALR trial)", ""]
+def _search_progress_section(res: SweepResults, metric: str) -> list[str]:
+    """The best-so-far plot."""
+    caption = plot_best_so_far(res, metric, res.path / PLOTS["best_so_far"])
+    return ["## Search progress", "", f"![best {metric} so far]({PLOTS['best_so_far']})", "", caption + ".", ""]
+
+
+def _ranks_section(res: SweepResults, best: dict[str, BestTrial]) -> list[str]:
+    """The best OIALR trial's ranks over training, or why they are not plotted (then no stale plot stays)."""
+    md = ["## Ranks during training (best OIALR trial)", ""]
     ranks_note = "no finished OIALR trial"
     if "oialr" in best:
         history = res.history("oialr", best["oialr"].trial.trial_id)
         ranks_note = "its per-epoch results (Ray's result.json) were not found"
         if history is not None:
-            caption = plot_ranks(history, best["oialr"].trial.trial_id, out / PLOTS["ranks"])
+            caption = plot_ranks(history, best["oialr"].trial.trial_id, res.path / PLOTS["ranks"])
             ranks_note = "its per-epoch results hold no `ranks`"
             if caption is not None:
                 md += [f"![ranks over training]({PLOTS['ranks']})", "", caption + ".", ""]
                 ranks_note = ""
             md += _dense_layers_note(history)
     if ranks_note:
-        _remove(out / PLOTS["ranks"])
+        _remove(res.path / PLOTS["ranks"])
         md += [f"Not plotted: {ranks_note}.", ""]
+    return md
 
-    md += ["## Hyperparameter importances (Optuna)", ""]
+
+def _importances_section(res: SweepResults, metric: str,
+                         found: dict[str, tuple[dict[str, float] | None, str]]) -> list[str]:
+    """Optuna's hyperparameter importances per arm (table and plot), or why they were not computed."""
+    md = ["## Hyperparameter importances (Optuna)", ""]
     importances: dict[str, dict[str, float]] = {}
     for arm in res.arms:
-        values, why = importances_found[arm]
+        values, why = found[arm]
         if values:
             importances[arm] = values
             md += [f"**{arm}** ({why}):", "", markdown_table(
@@ -353,24 +396,11 @@ def write_report(results_dir: str | Path) -> Path:
         else:
             md += [f"**{arm}**: not computed: {why}.", ""]
     if importances:
-        plot_importances(importances, metric, out / PLOTS["importance"])
+        plot_importances(importances, metric, res.path / PLOTS["importance"])
         md += [f"![hyperparameter importances]({PLOTS['importance']})", ""]
     else:
-        _remove(out / PLOTS["importance"])
-
-    md += [f"## Top {TOP_TRIALS} trials by {metric}", ""]
-    rows, columns = _top_trials(res, metric)
-    md += [markdown_table(rows, columns), ""]
-
-    retrain_summary = out / "retrain" / "summary.json"
-    if retrain_summary.is_file():
-        md += _retrain_section(retrain_summary)
-    if notes:
-        md += ["## Notes", ""] + [f"- {k}: {v}" for k, v in notes.items()] + [""]
-
-    report = out / REPORT_FILE
-    report.write_text("\n".join(md))
-    return report
+        _remove(res.path / PLOTS["importance"])
+    return md
 
 
 def _dense_layers_note(history: pd.DataFrame) -> list[str]:

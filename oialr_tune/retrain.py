@@ -31,7 +31,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import yaml
@@ -49,7 +49,7 @@ from oialr_tune.plugins import uses_user_code
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
 from oialr_tune.stats import verdict, welch_interval
 from oialr_tune.tasks import task_for
-from oialr_tune.trainer import CHECKPOINT_NAME, model_from_checkpoint, read_checkpoint, train
+from oialr_tune.trainer import CHECKPOINT_NAME, TrainResult, _one_line, read_checkpoint, train
 from oialr_tune.tuning.parallel import run_all
 
 __all__ = ["RETRAIN_DIR", "retrain"]
@@ -112,7 +112,13 @@ def _checkpoint_file(trial: TrialInfo) -> Path:
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise UserError(f"--from-checkpoint: {path} does not exist")
-    model_from_checkpoint(path)
+    read_checkpoint(path)  # a corrupt or foreign file: UserError naming it
+    try:
+        load_model(path)  # its weights must fit the model its config describes
+    except ValueError as e:  # a user loop's checkpoint: no model to rebuild
+        raise UserError(f"--from-checkpoint: {e}") from None
+    except RuntimeError as e:
+        raise UserError(f"{path}: checkpoint does not match its model config ({_one_line(e)})") from None
     return path
 
 
@@ -174,6 +180,33 @@ def run_seed(
     seed_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = train_config_to_dict(cfg)
     (seed_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    result = _train_seed(cfg, train_on=train_on, start_from=start_from)
+    row = _metrics_row(arm, cfg, result)
+    if result.status == "diverged":
+        _log(f"{arm} seed {cfg.seed}: diverged; no model saved")
+        return row
+    if result.model_shapes is None:
+        _log(f"{arm} seed {cfg.seed}: trainable {cfg.trainable} built its model without trial.build_model; "
+             f"no model file saved")  # fmt: skip
+        return row
+    meta = {"arm": arm, "seed": cfg.seed, **result.test_metrics,
+            "trainable_fraction": result.final.get("trainable_fraction"), "train_on": train_on}  # fmt: skip
+    if cfg.trainable is not None:  # its data is its own: save the files, the loop scored them
+        _save_models(result, cfg_dict, meta, seed_dir, out_dir, row)
+        return row
+    meta.update(_input_normalisation(cfg))
+    model_path, dense_path = _save_models(result, cfg_dict, meta, seed_dir, out_dir, row)
+    _score_files(cfg, model_path, dense_path, row)
+    return row
+
+
+def _test_metric(cfg: TrainConfig) -> str:
+    """The test metric a retrain of `cfg` reports per seed and summarizes: test_acc or test_mae."""
+    return "test_acc" if cfg.task == "classification" else "test_mae"
+
+
+def _train_seed(cfg: TrainConfig, *, train_on: TrainOn, start_from: Path | None) -> TrainResult:
+    """Train and test one seed: from scratch or fine-tuning `start_from`, on train or train+val."""
     # train+val: the trainer gets the merged splits instead of loading the configured ones.
     splits = merge_train_val(load_data(cfg.data, resolve_device(cfg.device))) if train_on == "train+val" else None
     with tempfile.TemporaryDirectory(prefix="oialr-retrain-") as work:
@@ -181,10 +214,12 @@ def run_seed(
         if start_from is not None:
             ckpt_dir = Path(work)
             _write_start_checkpoint(start_from, cfg, ckpt_dir)
-        result = train(cfg, checkpoint_dir=ckpt_dir, resume=True, evaluate_test=True, splits=splits)
+        return train(cfg, checkpoint_dir=ckpt_dir, resume=True, evaluate_test=True, splits=splits)
 
+
+def _metrics_row(arm: str, cfg: TrainConfig, result: TrainResult) -> dict[str, Any]:
+    """The seed's ``metrics.csv`` row as training left it (the model files and their scores come later)."""
     final = result.final
-    main = "test_acc" if cfg.task == "classification" else "test_mae"
     row: dict[str, Any] = dict.fromkeys(METRICS_COLUMNS)
     row.update({
         "arm": arm, "seed": cfg.seed, "status": result.status,
@@ -194,40 +229,43 @@ def run_seed(
         "epochs": final.get("epoch"), "wall_time_s": result.wall_time_s, "model": None, "model_dense": None,
         "test_mae": result.test_metrics.get("test_mae"), "val_mae": final.get("val_mae"),
     })  # fmt: skip
-    if result.status == "diverged":
-        _log(f"{arm} seed {cfg.seed}: diverged; no model saved")
-        return row
-    if result.model_shapes is None:
-        _log(f"{arm} seed {cfg.seed}: trainable {cfg.trainable} built its model without trial.build_model; "
-             f"no model file saved")  # fmt: skip
-        return row
+    return row
 
+
+def _input_normalisation(cfg: TrainConfig) -> dict[str, Any]:
+    """What the model expects: raw pixels x -> x * scale + shift per channel (see data.TensorData)."""
+    splits = load_data(cfg.data, resolve_device(cfg.device))  # cached: the same tensors the trainer used
+    return {"input_scale": getattr(splits.test, "a", None), "input_shift": getattr(splits.test, "b", None)}
+
+
+def _save_models(result: TrainResult, cfg_dict: dict[str, Any], meta: dict[str, Any], seed_dir: Path,
+                 out_dir: Path, row: dict[str, Any]) -> tuple[Path, Path | None]:
+    """Write ``model.pt`` and, for a low-rank model, its dense export ``model_dense.pt``; note them in `row`."""
+    assert result.model_shapes is not None
     in_shape, num_outputs = result.model_shapes
-    meta = {"arm": arm, "seed": cfg.seed, **result.test_metrics,
-            "trainable_fraction": final.get("trainable_fraction"), "train_on": train_on}  # fmt: skip
     shapes = {"in_shape": in_shape, "num_classes": num_outputs}
-    if cfg.trainable is not None:  # its data is its own: save the files, the loop scored them
-        row["model"] = str(save_model(seed_dir / "model.pt", result.model, cfg_dict, meta=meta, **shapes)
-                           .relative_to(out_dir))
-        if low_rank_structure(result.model):
-            dense_path = save_model(seed_dir / "model_dense.pt", result.model, cfg_dict, dense=True, meta=meta,
-                                    **shapes)
-            row["model_dense"] = str(dense_path.relative_to(out_dir))
-        return row
-    device = resolve_device(cfg.device)
-    splits = load_data(cfg.data, device)  # cached: the same tensors the trainer used
-    # What the model expects: raw pixels x -> x * scale + shift per channel (see data.TensorData).
-    meta.update(input_scale=getattr(splits.test, "a", None), input_shift=getattr(splits.test, "b", None))
     model_path = save_model(seed_dir / "model.pt", result.model, cfg_dict, meta=meta, **shapes)
     row["model"] = str(model_path.relative_to(out_dir))
+    dense_path = None
+    if low_rank_structure(result.model):
+        dense_path = save_model(seed_dir / "model_dense.pt", result.model, cfg_dict, dense=True, meta=meta, **shapes)
+        row["model_dense"] = str(dense_path.relative_to(out_dir))
+    return model_path, dense_path
 
-    # Reload from the file and score again: the file, not the in-memory model, is what users get.
-    # On the CPU it matches exactly; a GPU (cuDNN algorithm choice, torch.compile) may differ in
-    # the last bits, which can flip an argmax: recorded and warned about, not fatal after training.
+
+def _score_files(cfg: TrainConfig, model_path: Path, dense_path: Path | None, row: dict[str, Any]) -> None:
+    """Reload the saved models and score them on the test split, into `row` (reloaded_*, dense_*).
+
+    The files, not the in-memory model, are what users get. On the CPU the reloaded score matches
+    exactly; a GPU (cuDNN algorithm choice, torch.compile) may differ in the last bits, which can
+    flip an argmax: recorded and warned about, not fatal after training.
+    """
+    main = _test_metric(cfg)
+    device = resolve_device(cfg.device)
+    splits = load_data(cfg.data, device)  # cached: the same tensors the trainer used
     channels_last = cfg.channels_last and len(splits.in_shape) == 3
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     test_loader = splits.loader("test", 2 * cfg.schedule.batch_size, memory_format=memory_format)
-
     task = task_for(cfg)
 
     def score(path: Path) -> float:
@@ -238,13 +276,7 @@ def run_seed(
     if row[f"reloaded_{main}"] != row[main] and len(splits.test):  # type: ignore[arg-type]
         _log(f"warning: {model_path} scores {main}={row[f'reloaded_{main}']} after reloading, "
              f"training reported {row[main]}")  # fmt: skip
-    if low_rank_structure(result.model):
-        dense_path = save_model(seed_dir / "model_dense.pt", result.model, cfg_dict, dense=True, meta=meta, **shapes)
-        row["model_dense"] = str(dense_path.relative_to(out_dir))
-        row[f"dense_{main}"] = score(dense_path)
-    else:
-        row[f"dense_{main}"] = row[f"reloaded_{main}"]
-    return row
+    row[f"dense_{main}"] = score(dense_path) if dense_path is not None else row[f"reloaded_{main}"]
 
 
 # --- the whole retrain -----------------------------------------------------------------------------
@@ -310,6 +342,38 @@ def retrain(
     written. Raises UserError for bad input.
     """
     res = open_results(results_dir)
+    seed_list = _seed_list(seeds, first_seed)
+    arm_list = _checked_options(res, epochs=epochs, train_on=train_on, arms=arms)
+    # Choose and validate everything first: nothing is written if any arm cannot be retrained.
+    plans = _plan(res, arm_list, epochs=epochs, train_on=train_on, from_trial=from_trial,
+                  from_checkpoint=from_checkpoint, log=log)
+    main = _test_metric(plans[0].cfg) if plans else "test_acc"
+    no_test = _no_test_split(plans, log)
+    out_dir = Path(out) if out is not None else res.path / RETRAIN_DIR
+    writable_folder(out_dir, "--out folder")
+    if train_on == "train+val":
+        log("training on train+val: the validation examples are part of training, so there are no val metrics")
+    jobs = _write_arm_configs(plans, seed_list, out_dir, train_on=train_on, log=log)
+    rows = _run_jobs(jobs, res, main, address=address, max_concurrent=max_concurrent, log=log)
+    summary = _summary(res, out_dir, plans, rows, seed_list, train_on=train_on, from_checkpoint=from_checkpoint,
+                       main=main, no_test=no_test)
+    _write_outputs(out_dir, rows, summary)
+    _log_summary(summary, log)
+    return summary
+
+
+class _Plan(NamedTuple):
+    """One arm to retrain: the trial chosen (and why), its config, and the checkpoint to fine-tune from."""
+
+    arm: str
+    trial: TrialInfo
+    why: str
+    cfg: TrainConfig
+    start_from: Path | None
+
+
+def _seed_list(seeds: int | Sequence[int], first_seed: int) -> list[int]:
+    """The seeds to run: `seeds` of them from `first_seed`, or the values given; distinct and valid."""
     seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise UserError("--seeds: need at least one seed")
@@ -317,6 +381,12 @@ def retrain(
         raise UserError(f"--seeds: seeds must be distinct, got {seed_list}")
     for seed in seed_list:
         check_seed(seed, "--first-seed")
+    return seed_list
+
+
+def _checked_options(res: SweepResults, *, epochs: int | None, train_on: str, arms: Sequence[str] | None
+                     ) -> list[str]:
+    """Check --epochs, --train-on and --arm against the sweep; returns the arms to retrain."""
     if epochs is not None and epochs < 1:
         raise UserError(f"--epochs: must be >= 1, got {epochs}")
     if train_on not in ("train", "train+val"):
@@ -325,9 +395,13 @@ def retrain(
     for arm in arm_list:
         if arm not in res.space.arms():
             raise UserError(f"--arm: sweep {res.name!r} has no {arm!r} arm")
+    return arm_list
 
-    # Choose and validate everything first: nothing is written if any arm cannot be retrained.
-    plans: list[tuple[str, TrialInfo, str, TrainConfig, Path | None]] = []
+
+def _plan(res: SweepResults, arm_list: Sequence[str], *, epochs: int | None, train_on: TrainOn,
+          from_trial: str | None, from_checkpoint: bool, log: Callable[[str], None]) -> list[_Plan]:
+    """Choose each arm's trial and prove it can be retrained (config, user code, data, checkpoint)."""
+    plans: list[_Plan] = []
     for arm in arm_list:
         if arm == "baseline" and res.usable(arm).empty:
             log("baseline: no finished trial in the sweep; skipped")
@@ -341,28 +415,39 @@ def retrain(
             check_user_code(cfg)
         if train_on == "train+val":
             merge_train_val(load_data(cfg.data, resolve_device(cfg.device)))  # unsupported data fails here
-        plans.append((arm, trial, why, cfg, _checkpoint_file(trial) if from_checkpoint else None))
-    if from_trial is not None and not any(t.trial_id == str(from_trial) for _, t, *_ in plans):
+        plans.append(_Plan(arm, trial, why, cfg, _checkpoint_file(trial) if from_checkpoint else None))
+    if from_trial is not None and not any(p.trial.trial_id == str(from_trial) for p in plans):
         arms_text = ", ".join(arm_list)
         raise UserError(f"--from-trial: trial {from_trial!r} is not in the arms being retrained ({arms_text})")
+    return plans
 
-    main = "test_acc" if not plans or plans[0][3].task == "classification" else "test_mae"
-    no_test = None
-    if plans and plans[0][3].trainable is None and not len(load_data(plans[0][3].data, "cpu").test):
-        no_test = f"data.name {plans[0][3].data.name} returned test=None, so test metrics are n/a"
-        log(f"no test split: {no_test}")
-    out_dir = Path(out) if out is not None else res.path / RETRAIN_DIR
-    writable_folder(out_dir, "--out folder")
-    if train_on == "train+val":
-        log("training on train+val: the validation examples are part of training, so there are no val metrics")
+
+def _no_test_split(plans: Sequence[_Plan], log: Callable[[str], None]) -> str | None:
+    """Why there are no test metrics, when the (built-in trainer's) data has no test split; else None."""
+    if not plans or plans[0].cfg.trainable is not None or len(load_data(plans[0].cfg.data, "cpu").test):
+        return None
+    no_test = f"data.name {plans[0].cfg.data.name} returned test=None, so test metrics are n/a"
+    log(f"no test split: {no_test}")
+    return no_test
+
+
+def _write_arm_configs(plans: Sequence[_Plan], seed_list: list[int], out_dir: Path, *, train_on: TrainOn,
+                       log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Write each arm's ``config.yaml`` and say what it will run; returns the (arm, seed) jobs."""
     jobs = []
-    for arm, _, why, cfg, start_from in plans:
-        arm_dir = out_dir / arm
+    for p in plans:
+        arm_dir = out_dir / p.arm
         arm_dir.mkdir(parents=True, exist_ok=True)
-        (arm_dir / "config.yaml").write_text(yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False))
-        how = f"fine-tuning from {start_from}" if start_from else "training from scratch"
-        log(f"{arm}: {why}; {len(seed_list)} seed(s) {seed_list}, {cfg.schedule.epochs} epochs, {how}")
-        jobs += seed_jobs(arm, cfg, seed_list, out_dir, train_on=train_on, start_from=start_from)
+        (arm_dir / "config.yaml").write_text(yaml.safe_dump(train_config_to_dict(p.cfg), sort_keys=False))
+        how = f"fine-tuning from {p.start_from}" if p.start_from else "training from scratch"
+        log(f"{p.arm}: {p.why}; {len(seed_list)} seed(s) {seed_list}, {p.cfg.schedule.epochs} epochs, {how}")
+        jobs += seed_jobs(p.arm, p.cfg, seed_list, out_dir, train_on=train_on, start_from=p.start_from)
+    return jobs
+
+
+def _run_jobs(jobs: list[dict[str, Any]], res: SweepResults, main: str, *, address: str | None,
+              max_concurrent: int | None, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run every (arm, seed) job (in parallel where resources allow), logging each as it finishes."""
     finished = 0
 
     def done(i: int, row: dict[str, Any]) -> None:
@@ -372,49 +457,68 @@ def retrain(
             f"{main}={_num(row[main])} test_loss={_num(row['test_loss'])} "
             f"trainable_fraction={_num(row['trainable_fraction'])} ({row['wall_time_s']:.1f}s)")  # fmt: skip
 
-    rows = run_all(run_seed_anywhere, jobs, resources=res.space.resources, address=address,
+    return run_all(run_seed_anywhere, jobs, resources=res.space.resources, address=address,
                    max_concurrent=max_concurrent, on_done=done)  # fmt: skip
+
+
+def _arms_summary(plans: Sequence[_Plan], rows: list[dict[str, Any]], seed_list: list[int]) -> dict[str, Any]:
+    """Per arm: the trial retrained and why, and mean ± std over its seeds of each `SUMMARY_STATS` column."""
     arms_summary: dict[str, Any] = {}
-    for arm, trial, why, _, _ in plans:
-        arm_rows = [r for r in rows if r["arm"] == arm]
-        arms_summary[arm] = {
-            "trial_id": trial.trial_id,
-            "chosen": why,
-            "tuning_metrics": trial.metrics,
-            "config": f"{arm}/config.yaml",
+    for p in plans:
+        arm_rows = [r for r in rows if r["arm"] == p.arm]
+        arms_summary[p.arm] = {
+            "trial_id": p.trial.trial_id,
+            "chosen": p.why,
+            "tuning_metrics": p.trial.metrics,
+            "config": f"{p.arm}/config.yaml",
             "seeds": seed_list,
             "diverged": sum(r["status"] == "diverged" for r in arm_rows),
             **{k: mean_std([r[k] for r in arm_rows]) for k in SUMMARY_STATS},
         }
+    return arms_summary
 
+
+def _summary(res: SweepResults, out_dir: Path, plans: Sequence[_Plan], rows: list[dict[str, Any]],
+             seed_list: list[int], *, train_on: TrainOn, from_checkpoint: bool, main: str, no_test: str | None
+             ) -> dict[str, Any]:
+    """What ``summary.json`` holds (and `retrain` returns): settings, per-arm statistics, the comparison."""
     summary: dict[str, Any] = {
         "results_dir": str(res.path),
         "out": str(out_dir),
         "train_on": train_on,
         "val_metrics": "none (val merged into train)" if train_on == "train+val" else "final epoch",
         "from_checkpoint": from_checkpoint,
-        "epochs": {arm: cfg.schedule.epochs for arm, _, _, cfg, _ in plans},
+        "epochs": {p.arm: p.cfg.schedule.epochs for p in plans},
         "seeds": seed_list,
         "std": "sample standard deviation (n - 1)",
-        "arms": arms_summary,
+        "arms": _arms_summary(plans, rows, seed_list),
     }
     summary["test_metric"] = main
     summary["no_test_split"] = no_test
-    summary["comparison"] = _compare(arms_summary, main)
+    summary["comparison"] = _compare(summary["arms"], main)
+    return summary
+
+
+def _write_outputs(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """``metrics.csv`` (one row per arm and seed) and ``summary.json``."""
     with open(out_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    for arm, s in arms_summary.items():
+
+
+def _log_summary(summary: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Per arm the test metric and trainable fraction (mean ± std); the OIALR - baseline difference."""
+    main = summary["test_metric"]
+    for arm, s in summary["arms"].items():
         acc = s[main]
         log(f"{arm}: {main} {_pm(acc)} over {acc['n']} seed(s), trainable_fraction {_pm(s['trainable_fraction'])}")
     if summary["comparison"]:
         c = summary["comparison"]
         log(f"OIALR - baseline {main}: {c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] -> {c['verdict']}"
             if c.get("low") is not None else f"OIALR - baseline {main}: {c['difference']:+.4f}")  # fmt: skip
-    log(f"wrote {out_dir}")
-    return summary
+    log(f"wrote {summary['out']}")
 
 
 def _compare(arms: dict[str, Any], metric: str = "test_acc") -> dict[str, Any] | None:

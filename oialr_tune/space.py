@@ -334,12 +334,25 @@ def _flat_keys(d: Mapping[str, Any], prefix: str = "") -> list[str]:
 def _parse_param(key: str, spec: Any, trainer_keys: list[str]) -> Param:
     """One ``search`` entry; checks the key names a trainer setting and the distribution is sound."""
     where = f"search.{key}"
+    _check_param_key(key, where, trainer_keys)
+    kind = _param_type(spec, where)
+    if kind == "categorical":
+        return _categorical_param(key, spec, where)
+    return _range_param(key, kind, spec, where)
+
+
+def _check_param_key(key: Any, where: str, trainer_keys: list[str]) -> None:
+    """A searched key must be a trainer config key (or under model.args / data.args) that may be searched."""
     if not isinstance(key, str) or not key:
         raise UserError(f"search: keys must be dotted trainer config keys, got {key!r}")
     if key in UNSEARCHABLE:
         raise UserError(f"{where}: cannot be searched ({UNSEARCHABLE[key]})")
     if key not in trainer_keys and not key.startswith(("model.args.", "data.args.")):
         raise UserError(f"{where}: not a trainer config key{_suggest(key, trainer_keys)}")
+
+
+def _param_type(spec: Any, where: str) -> str:
+    """The distribution's type, once `spec` is a mapping of a known type with only the keys that type uses."""
     if not isinstance(spec, Mapping):
         raise UserError(f"{where}: expected a mapping like {{type: uniform, low: 0, high: 1}}, got {spec!r}")
     kind = spec.get("type")
@@ -351,19 +364,25 @@ def _parse_param(key: str, spec: Any, trainer_keys: list[str]) -> Param:
     for k in spec:
         if k not in allowed:
             raise UserError(f"{where}.{k}: not used by type {kind} (allowed: {', '.join(sorted(allowed))})")
+    return kind
 
-    if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise UserError(f"{where}.choices: expected a non-empty list, got {choices!r}")
-        for i, c in enumerate(choices):
-            # Optuna stores categorical choices as JSON scalars; anything else cannot be persisted.
-            if c is not None and not isinstance(c, (bool, int, float, str)):
-                raise UserError(f"{where}.choices[{i}]: must be a number, string, boolean or null, got {c!r}")
-        if len({repr(c) for c in choices}) != len(choices):
-            raise UserError(f"{where}.choices: has duplicates: {choices!r}")
-        return Param(key, kind, choices=tuple(choices))
 
+def _categorical_param(key: str, spec: Mapping[str, Any], where: str) -> Param:
+    """A categorical entry: a non-empty list of distinct JSON scalars."""
+    choices = spec.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise UserError(f"{where}.choices: expected a non-empty list, got {choices!r}")
+    for i, c in enumerate(choices):
+        # Optuna stores categorical choices as JSON scalars; anything else cannot be persisted.
+        if c is not None and not isinstance(c, (bool, int, float, str)):
+            raise UserError(f"{where}.choices[{i}]: must be a number, string, boolean or null, got {c!r}")
+    if len({repr(c) for c in choices}) != len(choices):
+        raise UserError(f"{where}.choices: has duplicates: {choices!r}")
+    return Param(key, "categorical", choices=tuple(choices))
+
+
+def _range_param(key: str, kind: str, spec: Mapping[str, Any], where: str) -> Param:
+    """An int, uniform or loguniform entry: low <= high, positive when logarithmic, an optional step."""
     for k in ("low", "high"):
         if k not in spec:
             raise UserError(f"{where}.{k}: required for type {kind}")
@@ -379,15 +398,21 @@ def _parse_param(key: str, spec: Any, trainer_keys: list[str]) -> Param:
         raise UserError(f"{where}.low: log: true needs low > 0, got {low}")
     step = spec.get("step")
     if step is not None:
-        step = convert_value(step, tp, f"{where}.step")
-        if step <= 0:
-            raise UserError(f"{where}.step: must be > 0, got {step}")
-        if log:
-            raise UserError(f"{where}.step: cannot be combined with log: true (Optuna does not support it)")
-        span = (high - low) / step
-        if abs(span - round(span)) > 1e-9 * max(1.0, abs(span)):
-            raise UserError(f"{where}.step: high - low ({high - low}) must be a multiple of step ({step})")
+        step = _range_step(step, tp, low, high, log, where)
     return Param(key, kind, low=low, high=high, step=step, log=log)
+
+
+def _range_step(step: Any, tp: Any, low: float, high: float, log: bool, where: str) -> float:
+    """A range's step: positive, not with log (Optuna cannot), dividing high - low."""
+    step = convert_value(step, tp, f"{where}.step")
+    if step <= 0:
+        raise UserError(f"{where}.step: must be > 0, got {step}")
+    if log:
+        raise UserError(f"{where}.step: cannot be combined with log: true (Optuna does not support it)")
+    span = (high - low) / step
+    if abs(span - round(span)) > 1e-9 * max(1.0, abs(span)):
+        raise UserError(f"{where}.step: high - low ({high - low}) must be a multiple of step ({step})")
+    return step
 
 
 def _check_endpoints(param: Param, base: TrainConfig) -> None:
@@ -408,6 +433,32 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     Raises UserError naming the dotted key for an unknown key, a wrong type, an inconsistent
     budget, a searched key the trainer does not have, or a range endpoint the trainer rejects.
     """
+    _check_top_level(data, source)
+    name = data["name"]
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UserError(f"name: expected letters, digits, '_', '-' or '.', got {name!r}")
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise UserError(f"description: expected a string, got {description!r}")
+    budget = _parse_budget(data.get("budget"))
+    base_cfg, budget = _parse_base(data, budget)
+    base = train_config_to_dict(base_cfg)
+    params = _parse_search(data["search"], base, base_cfg)
+    objective = _parse_objective(data.get("objective"), base_cfg)
+    resources = _parse_resources(data.get("resources"), base)
+    baseline = data.get("baseline", "same-budget")
+    if baseline not in BASELINES:
+        raise UserError(f"baseline: expected one of {', '.join(BASELINES)}, got {baseline!r}")
+    seed = check_seed(convert_value(data.get("seed", 0), int, "seed"), "seed")
+    checkpoint, strategy = _parse_checkpoint(data.get("checkpoint")), _parse_strategy(data.get("strategy"))
+    return SearchSpace(
+        name=name, base=base, search=params, objective=objective, budget=budget, resources=resources,
+        baseline=baseline, seed=seed, checkpoint=checkpoint, strategy=strategy, description=description,
+    )  # fmt: skip
+
+
+def _check_top_level(data: Any, source: str) -> None:
+    """A mapping of known top-level keys, with name, base and search."""
     if not isinstance(data, Mapping):
         raise UserError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     for k in data:
@@ -417,14 +468,10 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
         if k not in data:
             raise UserError(f"{k}: required")
 
-    name = data["name"]
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise UserError(f"name: expected letters, digits, '_', '-' or '.', got {name!r}")
-    description = data.get("description") or ""
-    if not isinstance(description, str):
-        raise UserError(f"description: expected a string, got {description!r}")
 
-    budget = dataclass_from_dict(Budget, data.get("budget"), "budget")
+def _parse_budget(raw: Any) -> Budget:
+    """The ``budget`` section: trials, epochs and the ASHA settings, each in range."""
+    budget = dataclass_from_dict(Budget, raw, "budget")
     if budget.num_samples < 1:
         raise UserError(f"budget.num_samples: must be >= 1, got {budget.num_samples}")
     if budget.max_epochs < 1:
@@ -439,8 +486,12 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
         raise UserError(f"budget.max_concurrent: must be >= 1 or null, got {budget.max_concurrent}")
     if budget.max_failures < 0:
         raise UserError(f"budget.max_failures: must be >= 0, got {budget.max_failures}")
+    return budget
 
-    # The base: the trainer's own validation, with errors re-rooted under `base.`.
+
+def _parse_base(data: Mapping[str, Any], budget: Budget) -> tuple[TrainConfig, Budget]:
+    """The ``base`` trainer config, validated by the trainer (errors re-rooted under ``base.``), with
+    the budget's epochs; returns it and the budget (whose max_epochs the base may set)."""
     raw_base = data["base"]
     if not isinstance(raw_base, Mapping):
         raise UserError(f"base: expected a trainer config mapping, got {raw_base!r}")
@@ -448,8 +499,22 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     schedule = raw_base.get("schedule") or {}
     if not isinstance(schedule, Mapping):
         raise UserError(f"base.schedule: expected a mapping, got {schedule!r}")
-    epochs = schedule.get("epochs")
-    if "max_epochs" not in (data.get("budget") or {}):
+    budget_sets_epochs = "max_epochs" in (data.get("budget") or {})
+    budget = _budget_epochs(budget, schedule.get("epochs"), budget_sets_epochs=budget_sets_epochs)
+    raw_base["schedule"] = {**schedule, "epochs": budget.max_epochs}
+    try:
+        base_cfg = train_config_from_dict(raw_base)
+    except UserError as e:
+        raise UserError(f"base.{e}") from None
+    if not base_cfg.oialr.enabled:
+        raise UserError("base.oialr.enabled: must be true (the sweep makes the full-rank baseline arm itself)")
+    return base_cfg, budget
+
+
+def _budget_epochs(budget: Budget, epochs: Any, *, budget_sets_epochs: bool) -> Budget:
+    """The epochs per trial: budget.max_epochs, or base.schedule.epochs when the budget does not say
+    (set both and they must agree)."""
+    if not budget_sets_epochs:
         if epochs is not None:  # take the epochs from the base when the budget does not say
             budget = dataclasses.replace(budget, max_epochs=convert_value(epochs, int, "base.schedule.epochs"))
             if budget.max_epochs < 1:
@@ -460,24 +525,23 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
         raise UserError(
             f"base.schedule.epochs: {epochs} differs from budget.max_epochs {budget.max_epochs} (set only one)"
         )
-    raw_base["schedule"] = {**schedule, "epochs": budget.max_epochs}
-    try:
-        base_cfg = train_config_from_dict(raw_base)
-    except UserError as e:
-        raise UserError(f"base.{e}") from None
-    if not base_cfg.oialr.enabled:
-        raise UserError("base.oialr.enabled: must be true (the sweep makes the full-rank baseline arm itself)")
-    base = train_config_to_dict(base_cfg)
+    return budget
 
-    search_data = data["search"]
+
+def _parse_search(search_data: Any, base: dict[str, Any], base_cfg: TrainConfig) -> tuple[Param, ...]:
+    """The ``search`` section: one `Param` per dotted trainer key, each endpoint accepted by the trainer."""
     if not isinstance(search_data, Mapping) or not search_data:
         raise UserError("search: expected a non-empty mapping of dotted trainer keys to distributions")
     trainer_keys = _flat_keys(base)
     params = tuple(_parse_param(k, v, trainer_keys) for k, v in search_data.items())
     for p in params:
         _check_endpoints(p, base_cfg)
+    return params
 
-    raw_objective = data.get("objective")
+
+def _parse_objective(raw_objective: Any, base_cfg: TrainConfig) -> Objective:
+    """The ``objective`` section: a metric the task reports (val_mae by default for regression), a
+    mode that fits its direction, and an optional size budget."""
     objective = dataclass_from_dict(Objective, raw_objective, "objective")
     reported = reported_metrics(base_cfg.task, base_cfg.metrics)
     if base_cfg.task == "regression" and "metric" not in (raw_objective or {}):
@@ -500,7 +564,12 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
             f"objective.mode: {objective.metric} is better when {objective.direction}imized; "
             f"use mode: {objective.direction} (or multi), got {objective.mode}"
         )
-    resources = dataclass_from_dict(Resources, data.get("resources"), "resources")
+    return objective
+
+
+def _parse_resources(raw: Any, base: dict[str, Any]) -> Resources:
+    """The ``resources`` per trial, consistent with the base's device (a GPU trial needs a GPU device)."""
+    resources = dataclass_from_dict(Resources, raw, "resources")
     if resources.cpu <= 0:
         raise UserError(f"resources.cpu: must be > 0, got {resources.cpu}")
     if resources.gpu < 0:
@@ -513,24 +582,25 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
         )
     if resources.gpu > 0 and base["device"] == "cpu":
         raise UserError("resources.gpu: trials would run on base.device 'cpu'; set base.device to auto or cuda")
+    return resources
 
-    baseline = data.get("baseline", "same-budget")
-    if baseline not in BASELINES:
-        raise UserError(f"baseline: expected one of {', '.join(BASELINES)}, got {baseline!r}")
-    seed = check_seed(convert_value(data.get("seed", 0), int, "seed"), "seed")
-    checkpoint = dataclass_from_dict(CheckpointPolicy, data.get("checkpoint"), "checkpoint")
+
+def _parse_checkpoint(raw: Any) -> CheckpointPolicy:
+    """The ``checkpoint`` policy: every >= 0, num_to_keep >= 1 or null."""
+    checkpoint = dataclass_from_dict(CheckpointPolicy, raw, "checkpoint")
     if checkpoint.every < 0:
         raise UserError(f"checkpoint.every: must be >= 0 (0 = only at ASHA rungs and the end), got {checkpoint.every}")
     if checkpoint.num_to_keep is not None and checkpoint.num_to_keep < 1:
         raise UserError(f"checkpoint.num_to_keep: must be >= 1 or null, got {checkpoint.num_to_keep}")
-    strategy = dataclass_from_dict(Strategy, data.get("strategy"), "strategy")
+    return checkpoint
+
+
+def _parse_strategy(raw: Any) -> Strategy:
+    """The ``strategy`` section: the sampler and its settings."""
+    strategy = dataclass_from_dict(Strategy, raw, "strategy")
     if strategy.startup_trials is not None and strategy.startup_trials < 1:
         raise UserError(f"strategy.startup_trials: must be >= 1 or null, got {strategy.startup_trials}")
-
-    return SearchSpace(
-        name=name, base=base, search=params, objective=objective, budget=budget, resources=resources,
-        baseline=baseline, seed=seed, checkpoint=checkpoint, strategy=strategy, description=description,
-    )  # fmt: skip
+    return strategy
 
 
 # --- files -------------------------------------------------------------------------------------

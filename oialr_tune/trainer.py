@@ -1,8 +1,9 @@
 """One training run (OIALR or full rank) from a `TrainConfig`: the loop a Ray Tune trial calls.
 
-Read `train` top to bottom: data, model, optimizer, OIALR controller, then per epoch the training
-steps, validation, metrics, checkpoint and callbacks. It imports neither Ray nor Optuna; the tuning
-layer plugs in through `Callback`.
+Read `train` top to bottom: `_start` builds data, model, optimizer and OIALR controller (and restores
+a checkpoint), `_run_epochs` runs each epoch's training steps, validation, metrics, checkpoint and
+callbacks, `_result` scores the test split. It imports neither Ray nor Optuna; the tuning layer
+plugs in through `Callback`, a person watching through `oialr_tune.progress.TrainProgress`.
 
 Guarantees the tuning layer relies on:
 
@@ -18,27 +19,29 @@ Guarantees the tuning layer relies on:
 from __future__ import annotations
 
 import math
-import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from oialr_tune.config import TrainConfig, resolve_device, train_config_from_dict, train_config_to_dict
-from oialr_tune.data import Splits, load_data
+from oialr_tune.config import TrainConfig, resolve_device, train_config_to_dict
+from oialr_tune.data import Loader, Splits, load_data
 from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
+from oialr_tune.model_io import TRAINER_CHECKPOINT_FORMAT
 from oialr_tune.models import build_model
-from oialr_tune.oialr import OIALR, apply_low_rank_structure
+from oialr_tune.oialr import OIALR, RankEvent
 from oialr_tune.tasks import Task, task_for
 from oialr_tune.tasks import autocast as _autocast
 
+if TYPE_CHECKING:
+    from oialr_tune.progress import TrainProgress
+
 CHECKPOINT_NAME = "checkpoint.pt"
-_CHECKPOINT_FORMAT = 1
 
 
 # --- plug-in point ------------------------------------------------------------------------------
@@ -206,23 +209,297 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as e:
         raise UserError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != TRAINER_CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint written by oialr-tune's trainer")
     return state
 
 
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """Rebuild the model (low-rank layers included) and its config from a checkpoint, without data."""
-    state = read_checkpoint(path)
-    cfg = train_config_from_dict(state["config"])
-    model = build_model(cfg.model.name, tuple(state["in_shape"]), state["num_classes"], **cfg.model.args)
-    if state.get("controller"):
-        apply_low_rank_structure(model, state["controller"]["ranks"])
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def checkpoint_file(checkpoint_dir: str | Path | None) -> Path | None:
+    """Where a run checkpointing into `checkpoint_dir` keeps its checkpoint (None: no checkpoints)."""
+    return Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+
+
+def resume_state(path: Path | None, resume: bool) -> dict[str, Any] | None:
+    """The checkpoint a run continues from: `path`'s when resuming and it exists, else None."""
+    return read_checkpoint(path) if resume and path is not None and path.exists() else None
+
+
+def checkpoint_due(cfg: TrainConfig, epoch: int, checkpoint_epochs: set[int]) -> bool:
+    """Whether (1-based) `epoch` ends with a checkpoint: the last, every `checkpoint_every`-th, or a listed one."""
+    every = cfg.checkpoint_every
+    return bool(epoch >= cfg.schedule.epochs or (every and epoch % every == 0) or epoch in checkpoint_epochs)
+
+
+def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write `payload` as a checkpoint `read_checkpoint` accepts (it adds the format), atomically."""
+    _save_atomic({"format": TRAINER_CHECKPOINT_FORMAT, **payload}, path)
+
+
+def existing(path: Path | None) -> Path | None:
+    """`path` if that file exists (what a `TrainResult` reports as its checkpoint), else None."""
+    return path if path is not None and path.exists() else None
+
+
+# --- one run, piece by piece ----------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """A built-in training run in progress: built by `_start`, advanced epoch by epoch by `_train_epoch`."""
+
+    cfg: TrainConfig
+    device: torch.device
+    task: Task
+    splits: Splits
+    num_outputs: int
+    memory_format: torch.memory_format
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: Loader
+    val_loader: Loader
+    controller: OIALR | None
+    scaler: torch.amp.GradScaler
+    total_steps: int
+    warmup_steps: int
+    full_rank_params: int
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, or its torch.compile wrapper
+    step: int = 0  # optimizer steps done
+    start_epoch: int = 0  # epochs done before this process (a resumed run)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_event: int | None = None  # the step of the last OIALR change of form (for the LR re-warm)
+    status: str = "running"
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (see `lr_at`)."""
+        sch = self.cfg.schedule
+        return lr_at(step, self.total_steps, base_lr=self.cfg.optimizer.lr, warmup_steps=self.warmup_steps,
+                     decay=sch.decay, min_lr_fraction=sch.min_lr_fraction, last_event_step=self.last_event,
+                     rewarm_steps=sch.rewarm_steps, rewarm_start=sch.rewarm_start)
+
+
+@dataclass
+class _Steps:
+    """What one epoch's training steps leave: mean loss, last learning rate, examples seen, OIALR events."""
+
+    loss: float
+    lr: float
+    examples: int
+    events: list[RankEvent]
+
+
+def _set_backends(device: torch.device) -> None:
+    """On a GPU: cuDNN autotuning and TF32 matmuls."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def _start(cfg: TrainConfig, device: torch.device, splits: Splits | None, state: dict[str, Any] | None,
+           ckpt_path: Path | None) -> _Run:
+    """Data, model, optimizer, loaders, OIALR controller and GradScaler; continued from `state` if given.
+
+    The model is initialised from the seed right before it is built, so a cached dataset (or none)
+    leaves the initial weights the same.
+    """
+    _set_backends(device)
+    if splits is None:
+        splits = load_data(cfg.data, device)
+    channels_last = cfg.channels_last and len(splits.in_shape) == 3
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(cfg.seed)
+    num_outputs = splits.num_outputs(cfg.task)
+    model = build_model(cfg.model.name, splits.in_shape, num_outputs, **cfg.model.args)
+    model = model.to(device, memory_format=memory_format)
+    optimizer = make_optimizer(model, cfg)
+    batch_size = cfg.schedule.batch_size
+    train_loader = splits.loader("train", batch_size, train=True, augment=cfg.data.augment, seed=cfg.seed,
+                                 memory_format=memory_format)
+    total_steps = cfg.schedule.epochs * len(train_loader)
+    controller = make_controller(model, optimizer, cfg, total_steps)
+    run = _Run(
+        cfg=cfg, device=device, task=task_for(cfg), splits=splits, num_outputs=num_outputs,
+        memory_format=memory_format, model=model, optimizer=optimizer, train_loader=train_loader,
+        val_loader=splits.loader("val", 2 * batch_size, memory_format=memory_format), controller=controller,
+        # One backward path for every precision: a disabled scaler passes the loss and step through.
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"), total_steps=total_steps,
+        warmup_steps=round(cfg.schedule.warmup_fraction * total_steps),
+        full_rank_params=controller.full_rank_parameters if controller else _count_trainable(model), forward=model,
+    )  # fmt: skip
+    if state is not None:
+        _restore(run, state, ckpt_path)
+    # torch.compile (GPU only) wraps the forward lazily; the controller keeps editing `model` itself.
+    if cfg.compile and device.type == "cuda":
+        run.forward = torch.compile(model)
+    return run
+
+
+def _restore(run: _Run, state: dict[str, Any], ckpt_path: Path | None) -> None:
+    """Continue `run` exactly where the checkpoint `state` left it (weights, optimizer, OIALR, RNGs, history)."""
     try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: checkpoint does not match its model config ({_one_line(e)})") from None
-    return model.to(device), cfg
+        # Order matters: the controller rebuilds low-rank layers (shapes) and swaps them into the
+        # optimizer; then weights and optimizer state fill them in.
+        if run.controller is not None:
+            run.controller.load_state_dict(state["controller"])
+            run.last_event = max((e.step for e in run.controller.history), default=None)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.scaler.is_enabled() and state["scaler"] is not None:
+            run.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if run.device.type == "cuda" and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
+        run.train_loader.generator.set_state(state["rng"]["data"])
+        run.step, run.start_epoch, run.history = state["step"], state["epoch"], state["history"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{ckpt_path}: checkpoint does not match this config ({_one_line(e)})") from None
+    if run.history:
+        run.status = run.history[-1]["status"]
+
+
+def _checkpoint_payload(run: _Run, epoch: int) -> dict[str, Any]:
+    """Everything `_restore` needs to continue `run` after (1-based) `epoch`, for `write_checkpoint`."""
+    cuda = run.device.type == "cuda"
+    return {
+        "config": train_config_to_dict(run.cfg),
+        "in_shape": list(run.splits.in_shape),
+        "num_classes": run.num_outputs,  # the model's outputs (the key predates regression)
+        "epoch": epoch,
+        "step": run.step,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "controller": run.controller.state_dict() if run.controller else None,
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(run.device) if cuda else None,
+            "data": run.train_loader.generator.get_state(),
+        },
+        "history": run.history,
+    }
+
+
+def _optimizer_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+    """One training step on the batch (x, y) at learning rate `lr`; returns the (undetached) loss."""
+    cfg, optimizer, scaler = run.cfg, run.optimizer, run.scaler
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with _autocast(run.device, cfg.precision):
+        loss = run.task.train_loss(run.forward(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(trained_parameters(optimizer), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
+def _oialr_step(run: _Run) -> list[RankEvent]:
+    """Let the OIALR controller act after a step; returns its rank events (factorizations, cuts)."""
+    if run.controller is None:
+        return []
+    events = run.controller.step()
+    if events:
+        run.last_event = run.controller.step_count
+        if run.forward is not run.model:
+            torch._dynamo.reset()  # recompile once for the new shapes, not per guard miss
+    return events
+
+
+def _train_steps(run: _Run, progress: TrainProgress | None) -> _Steps:
+    """One pass over the training data; stops early (status "diverged") at a non-finite loss.
+
+    The loss is summed on the device; a non-finite check reads it: free on the CPU, so every step
+    there, every 32 steps on a GPU.
+    """
+    nan_check_every = 1 if run.device.type == "cpu" else 32
+    loss_sum = torch.zeros((), device=run.device)
+    batches, examples, events, lr = 0, 0, [], run.lr(run.step)
+    for x, y in run.train_loader:
+        lr = run.lr(run.step)
+        loss = _optimizer_step(run, x, y, lr)
+        run.step += 1
+        loss_sum += loss.detach()
+        batches += 1
+        examples += len(y)
+        if progress is not None:
+            progress.step()
+        if run.step % nan_check_every == 0 and not torch.isfinite(loss_sum):
+            run.status = "diverged"
+            break
+        events += _oialr_step(run)
+    return _Steps((loss_sum / max(1, batches)).item(), lr, examples, events)
+
+
+def _train_epoch(run: _Run, epoch: int, progress: TrainProgress | None) -> dict[str, Any]:
+    """Epoch `epoch` (0-based): training steps, then validation; returns its metrics row (see `train`)."""
+    run.model.train()
+    t0 = time.perf_counter()
+    steps = _train_steps(run, progress)
+    t_train = time.perf_counter() - t0
+    if run.status != "diverged" and not math.isfinite(steps.loss):
+        run.status = "diverged"
+    if run.status == "diverged":
+        # No validation of a broken model: report the worst values so searchers rank it last.
+        val_metrics = run.task.worst()
+    else:
+        val_metrics = run.task.evaluate(run.forward, run.val_loader, precision=run.cfg.precision)
+        run.status = "finished" if epoch + 1 == run.cfg.schedule.epochs else "running"
+    t_epoch = time.perf_counter() - t0
+    c = run.controller
+    trainable_now = c.trainable_parameters() if c else _count_trainable(run.model)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": steps.loss,
+        **val_metrics,
+        "lr": steps.lr,
+        "trainable_params": trainable_now,
+        "total_params": run.full_rank_params,
+        "trainable_fraction": trainable_now / run.full_rank_params,
+        "ranks": c.layer_ranks() if c else {},
+        "dense_layers": c.dense_layers() if c else {},
+        "examples_per_s": steps.examples / t_train if t_train > 0 else float("nan"),
+        "train_time_s": t_epoch,
+        "oialr_events": [asdict(e) for e in steps.events],
+        "status": run.status,
+    }
+
+
+def _run_epochs(run: _Run, *, callbacks: Sequence[Callback], ckpt_path: Path | None, checkpoint_epochs: set[int],
+                progress: TrainProgress | None) -> None:
+    """The remaining epochs of `run`, each followed by its checkpoint (when due) and the callbacks."""
+    for epoch in range(run.start_epoch, run.cfg.schedule.epochs):
+        metrics = _train_epoch(run, epoch, progress)
+        run.history.append(metrics)
+        if progress is not None:
+            progress.on_epoch_end(metrics, None)
+        written = None
+        if ckpt_path is not None and checkpoint_due(run.cfg, epoch + 1, checkpoint_epochs) \
+                and run.status != "diverged":
+            write_checkpoint(ckpt_path, _checkpoint_payload(run, epoch + 1))
+            written = ckpt_path.parent
+        for cb in callbacks:
+            cb.on_epoch_end(metrics, written)
+        if run.status == "diverged":
+            break
+
+
+def _result(run: _Run, *, evaluate_test: bool, ckpt_path: Path | None, wall_start: float) -> TrainResult:
+    """The `TrainResult` of a run whose epochs are done; scores the test split if asked (and not diverged)."""
+    test_metrics: dict[str, float] = {}
+    if evaluate_test and run.status != "diverged":
+        test_loader = run.splits.loader("test", 2 * run.cfg.schedule.batch_size, memory_format=run.memory_format)
+        test_metrics = run.task.evaluate(run.forward, test_loader, precision=run.cfg.precision, prefix="test")
+    return TrainResult(
+        history=run.history, final=run.history[-1] if run.history else {}, test_loss=test_metrics.get("test_loss"),
+        test_acc=test_metrics.get("test_acc"), test_metrics=test_metrics,
+        model_shapes=(tuple(run.splits.in_shape), run.num_outputs), status=run.status, model=run.model,
+        controller=run.controller, wall_time_s=time.perf_counter() - wall_start, checkpoint_path=existing(ckpt_path),
+    )  # fmt: skip
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -237,6 +514,7 @@ def train(
     evaluate_test: bool = False,
     checkpoint_epochs: Iterable[int] | None = None,
     splits: Splits | None = None,
+    progress: TrainProgress | None = None,
 ) -> TrainResult:
     """Train one model as `cfg` says; report each epoch to `callbacks`; return a `TrainResult`.
 
@@ -252,200 +530,45 @@ def train(
     at the (1-based) epochs in `checkpoint_epochs` and after the last epoch; with `resume` an
     existing one is continued exactly. `evaluate_test` scores the final model on the test split
     (never used for tuning). `splits` replaces the data `cfg.data` describes (e.g. train + val merged
-    for a final retrain); it must be on the run's device.
+    for a final retrain); it must be on the run's device. `progress` (opt-in; the CLI's ``train``
+    passes one) shows a person the run on the console; without it the run prints nothing.
     """
     if cfg.trainable is not None:  # the user's own loop, with the same callbacks and checkpoints
-        from oialr_tune.loop import run_trainable
-
-        if splits is not None:
-            raise UserError("trainable: a user's training loop loads its own data; it cannot be given splits")
-        return run_trainable(cfg, callbacks=callbacks, checkpoint_dir=checkpoint_dir, resume=resume,
-                             evaluate_test=evaluate_test, checkpoint_epochs=checkpoint_epochs)
+        return _train_user_loop(cfg, callbacks=callbacks, checkpoint_dir=checkpoint_dir, resume=resume,
+                                evaluate_test=evaluate_test, checkpoint_epochs=checkpoint_epochs, splits=splits,
+                                progress=progress)  # fmt: skip
     wall_start = time.perf_counter()
     device = resolve_device(cfg.device)
-    sch = cfg.schedule
-    task = task_for(cfg)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
-    state = read_checkpoint(ckpt_path) if resume and ckpt_path is not None and ckpt_path.exists() else None
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # Data and model. The model is initialised from the seed right before it is built, so a cached
-    # dataset (or none) leaves the initial weights the same.
-    if splits is None:
-        splits = load_data(cfg.data, device)
-    channels_last = cfg.channels_last and len(splits.in_shape) == 3
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    torch.manual_seed(cfg.seed)
-    num_outputs = splits.num_outputs(cfg.task)
-    model = build_model(cfg.model.name, splits.in_shape, num_outputs, **cfg.model.args)
-    model = model.to(device, memory_format=memory_format)
-    optimizer = make_optimizer(model, cfg)
-    train_loader = splits.loader("train", sch.batch_size, train=True, augment=cfg.data.augment, seed=cfg.seed,
-                                 memory_format=memory_format)
-    val_loader = splits.loader("val", 2 * sch.batch_size, memory_format=memory_format)
-    steps_per_epoch = len(train_loader)
-    total_steps = sch.epochs * steps_per_epoch
-    warmup_steps = round(sch.warmup_fraction * total_steps)
-
-    controller = make_controller(model, optimizer, cfg, total_steps)
-    full_rank_params = controller.full_rank_parameters if controller else _count_trainable(model)
-    # One backward path for every precision: a disabled scaler passes the loss and step through.
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-
-    step, start_epoch, history, last_event = 0, 0, [], None
-    if state is not None:
-        try:
-            # Order matters: the controller rebuilds low-rank layers (shapes) and swaps them into the
-            # optimizer; then weights and optimizer state fill them in.
-            if controller is not None:
-                controller.load_state_dict(state["controller"])
-                last_event = max((e.step for e in controller.history), default=None)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler.is_enabled() and state["scaler"] is not None:
-                scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if device.type == "cuda" and state["rng"]["cuda"] is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-            train_loader.generator.set_state(state["rng"]["data"])
-            step, start_epoch, history = state["step"], state["epoch"], state["history"]
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise UserError(f"{ckpt_path}: checkpoint does not match this config ({_one_line(e)})") from None
-
-    # torch.compile (GPU only) wraps the forward lazily; the controller keeps editing `model` itself.
-    forward = torch.compile(model) if cfg.compile and device.type == "cuda" else model
-    # A non-finite loss check reads the device: free on the CPU, every few steps on a GPU.
-    nan_check_every = 1 if device.type == "cpu" else 32
-    checkpoint_epochs = set(checkpoint_epochs or ())
-    progress = _progress_bar(total_steps, step)
-    status = history[-1]["status"] if history else "running"
-
-    def lr_for(s: int) -> float:
-        return lr_at(s, total_steps, base_lr=cfg.optimizer.lr, warmup_steps=warmup_steps, decay=sch.decay,
-                     min_lr_fraction=sch.min_lr_fraction, last_event_step=last_event,
-                     rewarm_steps=sch.rewarm_steps, rewarm_start=sch.rewarm_start)
-
-    for epoch in range(start_epoch, sch.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        batches, examples, events, lr = 0, 0, [], lr_for(step)
-        for x, y in train_loader:
-            lr = lr_for(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with _autocast(device, cfg.precision):
-                loss = task.train_loss(forward(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(trained_parameters(optimizer), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            loss_sum += loss.detach()
-            batches += 1
-            examples += len(y)
-            if progress is not None:
-                progress.update(1)
-            if step % nan_check_every == 0 and not torch.isfinite(loss_sum):
-                status = "diverged"
-                break
-            if controller is not None:
-                new_events = controller.step()
-                if new_events:
-                    events += new_events
-                    last_event = controller.step_count
-                    if forward is not model:
-                        torch._dynamo.reset()  # recompile once for the new shapes, not per guard miss
-        train_loss = (loss_sum / max(1, batches)).item()
-        t_train = time.perf_counter() - t0
-        if status != "diverged" and not math.isfinite(train_loss):
-            status = "diverged"
-        if status == "diverged":
-            # No validation of a broken model: report the worst values so searchers rank it last.
-            val_metrics = task.worst()
-        else:
-            val_metrics = task.evaluate(forward, val_loader, precision=cfg.precision)
-            status = "finished" if epoch + 1 == sch.epochs else "running"
-        t_epoch = time.perf_counter() - t0
-
-        trainable_now = controller.trainable_parameters() if controller else _count_trainable(model)
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            **val_metrics,
-            "lr": lr,
-            "trainable_params": trainable_now,
-            "total_params": full_rank_params,
-            "trainable_fraction": trainable_now / full_rank_params,
-            "ranks": controller.layer_ranks() if controller else {},
-            "dense_layers": controller.dense_layers() if controller else {},
-            "examples_per_s": examples / t_train if t_train > 0 else float("nan"),
-            "train_time_s": t_epoch,
-            "oialr_events": [asdict(e) for e in events],
-            "status": status,
-        }
-        history.append(metrics)
-        if progress is not None:
-            main = f"val_{task.main_metric}"
-            progress.set_postfix({"epoch": epoch + 1, main: f"{val_metrics[main]:.3f}",
-                                  "frac": f"{metrics['trainable_fraction']:.2f}"})
-
-        written = None
-        due = (epoch + 1 == sch.epochs or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)
-               or (epoch + 1) in checkpoint_epochs)
-        if ckpt_path is not None and due and status != "diverged":
-            _save_atomic({
-                "format": _CHECKPOINT_FORMAT,
-                "config": train_config_to_dict(cfg),
-                "in_shape": list(splits.in_shape),
-                "num_classes": num_outputs,  # the model's outputs (the key predates regression)
-                "epoch": epoch + 1,
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "controller": controller.state_dict() if controller else None,
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "data": train_loader.generator.get_state(),
-                },
-                "history": history,
-            }, ckpt_path)
-            written = ckpt_dir
-        for cb in callbacks:
-            cb.on_epoch_end(metrics, written)
-        if status == "diverged":
-            break
+    ckpt_path = checkpoint_file(checkpoint_dir)
+    state = resume_state(ckpt_path, resume)
     if progress is not None:
-        progress.close()
-
-    test_metrics: dict[str, float] = {}
-    if evaluate_test and status != "diverged":
-        test_loader = splits.loader("test", 2 * sch.batch_size, memory_format=memory_format)
-        test_metrics = task.evaluate(forward, test_loader, precision=cfg.precision, prefix="test")
-    result = TrainResult(
-        history=history, final=history[-1] if history else {}, test_loss=test_metrics.get("test_loss"),
-        test_acc=test_metrics.get("test_acc"), test_metrics=test_metrics,
-        model_shapes=(tuple(splits.in_shape), num_outputs), status=status, model=model, controller=controller,
-        wall_time_s=time.perf_counter() - wall_start,
-        checkpoint_path=ckpt_path if ckpt_path is not None and ckpt_path.exists() else None,
-    )
+        progress.start(cfg, device, done_epochs=state["epoch"] if state else 0)
+    run = _start(cfg, device, splits, state, ckpt_path)
+    try:
+        if progress is not None:
+            progress.begin_steps(run.total_steps, run.step)
+        _run_epochs(run, callbacks=callbacks, ckpt_path=ckpt_path, checkpoint_epochs=set(checkpoint_epochs or ()),
+                    progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    result = _result(run, evaluate_test=evaluate_test, ckpt_path=ckpt_path, wall_start=wall_start)
     for cb in callbacks:
         cb.on_train_end(result)
     return result
 
 
-def _progress_bar(total: int, initial: int) -> Any:
-    """A tqdm bar over optimizer steps, only for a person watching (stderr is a terminal)."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+def _train_user_loop(cfg: TrainConfig, *, callbacks: Sequence[Callback], splits: Splits | None,
+                     progress: TrainProgress | None, **kwargs: Any) -> TrainResult:
+    """`train` for ``cfg.trainable``: the user's loop (see `oialr_tune.loop`), progress as one more callback."""
+    from oialr_tune.loop import run_trainable
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+    if splits is not None:
+        raise UserError("trainable: a user's training loop loads its own data; it cannot be given splits")
+    if progress is None:
+        return run_trainable(cfg, callbacks=callbacks, **kwargs)
+    progress.start(cfg, resolve_device(cfg.device))
+    try:
+        return run_trainable(cfg, callbacks=[progress, *callbacks], **kwargs)
+    finally:
+        progress.close()

@@ -92,3 +92,11 @@ def test_loads_without_ray_or_optuna(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "torch.Size([2, 10])" in out.stdout
+
+
+def test_a_user_loops_checkpoint_holds_no_model_to_load(tmp_path: Path) -> None:
+    """load_model reads trainer checkpoints too (test_trainer), but a user loop's keeps its own state."""
+    torch.save({"format": 1, "config": {"model": {"name": "mlp"}}, "epoch": 1, "history": [], "user": {}},
+               tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: a checkpoint of a user's training loop"):
+        load_model(tmp_path / "checkpoint.pt")

@@ -11,13 +11,13 @@ import torch
 
 from oialr_tune.config import TrainConfig, train_config_from_dict
 from oialr_tune.errors import UserError
+from oialr_tune.model_io import load_model, read_model_file
 from oialr_tune.trainer import (
     CHECKPOINT_NAME,
     Callback,
     TrainResult,
     evaluate,
     lr_at,
-    model_from_checkpoint,
     oialr_delay_steps,
     read_checkpoint,
     train,
@@ -101,7 +101,8 @@ def test_metrics_callbacks_and_checkpoints(tmp_path: Path) -> None:
     assert all(m["train_time_s"] > 0 and m["examples_per_s"] > 0 for m in result.history)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no temp files left behind
     # The checkpoint alone rebuilds the low-rank model, with the same predictions.
-    model, saved_cfg = model_from_checkpoint(tmp_path / CHECKPOINT_NAME)
+    model = load_model(tmp_path / CHECKPOINT_NAME)
+    saved_cfg = train_config_from_dict(read_model_file(tmp_path / CHECKPOINT_NAME).config)
     assert saved_cfg == cfg
     x = torch.randn(5, 1, 8, 8)
     result.model.eval()
@@ -239,3 +240,44 @@ def test_default_oialr_settings_keep_accuracy_with_half_the_parameters() -> None
     assert low_rank.final["trainable_fraction"] <= 0.5
     assert any(e["kind"] == "cut" for m in low_rank.history for e in m["oialr_events"])
     assert low_rank.test_acc >= full.test_acc - 0.02 and full.test_acc > 0.95
+
+
+def test_cli_train_shows_a_start_line_then_one_line_per_epoch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`oialr-tune train`: what trains, where and how long at once; a line per epoch off a terminal."""
+    import yaml
+
+    from oialr_tune.cli import main
+    from oialr_tune.config import train_config_to_dict
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(train_config_to_dict(small(**{"schedule.epochs": 2}))))
+    assert main(["train", str(config)]) == 0
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert lines[0] == "[train] mlp on digits (OIALR) on cpu: 2 epochs"
+    assert [line.split(":")[0] for line in lines[1:]] == ["[train] epoch 1/2", "[train] epoch 2/2"]
+    assert "val_acc" in lines[2] and "trainable" in lines[2]
+    assert out.startswith("status=finished")  # the result alone on stdout
+
+
+def test_progress_is_opt_in_and_a_bar_on_a_terminal(capsys: pytest.CaptureFixture) -> None:
+    """Quiet without `progress` (Ray trials, retrain); with it on a terminal, one in-place bar."""
+    import io
+
+    from oialr_tune.progress import TrainProgress
+
+    cfg = small(**{"schedule.epochs": 1})
+    train(cfg)
+    assert capsys.readouterr() == ("", "")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    train(cfg, progress=TrainProgress(terminal))
+    text = terminal.getvalue()
+    assert text.startswith("[train] mlp on digits (OIALR) on cpu: 1 epoch\n")
+    assert "\r" in text and "19/19" in text and "epoch 1/1" in text  # redrawn in place, step by step
+    assert "\n[train] epoch" not in text  # no per-epoch lines on a terminal
+    assert capsys.readouterr() == ("", "")
