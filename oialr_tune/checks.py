@@ -1,4 +1,5 @@
-"""Checks of the user code a config names, run once before a sweep starts (and the output check per run).
+"""Checks run once before a sweep starts, on its machine: the user code a config names (and the output
+check per run), GPUs and CPUs, dataset roots, one example through the model (`preflight`).
 
 A YAML file can only say *where* a user's model, data, loss or training loop is; whether the module
 imports, the function exists, the data has the right form and the model fits the data is only
@@ -9,16 +10,21 @@ of every trial failing on a worker.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from oialr_tune import plugins
-from oialr_tune.config import DATASETS, TrainConfig, train_config_to_dict
+from oialr_tune.config import DATASETS, ROOT_DATASETS, TrainConfig, train_config_from_dict, train_config_to_dict
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
 from oialr_tune.models import MODELS, build_model
+from oialr_tune.space import SearchSpace
 from oialr_tune.splits import Splits
 
 
@@ -93,3 +99,66 @@ def _key_of(cfg: TrainConfig, name: str) -> str:
     if cfg.loss == name:
         return "loss"
     return next(f"metrics.{k}" for k, v in cfg.metrics.items() if v == name)
+
+
+# --- checks of a sweep, on the machine it runs on ---------------------------------------------------
+
+
+def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
+    """Checks that need the machine the sweep runs on, before Ray starts; returns the space to run.
+
+    On a local sweep (`local`): GPUs must exist if trials ask for them, per-trial CPUs must fit the
+    machine, a dataset root must exist, and the base config's data must load and one example go
+    through its model (:func:`_check_one_example`). Trials run in their own working directories, so
+    a relative ``data.root`` is made absolute here (on a cluster it is left as given: it names a
+    path on the workers).
+    """
+    base = copy.deepcopy(space.base)
+    data = base["data"]
+    if data["name"] in ROOT_DATASETS and data.get("root"):
+        root = Path(data["root"]).expanduser()
+        if local:
+            if not root.exists() and not data.get("download"):
+                raise UserError(f"base.data.root: {root} does not exist (set data.download: true to fetch it)")
+            data["root"] = str(root.resolve())
+    if local:
+        if space.resources.gpu > 0:
+            if not torch.cuda.is_available():
+                raise UserError(
+                    f"resources.gpu: {space.resources.gpu} GPU per trial requested but this machine has no CUDA GPU"
+                )
+            if space.resources.gpu > torch.cuda.device_count():
+                raise UserError(
+                    f"resources.gpu: {space.resources.gpu} per trial but only {torch.cuda.device_count()} GPU(s)"
+                )
+        cpus = os.cpu_count() or 1
+        if space.resources.cpu > cpus:
+            raise UserError(f"resources.cpu: {space.resources.cpu} per trial but this machine has {cpus} CPU(s)")
+        try:
+            if plugins.uses_user_code(base):
+                check_user_code(train_config_from_dict(base))
+            else:
+                _check_one_example(train_config_from_dict(base))
+        except UserError as e:  # the keys are the space's: under base.
+            raise UserError(f"base.{e}") from None
+    return dataclasses.replace(space, base=base)
+
+
+def _check_one_example(cfg: TrainConfig) -> None:
+    """Load the config's data and pass one example through its model, on the CPU, in eval mode.
+
+    What only running can tell (a missing optional package such as mlxtend, a model argument that
+    does not fit the images, unreadable dataset files) would otherwise fail every trial inside Ray,
+    with a traceback each, and leave a sweep of nothing. It costs the data loading and one forward
+    pass; the data stay cached in this process.
+    """
+    splits = load_data(cfg.data, "cpu")
+    x, _ = next(iter(dataclasses.replace(splits, num_workers=0).loader("train", 1)))
+    model = build_model(cfg.model.name, splits.in_shape, splits.num_classes, **cfg.model.args)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as e:  # the CLI prints a multi-line message as one line
+        raise UserError(
+            f"model: one {cfg.data.name} example does not go through {cfg.model.name} ({type(e).__name__}: {e})"
+        ) from None

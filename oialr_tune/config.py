@@ -24,9 +24,6 @@ from oialr_tune import plugins
 from oialr_tune.errors import UserError
 from oialr_tune.files import read_text
 from oialr_tune.models import check_model_args
-
-# Re-exported: `oialr_tune.space` imports convert_value from here (their home is `oialr_tune.schema`).
-from oialr_tune.schema import convert_value as convert_value
 from oialr_tune.schema import dataclass_from_dict
 
 Check = Callable[[Any], "str | None"]  # returns an error text ("must be > 0") or None when fine

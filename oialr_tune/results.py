@@ -40,19 +40,9 @@ from oialr_tune.space import METRIC_DIRECTIONS, SIZE_METRIC, Param, SearchSpace,
 from oialr_tune.tuning.state import JOURNAL_TEMPLATE, ended_trials
 
 __all__ = [
-    "BestTrial",
-    "SweepResults",
-    "TrialInfo",
-    "best_trial",
-    "check_max_trainable_fraction",
-    "find_results_dir",
-    "format_best",
-    "incomplete",
-    "open_results",
-    "pareto_mask",
-    "pareto_rows",
-    "summarize",
-]
+    "BestTrial", "SweepResults", "TrialInfo", "best_trial", "check_max_trainable_fraction", "find_results_dir",
+    "format_best", "incomplete", "open_results", "pareto_mask", "pareto_rows", "summarize",
+]  # fmt: skip
 
 SWEEP_FILE = "sweep.yaml"
 STATE_FILE = "state.json"  # which arms have finished (the sweep's own bookkeeping)
@@ -64,10 +54,6 @@ CHECKPOINT_FILE = "checkpoint.pt"  # what the trainer writes into each Ray check
 # Direction that makes each selectable metric better.
 DIRECTIONS = {**METRIC_DIRECTIONS, SIZE_METRIC: "min"}
 
-
-def metric_direction(res: SweepResults, metric: str) -> str:
-    """'max' or 'min': the sweep's own objective knows its direction (a user metric's is its mode)."""
-    return res.space.objective.direction if metric == res.space.objective.metric else DIRECTIONS[metric]
 # Ray's status of a trial that ended without error (ran out its epochs or was stopped by ASHA).
 FINISHED_STATUSES = {"TERMINATED"}
 # The trainer's verdict (``trainer_status`` column) of runs that produced nothing usable.
@@ -77,6 +63,11 @@ METRIC_COLUMNS = (
     "val_acc", "val_loss", "val_mae", "train_loss", SIZE_METRIC, "trainable_params", "total_params",
     "training_iteration", "time_total_s", "train_time_s",
 )  # fmt: skip
+
+
+def metric_direction(res: SweepResults, metric: str) -> str:
+    """'max' or 'min': the sweep's own objective knows its direction (a user metric's is its mode)."""
+    return res.space.objective.direction if metric == res.space.objective.metric else DIRECTIONS[metric]
 
 
 @dataclass

@@ -99,3 +99,9 @@ def test_the_config_model_and_data_modules_import_each_other_at_module_level() -
     lazy = {(a, b) for a, imports in _graph().items() if a in core for b, at_top in imports
             if b in core and not at_top}
     assert lazy == LAZY_OK
+
+
+def test_no_module_is_over_600_lines() -> None:
+    """A module that grows past this is doing more than one job: split it by concern."""
+    lengths = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {name: n for name, n in lengths.items() if n > 600} == {}

@@ -17,8 +17,9 @@ import torch
 import yaml
 from tiny_sweep import tiny_space
 
+from oialr_tune.checks import preflight
 from oialr_tune.errors import UserError
-from oialr_tune.space import dump_space, load_space, packaged_spaces, preflight, space_from_dict
+from oialr_tune.space import dump_space, load_space, packaged_spaces, space_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,6 @@ from oialr_tune.space import (
     SIZE_METRIC,
     SearchSpace,
     load_space,
-    preflight,
     with_settings,
     with_user_code,
 )
@@ -118,6 +117,8 @@ def sweep(
         if resume and baseline != space.baseline:
             raise UserError(f"--baseline: a resumed sweep keeps its baseline ({space.baseline})")
         space = dataclasses.replace(space, baseline=baseline)
+    from oialr_tune.checks import preflight  # torch: only for a space that passed validation
+
     space = preflight(space, local=address is None)
     if address is not None:
         from oialr_tune.tuning import cluster  # imports Ray: only for a sweep that passed the checks above
