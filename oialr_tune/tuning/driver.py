@@ -84,14 +84,16 @@ def sweep(
     the sweep stopped early (Ctrl-C, SIGTERM, a full disk, a lost cluster): it can then be resumed.
     """
     t0 = time.perf_counter()
-    settings = {"num_samples": num_samples, "max_epochs": max_epochs, "overrides": overrides}
+    # Only the settings given (an empty `overrides`, as the CLI passes without --set, is none).
+    settings = {k: v for k, v in {"num_samples": num_samples, "max_epochs": max_epochs, "overrides": overrides}.items()
+                if v is not None and v != {}}  # fmt: skip
     if resume:
         store, space = _resumed_folder(space, resume, name, results_dir, settings)
     else:
         space = space if isinstance(space, SearchSpace) else load_space(space)
         if model is not None or data is not None or trainable is not None:
             space = with_user_code(space, model=model, data=data, trainable=trainable)
-        if any(v is not None for v in settings.values()):
+        if settings:
             space = with_settings(space, **settings)
         store = _new_folder(space, name, results_dir)
     if baseline is not None:
@@ -141,7 +143,7 @@ def _resumed_folder(
         given = space if isinstance(space, SearchSpace) else load_space(space)
         if given.to_dict() != stored.to_dict():
             raise UserError(f"{resume}: holds a sweep of a different space; resume without a space argument")
-    if any(v is not None for v in settings.values()):
+    if settings:
         raise UserError("--resume: a resumed sweep keeps its settings; drop --num-samples, --max-epochs and --set")
     return store, stored
 
