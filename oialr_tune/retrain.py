@@ -40,13 +40,14 @@ from torch.utils.data import ConcatDataset, Subset
 from oialr_tune import plugins
 from oialr_tune.checks import check_user_code
 from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_config_from_dict, train_config_to_dict
-from oialr_tune.data import Splits, TensorData, load_data
+from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
 from oialr_tune.files import writable_folder
 from oialr_tune.model_io import load_model, save_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.plugins import uses_user_code
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
+from oialr_tune.splits import Splits, TensorData
 from oialr_tune.stats import verdict, welch_interval
 from oialr_tune.tasks import task_for
 from oialr_tune.trainer import CHECKPOINT_NAME, TrainResult, _one_line, read_checkpoint, train
@@ -233,7 +234,7 @@ def _metrics_row(arm: str, cfg: TrainConfig, result: TrainResult) -> dict[str, A
 
 
 def _input_normalisation(cfg: TrainConfig) -> dict[str, Any]:
-    """What the model expects: raw pixels x -> x * scale + shift per channel (see data.TensorData)."""
+    """What the model expects: raw pixels x -> x * scale + shift per channel (see splits.TensorData)."""
     splits = load_data(cfg.data, resolve_device(cfg.device))  # cached: the same tensors the trainer used
     return {"input_scale": getattr(splits.test, "a", None), "input_shift": getattr(splits.test, "b", None)}
 

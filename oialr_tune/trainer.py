@@ -29,12 +29,13 @@ import torch
 from torch import nn
 
 from oialr_tune.config import TrainConfig, resolve_device, train_config_to_dict
-from oialr_tune.data import Loader, Splits, load_data
+from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
 from oialr_tune.model_io import TRAINER_CHECKPOINT_FORMAT
 from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, RankEvent
+from oialr_tune.splits import Loader, Splits
 from oialr_tune.tasks import Task, task_for
 from oialr_tune.tasks import autocast as _autocast
 
