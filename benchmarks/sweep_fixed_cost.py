@@ -123,10 +123,9 @@ def child(launch: float, out: Path, argv: list[str]) -> int:
                 real_exec(module)
                 spans.setdefault(f"import {name}", []).append([t, time.time()])
                 for fn in _WRAP.get(name, []):
-                    if hasattr(module, fn):
-                        setattr(
-                            module, fn, wrap(f"{name}.study" if "study" in fn else f"{name}.{fn}", getattr(module, fn))
-                        )
+                    if hasattr(module, fn):  # write_study (before 28dc656) or write_studies: one key
+                        key = f"{name}.write_study" if fn.startswith("write_stud") else f"{name}.{fn}"
+                        setattr(module, fn, wrap(key, getattr(module, fn)))
 
             loader.exec_module = exec_module  # type: ignore[method-assign]
             return spec
@@ -204,7 +203,7 @@ def analyse(c: dict, t1: float, exp_dirs: list[Path], slots: int) -> dict[str, A
     ray_init = _first(sp, "oialr_tune.tuning.cluster.start_ray")
     collect = _first(sp, "oialr_tune.tuning.collect.collect")
     shutdown = next(s for s in sp["ray.shutdown"] if s[0] >= collect[1])  # the driver's, not one inside ray.init
-    studies = sp.get("oialr_tune.tuning.study.study", [])
+    studies = sp.get("oialr_tune.tuning.study.write_study", [])
     w0, w1 = trials[0]["start"], max(t["end"] for t in trials)
     train = sum(t["train"] for t in trials)
     spans_sum = sum(t["end"] - t["start"] for t in trials)
@@ -258,6 +257,7 @@ def analyse(c: dict, t1: float, exp_dirs: list[Path], slots: int) -> dict[str, A
         "preflight_s": (lambda s: s[1] - s[0] if s else 0.0)(_first(sp, "oialr_tune.checks.preflight")),
         "imports": {n: imp(n) for n in _IMPORTS if n != "oialr_tune.cli"},
         "study_span_s": sum(s[1] - s[0] for s in studies),
+        "raw_spans": {k: [[a - c["launch"], b - c["launch"]] for a, b in v] for k, v in sp.items()},
     }  # fmt: skip
 
 
