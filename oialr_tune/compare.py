@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,7 +39,8 @@ import pandas as pd
 
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.errors import UserError
-from oialr_tune.retrain import _log, run_seed_anywhere, seed_jobs
+from oialr_tune.results import best_trial, check_max_trainable_fraction
+from oialr_tune.retrain import run_seed_anywhere, seed_jobs
 from oialr_tune.space import SearchSpace, load_space, space_from_dict, with_settings
 from oialr_tune.stats import verdict, welch_interval
 from oialr_tune.tuning.parallel import run_all
@@ -96,7 +98,7 @@ def compare(
     max_trainable_fraction: float | None = None,
     address: str | None = None,
     max_concurrent: int | None = None,
-    log: Callable[[str], None] = _log,
+    log: Callable[[str], None] = lambda message: print(f"[compare] {message}", file=sys.stderr, flush=True),
 ) -> pd.DataFrame:
     """Run the whole protocol (module docstring) and write the comparison; returns the per-seed table.
 
@@ -109,16 +111,7 @@ def compare(
     The sweeps and the (arm, seed) retrains run on the Ray cluster at `address` (default: a local
     Ray); at most `max_concurrent` retrains run at once (1: one after another in this process).
     """
-    from oialr_tune.results import best_trial, check_max_trainable_fraction
-    from oialr_tune.tuning import sweep
-
-    check_max_trainable_fraction(max_trainable_fraction)
-    space = space if isinstance(space, SearchSpace) else load_space(space)
-    if max_trainable_fraction is not None:  # the budget goes into the OIALR searches, not only the pick
-        objective = dataclasses.replace(space.objective, max_trainable_fraction=max_trainable_fraction)
-        space = dataclasses.replace(space, objective=objective)
-    max_trainable_fraction = space.objective.max_trainable_fraction
-    space = _with_trials(dataclasses.replace(space, baseline="same-budget"), trials)
+    space, max_trainable_fraction = _protocol_space(space, trials, max_trainable_fraction)
     seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) else list(seeds)
     if len(seed_list) < 2:
         raise UserError(f"--seeds: need at least 2 seeds for an interval, got {len(seed_list)}")
@@ -127,44 +120,16 @@ def compare(
     if out_dir.exists() and any(out_dir.iterdir()) and not resume:
         raise UserError(f"--out: {out_dir} already holds files; pass --resume to continue it or pick another")
 
-    sweeps = {"tuned": space, "gate_off": gate_off_space(space)}
-    tuning: dict[str, Any] = {}
-    for folder, sp in sweeps.items():
-        done = (out_dir / folder / "trials.csv").exists()
-        log(f"compare: {'reusing' if done else 'running'} sweep {folder} ({sp.budget.num_samples} trials per arm)")
-        if done:
-            tuning[folder] = out_dir / folder
-            continue
-        has_run = (out_dir / folder / "sweep.yaml").exists()
-        if has_run:  # interrupted earlier: continue it from its own sweep.yaml
-            sweep(None, resume=out_dir / folder, address=address)
-        else:
-            sweep(sp, name=folder, results_dir=out_dir, address=address)
-        tuning[folder] = out_dir / folder
-
-    def tuning_time(folder: str, arm: str) -> float:
-        trials_df = pd.read_csv(out_dir / folder / "trials.csv")
-        return float(trials_df.loc[trials_df["arm"] == arm, "time_total_s"].fillna(0).sum())
-
-    budget = "" if max_trainable_fraction is None else f" with trainable fraction <= {max_trainable_fraction}"
-
-    def best_oialr(folder: str) -> dict[str, Any]:
-        return best_trial(tuning[folder], arm="oialr", max_trainable_fraction=max_trainable_fraction).trial.config
-
-    plans = {
-        "full_rank_tuned": (best_trial(tuning["tuned"], arm="baseline").trial.config, tuning_time("tuned", "baseline"),
-                            "best trial of tuned/ baseline arm"),
-        "oialr_tuned": (best_oialr("tuned"), tuning_time("tuned", "oialr"), f"best trial of tuned/ oialr arm{budget}"),
-        "oialr_untuned": (untuned_config(space), 0.0, "space base config, OIALR knobs at library defaults"),
-        "oialr_gate_off": (best_oialr("gate_off"), tuning_time("gate_off", "oialr"),
-                           f"best trial of gate_off/ oialr arm{budget}"),
-    }  # fmt: skip
-    # Every (arm, seed) retrain is independent: Ray runs them side by side (see oialr_tune.parallel).
+    tuned = _run_sweeps(out_dir, {"tuned": space, "gate_off": gate_off_space(space)}, address, log)
+    plans = _plans(space, tuned, max_trainable_fraction)
+    # Every (arm, seed) retrain is independent: Ray runs them side by side (see oialr_tune.tuning.parallel).
     jobs = [job for arm, (config, _, _) in plans.items()
             for job in seed_jobs(arm, train_config_from_dict(config), seed_list, out_dir / "retrain")]
 
     def done(i: int, row: dict[str, Any]) -> None:
-        log(f"compare: {row['arm']} seed {row['seed']} done ({row['status']}, test_acc {row['test_acc']})")
+        acc = row.get("test_acc")
+        shown = f"{acc:.4f}" if isinstance(acc, (int, float)) else acc  # None for a run that diverged
+        log(f"{row['arm']} seed {row['seed']} done ({row['status']}, test_acc {shown})")
 
     results = run_all(run_seed_anywhere, jobs, resources=space.resources, address=address,
                       max_concurrent=max_concurrent, on_done=done)  # fmt: skip
@@ -172,10 +137,67 @@ def compare(
              "source": plans[row["arm"]][2]} for row in results]  # fmt: skip
     table = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
     table.to_csv(out_dir / "comparison.csv", index=False)
+    budget = "" if max_trainable_fraction is None else f" with trainable fraction <= {max_trainable_fraction}"
     write_comparison(out_dir, table, title=f"{space.name}: {space.budget.num_samples} trials per arm, "
                      f"{space.budget.max_epochs} epochs, {len(seed_list)} seeds{budget}")  # fmt: skip
-    log(f"compare: wrote {out_dir / 'comparison.md'}")
+    log(f"wrote {out_dir / 'comparison.md'}")
     return table
+
+
+def _protocol_space(
+    space: SearchSpace | str | Path | None, trials: int | None, max_trainable_fraction: float | None
+) -> tuple[SearchSpace, float | None]:
+    """The space both tuned arms search (same budget, `trials` per arm, the size budget in the
+    OIALR search), and the size budget that applies (given, or the space's own)."""
+    check_max_trainable_fraction(max_trainable_fraction)
+    space = space if isinstance(space, SearchSpace) else load_space(space)
+    if max_trainable_fraction is not None:  # the budget goes into the OIALR searches, not only the pick
+        objective = dataclasses.replace(space.objective, max_trainable_fraction=max_trainable_fraction)
+        space = dataclasses.replace(space, objective=objective)
+    budget = space.objective.max_trainable_fraction
+    return _with_trials(dataclasses.replace(space, baseline="same-budget"), trials), budget
+
+
+def _run_sweeps(
+    out_dir: Path, sweeps: dict[str, SearchSpace], address: str | None, log: Callable[[str], None]
+) -> dict[str, Path]:
+    """Each sweep into ``out_dir/<folder>``: reused when it finished, resumed when it was interrupted."""
+    from oialr_tune.tuning import sweep
+
+    for folder, sp in sweeps.items():
+        done = (out_dir / folder / "trials.csv").exists()
+        log(f"{'reusing' if done else 'running'} sweep {folder} ({sp.budget.num_samples} trials per arm)")
+        if done:
+            continue
+        if (out_dir / folder / "sweep.yaml").exists():  # interrupted earlier: continue it from its own sweep.yaml
+            sweep(None, resume=out_dir / folder, address=address)
+        else:
+            sweep(sp, name=folder, results_dir=out_dir, address=address)
+    return {folder: out_dir / folder for folder in sweeps}
+
+
+Plan = tuple[dict[str, Any], float, str]
+
+
+def _plans(space: SearchSpace, tuned: dict[str, Path], budget: float | None) -> dict[str, Plan]:
+    """Arm -> (the config it retrains, its tuning time in trial-seconds, where the config came from)."""
+
+    def tuning_time(folder: str, arm: str) -> float:
+        trials_df = pd.read_csv(tuned[folder] / "trials.csv")
+        return float(trials_df.loc[trials_df["arm"] == arm, "time_total_s"].fillna(0).sum())
+
+    def best_oialr(folder: str) -> dict[str, Any]:
+        return best_trial(tuned[folder], arm="oialr", max_trainable_fraction=budget).trial.config
+
+    under = "" if budget is None else f" with trainable fraction <= {budget}"
+    return {
+        "full_rank_tuned": (best_trial(tuned["tuned"], arm="baseline").trial.config, tuning_time("tuned", "baseline"),
+                            "best trial of tuned/ baseline arm"),
+        "oialr_tuned": (best_oialr("tuned"), tuning_time("tuned", "oialr"), f"best trial of tuned/ oialr arm{under}"),
+        "oialr_untuned": (untuned_config(space), 0.0, "space base config, OIALR knobs at library defaults"),
+        "oialr_gate_off": (best_oialr("gate_off"), tuning_time("gate_off", "oialr"),
+                           f"best trial of gate_off/ oialr arm{under}"),
+    }  # fmt: skip
 
 
 def summarize(table: pd.DataFrame) -> list[dict[str, Any]]:

@@ -4,7 +4,8 @@ Opt-in: `oialr_tune.trainer.train` prints nothing unless it is given a :class:`T
 CLI's ``train`` passes one; Ray trials, retrain and compare do not). It writes to stderr, so stdout
 keeps only the run's result line:
 
-* at once, before the data is loaded: what trains, on which device, for how many epochs;
+* once the data is loaded and the model built (so a bad input is still one line of error):
+  what trains, on which device, for how many epochs;
 * then, on a terminal, one in-place bar over the optimizer steps that shows the last epoch's
   validation score; anywhere else (a pipe, a log file) one line per epoch.
 """

@@ -542,11 +542,10 @@ def train(
     device = resolve_device(cfg.device)
     ckpt_path = checkpoint_file(checkpoint_dir)
     state = resume_state(ckpt_path, resume)
-    if progress is not None:
-        progress.start(cfg, device, done_epochs=state["epoch"] if state else 0)
     run = _start(cfg, device, splits, state, ckpt_path)
     try:
-        if progress is not None:
+        if progress is not None:  # only now: bad input (data, checkpoint) stays a one-line error
+            progress.start(cfg, device, done_epochs=state["epoch"] if state else 0)
             progress.begin_steps(run.total_steps, run.step)
         _run_epochs(run, callbacks=callbacks, ckpt_path=ckpt_path, checkpoint_epochs=set(checkpoint_epochs or ()),
                     progress=progress)

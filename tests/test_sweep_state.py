@@ -249,3 +249,30 @@ def test_final_writes_cut_short_are_rebuilt_from_the_journals(
     captured = capsys.readouterr()
     assert json.loads(captured.out)["trial_id"] == expected and "rebuilt from the journals" in captured.err
     assert trials.read_text() == text
+
+
+def test_a_state_pickled_by_an_older_version_is_rebuilt_from_the_journal(
+    sweep_copy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's state names the classes it pickled by module path: one that moved since (an older
+    oialr-tune's ``oialr_tune.sweep_hooks``) fails to load; the arm is rebuilt, nothing is lost."""
+    from ray import tune
+
+    import oialr_tune.tuning.arm as arm_module
+
+    journal = sweep_state.journal_path(sweep_copy, "oialr")
+    lines = journal.read_text().splitlines(keepends=True)
+    last_end = max(i for i, line in enumerate(lines) if '"kind": "end"' in line)
+    journal.write_text("".join(lines[:last_end]))  # the arm looks unfinished: one trial left to run
+    (sweep_copy / "state.json").write_text(json.dumps({"arms_done": []}))
+
+    def old_pickle(*args: Any, **kwargs: Any) -> Any:
+        raise ModuleNotFoundError("No module named 'oialr_tune.sweep_hooks'")
+
+    monkeypatch.setattr(arm_module, "_why_not_restore", lambda *args: None)  # signed and agreeing: restorable
+    monkeypatch.setattr(tune.Tuner, "restore", old_pickle)
+    assert main(["sweep", "--resume", str(sweep_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "rebuilding from its journal" in out and "does not load here" in out
+    df = pd.read_csv(sweep_copy / "trials.csv")
+    assert (df["arm"] == "oialr").sum() == 3 and set(df["status"]) == {"TERMINATED"}

@@ -243,7 +243,7 @@ def test_default_oialr_settings_keep_accuracy_with_half_the_parameters() -> None
 
 
 def test_cli_train_shows_a_start_line_then_one_line_per_epoch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`oialr-tune train`: what trains, where and how long at once; a line per epoch off a terminal."""
+    """`oialr-tune train`: what trains, where and how long once the data is loaded; a line per epoch off a terminal."""
     import yaml
 
     from oialr_tune.cli import main

@@ -96,9 +96,14 @@ def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[
     arm_path = store.join(arm)
     why_not = _why_not_restore(store, arm, ended)
     if why_not is None:
-        if verbose:
-            print(f"[{arm}] resuming {arm_path}", flush=True)
-        return tune.Tuner.restore(arm_path, trainable, resume_unfinished=True, resume_errored=True)
+        try:
+            tuner = tune.Tuner.restore(arm_path, trainable, resume_unfinished=True, resume_errored=True)
+        except (ImportError, AttributeError) as e:  # pickled by an older oialr-tune whose classes moved
+            why_not = f"Ray's saved state does not load here ({type(e).__name__}: {e})"
+        else:
+            if verbose:
+                print(f"[{arm}] resuming {arm_path}", flush=True)
+            return tuner
     if ended or store.top_files(arm):
         if verbose:
             print(f"[{arm}] rebuilding from its journal ({len(ended)} trials ended): {why_not}", flush=True)
@@ -188,7 +193,6 @@ def _describe_arm(space: SearchSpace, arm: str) -> str:
         f"[{arm}] {n} trials x <= {space.budget.max_epochs} epochs, {space.strategy.sampler.upper()} + {sched}, "
         f"objective {what}, searching {', '.join(p.key for p in space.arm_params(arm))}"
     )
-
 
 
 def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int) -> None:

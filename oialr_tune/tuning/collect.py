@@ -67,7 +67,6 @@ def rows_of(space: SearchSpace, arm: str, ended: Mapping[str, dict[str, Any]]) -
     return rows
 
 
-
 def _trial_rows(space: SearchSpace, arm: str, store: Store) -> list[dict[str, Any]]:
     """The arm's trial rows, from its journal."""
     journal = store.journal(arm)
@@ -81,16 +80,15 @@ def collect(space: SearchSpace, store: Store, pool: ThreadPoolExecutor) -> tuple
     it, so it overlaps stopping Ray.
     """
     per_arm = {arm: _trial_rows(space, arm, store) for arm in space.arms()}
-    for rows in per_arm.values():
-        for row in rows:
-            if row["_dir"]:
-                # Until the arm is over every checkpoint stays: the experiment state a killed
-                # driver leaves behind may name any of them.
-                store.prune_checkpoints(row["_dir"], row["checkpoint"])
+    all_rows = [row for rows in per_arm.values() for row in rows]
+    for row in all_rows:
+        if row["_dir"]:
+            # Until the arm is over every checkpoint stays: the experiment state a killed driver
+            # leaves behind may name any of them.
+            store.prune_checkpoints(row["_dir"], row["checkpoint"])
 
     studies = pool.submit(write_studies, space, per_arm, store)
-    rows = [row for rows in per_arm.values() for row in rows]
-    df = pd.DataFrame(rows).drop(columns=["_history", "_dir"], errors="ignore")
+    df = pd.DataFrame(all_rows).drop(columns=["_history", "_dir"], errors="ignore")
     for p in space.search:  # integer knobs stay integers in the CSV (the baseline rows leave gaps)
         col = f"config.{p.key}"
         if p.type == "int" and col in df:

@@ -68,7 +68,7 @@ def sweep(
         results_dir: a local folder, a shared path, or a URI Ray accepts as ``storage_path``.
         resume: continue an interrupted sweep: True with `name`, or the sweep's folder. The space
             is reloaded from its ``sweep.yaml``; arms that finished are not rerun. A local folder
-            must be signed by this user's key and its sweep.yaml unedited (see `sweep_state`).
+            must be signed by this user's key and its sweep.yaml unedited (see `state`).
         address: join an existing Ray cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``);
             None starts Ray on this machine (or uses the Ray already initialized in this process).
         baseline: override the space's ``baseline`` (same-budget, once, none).
@@ -84,33 +84,16 @@ def sweep(
     the sweep stopped early (Ctrl-C, SIGTERM, a full disk, a lost cluster): it can then be resumed.
     """
     t0 = time.perf_counter()
+    settings = {"num_samples": num_samples, "max_epochs": max_epochs, "overrides": overrides}
     if resume:
-        if resume is True:
-            if not name:
-                raise UserError("--resume: name the sweep folder to resume (results/<name>)")
-            resume = Path(results_dir, name) if "://" not in str(results_dir) else f"{results_dir}/{name}"
-        store, stored = open_sweep(resume, verify=True)
-        if space is not None:
-            given = space if isinstance(space, SearchSpace) else load_space(space)
-            if given.to_dict() != stored.to_dict():
-                raise UserError(f"{resume}: holds a sweep of a different space; resume without a space argument")
-        space = stored
-        if num_samples is not None or max_epochs is not None or overrides:
-            raise UserError("--resume: a resumed sweep keeps its settings; drop --num-samples, --max-epochs and --set")
+        store, space = _resumed_folder(space, resume, name, results_dir, settings)
     else:
         space = space if isinstance(space, SearchSpace) else load_space(space)
         if model is not None or data is not None or trainable is not None:
             space = with_user_code(space, model=model, data=data, trainable=trainable)
-        if num_samples is not None or max_epochs is not None or overrides:
-            space = with_settings(space, num_samples=num_samples, max_epochs=max_epochs, overrides=overrides)
-        if name is None:
-            name = f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
-        if not NAME_RE.match(name):
-            raise UserError(f"--name: expected letters, digits, '_', '-' or '.', got {name!r}")
-        root = str(results_dir).rstrip("/") + "/" + name if "://" in str(results_dir) else str(Path(results_dir, name))
-        store = Store(root)
-        if not store.is_empty():
-            raise UserError(f"{root}: already exists; resume it with --resume {root} or choose another --name")
+        if any(v is not None for v in settings.values()):
+            space = with_settings(space, **settings)
+        store = _new_folder(space, name, results_dir)
     if baseline is not None:
         if baseline not in BASELINES:
             raise UserError(f"--baseline: expected {', '.join(BASELINES)}, got {baseline!r}")
@@ -139,6 +122,41 @@ def sweep(
         if lock is not None:
             lock.release()
         remove_empty(created)  # only folders left empty: a sweep refused before it wrote anything
+
+
+def _resumed_folder(
+    space: SearchSpace | str | os.PathLike[str] | None,
+    resume: bool | str | os.PathLike[str],
+    name: str | None,
+    results_dir: str | os.PathLike[str],
+    settings: Mapping[str, Any],
+) -> tuple[Store, SearchSpace]:
+    """The folder of a sweep to resume (signed, sweep.yaml unedited) and the space it ran."""
+    if resume is True:
+        if not name:
+            raise UserError("--resume: name the sweep folder to resume (results/<name>)")
+        resume = Path(results_dir, name) if "://" not in str(results_dir) else f"{results_dir}/{name}"
+    store, stored = open_sweep(resume, verify=True)
+    if space is not None:
+        given = space if isinstance(space, SearchSpace) else load_space(space)
+        if given.to_dict() != stored.to_dict():
+            raise UserError(f"{resume}: holds a sweep of a different space; resume without a space argument")
+    if any(v is not None for v in settings.values()):
+        raise UserError("--resume: a resumed sweep keeps its settings; drop --num-samples, --max-epochs and --set")
+    return store, stored
+
+
+def _new_folder(space: SearchSpace, name: str | None, results_dir: str | os.PathLike[str]) -> Store:
+    """The (empty or absent) folder of a new sweep: ``<results_dir>/<name>``."""
+    if name is None:
+        name = f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not NAME_RE.match(name):
+        raise UserError(f"--name: expected letters, digits, '_', '-' or '.', got {name!r}")
+    root = str(results_dir).rstrip("/") + "/" + name if "://" in str(results_dir) else str(Path(results_dir, name))
+    store = Store(root)
+    if not store.is_empty():
+        raise UserError(f"{root}: already exists; resume it with --resume {root} or choose another --name")
+    return store
 
 
 def _run_sweep(
