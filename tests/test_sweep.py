@@ -341,3 +341,45 @@ def test_the_cli_sweep_settings_reach_the_space(tmp_path: Path, monkeypatch: pyt
     assert main(["sweep", "quickstart", "--results-dir", str(tmp_path), "--name", "r",
                  "--set", "budget.num_sample=3"]) == 2  # fmt: skip
     assert not (tmp_path / "r").exists()
+
+
+def test_study_db_holds_what_optuna_add_trials_stores(tmp_path: Path) -> None:
+    """write_studies stores the trials in one bulk session, not through ``study.add_trials``: what
+    ``optuna.load_study`` reads back must be what Optuna's own add_trials stores, field by field
+    (failed trials, infinite values, NaN intermediates, constraints, two arms), and rewriting the
+    file must not duplicate a trial."""
+    from oialr_tune.tuning.storage import Store
+    from oialr_tune.tuning.study import directions, optuna_trials, write_studies
+
+    space = space_from_dict(make_space(objective={"metric": "val_acc", "mode": "multi"}))
+    rows_by_arm: dict[str, list[dict[str, Any]]] = {}
+    for arm in space.arms():
+        rows = []
+        for i, (status, acc, history) in enumerate([
+            ("TERMINATED", 0.5, [0.1, float("nan"), 0.5]),
+            ("TERMINATED", float("inf"), [float("-inf")]),
+            ("ERROR", None, []),
+            ("TERMINATED", 0.75, [0.75]),
+        ]):  # fmt: skip
+            row = {"trial_id": f"{arm}{i}", "status": status, "training_iteration": len(history),
+                   "_history": history, "val_acc": acc, "trainable_fraction": 0.25 * i}  # fmt: skip
+            for p in space.arm_params(arm):
+                row[f"config.{p.key}"] = p.choices[i % len(p.choices)] if p.type == "categorical" else p.high
+            rows.append(row)
+        rows_by_arm[arm] = rows
+    store = Store(str(tmp_path / "s"))
+    write_studies(space, rows_by_arm, store)
+    write_studies(space, rows_by_arm, store)  # rebuilt from scratch, not appended to
+
+    reference = optuna.storages.InMemoryStorage()
+    fields = ("number", "state", "values", "params", "distributions", "user_attrs", "system_attrs")
+    for arm, rows in rows_by_arm.items():
+        expected = optuna.create_study(storage=reference, study_name=arm, directions=directions(space, arm))
+        expected.add_trials(optuna_trials(space, arm, rows))
+        got = optuna.load_study(study_name=arm, storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+        assert got.directions == expected.directions and got.user_attrs == {"space": space.name}
+        assert len(got.trials) == len(rows)
+        for g, e in zip(got.trials, expected.trials, strict=True):
+            assert {f: getattr(g, f) for f in fields} == {f: getattr(e, f) for f in fields}
+            assert str(g.intermediate_values) == str(e.intermediate_values)  # NaN == NaN as text
+            assert g.datetime_start is not None and (g.datetime_complete is not None) == e.state.is_finished()

@@ -23,7 +23,7 @@ from oialr_tune.results import SUMMARY_FILE, TRIALS_FILE, SweepResults, find_res
 from oialr_tune.space import SIZE_METRIC, SearchSpace
 from oialr_tune.tuning import state
 from oialr_tune.tuning.storage import Store, open_sweep
-from oialr_tune.tuning.study import is_finite_number, write_study
+from oialr_tune.tuning.study import is_finite_number, write_studies
 
 __all__ = ["collect", "rebuild_results", "repair_if_incomplete", "rows_of"]
 
@@ -76,9 +76,8 @@ def _trial_rows(space: SearchSpace, arm: str, store: Store) -> list[dict[str, An
 def collect(space: SearchSpace, store: Store, pool: ThreadPoolExecutor) -> tuple[SweepResults, Future[None]]:
     """Write trials.csv, study.db and summary.json from the arms' journals; return the results.
 
-    study.db is written on a thread of `pool` (the returned future): Optuna's SQLite storage takes
-    about 20 ms per trial, seconds on a big sweep, and nothing else needs to wait for it, so it
-    overlaps stopping Ray.
+    study.db is written on a thread of `pool` (the returned future): nothing else needs to wait for
+    it, so it overlaps stopping Ray.
     """
     per_arm = {arm: _trial_rows(space, arm, store) for arm in space.arms()}
     all_rows = [row for rows in per_arm.values() for row in rows]
@@ -88,11 +87,7 @@ def collect(space: SearchSpace, store: Store, pool: ThreadPoolExecutor) -> tuple
             # leaves behind may name any of them.
             store.prune_checkpoints(row["_dir"], row["checkpoint"])
 
-    def write_studies() -> None:
-        for arm, rows in per_arm.items():
-            write_study(space, arm, rows, store)
-
-    studies = pool.submit(write_studies)
+    studies = pool.submit(write_studies, space, per_arm, store)
     df = pd.DataFrame(all_rows).drop(columns=["_history", "_dir"], errors="ignore")
     for p in space.search:  # integer knobs stay integers in the CSV (the baseline rows leave gaps)
         col = f"config.{p.key}"
