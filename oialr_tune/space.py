@@ -435,7 +435,6 @@ def with_user_code(space: SearchSpace, **named: Any) -> SearchSpace:
     return space_from_dict(data, source="search space")
 
 
-
 def with_settings(
     space: SearchSpace,
     *,

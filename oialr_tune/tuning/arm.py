@@ -130,7 +130,6 @@ def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
-
 @contextlib.contextmanager
 def _ray_output_hidden() -> Iterator[None]:
     """Only -v (verbose 2) shows Ray's own output; our progress lines go to the stdout captured in
@@ -177,7 +176,6 @@ def _why_not_restore(store: Store, arm: str, ended: Mapping[str, dict[str, Any]]
     if ray_ended != set(ended):
         return f"its state holds {len(ray_ended)} ended trials, the journal {len(ended)}"
     return None
-
 
 
 def _describe_arm(space: SearchSpace, arm: str) -> str:

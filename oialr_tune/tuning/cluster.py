@@ -157,7 +157,6 @@ def check_cluster_fits(r: Resources) -> None:
         raise UserError(f"resources.gpu: {r.gpu} per trial but the Ray cluster has {have.get('GPU', 0)} GPU(s)")
 
 
-
 def slots(resources: Resources, have: Mapping[str, float]) -> int:
     """How many trials fit at once on a cluster with resources `have` (``ray.cluster_resources()``).
 

@@ -90,7 +90,6 @@ def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]]) -> A
     )
 
 
-
 def scheduler(space: SearchSpace) -> Any:
     """ASHA on the main metric (per epoch = training_iteration), or FIFO."""
     if space.scheduler() != "asha":

@@ -187,16 +187,15 @@ def read_state(store: Store) -> dict[str, Any]:
     if not store.exists(STATE_FILE):
         return {"arms_done": []}
     try:
-        state = json.loads(store.read_text(STATE_FILE))
+        saved = json.loads(store.read_text(STATE_FILE))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        state = None
-    if not isinstance(state, dict) or not isinstance(state.get("arms_done"), list):
+        saved = None
+    if not isinstance(saved, dict) or not isinstance(saved.get("arms_done"), list):
         raise UserError(
             f"{store.join(STATE_FILE)}: damaged (truncated or not this tool's JSON); delete it and resume "
             "again: each arm is then resumed from Ray's own record"
         )
-    return state
-
+    return saved
 
 
 def open_sweep(path: str | os.PathLike[str], verify: bool = False) -> tuple[Store, SearchSpace]:

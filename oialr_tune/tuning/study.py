@@ -47,7 +47,6 @@ def optuna_distribution(param: Param) -> Any:
     )
 
 
-
 def size_budget(space: SearchSpace, arm: str) -> float | None:
     """The OIALR arm's `objective.max_trainable_fraction` (the baseline arm is full size by construction)."""
     return space.objective.max_trainable_fraction if arm == "oialr" else None
@@ -55,7 +54,6 @@ def size_budget(space: SearchSpace, arm: str) -> float | None:
 
 def directions(space: SearchSpace, arm: str) -> list[str]:
     return ["maximize" if m == "max" else "minimize" for m in space.objective.modes(arm)]
-
 
 
 def size_constraint(fraction: float | None, max_trainable_fraction: float) -> dict[str, float]:
@@ -69,7 +67,6 @@ def size_constraint(fraction: float | None, max_trainable_fraction: float) -> di
 def is_finite_number(v: Any) -> bool:
     """A real metric value: a number, not NaN or inf (pandas gives NaN for a missing cell)."""
     return isinstance(v, (int, float)) and math.isfinite(v)
-
 
 
 def optuna_trials(space: SearchSpace, arm: str, rows: Sequence[dict[str, Any]]) -> list[Any]:
