@@ -246,3 +246,17 @@ def test_the_checkpoint_file_name_is_the_trainers() -> None:
     from oialr_tune.trainer import CHECKPOINT_NAME
 
     assert CHECKPOINT_FILE == CHECKPOINT_NAME
+
+
+def test_a_sweep_with_no_trial_under_its_budget_says_so_and_is_not_an_error(tmp_path: Path) -> None:
+    """Trials finished, none small enough: the summary line names the budget; the sweep still ends 0."""
+    from oialr_tune.tuning.collect import rebuild_results
+    from oialr_tune.tuning.driver import _check_every_arm_finished, summary_line
+    from oialr_tune.tuning.storage import Store
+
+    folder = _journal_sweep(tmp_path / "s", [("a", 0.9, 0.5), ("b", 0.8, 0.3)], budget=0.1)
+    rebuild_results(folder)
+    res = open_results(folder)
+    assert "oialr" not in res.summary["best"]
+    assert summary_line(res) == "best OIALR: no finished trial at or under trainable fraction 0.1"
+    _check_every_arm_finished(res, Store(str(folder)))  # raises for an arm with no finished trial at all

@@ -262,7 +262,7 @@ def _check_every_arm_finished(res: SweepResults, store: Store) -> None:
     parts = []
     df = res.trials
     for arm in res.space.arms():
-        if arm not in res.summary["best"]:
+        if arm not in res.summary["best"] and res.usable(arm).empty:  # (not merely none under the size budget)
             rows = df[df["arm"] == arm]
             errored = int((rows["status"] == "ERROR").sum())
             diverged = int((rows["trainer_status"] == "diverged").sum())
@@ -281,8 +281,9 @@ def summary_line(res: SweepResults) -> str:
 
     def part(arm: str, label: str) -> str:
         b = best.get(arm)
+        budget = res.space.objective.max_trainable_fraction if arm == "oialr" else None
         if b is None:
-            return f"{label}: no finished trial"
+            return f"{label}: no finished trial" + (f" at or under trainable fraction {budget}" if budget else "")
         return f"{label} {m}={b[m]:.4f} (trainable fraction {_fraction(b):.3f}, trial {b['trial_id']})"
 
     line = part("oialr", "best OIALR")
