@@ -264,8 +264,8 @@ cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 try:
     result = sweep(space_from_dict(space), name="c", results_dir=root, address=cluster.address, verbose=0)
-    print("NODES", json.dumps(sorted(set(result.trials["node_id"]))))
-    print("TRIALS", len(result.trials))
+    print("NODES", json.dumps(sorted(set(result.trials["node_id"]))), flush=True)
+    print("TRIALS", len(result.trials), flush=True)
     # Half a GPU and half a CPU per trial: both trials fit on the head node at once, none elsewhere.
     space["resources"] = {"cpu": 0.5, "gpu": 0.5}
     space["base"]["device"] = "auto"
@@ -276,7 +276,8 @@ try:
         spans.append((rows[0]["reported_at"] - rows[0]["time_this_iter_s"], rows[-1]["reported_at"]))
     overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
     print("GPU", json.dumps({"nodes": sorted(set(result.trials["node_id"])), "head": cluster.head_node.node_id,
-                             "gpu_ids": sorted(set(result.trials["gpu_ids"].astype(str))), "overlap": overlap}))
+                             "gpu_ids": sorted(set(result.trials["gpu_ids"].astype(str))), "overlap": overlap}),
+          flush=True)
 finally:
     cluster.shutdown()
 """

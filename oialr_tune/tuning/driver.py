@@ -214,9 +214,7 @@ def _run_sweep(
                 raise
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            cluster.stop_ray()
         pool.shutdown(wait=True)
     studies.result()  # raises what writing study.db raised
     wall = time.perf_counter() - t0

@@ -46,7 +46,7 @@ def run_all(
     # Ray only when runs go side by side: one run, or one at a time, never starts it.
     import ray
 
-    from oialr_tune.tuning.cluster import check_cluster_fits, start_ray
+    from oialr_tune.tuning.cluster import check_cluster_fits, start_ray, stop_ray
 
     started = start_ray(address, verbose=0)
     try:
@@ -72,7 +72,7 @@ def run_all(
         return results
     finally:
         if started:
-            ray.shutdown()
+            stop_ray()
 
 
 def _run_with_threads(fn: Callable[..., T], threads: int, job: dict[str, Any]) -> T:
