@@ -56,10 +56,14 @@ SPACE: dict[str, Any] = tiny_space(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: all bound at once, so the OS cannot hand out one of them twice (one
+    socket at a time, a just-released port can come back, and Ray refuses a port given twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -125,19 +129,21 @@ def cluster() -> Iterator[dict[str, Any]]:
     token = secrets.token_hex(32)
     env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     temp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    port = _free_port()
+    names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"]  # fmt: skip
+    # Explicit free ports (other Ray instances on this machine use the defaults), all distinct.
+    port, *free = _free_ports(1 + 2 * len(names))
+    head_ports, worker_ports = free[: len(names)], free[len(names) :]
     common = ["--num-cpus=1", "--disable-usage-stats", f"--node-ip-address={ip}", f"--temp-dir={temp}"]
 
-    def ports() -> list[str]:  # explicit free ports: other Ray instances on this machine use the defaults
-        names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
-                 "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"]  # fmt: skip
-        return [f"--{n}={_free_port()}" for n in names]
+    def ports(numbers: list[int]) -> list[str]:
+        return [f"--{n}={p}" for n, p in zip(names, numbers, strict=True)]
 
     nodes: list[subprocess.Popen] = []
     try:
-        nodes.append(_start_node(["--head", f"--port={port}", "--include-dashboard=false", *common, *ports()],
-                                 env, temp / "head.log"))  # fmt: skip
-        nodes.append(_start_node([f"--address={ip}:{port}", *common, *ports()], env, temp / "worker.log"))
+        nodes.append(_start_node(["--head", f"--port={port}", "--include-dashboard=false", *common,
+                                  *ports(head_ports)], env, temp / "head.log"))  # fmt: skip
+        nodes.append(_start_node([f"--address={ip}:{port}", *common, *ports(worker_ports)], env, temp / "worker.log"))
         yield {"address": f"{ip}:{port}", "env": env, "token": token, "temp": temp}
     finally:
         for node in reversed(nodes):
