@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from oialr_tune.errors import UserError
 
-__all__ = ["read_text", "remove_empty", "writable_folder", "write_atomic"]
+__all__ = ["read_text", "remove_empty", "replacing", "writable_folder", "write_atomic"]
 
 def read_text(path: str | Path, what: str) -> str:
     """The UTF-8 text of `path` (a `what`: "config", "search space", ...), or UserError naming it."""
@@ -67,25 +67,31 @@ def remove_empty(folders: list[Path]) -> None:
 
 def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
     """Write `data` (bytes, or a function writing into a binary file, like ``torch.save``) to `path`
-    so that a kill or a power cut leaves the old file or the new one, never half of either.
+    so that a kill or a power cut leaves the old file or the new one, never half of either."""
+    with replacing(path) as tmp, tmp.open("wb") as f:
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            data(f)
 
-    A temporary file in the same folder is written, fsynced and renamed over `path`; then the
-    folder is fsynced so the rename itself survives (where the filesystem allows it).
-    """
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write the new file to (for writers that need a path, such
+    as SQLite's backup); when the block ends it is fsynced and renamed over `path`, then the folder
+    is fsynced so the rename itself survives (where the filesystem allows it). On an exception the
+    temporary file is removed and `path` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, bytes):
-                f.write(data)
-            else:
-                data(f)
-            f.flush()
+        yield tmp
+        with tmp.open("rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     with contextlib.suppress(OSError):
         dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sqlite3
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +27,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from oialr_tune.errors import UserError
+from oialr_tune.files import replacing
 from oialr_tune.results import STUDY_FILE
 from oialr_tune.space import SIZE_METRIC, Param, SearchSpace
 from oialr_tune.tuning.storage import Store
@@ -127,17 +126,8 @@ def write_studies(space: SearchSpace, rows_by_arm: Mapping[str, Sequence[dict[st
             study = optuna.create_study(storage=storage, study_name=arm, directions=directions(space, arm))
             study.set_user_attr("space", space.name)
             _add_trials(storage, study._study_id, optuna_trials(space, arm, rows))
-        with store.local_file(STUDY_FILE) as db:
-            fd, tmp = tempfile.mkstemp(dir=db.parent, prefix=f".{db.name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                with contextlib.closing(sqlite3.connect(tmp)) as out:
-                    storage.engine.raw_connection().driver_connection.backup(out)
-                os.replace(tmp, db)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+        with store.local_file(STUDY_FILE) as db, replacing(db) as tmp, contextlib.closing(sqlite3.connect(tmp)) as out:
+            storage.engine.raw_connection().driver_connection.backup(out)
     finally:
         storage.engine.dispose()
 
