@@ -58,6 +58,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .distributed import SplitSVD, broadcast_from_owners
+from .distributed import active as distributed_active
 from .lowrank import LowRankLayer, LowRankWeight, matrix_shape
 
 __all__ = ["OIALR", "PRESETS", "RankEvent", "Rules"]
@@ -277,6 +279,11 @@ class OIALR:
             (what it schedules: ``Rules.layer_schedule``); ``None`` takes the preset's.
         skip_ratio: skip layers with min(m, n) ≤ skip_ratio × max(m, n): they gain nothing.
         preset: ``"oialr-tune"`` (default) or ``"authors"``: the :class:`Rules` to follow.
+        distributed: under data parallelism (``torch.distributed`` with more than one rank), split
+            each check's SVDs across the ranks and keep the ranks' factors, ranks and optimizer
+            state bit-identical (see :mod:`oialr_tune.oialr.distributed`). ``None`` (default): on
+            when the default process group is running with more than one rank. Every rank must
+            build its controller from an identical model and call ``step()`` in lockstep.
     """
 
     def __init__(
@@ -294,6 +301,7 @@ class OIALR:
         layer_step_fraction: float | None = None,
         skip_ratio: float = 0.1,
         preset: str = "oialr-tune",
+        distributed: bool | None = None,
     ) -> None:
         _check(preset in PRESETS, "preset", f"one of {sorted(PRESETS)}", preset)
         rules = PRESETS[preset]
@@ -331,6 +339,9 @@ class OIALR:
         self._step = 0
         self._converted = 0  # how many slots (counted from the last) are low-rank
         self._checked = 0  # "check" schedule: how many slots (from the last) are checked; 0 = all
+        # Under DDP: who runs which SVD (None: this process runs them all).
+        use_split = distributed_active() if distributed is None else distributed
+        self.split: SplitSVD | None = SplitSVD(_svd) if use_split else None
 
     # --- public read-outs ----------------------------------------------------------------------
 
@@ -383,8 +394,9 @@ class OIALR:
             self._checked += int((len(self._slots) - 1) * self.layer_step_fraction)
             low_rank = low_rank[-self._checked:] if self._checked else low_rank
         events: list[RankEvent] = []
-        for slot in low_rank:
-            events += self._check_and_cut(slot)
+        for slot, factors in zip(low_rank, self._svds([s.factors()[1] for s in low_rank]), strict=True):
+            events += self._check_and_cut(slot, factors)
+        self._pin(low_rank)
         return events
 
     def _convert_next_layers(self) -> list[RankEvent]:
@@ -392,21 +404,34 @@ class OIALR:
         step = 1.0 if self.rules.layer_schedule == "check" else self.layer_step_fraction
         target = min(n, self._converted + max(1, math.ceil(step * n)))
         events = []
-        for slot in reversed(self._slots[n - target : n - self._converted]):
+        due = list(reversed(self._slots[n - target : n - self._converted]))
+        all_factors = self._svds([s.dense_weight().reshape(s.shape[0], -1) for s in due])
+        done = []
+        for slot, factors in zip(due, all_factors, strict=True):
             W = slot.dense_weight()
-            m, _ = slot.shape
-            factors = _svd(W.detach().reshape(m, -1))
             if factors is None:
                 warnings.warn(f"OIALR: could not factorize {slot.name}; it stays dense for now", stacklevel=3)
-                return events  # retry this layer (and the ones before it) at the next check
+                break  # retry this layer (and the ones before it) at the next check
             U, s, Vt = factors
             k = s.shape[0]
             dtype = W.dtype
             S = slot.factorize(U.to(dtype), torch.diag(s).to(dtype), Vt.to(dtype))
             self._swap_param(W, S, state_at_factorization(self.rules.optimizer_state, S))
             self._converted += 1
+            done.append(slot)
             events.append(RankEvent(self._step, slot.name, "factorize", k, k, None))
+        self._pin(done)
         return events
+
+    def _svds(self, matrices: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """SVDs of `matrices`: all here, or under DDP each on its owner rank and broadcast."""
+        matrices = [m.detach() for m in matrices]
+        return self.split(matrices) if self.split is not None else [_svd(m) for m in matrices]
+
+    def _pin(self, slots: list[_Slot]) -> None:
+        """Under DDP: copy each slot's U, S, Vᵀ and S's optimizer state from the rank that ran its SVD."""
+        if self.split is not None:
+            broadcast_from_owners([s.factors() for s in slots], self.optimizer, self.split)
 
     def _new_rank(self, s: torch.Tensor, old: int, n: int) -> int:
         """The rank after a cut: σ ≥ cutoff·σ_max kept, bounded below by the preset's floors."""
@@ -415,9 +440,10 @@ class OIALR:
         size_floor = int(self.rules.min_rank_fraction * n)
         return min(old, max(keep, halving_floor, size_floor, self.min_rank))
 
-    def _check_and_cut(self, slot: _Slot) -> list[RankEvent]:
+    def _check_and_cut(self, slot: _Slot, factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                       ) -> list[RankEvent]:
+        """Rotate `slot` by the SVD `factors` of its S (None: the SVD failed) and cut it if stable."""
         U, S, Vt = slot.factors()
-        factors = _svd(S.detach())
         if factors is None:
             warnings.warn(f"OIALR: skipped the check of {slot.name} at step {self._step}", stacklevel=3)
             return []
