@@ -22,12 +22,42 @@ from .space import ARMS, BASELINES, METRIC_DIRECTIONS, SIZE_METRIC
 
 def _train(args: argparse.Namespace) -> None:
     from .config import load_train_config
+
+    cfg = load_train_config(args.config)
+    if args.workers == 1:
+        _train_and_print(cfg, args.checkpoint_dir)
+        return
+    import torch.multiprocessing as mp
+
+    from . import distributed
+
+    gpu = distributed.check_workers(cfg, args.workers)  # bad input: before any process starts
+    try:
+        distributed.launch(_train_and_print, args.workers, cfg, args.checkpoint_dir, gpu=gpu)
+    except mp.ProcessExitedException as e:
+        raise SystemExit(e.exit_code) from None
+
+
+def _train_and_print(cfg: Any, checkpoint_dir: str | None) -> None:
+    """One run of ``oialr-tune train`` (or one worker of it: only rank 0 prints)."""
+    from . import distributed
     from .progress import TrainProgress
     from .trainer import train
 
-    cfg = load_train_config(args.config)
-    # Progress on stderr (a start line, then a bar on a terminal or a line per epoch); the result on stdout.
-    result = train(cfg, checkpoint_dir=args.checkpoint_dir, evaluate_test=True, progress=TrainProgress())
+    workers = distributed.current()
+    main = workers is None or workers.main
+    try:
+        # Progress on stderr (a start line, then a bar on a terminal or a line per epoch); the result on stdout.
+        result = train(cfg, checkpoint_dir=checkpoint_dir, evaluate_test=True,
+                       progress=TrainProgress() if main else None)
+    except UserError as e:
+        if workers is None:
+            raise
+        if main:
+            print(f"oialr-tune: error: {_one_line(str(e))}", file=sys.stderr, flush=True)
+        sys.exit(2)  # the launcher exits with this status
+    if not main:
+        return
     final = result.history[-1] if result.history else {}
     print(
         f"status={result.status} val_acc={final.get('val_acc', float('nan')):.4f} "
@@ -143,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one OIALR (or full-rank) training run from a YAML config")
     p.add_argument("config", help="trainer config YAML")
     p.add_argument("--checkpoint-dir", default=None, help="where to checkpoint (and resume from)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="data-parallel worker processes on this machine (one GPU each on GPUs; gloo on CPU)")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("sweep", help="tune OIALR (and a full-rank baseline) with Ray Tune + Optuna + ASHA")

@@ -39,14 +39,19 @@ class TrainProgress(Callback):
         self._bar: Any = None
         self._epochs = 0
 
-    def start(self, cfg: TrainConfig, device: torch.device | str, *, done_epochs: int = 0) -> None:
-        """The first line: model and data (or the user's loop), OIALR or full rank, device, epochs."""
+    def start(self, cfg: TrainConfig, device: torch.device | str, *, done_epochs: int = 0, workers: int = 1) -> None:
+        """The first line: model and data (or the user's loop), OIALR or full rank, device, epochs;
+        with several data-parallel `workers`, each one's share of the global batch."""
         self._epochs = cfg.schedule.epochs
         what = f"trainable {cfg.trainable}" if cfg.trainable else f"{cfg.model.name} on {cfg.data.name}"
         arm = "OIALR" if cfg.oialr.enabled else "full rank"
         resuming = f", resuming after epoch {done_epochs}" if done_epochs else ""
         epochs = f"{cfg.schedule.epochs} epoch" + ("s" if cfg.schedule.epochs != 1 else "")
-        self._write(f"{PREFIX} {what} ({arm}) on {device}: {epochs}{resuming}")
+        where = str(device)
+        if workers > 1:
+            b = cfg.schedule.batch_size
+            where = f"{workers} workers ({device} each), {b // workers} of each global batch of {b} per worker"
+        self._write(f"{PREFIX} {what} ({arm}) on {where}: {epochs}{resuming}")
 
     def begin_steps(self, total: int, done: int) -> None:
         """The built-in trainer knows its steps now (data loaded): open the bar, if there is one."""

@@ -8,6 +8,7 @@ ones stay torch Datasets and go through a `DeviceLoader` (DataLoader workers, pi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from oialr_tune.errors import UserError
 
@@ -46,13 +47,15 @@ class TensorLoader:
     """Batches of a `TensorData`, shuffled and augmented on its device with `generator`.
 
     The generator's state is all the loader's state: save `generator.get_state()` in a checkpoint
-    and restore it to replay the same order and crops.
+    and restore it to replay the same order and crops. With `shard` = (rank, workers), each batch of
+    `batch_size` is the global batch and this loader yields only the rank's share of it; every rank
+    draws the same order from an identically seeded generator, so the shares never overlap.
     """
 
     def __init__(self, data: TensorData, batch_size: int, *, shuffle: bool = False, augment: bool = False,
                  drop_last: bool = False, generator: torch.Generator | None = None,
-                 memory_format: torch.memory_format = torch.contiguous_format):
-        self.data, self.batch_size = data, batch_size
+                 memory_format: torch.memory_format = torch.contiguous_format, shard: tuple[int, int] = (0, 1)):
+        self.data, self.batch_size, self.shard = data, batch_size, shard
         self.shuffle, self.drop_last, self.memory_format = shuffle, drop_last, memory_format
         self.augment = augment and (data.pad > 0 or data.flip)
         self.generator = generator
@@ -80,6 +83,9 @@ class TensorLoader:
                 x, y = d.x[i * bs : (i + 1) * bs], d.y[i * bs : (i + 1) * bs]
             else:
                 idx = order[i * bs : (i + 1) * bs]
+                if self.shard[1] > 1:
+                    rank, workers = self.shard
+                    idx = idx[rank * bs // workers : (rank + 1) * bs // workers]
                 x, y = d.x[idx], d.y[idx]
             if self.augment:
                 x = self._crop_flip(x)
@@ -114,10 +120,10 @@ class DeviceLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, *, device: torch.device, shuffle: bool = False,
                  drop_last: bool = False, generator: torch.Generator | None = None, num_workers: int = 2,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: torch.memory_format = torch.contiguous_format, sampler: Sampler | None = None):
         self.device, self.memory_format, self.generator = device, memory_format, generator
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                                 generator=generator, num_workers=num_workers,
+                                 generator=generator, num_workers=num_workers, sampler=sampler,
                                  pin_memory=device.type == "cuda")
         self.batch_size, self.drop_last = batch_size, drop_last
 
@@ -137,6 +143,25 @@ class DeviceLoader:
 
 
 Loader = TensorLoader | DeviceLoader
+
+
+class GlobalBatchShard(Sampler[int]):
+    """A DataLoader sampler for one of several workers: each global batch of a shared shuffled order,
+    this rank's share of it (as `TensorLoader`'s `shard`). Draws the order from `generator` each pass."""
+
+    def __init__(self, n: int, batch_size: int, shard: tuple[int, int], generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.shard, self.generator = n, batch_size, shard, generator
+
+    def __len__(self) -> int:
+        return (self.n // self.batch_size) * (self.batch_size // self.shard[1])
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        rank, workers = self.shard
+        share = self.batch_size // workers
+        for i in range(self.n // self.batch_size):
+            start = i * self.batch_size + rank * share
+            yield from order[start : start + share]
 
 
 @dataclass
@@ -162,14 +187,23 @@ class Splits:
         return self.target_width
 
     def loader(self, split: str, batch_size: int, *, train: bool = False, augment: bool = False,
-               seed: int = 0, memory_format: torch.memory_format = torch.contiguous_format) -> Loader:
+               seed: int = 0, memory_format: torch.memory_format = torch.contiguous_format,
+               shard: tuple[int, int] = (0, 1)) -> Loader:
         """Batches of `split` ("train", "val" or "test") on the device.
 
         `train=True` shuffles (with a generator seeded by `seed`, exposed as `loader.generator`),
         drops the last short batch (so BatchNorm never sees a batch of one and shapes stay fixed)
-        and applies augmentation if `augment`.
+        and applies augmentation if `augment`. `shard` = (rank, workers) gives one of several
+        data-parallel workers its share: of each global batch of `batch_size` in training, else a
+        contiguous part of the split.
         """
         data = {"train": self.train, "val": self.val, "test": self.test}[split]
+        rank, workers = shard
+        if workers > 1 and not train:
+            part = _contiguous_share(len(data), rank, workers)  # type: ignore[arg-type]
+            data = (dataclasses.replace(data, x=data.x[part], y=data.y[part]) if isinstance(data, TensorData)
+                    else Subset(data, range(part.start, part.stop)))
+            shard = (0, 1)
         drop_last = train and len(data) >= batch_size  # type: ignore[arg-type]
         if isinstance(data, TensorData):
             g = None
@@ -177,12 +211,16 @@ class Splits:
                 g = torch.Generator(device=self.device)
                 g.manual_seed(seed)
             return TensorLoader(data, batch_size, shuffle=train, augment=augment and train,
-                                drop_last=drop_last, generator=g, memory_format=memory_format)
+                                drop_last=drop_last, generator=g, memory_format=memory_format, shard=shard)
         g = None
         if train:
             g = torch.Generator()  # DataLoader samplers draw on the CPU
             g.manual_seed(seed)
         ds = data.train_view if (train and augment and isinstance(data, TwoViews)) else data  # type: ignore[union-attr]
+        if workers > 1:  # training: each global batch's share, drawn from the shared order
+            sampler = GlobalBatchShard(len(ds), batch_size, shard, g)  # type: ignore[arg-type]
+            return DeviceLoader(ds, batch_size // workers, device=self.device, sampler=sampler, generator=g,
+                                num_workers=self.num_workers, memory_format=memory_format)
         return DeviceLoader(ds, batch_size, device=self.device, shuffle=train, drop_last=drop_last,
                             generator=g, num_workers=self.num_workers, memory_format=memory_format)
 
@@ -198,6 +236,13 @@ class TwoViews(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         return self.eval_view[i]
+
+
+def _contiguous_share(n: int, rank: int, workers: int) -> slice:
+    """Rank `rank`'s contiguous part of `n` examples (the first ``n % workers`` ranks get one more)."""
+    base, extra = divmod(n, workers)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
 
 
 # --- splitting ---------------------------------------------------------------------------------

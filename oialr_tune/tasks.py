@@ -82,10 +82,14 @@ class Task:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-                 precision: str = "fp32", prefix: str = "val") -> dict[str, float]:
+                 precision: str = "fp32", prefix: str = "val",
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         """``{prefix_loss, prefix_acc | prefix_mae, prefix_<user metric>...}`` of `model` over `loader`.
 
         Runs in eval mode (restoring the model's previous mode). Empty data gives NaN everywhere.
+        `reduce` (data-parallel workers, each with a share of the split) sums the loss, metric and
+        example count over the workers, so every worker returns the whole split's metrics; user
+        metrics need the whole split's outputs, so a task with them must be given the whole split.
         """
         was_training = model.training
         model.eval()
@@ -104,6 +108,11 @@ class Task:
             n += len(y)
         model.train(was_training)
         names = [f"{prefix}_loss", f"{prefix}_{self.main_metric}", *(f"{prefix}_{k}" for k in self.metric_fns)]
+        if reduce is not None:
+            device = next(model.parameters()).device  # NCCL reduces GPU tensors only
+            sums = torch.tensor([float(loss_sum or 0.0), float(main_sum or 0.0), n], dtype=torch.float64)
+            loss_sum, main_sum, total = reduce(sums.to(device)).tolist()
+            n = int(total)
         if n == 0:
             return dict.fromkeys(names, float("nan"))
         result = {names[0]: float(loss_sum) / n, names[1]: float(main_sum) / n}

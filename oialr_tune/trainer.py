@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from oialr_tune import distributed
 from oialr_tune.config import TrainConfig, resolve_device, train_config_to_dict
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
@@ -260,18 +261,36 @@ class _Run:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     train_loader: Loader
-    val_loader: Loader
     controller: OIALR | None
     scaler: torch.amp.GradScaler
     total_steps: int
     warmup_steps: int
     full_rank_params: int
     forward: Callable[[torch.Tensor], torch.Tensor]  # the model, or its torch.compile wrapper
+    workers: distributed.Workers | None = None  # one of several data-parallel workers (see `distributed`)
+    train_forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # under DDP: the DDP wrapper
+    wrapped_version: int = -1  # the controller's parameters_version the DDP wrapper was built for
+    eval_shard: tuple[int, int] = (0, 1)  # (rank, workers): this worker's share of an evaluation split
     step: int = 0  # optimizer steps done
     start_epoch: int = 0  # epochs done before this process (a resumed run)
     history: list[dict[str, Any]] = field(default_factory=list)
     last_event: int | None = None  # the step of the last OIALR change of form (for the LR re-warm)
     status: str = "running"
+
+    def wrap(self) -> None:
+        """Under DDP: (re)build the wrapper the training steps run through, if the model's parameters changed."""
+        version = self.controller.parameters_version if self.controller else 0
+        if self.workers is not None and version != self.wrapped_version:
+            self.wrapped_version = version
+            ddp = distributed.wrap(self.model, self.device)
+            self.train_forward = torch.compile(ddp) if self.forward is not self.model else ddp
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """The task's metrics of the model on `split` (all of it, also when this worker scored a share)."""
+        loader = self.splits.loader(split, 2 * self.cfg.schedule.batch_size, memory_format=self.memory_format,
+                                    shard=self.eval_shard)
+        reduce = distributed.sum_over_workers if self.eval_shard[1] > 1 else None
+        return self.task.evaluate(self.forward, loader, precision=self.cfg.precision, prefix=split, reduce=reduce)
 
     def lr(self, step: int) -> float:
         """The learning rate of optimizer step `step` (see `lr_at`)."""
@@ -299,7 +318,7 @@ def _set_backends(device: torch.device) -> None:
 
 
 def _start(cfg: TrainConfig, device: torch.device, splits: Splits | None, state: dict[str, Any] | None,
-           ckpt_path: Path | None) -> _Run:
+           ckpt_path: Path | None, workers: distributed.Workers | None = None) -> _Run:
     """Data, model, optimizer, loaders, OIALR controller and GradScaler; continued from `state` if given.
 
     The model is initialised from the seed right before it is built, so a cached dataset (or none)
@@ -316,14 +335,16 @@ def _start(cfg: TrainConfig, device: torch.device, splits: Splits | None, state:
     model = model.to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, cfg)
     batch_size = cfg.schedule.batch_size
+    shard = distributed.batch_shard(workers, batch_size)
     train_loader = splits.loader("train", batch_size, train=True, augment=cfg.data.augment, seed=cfg.seed,
-                                 memory_format=memory_format)
+                                 memory_format=memory_format, shard=shard)
     total_steps = cfg.schedule.epochs * len(train_loader)
     controller = make_controller(model, optimizer, cfg, total_steps)
+    task = task_for(cfg)
     run = _Run(
-        cfg=cfg, device=device, task=task_for(cfg), splits=splits, num_outputs=num_outputs,
-        memory_format=memory_format, model=model, optimizer=optimizer, train_loader=train_loader,
-        val_loader=splits.loader("val", 2 * batch_size, memory_format=memory_format), controller=controller,
+        cfg=cfg, device=device, task=task, splits=splits, num_outputs=num_outputs, workers=workers,
+        eval_shard=(0, 1) if task.metric_fns else shard,  # user metrics: every output on every worker
+        memory_format=memory_format, model=model, optimizer=optimizer, train_loader=train_loader, controller=controller,
         # One backward path for every precision: a disabled scaler passes the loss and step through.
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"), total_steps=total_steps,
         warmup_steps=round(cfg.schedule.warmup_fraction * total_steps),
@@ -334,6 +355,7 @@ def _start(cfg: TrainConfig, device: torch.device, splits: Splits | None, state:
     # torch.compile (GPU only) wraps the forward lazily; the controller keeps editing `model` itself.
     if cfg.compile and device.type == "cuda":
         run.forward = torch.compile(model)
+    run.wrap()
     return run
 
 
@@ -388,7 +410,7 @@ def _optimizer_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float) -> t
     for group in optimizer.param_groups:
         group["lr"] = lr
     with _autocast(run.device, cfg.precision):
-        loss = run.task.train_loss(run.forward(x), y)
+        loss = run.task.train_loss((run.train_forward or run.forward)(x), y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if cfg.grad_clip is not None:
@@ -404,6 +426,7 @@ def _oialr_step(run: _Run) -> list[RankEvent]:
     if run.controller is None:
         return []
     events = run.controller.step()
+    run.wrap()  # DDP's reducer holds the parameters it was built with; a check replaces them
     if events:
         run.last_event = run.controller.step_count
         if run.forward is not run.model:
@@ -429,11 +452,13 @@ def _train_steps(run: _Run, progress: TrainProgress | None) -> _Steps:
         examples += len(y)
         if progress is not None:
             progress.step()
-        if run.step % nan_check_every == 0 and not torch.isfinite(loss_sum):
-            run.status = "diverged"
+        if run.step % nan_check_every == 0 and not torch.isfinite(distributed.sum_over_workers(loss_sum)):
+            run.status = "diverged"  # on every worker at the same step: they stop together
             break
         events += _oialr_step(run)
-    return _Steps((loss_sum / max(1, batches)).item(), lr, examples, events)
+    world = run.workers.world_size if run.workers else 1
+    mean_loss = distributed.sum_over_workers(loss_sum) / (world * max(1, batches))
+    return _Steps(mean_loss.item(), lr, examples * world, events)
 
 
 def _train_epoch(run: _Run, epoch: int, progress: TrainProgress | None) -> dict[str, Any]:
@@ -448,7 +473,7 @@ def _train_epoch(run: _Run, epoch: int, progress: TrainProgress | None) -> dict[
         # No validation of a broken model: report the worst values so searchers rank it last.
         val_metrics = run.task.worst()
     else:
-        val_metrics = run.task.evaluate(run.forward, run.val_loader, precision=run.cfg.precision)
+        val_metrics = run.evaluate("val")
         run.status = "finished" if epoch + 1 == run.cfg.schedule.epochs else "running"
     t_epoch = time.perf_counter() - t0
     c = run.controller
@@ -480,7 +505,7 @@ def _run_epochs(run: _Run, *, callbacks: Sequence[Callback], ckpt_path: Path | N
             progress.on_epoch_end(metrics, None)
         written = None
         if ckpt_path is not None and checkpoint_due(run.cfg, epoch + 1, checkpoint_epochs) \
-                and run.status != "diverged":
+                and run.status != "diverged" and (run.workers is None or run.workers.main):
             write_checkpoint(ckpt_path, _checkpoint_payload(run, epoch + 1))
             written = ckpt_path.parent
         for cb in callbacks:
@@ -493,8 +518,7 @@ def _result(run: _Run, *, evaluate_test: bool, ckpt_path: Path | None, wall_star
     """The `TrainResult` of a run whose epochs are done; scores the test split if asked (and not diverged)."""
     test_metrics: dict[str, float] = {}
     if evaluate_test and run.status != "diverged":
-        test_loader = run.splits.loader("test", 2 * run.cfg.schedule.batch_size, memory_format=run.memory_format)
-        test_metrics = run.task.evaluate(run.forward, test_loader, precision=run.cfg.precision, prefix="test")
+        test_metrics = run.evaluate("test")
     return TrainResult(
         history=run.history, final=run.history[-1] if run.history else {}, test_loss=test_metrics.get("test_loss"),
         test_acc=test_metrics.get("test_acc"), test_metrics=test_metrics,
@@ -539,13 +563,15 @@ def train(
                                 evaluate_test=evaluate_test, checkpoint_epochs=checkpoint_epochs, splits=splits,
                                 progress=progress)  # fmt: skip
     wall_start = time.perf_counter()
-    device = resolve_device(cfg.device)
+    workers = distributed.current()
+    device = distributed.local_device(resolve_device(cfg.device), workers)
     ckpt_path = checkpoint_file(checkpoint_dir)
     state = resume_state(ckpt_path, resume)
-    run = _start(cfg, device, splits, state, ckpt_path)
+    run = _start(cfg, device, splits, state, ckpt_path, workers)
     try:
         if progress is not None:  # only now: bad input (data, checkpoint) stays a one-line error
-            progress.start(cfg, device, done_epochs=state["epoch"] if state else 0)
+            progress.start(cfg, device, done_epochs=state["epoch"] if state else 0,
+                           workers=workers.world_size if workers else 1)
             progress.begin_steps(run.total_steps, run.step)
         _run_epochs(run, callbacks=callbacks, ckpt_path=ckpt_path, checkpoint_epochs=set(checkpoint_epochs or ()),
                     progress=progress)

@@ -337,6 +337,9 @@ class OIALR:
         self.full_rank_parameters = _count_trainable(model)
         self.history: list[RankEvent] = []
         self._step = 0
+        # Bumped whenever a trainable tensor is replaced (every factorization and check, cut or not):
+        # a DDP wrapper built at another version holds stale parameters and must be rebuilt.
+        self.parameters_version = 0
         self._converted = 0  # how many slots (counted from the last) are low-rank
         self._checked = 0  # "check" schedule: how many slots (from the last) are checked; 0 = all
         # Under DDP: who runs which SVD (None: this process runs them all).
@@ -471,6 +474,7 @@ class OIALR:
 
         ``step`` and other non-matrix state are kept as they are; ``carry=None`` drops all state.
         """
+        self.parameters_version += 1
         for group in self.optimizer.param_groups:
             for i, p in enumerate(group["params"]):
                 if p is old:
