@@ -122,18 +122,16 @@ def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
                 raise UserError(f"base.data.root: {root} does not exist (set data.download: true to fetch it)")
             data["root"] = str(root.resolve())
     if local:
-        if space.resources.gpu > 0:
+        r = space.resources
+        each = f" x {r.workers} workers" if r.workers > 1 else ""  # a multi-worker trial needs all at once
+        if r.gpu > 0:
             if not torch.cuda.is_available():
-                raise UserError(
-                    f"resources.gpu: {space.resources.gpu} GPU per trial requested but this machine has no CUDA GPU"
-                )
-            if space.resources.gpu > torch.cuda.device_count():
-                raise UserError(
-                    f"resources.gpu: {space.resources.gpu} per trial but only {torch.cuda.device_count()} GPU(s)"
-                )
+                raise UserError(f"resources.gpu: {r.gpu} GPU per trial requested but this machine has no CUDA GPU")
+            if r.gpu * r.workers > torch.cuda.device_count():
+                raise UserError(f"resources.gpu: {r.gpu} per trial{each} but only {torch.cuda.device_count()} GPU(s)")
         cpus = os.cpu_count() or 1
-        if space.resources.cpu > cpus:
-            raise UserError(f"resources.cpu: {space.resources.cpu} per trial but this machine has {cpus} CPU(s)")
+        if r.cpu * r.workers > cpus:
+            raise UserError(f"resources.cpu: {r.cpu} per trial{each} but this machine has {cpus} CPU(s)")
         try:
             if plugins.uses_user_code(base):
                 check_user_code(train_config_from_dict(base))

@@ -127,12 +127,12 @@ def check_workers(cfg: TrainConfig, workers: int, *, key: str = "--workers") -> 
         raise UserError(f"{key}: must be >= 1, got {workers}")
     if cfg.trainable is not None:
         raise UserError(f"{key}: trainable {cfg.trainable!r} is a user's own loop; it runs on one worker")
-    batch_shard(Workers(0, workers), cfg.schedule.batch_size)
     gpu = resolve_device(cfg.device).type == "cuda"
     have = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
     if workers > have:
         raise UserError(f"{key}: {workers} workers need {workers} {'GPUs' if gpu else 'CPU cores'}, "
                         f"this machine has {have}")
+    batch_shard(Workers(0, workers), cfg.schedule.batch_size)
     return gpu
 
 

@@ -217,6 +217,7 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     params = _parse_search(data["search"], base, base_cfg)
     objective = _parse_objective(data.get("objective"), base_cfg)
     resources = _parse_resources(data.get("resources"), base)
+    _check_workers(resources.workers, base_cfg, params)
     baseline = data.get("baseline", "same-budget")
     if baseline not in BASELINES:
         raise UserError(f"baseline: expected one of {', '.join(BASELINES)}, got {baseline!r}")
@@ -354,6 +355,25 @@ def _parse_resources(raw: Any, base: dict[str, Any]) -> Resources:
     if resources.gpu > 0 and base["device"] == "cpu":
         raise UserError("resources.gpu: trials would run on base.device 'cpu'; set base.device to auto or cuda")
     return resources
+
+
+def _check_workers(workers: int, base_cfg: TrainConfig, params: tuple[Param, ...]) -> None:
+    """``resources.workers``: >= 1; above 1, a built-in trainer run whose global batches split evenly."""
+    if not isinstance(workers, int) or workers < 1:
+        raise UserError(f"resources.workers: must be an int >= 1, got {workers!r}")
+    if workers == 1:
+        return
+    if base_cfg.trainable is not None:
+        raise UserError(f"resources.workers: {workers} workers, but base.trainable {base_cfg.trainable!r} is a "
+                        "user's own loop, which runs on one worker")
+    batch = base_cfg.schedule.batch_size
+    if batch % workers:
+        raise UserError(f"base.schedule.batch_size: {batch} is the global batch and must be a multiple of the "
+                        f"{workers} workers (resources.workers)")
+    for p in params:
+        if p.key == "schedule.batch_size" and (p.type != "categorical" or any(c % workers for c in p.choices or ())):
+            raise UserError(f"search.schedule.batch_size: with resources.workers {workers}, give categorical "
+                            f"choices that are multiples of {workers}")
 
 
 def _parse_checkpoint(raw: Any) -> CheckpointPolicy:

@@ -127,10 +127,15 @@ class Budget:
 
 @dataclass(frozen=True)
 class Resources:
-    """Per-trial resources for Ray. Fractions of a GPU pack several trials onto one device."""
+    """Per-trial resources for Ray. Fractions of a GPU pack several trials onto one device.
+
+    `workers` > 1 runs each trial as that many data-parallel workers (Ray Train, DDP), each with
+    `cpu` CPUs and `gpu` GPUs: ``{workers: 4, gpu: 1}`` is a trial on 4 GPUs.
+    """
 
     cpu: float = 1.0
     gpu: float = 0.0
+    workers: int = 1
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,17 @@ SPACE_CASES = [
                  ["base.model.args.patch_size"], id="model-arg-only-the-builder-can-check"),
     pytest.param([(("base", "device"), "auto"), (("resources", "gpu"), 1)], ["resources.gpu"],
                  marks=NO_GPU, id="gpu-per-trial-on-a-machine-without-one"),
+    # Distributed trials: more workers than the machine has, an uneven global batch, a user's own loop.
+    pytest.param([(("resources",), {"cpu": 1, "workers": 64})], ["resources.cpu", "64 workers"],
+                 id="more-workers-than-cpus"),
+    pytest.param([(("resources",), {"cpu": 0.5, "workers": 0})], ["resources.workers"], id="zero-workers"),
+    pytest.param([(("resources",), {"cpu": 0.5, "workers": 2}), (("base", "schedule"), {"batch_size": 63})],
+                 ["base.schedule.batch_size", "63"], id="global-batch-not-divisible-by-workers"),
+    pytest.param([(("resources",), {"cpu": 0.5, "workers": 2}),
+                  (("search", "schedule.batch_size"), {"type": "int", "low": 16, "high": 64})],
+                 ["search.schedule.batch_size"], id="searched-batch-not-divisible-by-workers"),
+    pytest.param([(("resources",), {"cpu": 0.5, "workers": 2}), (("base", "trainable"), "my_loop:train")],
+                 ["resources.workers", "my_loop:train"], id="workers-with-a-users-own-loop"),
     pytest.param([(("base", "device"), "cuda"), (("resources", "gpu"), 0.5)], ["resources.gpu"],
                  marks=NO_GPU, id="cuda-device-on-a-machine-without-one"),
 ]  # fmt: skip
@@ -351,6 +362,18 @@ def test_train_checkpoint_of_another_config(tmp_path: Path, rejected: Callable[.
 def test_train_cuda_on_a_machine_without_one(tmp_path: Path, rejected: Callable[..., str]) -> None:
     config = write_train(tmp_path, edited(TRAIN, (("device",), "cuda")))
     rejected(["train", str(config), "--checkpoint-dir", str(tmp_path / "ck")], "device")
+
+
+@pytest.mark.parametrize(("edits", "argv", "names"), [
+    pytest.param([], ["--workers", "4096"], ["--workers", "4096 workers need 4096 CPU cores"], id="more-than-cores"),
+    pytest.param([(("schedule", "batch_size"), 63)], ["--workers", "2"], ["schedule.batch_size", "63"],
+                 id="uneven-global-batch"),
+    pytest.param([(("trainable",), "my_loop:train")], ["--workers", "2"], ["--workers", "my_loop:train"],
+                 id="users-own-loop"),
+])  # fmt: skip
+def test_train_workers_this_machine_cannot_run(edits: list, argv: list[str], names: list[str], tmp_path: Path,
+                                               rejected: Callable[..., str]) -> None:
+    rejected(["train", str(write_train(tmp_path, edited(TRAIN, *edits))), *argv], *names)
 
 
 def test_train_negative_epochs(tmp_path: Path, rejected: Callable[..., str]) -> None:

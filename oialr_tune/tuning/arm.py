@@ -115,7 +115,7 @@ def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[
         scheduler=scheduler(space),
         num_samples=space.arm_num_samples(arm) - len(prior),
         max_concurrent_trials=space.budget.max_concurrent or slots(space.resources, ray.cluster_resources()),
-        reuse_actors=True,
+        reuse_actors=space.resources.workers == 1,  # a multi-worker trial's actor owns its Train run: end it
         trial_dirname_creator=_trial_dirname,
     )
     run_config = tune.RunConfig(

@@ -164,10 +164,11 @@ def stop_ray() -> None:
 def check_cluster_fits(r: Resources) -> None:
     """A trial (or retrain run) asking for more than the cluster has would wait forever: refuse it now."""
     have = ray.cluster_resources()
-    if r.cpu > have.get("CPU", 0):
-        raise UserError(f"resources.cpu: {r.cpu} per trial but the Ray cluster has {have.get('CPU', 0)} CPU(s)")
-    if r.gpu > have.get("GPU", 0):
-        raise UserError(f"resources.gpu: {r.gpu} per trial but the Ray cluster has {have.get('GPU', 0)} GPU(s)")
+    each = f" x {r.workers} workers" if r.workers > 1 else ""
+    if r.cpu * r.workers > have.get("CPU", 0):
+        raise UserError(f"resources.cpu: {r.cpu} per trial{each} but the Ray cluster has {have.get('CPU', 0)} CPU(s)")
+    if r.gpu * r.workers > have.get("GPU", 0):
+        raise UserError(f"resources.gpu: {r.gpu} per trial{each} but the Ray cluster has {have.get('GPU', 0)} GPU(s)")
 
 
 def slots(resources: Resources, have: Mapping[str, float]) -> int:
@@ -179,8 +180,9 @@ def slots(resources: Resources, have: Mapping[str, float]) -> int:
     the previous trial runs; with the limit they start together, and the searcher proposes no config
     that could not run yet.
     """
-    fits = [have.get("CPU", 0) / resources.cpu] if resources.cpu > 0 else []
+    n = resources.workers  # a multi-worker trial holds n workers' resources (its own 0.01 CPU aside)
+    fits = [have.get("CPU", 0) / (n * resources.cpu + (0.01 if n > 1 else 0))] if resources.cpu > 0 else []
     if resources.gpu > 0:
-        fits.append(have.get("GPU", 0) / resources.gpu)
+        fits.append(have.get("GPU", 0) / (n * resources.gpu))
     return max(1, int(min(fits, default=1) + 1e-9))
 

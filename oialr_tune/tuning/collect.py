@@ -58,6 +58,7 @@ def rows_of(space: SearchSpace, arm: str, ended: Mapping[str, dict[str, Any]]) -
             "train_time_s": float(sum(e.get("train_time_s") or 0.0 for e in epochs)),
             "node_id": last.get("node_id"),
             "gpu_ids": last.get("gpu_ids"),
+            "workers": last.get("workers", 1),
             "checkpoint": rec.get("checkpoint"),
             "error": rec.get("error"),
             "_history": history,

@@ -21,7 +21,7 @@ from oialr_tune.tuning.state import Journal, Signature, kill_point
 # Last-result keys an end record keeps (what trials.csv shows of a trial).
 RESULT_KEYS = (
     "val_acc", "val_loss", SIZE_METRIC, "trainable_params", "training_iteration", "time_total_s",
-    "node_id", "gpu_ids", "run_status",
+    "node_id", "gpu_ids", "workers", "run_status",
 )  # fmt: skip
 
 

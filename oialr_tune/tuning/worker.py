@@ -3,6 +3,15 @@
 Everything a trial depends on comes from the stored base config and its sampled values, so a
 reused worker process gives the same result as a fresh one; only the trainer's dataset cache
 survives between trials.
+
+A trial with ``resources.workers: N > 1`` is Ray's Train + Tune pattern: the Tune trial (a light
+function, 0.01 CPU) starts a Ray Train ``TorchTrainer`` of N workers, each with ``resources.cpu`` and
+``resources.gpu``, which Ray places on one node or across the cluster and joins in one process group
+(NCCL on GPUs, gloo on CPUs). Every worker runs the trainer (DDP, its share of each global batch);
+rank 0's checkpoint goes to storage through ``ray.train.report``, and the trial passes each epoch's
+metrics and checkpoint on to Tune with ``tune.report``, so ASHA, resume, best and retrain see the
+same trial as with one worker. ASHA stopping the trial ends the Tune trial's actor, which owns the
+Train run: its workers end with it.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +32,7 @@ from ray import tune
 
 from oialr_tune import plugins
 from oialr_tune.config import train_config_from_dict, with_overrides
-from oialr_tune.space import SearchSpace
+from oialr_tune.space import Resources, SearchSpace
 from oialr_tune.trainer import Callback, train
 
 __all__ = ["make_trainable", "run_trial"]
@@ -47,10 +58,14 @@ def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class ReportToRay(Callback):
-    """Trainer callback: one ``ray.tune.report`` per epoch, with the checkpoint when one was written."""
+    """Trainer callback: one report per epoch, with the checkpoint when one was written.
 
-    def __init__(self, extra: Mapping[str, Any]):
-        self.extra = dict(extra)
+    To Ray Tune (``tune.report``) from a one-worker trial, to Ray Train (``ray.train.report``, which
+    every worker calls and only rank 0 with a checkpoint) from a worker of a multi-worker trial.
+    """
+
+    def __init__(self, extra: Mapping[str, Any], report: Any = tune.report):
+        self.extra, self.report = dict(extra), report
 
     def on_epoch_end(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         row = _scalar_metrics(metrics)
@@ -59,11 +74,40 @@ class ReportToRay(Callback):
         # Ray copies the folder into the trial's storage during `report`, so the trainer may
         # overwrite its checkpoint file afterwards.
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
-        tune.report(row, checkpoint=checkpoint)
+        self.report(row, checkpoint=checkpoint)
+
+
+def _where() -> dict[str, Any]:
+    """Where this process runs: the node, the worker process (reused across trials) and Ray's GPU ids."""
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+    }
+
+
+def _train_in(work: Path, cfg: Any, checkpoint: tune.Checkpoint | None, reporter: ReportToRay,
+              checkpoint_epochs: list[int]) -> None:
+    """The trainer in the scratch folder `work`, resumed from `checkpoint` if there is one; `work` is removed."""
+    try:
+        if checkpoint is not None:
+            checkpoint.to_directory(str(work))
+        train(cfg, callbacks=[reporter], checkpoint_dir=work, resume=True, checkpoint_epochs=checkpoint_epochs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _trial_config(config: dict[str, Any], base: dict[str, Any], user_code: bytes | None) -> Any:
+    """The trainer config of a trial: `base` with the sampled `config`; the sweep decides when to checkpoint."""
+    if user_code is not None:
+        plugins.install(user_code)
+    cfg = with_overrides(train_config_from_dict(base), config) if config else train_config_from_dict(base)
+    cfg.checkpoint_every = 0  # the sweep decides when to checkpoint: `checkpoint_epochs`
+    return cfg
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], checkpoint_epochs: list[int],
-              user_code: bytes | None = None) -> None:
+              user_code: bytes | None = None, resources: Resources | None = None) -> None:
     """One Ray Tune trial: the trainer on `base` with the sampled `config` (dotted keys).
 
     `user_code` is the driver's resolved user functions (`oialr_tune.plugins.pickled`), so a
@@ -72,26 +116,97 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], checkpoint_epochs
     Resumes from the trial's latest Ray checkpoint when there is one (a restored sweep, a retried
     failure). Everything the run depends on comes from `base` and `config`, so a reused worker
     process gives the same result as a fresh one; only the trainer's dataset cache survives.
+    With ``resources.workers > 1`` the trial runs on that many Ray Train workers (module notes).
     """
-    if user_code is not None:
-        plugins.install(user_code)
-    cfg = with_overrides(train_config_from_dict(base), config) if config else train_config_from_dict(base)
-    cfg.checkpoint_every = 0  # the sweep decides when to checkpoint: `checkpoint_epochs`
-    # Where the trial ran: the node, the worker process (reused across trials) and Ray's GPU ids.
+    if resources is not None and resources.workers > 1:
+        _run_on_workers(config, base=base, checkpoint_epochs=checkpoint_epochs, user_code=user_code,
+                        resources=resources)
+        return
+    cfg = _trial_config(config, base, user_code)
+    reporter = ReportToRay({**_where(), "workers": 1})
+    _train_in(Path(tempfile.mkdtemp(prefix="oialr-trial-")), cfg, tune.get_checkpoint(), reporter, checkpoint_epochs)
+
+
+def _train_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker of a multi-worker trial: the trainer under DDP, reporting to Ray Train."""
+    import ray.train
+    import torch.distributed as dist
+
+    cfg = _trial_config(loop["config"], loop["base"], loop["user_code"])
+    # Every worker's place, so the trial's row names all the nodes and GPUs it used.
+    places: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(places, _where())
     extra = {
-        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_id": ",".join(dict.fromkeys(p["node_id"] for p in places)),
         "pid": os.getpid(),
-        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+        "gpu_ids": ",".join(p["gpu_ids"] for p in places if p["gpu_ids"]),
+        "workers": len(places),
     }
-    reporter = ReportToRay(extra)
-    work = Path(tempfile.mkdtemp(prefix="oialr-trial-"))
+    reporter = ReportToRay(extra, report=ray.train.report)
+    _train_in(Path(tempfile.mkdtemp(prefix="oialr-trial-")), cfg, loop["checkpoint"], reporter,
+              loop["checkpoint_epochs"])
+
+
+class _ForwardToTrial(ray.train.UserCallback):
+    """Ray Train controller callback: hands each report (rank 0's metrics, the stored checkpoint) to the trial."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.queue.put((metrics[0], checkpoint))  # blocks while the trial has not passed the last one on
+
+
+def _run_on_workers(config: dict[str, Any], *, base: dict[str, Any], checkpoint_epochs: list[int],
+                    user_code: bytes | None, resources: Resources) -> None:
+    """The Tune side of a multi-worker trial: a TorchTrainer on a thread, its reports passed on to Tune."""
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    # Ray Train gives up on workers that have not started within 60 s by default; on a busy cluster
+    # (other trials hold the resources, or start-up is slow) the trial should wait, as a Tune trial does.
+    # Ray Train passes the variable from here to its controller.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    storage = tune.get_context().get_storage()
+    name = f"train-{uuid.uuid4().hex[:8]}"  # a new Train run per attempt; Tune's checkpoint is what resumes
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": config, "base": base, "checkpoint_epochs": checkpoint_epochs,
+                           "user_code": user_code, "checkpoint": tune.get_checkpoint()},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.workers, use_gpu=resources.gpu > 0,
+            resources_per_worker={"CPU": resources.cpu, "GPU": resources.gpu},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage.trial_fs_path, storage_filesystem=storage.storage_filesystem,
+            callbacks=[_ForwardToTrial(queue)], checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=0),  # Tune retries the trial
+        ),
+    )
+    failed: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # handed to the trial's thread, which raises it
+            failed.append(e)
+        finally:
+            queue.put(None)
+
+    thread = threading.Thread(target=fit, name="oialr-train-run", daemon=True)
+    thread.start()
     try:
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            checkpoint.to_directory(str(work))
-        train(cfg, callbacks=[reporter], checkpoint_dir=work, resume=True, checkpoint_epochs=checkpoint_epochs)
+        while (item := queue.get()) is not None:
+            row, stored = item  # a ray.train.Checkpoint in the Train run's storage, or None
+            checkpoint = tune.Checkpoint(stored.path, stored.filesystem) if stored is not None else None
+            tune.report(row, checkpoint=checkpoint)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        thread.join(timeout=0 if failed else None)
+        with_fs = storage.storage_filesystem
+        with_fs.delete_dir(f"{storage.trial_fs_path}/{name}")  # Tune holds its own copies of the checkpoints
+    if failed:
+        raise failed[0]
 
 
 def make_trainable(space: SearchSpace, arm: str) -> Any:
@@ -101,5 +216,9 @@ def make_trainable(space: SearchSpace, arm: str) -> Any:
     """
     base = space.arm_base(arm)
     user_code = plugins.pickled(base) if plugins.names_in(base) else None
-    fn = tune.with_parameters(run_trial, base=base, checkpoint_epochs=space.checkpoint_epochs(), user_code=user_code)
-    return tune.with_resources(fn, {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
+    r = space.resources
+    fn = tune.with_parameters(run_trial, base=base, checkpoint_epochs=space.checkpoint_epochs(), user_code=user_code,
+                              resources=r)
+    if r.workers > 1:  # the trial only waits on its Ray Train workers, which hold the resources
+        return tune.with_resources(fn, {"cpu": 0.01})
+    return tune.with_resources(fn, {"cpu": r.cpu, "gpu": r.gpu})
