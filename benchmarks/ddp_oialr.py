@@ -57,9 +57,10 @@ def _bench(args: argparse.Namespace, out_dir: str) -> None:
     controller = OIALR(model, optimizer, delay=args.steps + 1, stability_frequency=args.frequency,
                        stability_threshold=None, sigma_cutoff_fraction=args.cutoff)
     share = args.batch // world
-    g = torch.Generator(device="cpu").manual_seed(1 + rank)
-    x = torch.randn(share, *args.in_shape, generator=g).to(device)
-    y = torch.randint(0, 10, (share,), generator=g).to(device)
+    g = torch.Generator(device="cpu").manual_seed(1)  # one global batch; each worker takes its share
+    mine = slice(rank * share, (rank + 1) * share)
+    x = torch.randn(args.batch, *args.in_shape, generator=g)[mine].to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g)[mine].to(device)
     state: dict[str, Any] = {"version": -1, "forward": model, "sent": None}
 
     def rewrap() -> None:
@@ -72,7 +73,7 @@ def _bench(args: argparse.Namespace, out_dir: str) -> None:
     def step() -> tuple[float, float | None, int]:
         """One training step; returns (step seconds, check seconds or None, gradient bytes sent)."""
         rewrap()
-        sent = state["sent"] or []
+        sent = state["sent"] if state["sent"] is not None else []  # (an empty list is the live one)
         before = len(sent)
         _sync(device)
         t0 = time.perf_counter()
