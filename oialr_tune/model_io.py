@@ -12,7 +12,8 @@ Loading rebuilds the architecture by name, gives the low-rank layers their saved
 loads the weights strictly, so the loaded model computes exactly what was saved.
 
 This module must stay importable without Ray or Optuna (a deployed model needs neither): it
-imports only torch, numpy and the model registry and OIALR layers of this package.
+imports only torch, numpy and the model registry, OIALR layers and run record (the checkpoint
+format) of this package.
 """
 
 from __future__ import annotations
@@ -29,13 +30,11 @@ from torch import nn
 from oialr_tune.files import write_atomic
 from oialr_tune.models import build_model
 from oialr_tune.oialr import apply_low_rank_structure, export_dense, low_rank_structure
+from oialr_tune.run_record import CHECKPOINT_FORMAT
 
 __all__ = ["FORMAT", "ModelFile", "load_model", "read_model_file", "save_model"]
 
 FORMAT = "oialr-tune-model/1"
-# The format of `oialr_tune.trainer`'s checkpoints, which `load_model` reads too; kept here so that
-# this module need not import the trainer (and its data code).
-TRAINER_CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -140,7 +139,7 @@ def _data_shapes(cfg_dict: Mapping[str, Any], in_shape: Sequence[int] | None, nu
 def read_model_file(path: str | Path) -> ModelFile:
     """Read a model file, or a trainer checkpoint, without building the model (safe: ``weights_only=True``).
 
-    A checkpoint of the built-in trainer (``checkpoint.pt``, see :mod:`oialr_tune.trainer`) is read
+    A checkpoint of the built-in trainer (``checkpoint.pt``, see :mod:`oialr_tune.run_record`) is read
     as the model file of its model at that epoch: its config names the architecture, its OIALR
     controller state the ranks, and ``meta`` holds the epoch.
     """
@@ -169,7 +168,7 @@ def read_model_file(path: str | Path) -> ModelFile:
 
 def _is_checkpoint(payload: Any) -> bool:
     """Whether `payload` is a trainer checkpoint (its format, with its config and history)."""
-    return (isinstance(payload, dict) and payload.get("format") == TRAINER_CHECKPOINT_FORMAT
+    return (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
             and {"config", "history"} <= payload.keys())
 
 

@@ -47,10 +47,11 @@ from oialr_tune.model_io import load_model, save_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.plugins import uses_user_code
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
+from oialr_tune.run_record import CHECKPOINT_NAME, TrainResult, checkpoint_payload, read_checkpoint, write_checkpoint
 from oialr_tune.splits import Splits, TensorData
 from oialr_tune.stats import verdict, welch_interval
 from oialr_tune.tasks import task_for
-from oialr_tune.trainer import CHECKPOINT_NAME, TrainResult, _one_line, read_checkpoint, train
+from oialr_tune.trainer import _one_line, train
 from oialr_tune.tuning.parallel import run_all
 
 __all__ = ["RETRAIN_DIR", "retrain"]
@@ -142,12 +143,12 @@ def _write_start_checkpoint(source: Path, cfg: TrainConfig, work_dir: Path) -> N
         controller = {**controller, "step": 0, "history": []}
     elif cfg.oialr.enabled:
         raise UserError(f"--from-checkpoint: {source} is a full-rank checkpoint but the config enables OIALR")
-    state.update(
-        config=train_config_to_dict(cfg), epoch=0, step=0, history=[], controller=controller,
+    state.update(checkpoint_payload(
+        cfg, epoch=0, history=[], controller=controller, step=0,
         rng={"torch": torch.get_rng_state(), "cuda": None, "data": data_gen.get_state()},
-    )  # fmt: skip
+    ))  # fmt: skip
     work_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(state, work_dir / CHECKPOINT_NAME)
+    write_checkpoint(work_dir / CHECKPOINT_NAME, state)
 
 
 # --- one run --------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from tiny_sweep import tiny_space
 
 from oialr_tune.cli import main
 from oialr_tune.config import train_config_from_dict
-from oialr_tune.trainer import CHECKPOINT_NAME, read_checkpoint, train
+from oialr_tune.run_record import CHECKPOINT_NAME, read_checkpoint
+from oialr_tune.trainer import train
 
 HERE = Path(__file__).parent
 

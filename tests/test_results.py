@@ -243,7 +243,7 @@ def test_the_sweep_summary_and_best_agree_on_ties_and_missing_fractions(
 def test_the_checkpoint_file_name_is_the_trainers() -> None:
     """results reads without torch, so it cannot import the trainer's name for the file: pinned here."""
     from oialr_tune.results import CHECKPOINT_FILE
-    from oialr_tune.trainer import CHECKPOINT_NAME
+    from oialr_tune.run_record import CHECKPOINT_NAME
 
     assert CHECKPOINT_FILE == CHECKPOINT_NAME
 

@@ -22,7 +22,8 @@ from oialr_tune.model_io import load_model, read_model_file
 from oialr_tune.oialr import LowRankLayer, low_rank_structure
 from oialr_tune.results import best_trial
 from oialr_tune.retrain import _write_start_checkpoint, merge_train_val, retrain
-from oialr_tune.trainer import evaluate, read_checkpoint
+from oialr_tune.run_record import read_checkpoint
+from oialr_tune.trainer import evaluate
 
 
 @pytest.fixture(scope="module")

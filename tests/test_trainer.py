@@ -12,16 +12,8 @@ import torch
 from oialr_tune.config import TrainConfig, train_config_from_dict
 from oialr_tune.errors import UserError
 from oialr_tune.model_io import load_model, read_model_file
-from oialr_tune.trainer import (
-    CHECKPOINT_NAME,
-    Callback,
-    TrainResult,
-    evaluate,
-    lr_at,
-    oialr_delay_steps,
-    read_checkpoint,
-    train,
-)
+from oialr_tune.run_record import CHECKPOINT_NAME, Callback, TrainResult, oialr_delay_steps, read_checkpoint
+from oialr_tune.trainer import evaluate, lr_at, train
 
 TIMING = {"examples_per_s", "train_time_s"}
 
