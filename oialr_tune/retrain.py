@@ -47,16 +47,16 @@ from oialr_tune.model_io import load_model, save_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.plugins import uses_user_code
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
-from oialr_tune.run_record import CHECKPOINT_NAME, TrainResult, checkpoint_payload, read_checkpoint, write_checkpoint
+from oialr_tune.run_record import TrainResult, checkpoint_payload, read_checkpoint, write_checkpoint
 from oialr_tune.splits import Splits, TensorData
 from oialr_tune.stats import verdict, welch_interval
+from oialr_tune.sweep_state import CHECKPOINT_FILE, RETRAIN_DIR, SUMMARY_FILE
 from oialr_tune.tasks import task_for
 from oialr_tune.trainer import _one_line, train
 from oialr_tune.tuning.parallel import run_all
 
-__all__ = ["RETRAIN_DIR", "retrain"]
+__all__ = ["retrain"]
 
-RETRAIN_DIR = "retrain"
 METRICS_COLUMNS = (
     "arm", "seed", "status", "test_acc", "test_loss", "reloaded_test_acc", "dense_test_acc", "val_acc",
     "trainable_fraction",
@@ -111,7 +111,7 @@ def _checkpoint_file(trial: TrialInfo) -> Path:
         raise UserError(f"--from-checkpoint: trial {trial.trial_id} has no checkpoint")
     path = Path(trial.checkpoint)
     if path.is_dir():
-        path = path / CHECKPOINT_NAME
+        path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise UserError(f"--from-checkpoint: {path} does not exist")
     read_checkpoint(path)  # a corrupt or foreign file: UserError naming it
@@ -148,7 +148,7 @@ def _write_start_checkpoint(source: Path, cfg: TrainConfig, work_dir: Path) -> N
         rng={"torch": torch.get_rng_state(), "cuda": None, "data": data_gen.get_state()},
     ))  # fmt: skip
     work_dir.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(work_dir / CHECKPOINT_NAME, state)
+    write_checkpoint(work_dir / CHECKPOINT_FILE, state)
 
 
 # --- one run --------------------------------------------------------------------------------------
@@ -507,7 +507,7 @@ def _write_outputs(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str,
         writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
 
 
 def _log_summary(summary: dict[str, Any], log: Callable[[str], None]) -> None:

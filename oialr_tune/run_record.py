@@ -31,11 +31,11 @@ from oialr_tune.config import train_config_to_dict
 from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
 from oialr_tune.oialr import OIALR, RankEvent, count_trainable
+from oialr_tune.sweep_state import CHECKPOINT_FILE
 
 if TYPE_CHECKING:
     from oialr_tune.config import OIALRConfig, TrainConfig
 
-CHECKPOINT_NAME = "checkpoint.pt"
 # Written into every checkpoint; `read_checkpoint` and `oialr_tune.model_io` accept only this one.
 CHECKPOINT_FORMAT = 1
 
@@ -161,7 +161,7 @@ def make_controller(model: nn.Module, optimizer: torch.optim.Optimizer, settings
 
 def checkpoint_file(checkpoint_dir: str | Path | None) -> Path | None:
     """Where a run checkpointing into `checkpoint_dir` keeps its checkpoint (None: no checkpoints)."""
-    return Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    return Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
 
 
 def checkpoint_due(cfg: TrainConfig, epoch: int, checkpoint_epochs: set[int]) -> bool:

@@ -1,7 +1,7 @@
 """A sweep folder survives any kill: the kill-point matrix, a full disk, SIGTERM, the lock, a moved
 folder, an edited config, an unsigned or tampered state, and final writes cut short.
 
-Kills use the driver's own hook (`OIALR_TUNE_TEST_KILL_AT`, see `oialr_tune.tuning.state.kill_point`):
+Kills use the driver's own hook (`OIALR_TUNE_TEST_KILL_AT`, see `oialr_tune.sweep_state.kill_point`):
 the driver SIGKILLs its whole process group (itself and the Ray it started) at a named point, so
 each phase is hit exactly. Resumes run in-process on the session's Ray.
 """
@@ -27,10 +27,10 @@ import yaml
 from tiny_sweep import SPACE as TINY_SPACE
 from tiny_sweep import tiny_sweep_dir
 
+from oialr_tune import sweep_state
 from oialr_tune.cli import main
 from oialr_tune.errors import SweepInterrupted
 from oialr_tune.space import space_from_dict
-from oialr_tune.tuning import state as sweep_state
 from oialr_tune.tuning import sweep
 
 # Two arms of 2 trials x 2 epochs (ASHA may stop a trial after epoch 1).

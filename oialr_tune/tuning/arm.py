@@ -21,9 +21,10 @@ import ray
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
+from oialr_tune import sweep_state as state
 from oialr_tune.errors import SweepInterrupted
 from oialr_tune.space import SearchSpace
-from oialr_tune.tuning import hooks, state
+from oialr_tune.tuning import hooks
 from oialr_tune.tuning.cluster import slots
 from oialr_tune.tuning.collect import rows_of
 from oialr_tune.tuning.search import scheduler, searcher

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from ray import tune
 
 from oialr_tune.space import SIZE_METRIC
-from oialr_tune.tuning.state import Journal, Signature, kill_point
+from oialr_tune.sweep_state import Journal, Signature, kill_point
 
 # Last-result keys an end record keeps (what trials.csv shows of a trial).
 RESULT_KEYS = (

@@ -19,11 +19,11 @@ from typing import Any
 import pyarrow.fs
 import yaml
 
+from oialr_tune import sweep_state as state
 from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
-from oialr_tune.results import STATE_FILE, SWEEP_FILE
 from oialr_tune.space import ARMS, SearchSpace, space_from_dict
-from oialr_tune.tuning import state
+from oialr_tune.sweep_state import STATE_FILE, SWEEP_FILE
 
 __all__ = ["Store", "open_sweep", "read_state"]
 

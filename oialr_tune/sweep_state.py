@@ -15,7 +15,8 @@ none of them a pickle, all written before anything is reported:
   A folder this user did not write cannot pass, so ``--resume`` never unpickles it.
 * ``.lock``: the pid and host of the one process that may write the folder.
 
-This module imports neither Ray nor Optuna: ``best``/``report`` read the journal too.
+It also names every file of a sweep folder (`SWEEP_FILE`, `TRIALS_FILE`, ...). It imports neither
+Ray, Optuna nor torch: ``best``/``report`` read the journal too.
 """
 
 from __future__ import annotations
@@ -38,9 +39,18 @@ from typing import Any
 from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
 
+# The name of every file a sweep folder holds: this module owns them all.
+SWEEP_FILE = "sweep.yaml"  # the validated search space
+STATE_FILE = "state.json"  # which arms have finished (the sweep's own bookkeeping)
+TRIALS_FILE = "trials.csv"  # one row per trial, a view rebuilt from the journals
+SUMMARY_FILE = "summary.json"  # the best trials (a retrain folder holds one too)
+STUDY_FILE = "study.db"  # the Optuna study, written from the journals
 SIGNATURE_FILE = "signature.json"
 LOCK_FILE = ".lock"
 JOURNAL_TEMPLATE = "journal-{arm}.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"  # a run's checkpoint (`oialr_tune.run_record`), in each Ray checkpoint folder
+RETRAIN_DIR = "retrain"  # what `oialr-tune retrain` writes, by default
+REPORT_FILE = "report.md"  # what `oialr-tune report` writes
 _FORMAT = 1
 # Test hook: `OIALR_TUNE_TEST_KILL_AT=<point>` makes the driver SIGKILL its own process group when it
 # reaches that point (see `kill_point`), so the kill-point tests hit each phase exactly.
