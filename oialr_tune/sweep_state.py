@@ -52,17 +52,21 @@ CHECKPOINT_FILE = "checkpoint.pt"  # a run's checkpoint (`oialr_tune.run_record`
 RETRAIN_DIR = "retrain"  # what `oialr-tune retrain` writes, by default
 REPORT_FILE = "report.md"  # what `oialr-tune report` writes
 _FORMAT = 1
-# Test hook: `OIALR_TUNE_TEST_KILL_AT=<point>` makes the driver SIGKILL its own process group when it
-# reaches that point (see `kill_point`), so the kill-point tests hit each phase exactly.
+# The one fault-injection hook: `OIALR_TUNE_TEST_KILL_AT=<point>` in the driver's environment makes
+# it SIGKILL its own process group when it reaches that point (see `kill_point`), so the kill-point
+# tests hit each phase exactly. Read once, at import: unset, a kill point costs one comparison.
 KILL_ENV = "OIALR_TUNE_TEST_KILL_AT"
+_KILL_AT = os.environ.get(KILL_ENV)
 
 
-def kill_point(name: str) -> None:
+def kill_point(*where: object) -> None:
     """SIGKILL this process group if `OIALR_TUNE_TEST_KILL_AT` names this point (tests only).
 
-    A real kill, not an exception: nothing below gets to clean up, as with ``kill -9`` or an OOM.
+    The point is `where` joined by ``:`` (``kill_point("epoch", arm, 3)`` is ``epoch:oialr:3``),
+    built only when the variable is set. A real kill, not an exception: nothing below gets to
+    clean up, as with ``kill -9`` or an OOM.
     """
-    if os.environ.get(KILL_ENV) == name:
+    if _KILL_AT is not None and ":".join(map(str, where)) == _KILL_AT:
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
@@ -239,10 +243,6 @@ class Signature:
 
 
 # --- the journal ---------------------------------------------------------------------------------
-
-
-def journal_path(root: Path, arm: str) -> Path:
-    return root / JOURNAL_TEMPLATE.format(arm=arm)
 
 
 class Journal:

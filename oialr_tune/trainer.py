@@ -92,20 +92,6 @@ def lr_at(
     return lr
 
 
-# --- evaluation ---------------------------------------------------------------------------------
-
-
-def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-             precision: str = "fp32") -> tuple[float, float]:
-    """Mean cross-entropy (no label smoothing) and accuracy of a classifier over `loader`.
-
-    Runs in eval mode (restoring the model's previous mode) and reads the device once at the end.
-    Other tasks: `oialr_tune.tasks.Task.evaluate`.
-    """
-    metrics = Task().evaluate(model, loader, precision=precision)
-    return metrics["val_loss"], metrics["val_acc"]
-
-
 # --- building blocks ----------------------------------------------------------------------------
 
 

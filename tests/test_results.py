@@ -191,10 +191,10 @@ def test_a_bare_name_is_found_under_results(sweep_dir: Path, tmp_path: Path, mon
 def _journal_sweep(folder: Path, trials: list[tuple[str, float, float | None]], budget: float | None) -> Path:
     """A sweep folder as a sweep leaves it before its final writes: sweep.yaml and the OIALR arm's
     journal, one ended trial per (id, val_acc, trainable fraction or None when never reported)."""
+    from helpers import journal_path
     from tiny_sweep import TINY_BASE
 
     from oialr_tune.space import space_from_dict
-    from oialr_tune.sweep_state import journal_path
 
     space = space_from_dict({
         "name": "ties", "base": TINY_BASE, "baseline": "none",

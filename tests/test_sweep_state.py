@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from helpers import journal_path
 from tiny_sweep import SPACE as TINY_SPACE
 from tiny_sweep import tiny_sweep_dir
 
@@ -199,7 +200,7 @@ def test_resume_never_unpickles_an_unsigned_or_tampered_state(
     marker = tmp_path / "payload-ran"
     (sweep_copy / "oialr" / "tuner.pkl").write_bytes(pickle.dumps(_Payload(marker)))
     # The arm looks unfinished: its last trial's end is cut from the journal, so a resume runs it.
-    journal = sweep_state.journal_path(sweep_copy, "oialr")
+    journal = journal_path(sweep_copy, "oialr")
     lines = journal.read_text().splitlines(keepends=True)
     last_end = max(i for i, line in enumerate(lines) if '"kind": "end"' in line)
     journal.write_text("".join(lines[:last_end]))
@@ -260,7 +261,7 @@ def test_a_state_pickled_by_an_older_version_is_rebuilt_from_the_journal(
 
     import oialr_tune.tuning.arm as arm_module
 
-    journal = sweep_state.journal_path(sweep_copy, "oialr")
+    journal = journal_path(sweep_copy, "oialr")
     lines = journal.read_text().splitlines(keepends=True)
     last_end = max(i for i, line in enumerate(lines) if '"kind": "end"' in line)
     journal.write_text("".join(lines[:last_end]))  # the arm looks unfinished: one trial left to run

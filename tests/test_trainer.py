@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import evaluate
 
 from oialr_tune.config import TrainConfig, train_config_from_dict
 from oialr_tune.errors import UserError
 from oialr_tune.model_io import load_model, read_model_file
 from oialr_tune.run_record import Callback, TrainResult, oialr_delay_steps, read_checkpoint
 from oialr_tune.sweep_state import CHECKPOINT_FILE
-from oialr_tune.trainer import evaluate, lr_at, train
+from oialr_tune.trainer import lr_at, train
 
 TIMING = {"examples_per_s", "train_time_s"}
 

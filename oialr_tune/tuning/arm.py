@@ -212,7 +212,7 @@ def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int) -> None:
             tuner = _tuner(space, arm, store, ended, verbose)
             if signature is not None:
                 signature.refresh(arm)  # tuner.pkl, written by the Tuner itself
-            state.kill_point(f"arm-start:{arm}")
+            state.kill_point("arm-start", arm)
             try:
                 with _ray_output_hidden() if verbose < 2 else contextlib.nullcontext():
                     tuner.fit()

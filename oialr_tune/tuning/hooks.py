@@ -66,7 +66,7 @@ class SweepCallback(tune.Callback):
             run.error = e
             return
         run.epochs_seen += 1
-        kill_point(f"epoch:{run.arm}:{run.epochs_seen}")
+        kill_point("epoch", run.arm, run.epochs_seen)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trial, "TERMINATED")
@@ -119,7 +119,7 @@ class SweepCallback(tune.Callback):
                 file=run.out or sys.stdout,
                 flush=True,
             )
-        kill_point(f"done:{run.arm}:{len(run.ended)}")
+        kill_point("done", run.arm, len(run.ended))
 
 
 def _json_number(v: Any) -> Any:

@@ -60,7 +60,7 @@ def _startup_trials(space: SearchSpace) -> int:
 def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]]) -> Any:
     """OptunaSearch with a seeded TPE (or random) sampler, or None when the arm searches nothing.
 
-    `prior` are trial rows of the arm that already ended (a rebuilt arm, see `arm.tuner`): the
+    `prior` are trial rows of the arm that already ended (a rebuilt arm, see `arm._tuner`): the
     searcher's study starts with them, so the sampler learns from them and proposes only new points.
     The study stays in memory (pickled with Ray's state), never in a database: see :mod:`oialr_tune.tuning`.
     """
