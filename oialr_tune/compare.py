@@ -43,6 +43,7 @@ from oialr_tune.results import best_trial, check_max_trainable_fraction
 from oialr_tune.retrain import run_seed_anywhere, seed_jobs
 from oialr_tune.space import SearchSpace, load_space, space_from_dict, with_settings
 from oialr_tune.stats import verdict, welch_interval
+from oialr_tune.trust import check_folder
 from oialr_tune.tuning.parallel import run_all
 
 __all__ = ["ARMS", "compare", "summarize", "write_comparison"]
@@ -98,6 +99,7 @@ def compare(
     max_trainable_fraction: float | None = None,
     address: str | None = None,
     max_concurrent: int | None = None,
+    trust_code: bool = False,
     log: Callable[[str], None] = lambda message: print(f"[compare] {message}", file=sys.stderr, flush=True),
 ) -> pd.DataFrame:
     """Run the whole protocol (module docstring) and write the comparison; returns the per-seed table.
@@ -110,6 +112,8 @@ def compare(
 
     The sweeps and the (arm, seed) retrains run on the Ray cluster at `address` (default: a local
     Ray); at most `max_concurrent` retrains run at once (1: one after another in this process).
+    A finished sweep that `resume` reuses from `out` must pass the trust rule (`oialr_tune.trust`)
+    unless `trust_code`.
     """
     space, max_trainable_fraction = _protocol_space(space, trials, max_trainable_fraction)
     seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) else list(seeds)
@@ -120,7 +124,7 @@ def compare(
     if out_dir.exists() and any(out_dir.iterdir()) and not resume:
         raise UserError(f"--out: {out_dir} already holds files; pass --resume to continue it or pick another")
 
-    tuned = _run_sweeps(out_dir, {"tuned": space, "gate_off": gate_off_space(space)}, address, log)
+    tuned = _run_sweeps(out_dir, {"tuned": space, "gate_off": gate_off_space(space)}, address, trust_code, log)
     plans = _plans(space, tuned, max_trainable_fraction)
     # Every (arm, seed) retrain is independent: Ray runs them side by side (see oialr_tune.tuning.parallel).
     jobs = [job for arm, (config, _, _) in plans.items()
@@ -159,13 +163,17 @@ def _protocol_space(
 
 
 def _run_sweeps(
-    out_dir: Path, sweeps: dict[str, SearchSpace], address: str | None, log: Callable[[str], None]
+    out_dir: Path, sweeps: dict[str, SearchSpace], address: str | None, trust_code: bool,
+    log: Callable[[str], None],
 ) -> dict[str, Path]:
-    """Each sweep into ``out_dir/<folder>``: reused when it finished, resumed when it was interrupted."""
+    """Each sweep into ``out_dir/<folder>``: reused when it finished (and is trusted: its best configs
+    are retrained), resumed when it was interrupted (a resume checks the folder's signature itself)."""
     from oialr_tune.tuning import sweep
 
     for folder, sp in sweeps.items():
         done = (out_dir / folder / "trials.csv").exists()
+        if done:
+            check_folder(out_dir / folder, trust_code, "compare")
         log(f"{'reusing' if done else 'running'} sweep {folder} ({sp.budget.num_samples} trials per arm)")
         if done:
             continue
