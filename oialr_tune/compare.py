@@ -123,6 +123,10 @@ def compare(
     out_dir = Path(out) if out is not None else default_out
     if out_dir.exists() and any(out_dir.iterdir()) and not resume:
         raise UserError(f"--out: {out_dir} already holds files; pass --resume to continue it or pick another")
+    if address is not None:  # before the first sweep writes into --out
+        from oialr_tune.tuning.cluster import check_address
+
+        check_address(address)
 
     tuned = _run_sweeps(out_dir, {"tuned": space, "gate_off": gate_off_space(space)}, address, trust_code, log)
     plans = _plans(space, tuned, max_trainable_fraction)

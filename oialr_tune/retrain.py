@@ -361,6 +361,10 @@ def retrain(
                   from_checkpoint=from_checkpoint, log=log)
     main = _test_metric(plans[0].cfg) if plans else "test_acc"
     no_test = _no_test_split(plans, log)
+    if address is not None:  # as `sweep` does: one line at once, not Ray's minutes of retries after configs are written
+        from oialr_tune.tuning.cluster import check_address
+
+        check_address(address)
     out_dir = Path(out) if out is not None else res.path / RETRAIN_DIR
     writable_folder(out_dir, "--out folder")
     if train_on == "train+val":
