@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -57,6 +58,19 @@ def _startup_trials(space: SearchSpace) -> int:
     return min(10, max(4, space.budget.num_samples // 4))
 
 
+def _rebuilt_seed(seed: int | None, told: int) -> int | None:
+    """The sampler's seed for a search that starts with `told` ended trials.
+
+    A fresh search (none told) uses the space's seed. A search rebuilt from the journal must not:
+    the same seed draws the same sequence again, so its first new trials would repeat the settings
+    of the trials already told (Optuna's seeded sampler holds its RNG state only in memory). A seed
+    derived from (seed, told) keeps the rebuild reproducible and its draws new.
+    """
+    if seed is None or not told:
+        return seed
+    return int(np.random.SeedSequence([seed, told]).generate_state(1)[0])
+
+
 def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]]) -> Any:
     """OptunaSearch with a seeded TPE (or random) sampler, or None when the arm searches nothing.
 
@@ -68,10 +82,11 @@ def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]]) -> A
     if not params:
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seed = _rebuilt_seed(space.seed, len(prior))
     if space.strategy.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=space.seed)
+        sampler = optuna.samplers.RandomSampler(seed=seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=_startup_trials(space))
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=_startup_trials(space))
     metrics, modes = space.objective.metrics(arm), space.objective.modes(arm)
     multi = len(metrics) > 1
     storage = optuna.storages.InMemoryStorage()
