@@ -3,11 +3,19 @@
 Needs the extra ``oialr-tune[lightning]``. The callback builds the OIALR controller on the module
 and its (first) optimizer when fitting starts, steps it after every optimizer step, and logs
 ``trainable_fraction`` each epoch, like a learning-rate scheduler that Lightning drives.
+
+Under Lightning's DDP strategy (``strategy="ddp"``: NCCL on GPUs, gloo on CPUs) the controller splits
+its SVDs across the ranks and keeps them bit-identical (:mod:`oialr_tune.oialr.distributed`).
+Lightning wraps the module in DDP before ``on_fit_start``, and DDP's reducer keeps the parameters it
+was built with; so whenever the controller replaces parameters (a factorization or check) the
+callback has the strategy build a new DDP wrapper around the same module, before the next step.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from torch.nn.parallel import DistributedDataParallel
 
 try:
     import lightning.pytorch as pl
@@ -15,6 +23,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("OIALRCallback needs Lightning: pip install 'oialr-tune[lightning]'") from e
 
 from oialr_tune.oialr import OIALR
+from oialr_tune.oialr.distributed import ddp_ignore_frozen_bases
 from oialr_tune.run_record import make_controller
 
 
@@ -36,6 +45,7 @@ class OIALRCallback(pl.Callback):
         self.delay, self.knobs = delay, knobs
         self.controller: OIALR | None = None
         self._last_step = 0
+        self._version = 0  # the controller's parameters_version the strategy's DDP wrapper holds
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
@@ -51,7 +61,18 @@ class OIALRCallback(pl.Callback):
         if self.controller is not None and trainer.global_step != self._last_step:
             self._last_step = trainer.global_step
             self.controller.step()
+            if self.controller.parameters_version != self._version:
+                self._version = self.controller.parameters_version
+                _rewrap(trainer.strategy)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.controller is not None:
             pl_module.log("trainable_fraction", self.controller.trainable_fraction)
+
+
+def _rewrap(strategy: Any) -> None:
+    """A new DDP wrapper (Lightning's own ``_setup_model``) around the strategy's module, if it uses DDP."""
+    if isinstance(strategy.model, DistributedDataParallel):
+        module = strategy.model.module
+        ddp_ignore_frozen_bases(module)
+        strategy.model = strategy._setup_model(module)
