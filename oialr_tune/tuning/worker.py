@@ -16,6 +16,7 @@ Train run: its workers end with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -143,6 +144,8 @@ def _train_worker(loop: dict[str, Any]) -> None:
         "gpu_ids": ",".join(p["gpu_ids"] for p in places if p["gpu_ids"]),
         "workers": len(places),
     }
+    if dist.get_rank() == 0:  # the trial removes it at the end, should Ray Train leave it behind
+        loop["queue"].put(("placement_group", ray.util.get_current_placement_group()))
     reporter = ReportToRay(extra, report=ray.train.report)
     _train_in(Path(tempfile.mkdtemp(prefix="oialr-trial-")), cfg, loop["checkpoint"], reporter,
               loop["checkpoint_epochs"])
@@ -174,7 +177,7 @@ def _run_on_workers(config: dict[str, Any], *, base: dict[str, Any], checkpoint_
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": config, "base": base, "checkpoint_epochs": checkpoint_epochs,
-                           "user_code": user_code, "checkpoint": tune.get_checkpoint()},
+                           "user_code": user_code, "checkpoint": tune.get_checkpoint(), "queue": queue},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=resources.gpu > 0,
             resources_per_worker={"CPU": resources.cpu, "GPU": resources.gpu},
@@ -197,15 +200,24 @@ def _run_on_workers(config: dict[str, Any], *, base: dict[str, Any], checkpoint_
 
     thread = threading.Thread(target=fit, name="oialr-train-run", daemon=True)
     thread.start()
+    workers_group = None
     try:
         while (item := queue.get()) is not None:
+            if item[0] == "placement_group":
+                workers_group = item[1]
+                continue
             row, stored = item  # a ray.train.Checkpoint in the Train run's storage, or None
             checkpoint = tune.Checkpoint(stored.path, stored.filesystem) if stored is not None else None
             tune.report(row, checkpoint=checkpoint)
     finally:
-        thread.join(timeout=0 if failed else None)
-        with_fs = storage.storage_filesystem
-        with_fs.delete_dir(f"{storage.trial_fs_path}/{name}")  # Tune holds its own copies of the checkpoints
+        # Ray Train 2.60 can leave its workers' placement group behind (its cleaner actor looks Ray up by
+        # address and fails where several Ray instances run): the next trial would wait for it forever.
+        # Removing it also ends the workers if this trial is being stopped (ASHA) while they train.
+        if workers_group is not None:
+            with contextlib.suppress(Exception):
+                ray.util.remove_placement_group(workers_group)
+        thread.join(timeout=None if workers_group is None and not failed else 60)
+        storage.storage_filesystem.delete_dir(f"{storage.trial_fs_path}/{name}")  # Tune keeps its own copies
     if failed:
         raise failed[0]
 
