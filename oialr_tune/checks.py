@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from oialr_tune import plugins
+from oialr_tune import distributed, plugins
 from oialr_tune.config import DATASETS, ROOT_DATASETS, TrainConfig, train_config_from_dict, train_config_to_dict
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
@@ -114,6 +114,8 @@ def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
     path on the workers).
     """
     base = copy.deepcopy(space.base)
+    if space.resources.workers > 1 and base.get("trainable"):
+        distributed.check_loop_runs_distributed(base["trainable"], space.resources.workers, "resources.workers")
     data = base["data"]
     if data["name"] in ROOT_DATASETS and data.get("root"):
         root = Path(data["root"]).expanduser()

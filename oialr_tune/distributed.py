@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from oialr_tune import plugins
 from oialr_tune.config import TrainConfig, resolve_device
 from oialr_tune.errors import UserError
 from oialr_tune.oialr.distributed import active, ddp_ignore_frozen_bases
@@ -127,7 +128,7 @@ def check_workers(cfg: TrainConfig, workers: int, *, key: str = "--workers") -> 
     if workers < 1:
         raise UserError(f"{key}: must be >= 1, got {workers}")
     if cfg.trainable is not None:
-        raise UserError(f"{key}: trainable {cfg.trainable!r} is a user's own loop; it runs on one worker")
+        check_loop_runs_distributed(cfg.trainable, workers, key)
     gpu = resolve_device(cfg.device).type == "cuda"
     have = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
     if workers > have:
@@ -135,6 +136,19 @@ def check_workers(cfg: TrainConfig, workers: int, *, key: str = "--workers") -> 
                         f"this machine has {have}")
     batch_shard(Workers(0, workers), cfg.schedule.batch_size)
     return gpu
+
+
+def check_loop_runs_distributed(trainable: str, workers: int, key: str) -> None:
+    """Refuse a user's loop on several workers when it never calls ``trial.wrap``: its model would not be
+    wrapped in DDP, and each worker would train its own unsynchronized copy.
+
+    Read from the function's code (the attribute names it uses), before anything starts.
+    """
+    fn = plugins.resolve(trainable, "trainable")
+    code = getattr(fn, "__code__", None)
+    if code is not None and "wrap" not in code.co_names:
+        raise UserError(f"{key}: {workers} workers, but trainable {trainable} never calls trial.wrap(model), "
+                        "so its workers would train unsynchronized copies")
 
 
 def _free_port() -> int:

@@ -21,6 +21,18 @@ controller that never changes the model. `trial.report` adds what the tuner need
 parameters and fraction, ranks, status), saves the checkpoint with the controller's state when the
 sweep asks for one, and hands the epoch to the sweep (Ray) or to retrain, exactly like the built-in
 trainer's epochs, so ASHA, the baseline arm, best, retrain, report and compare work unchanged.
+
+On several data-parallel workers (``resources.workers`` > 1, ``oialr-tune train --workers N``) every
+worker runs the function; `trial.rank` and `trial.world_size` say which one it is, and::
+
+    forward = trial.wrap(model)      # DDP, rebuilt by itself when OIALR replaces parameters: train through it
+    loader = trial.loader(train_set, config.schedule.batch_size)     # this worker's share of each global batch
+    val_part = trial.shard(val_set)                                  # this worker's part of a split
+    loss_sum, correct, n = trial.sum(loss_sum, correct, n)           # totals over every worker
+    trial.report(epoch=epoch, val_loss=loss_sum / n, val_acc=correct / n, ...)   # on every worker
+
+Only rank 0 writes checkpoints; every rank resumes from them. A loop that never calls ``trial.wrap``
+would train unsynchronized copies: a space that asks for several workers for it is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from oialr_tune import plugins
+from oialr_tune import distributed, plugins
 from oialr_tune.config import TrainConfig, resolve_device
 from oialr_tune.errors import UserError
 from oialr_tune.models import build_model
@@ -53,6 +65,7 @@ from oialr_tune.run_record import (
     resume_state,
     write_checkpoint,
 )
+from oialr_tune.splits import GlobalBatchShard, contiguous_share
 
 
 class _Stop(BaseException):
@@ -73,12 +86,15 @@ class Trial:
             last epoch; never used for tuning.
         checkpoint: what the last reported `checkpoint` was, when the run resumes; else None.
         start_epoch: the last epoch done before a resume (0 for a fresh run).
+        rank / world_size: this worker and the number of data-parallel workers (0 and 1 on one process).
     """
 
     def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callback], checkpoint_path: Path | None,
                  state: dict[str, Any] | None, evaluate_test: bool, checkpoint_epochs: set[int]) -> None:
         self.config, self.seed, self.evaluate_test = cfg, cfg.seed, evaluate_test
-        self.device = resolve_device(cfg.device)
+        self._workers = distributed.current()
+        self.rank, self.world_size = (self._workers.rank, self._workers.world_size) if self._workers else (0, 1)
+        self.device = distributed.local_device(resolve_device(cfg.device), self._workers)
         self.checkpoint = state["user"] if state else None
         self.start_epoch = state["epoch"] if state else 0
         self.history: list[dict[str, Any]] = state["history"] if state else []
@@ -121,6 +137,31 @@ class Trial:
         self.controller = controller
         return controller
 
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """What to train `model` through: itself on one process, else DDP that follows OIALR's changes."""
+        return model if self._workers is None else _FollowingDDP(model, self)
+
+    def loader(self, dataset: torch.utils.data.Dataset, batch_size: int, **kwargs: Any) -> torch.utils.data.DataLoader:
+        """Shuffled batches of `dataset` for training: `batch_size` is the global batch, each worker gets its
+        share of every one (a new order each pass, the same on every worker; a last short batch is dropped).
+        `kwargs` go to the DataLoader."""
+        g = torch.Generator().manual_seed(self.seed)
+        shard = distributed.batch_shard(self._workers, batch_size)  # (0, 1) on one process: the same order
+        sampler = GlobalBatchShard(len(dataset), batch_size, shard, g)  # type: ignore[arg-type]
+        return torch.utils.data.DataLoader(dataset, batch_size // self.world_size, sampler=sampler, **kwargs)
+
+    def shard(self, dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+        """This worker's contiguous part of `dataset` (an evaluation split); all of it on one process."""
+        if self._workers is None:
+            return dataset
+        part = contiguous_share(len(dataset), self.rank, self.world_size)  # type: ignore[arg-type]
+        return torch.utils.data.Subset(dataset, range(part.start, part.stop))
+
+    def sum(self, *values: float | torch.Tensor) -> tuple[float, ...]:
+        """Each value summed over the workers (e.g. loss sums, correct counts, example counts)."""
+        total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        return tuple(distributed.sum_over_workers(total).tolist())
+
     def report(self, *, epoch: int, checkpoint: Any = None, **metrics: float) -> None:
         """End of an epoch (1-based): its metrics (val_* for tuning, test_* in a retrain) and state.
 
@@ -141,7 +182,8 @@ class Trial:
                         events=events, status=status)
         self.history.append(row)
         written = None
-        if self._path is not None and checkpoint_due(self.config, epoch, self._epochs) and not diverged:
+        main = self._workers is None or self._workers.main  # rank 0 writes; every rank reports
+        if self._path is not None and checkpoint_due(self.config, epoch, self._epochs) and not diverged and main:
             write_checkpoint(self._path, checkpoint_payload(
                 self.config, epoch=epoch, history=self.history,
                 controller=c.state_dict() if isinstance(c, OIALR) else None, user=checkpoint,
@@ -151,6 +193,26 @@ class Trial:
             cb.on_epoch_end(row, written)
         if diverged:
             raise _Stop
+
+
+class _FollowingDDP(nn.Module):
+    """DDP around a user's model that rebuilds itself when the trial's OIALR controller replaced parameters."""
+
+    def __init__(self, model: nn.Module, trial: Trial) -> None:
+        super().__init__()
+        self.module = model
+        # Plain attributes, not submodules: the model's state dict stays the user's model's.
+        object.__setattr__(self, "_trial", trial)
+        object.__setattr__(self, "_ddp", None)
+        object.__setattr__(self, "_version", -1)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        c = self._trial.controller
+        version = c.parameters_version if isinstance(c, OIALR) else 0
+        if version != self._version or self._ddp is None:
+            object.__setattr__(self, "_version", version)
+            object.__setattr__(self, "_ddp", distributed.wrap(self.module, self._trial.device))
+        return self._ddp(*args, **kwargs)
 
 
 def run_trainable(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), checkpoint_dir: str | Path | None = None,

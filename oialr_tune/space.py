@@ -363,9 +363,6 @@ def _check_workers(workers: int, base_cfg: TrainConfig, params: tuple[Param, ...
         raise UserError(f"resources.workers: must be an int >= 1, got {workers!r}")
     if workers == 1:
         return
-    if base_cfg.trainable is not None:
-        raise UserError(f"resources.workers: {workers} workers, but base.trainable {base_cfg.trainable!r} is a "
-                        "user's own loop, which runs on one worker")
     batch = base_cfg.schedule.batch_size
     if batch % workers:
         raise UserError(f"base.schedule.batch_size: {batch} is the global batch and must be a multiple of the "

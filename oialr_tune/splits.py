@@ -200,7 +200,7 @@ class Splits:
         data = {"train": self.train, "val": self.val, "test": self.test}[split]
         rank, workers = shard
         if workers > 1 and not train:
-            part = _contiguous_share(len(data), rank, workers)  # type: ignore[arg-type]
+            part = contiguous_share(len(data), rank, workers)  # type: ignore[arg-type]
             data = (dataclasses.replace(data, x=data.x[part], y=data.y[part]) if isinstance(data, TensorData)
                     else Subset(data, range(part.start, part.stop)))
             shard = (0, 1)
@@ -238,7 +238,7 @@ class TwoViews(Dataset):
         return self.eval_view[i]
 
 
-def _contiguous_share(n: int, rank: int, workers: int) -> slice:
+def contiguous_share(n: int, rank: int, workers: int) -> slice:
     """Rank `rank`'s contiguous part of `n` examples (the first ``n % workers`` ranks get one more)."""
     base, extra = divmod(n, workers)
     start = rank * base + min(rank, extra)

@@ -47,6 +47,11 @@ TRAIN: dict[str, Any] = {"device": "cpu", "model": {"name": "mlp", "args": {"hid
 _DELETE = object()
 
 
+def loop_without_wrap(config: Any, trial: Any) -> None:
+    """A user's loop that trains its model directly: on several workers the copies would drift apart."""
+    trial.report(epoch=1, val_loss=0.0)
+
+
 def edited(doc: dict[str, Any], *edits: tuple[tuple[str, ...], Any]) -> dict[str, Any]:
     """A deep copy of `doc` with each (path, value) set; a path is a tuple of keys (search keys hold dots)."""
     out = copy.deepcopy(doc)
@@ -174,8 +179,9 @@ SPACE_CASES = [
     pytest.param([(("resources",), {"cpu": 0.5, "workers": 2}),
                   (("search", "schedule.batch_size"), {"type": "int", "low": 16, "high": 64})],
                  ["search.schedule.batch_size"], id="searched-batch-not-divisible-by-workers"),
-    pytest.param([(("resources",), {"cpu": 0.5, "workers": 2}), (("base", "trainable"), "my_loop:train")],
-                 ["resources.workers", "my_loop:train"], id="workers-with-a-users-own-loop"),
+    pytest.param([(("resources",), {"cpu": 0.5, "workers": 2}),
+                  (("base", "trainable"), "test_bad_input:loop_without_wrap")],
+                 ["resources.workers", "loop_without_wrap", "trial.wrap"], id="workers-with-a-loop-that-never-wraps"),
     pytest.param([(("base", "device"), "cuda"), (("resources", "gpu"), 0.5)], ["resources.gpu"],
                  marks=NO_GPU, id="cuda-device-on-a-machine-without-one"),
 ]  # fmt: skip
@@ -399,8 +405,8 @@ def test_train_cuda_on_a_machine_without_one(tmp_path: Path, rejected: Callable[
     pytest.param([], ["--workers", "4096"], ["--workers", "4096 workers need 4096 CPU cores"], id="more-than-cores"),
     pytest.param([(("schedule", "batch_size"), 63)], ["--workers", "2"], ["schedule.batch_size", "63"],
                  id="uneven-global-batch"),
-    pytest.param([(("trainable",), "my_loop:train")], ["--workers", "2"], ["--workers", "my_loop:train"],
-                 id="users-own-loop"),
+    pytest.param([(("trainable",), "test_bad_input:loop_without_wrap")], ["--workers", "2"],
+                 ["--workers", "loop_without_wrap", "trial.wrap"], id="loop-that-never-wraps"),
 ])  # fmt: skip
 def test_train_workers_this_machine_cannot_run(edits: list, argv: list[str], names: list[str], tmp_path: Path,
                                                rejected: Callable[..., str]) -> None:

@@ -3,6 +3,11 @@
 oialr-tune calls ``train(config, trial)`` once per trial (and per retrain seed). `config` is the
 trainer config with this trial's searched values; `trial` gives the OIALR controller with the
 searched knobs (a no-op in the full-rank baseline arm) and takes each epoch's metrics.
+
+It also runs on several data-parallel workers (``resources.workers: 2`` in the space, or
+``oialr-tune train ... --workers 2``): `trial.loader` gives each worker its share of every global
+batch, `trial.wrap` the model in DDP, `trial.shard` each worker's part of a split to score, and
+`trial.sum` the totals over all workers. On one process they give the plain objects back.
 """
 
 from __future__ import annotations
@@ -10,37 +15,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from my_data import diabetes
-from torch.utils.data import DataLoader, random_split
+from torch.utils.data import random_split
 
 
 def train(config, trial) -> None:
     data_train, _, data_test = diabetes()
     generator = torch.Generator().manual_seed(config.data.split_seed)  # the same val examples every trial
     data_train, data_val = random_split(data_train, [0.85, 0.15], generator=generator)
-    loader = DataLoader(data_train, batch_size=config.schedule.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(trial.seed))
+    loader = trial.loader(data_train, config.schedule.batch_size)  # shuffled; this worker's share of each batch
     epochs = config.schedule.epochs
 
     model = trial.build_model(in_shape=(10,), num_outputs=1)  # config.model, saved by retrain
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.lr,
                                   weight_decay=config.optimizer.weight_decay)
     oialr = trial.oialr(model, optimizer, total_steps=epochs * len(loader))
+    forward = trial.wrap(model)  # train through this: DDP on several workers, `model` itself on one
     if trial.checkpoint is not None:  # a resumed trial: after trial.oialr, which restores the ranks
         model.load_state_dict(trial.checkpoint["model"])
         optimizer.load_state_dict(trial.checkpoint["optimizer"])
 
     def score(dataset) -> dict[str, float]:
-        x, y = (torch.stack(t) for t in zip(*(dataset[i] for i in range(len(dataset))), strict=True))
+        part = trial.shard(dataset)  # this worker's part; the sums below add up every worker's
+        x, y = (torch.stack(t) for t in zip(*(part[i] for i in range(len(part))), strict=True))
         model.eval()
         with torch.no_grad():
             out = model(x).squeeze(1)
         model.train()
-        return {"loss": F.mse_loss(out, y).item(), "mae": (out - y).abs().mean().item()}
+        squared, absolute, n = trial.sum(((out - y) ** 2).sum(), (out - y).abs().sum(), len(y))
+        return {"loss": squared / n, "mae": absolute / n}
 
     for epoch in range(trial.start_epoch + 1, epochs + 1):
         total = 0.0
         for x, y in loader:
-            loss = F.mse_loss(model(x).squeeze(1), y)
+            loss = F.mse_loss(forward(x).squeeze(1), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -49,5 +56,5 @@ def train(config, trial) -> None:
         metrics = {f"val_{k}": v for k, v in score(data_val).items()}
         if trial.evaluate_test and epoch == epochs:  # retrain: the test split, never used for tuning
             metrics.update({f"test_{k}": v for k, v in score(data_test).items()})
-        trial.report(epoch=epoch, train_loss=total / len(loader),
+        trial.report(epoch=epoch, train_loss=trial.sum(total)[0] / trial.world_size / len(loader),
                      checkpoint={"model": model.state_dict(), "optimizer": optimizer.state_dict()}, **metrics)
