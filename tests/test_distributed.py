@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_sweep import tiny_space
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -25,8 +26,10 @@ from oialr_tune.distributed import current, launch
 from oialr_tune.oialr import OIALR
 from oialr_tune.oialr.distributed import ddp_ignore_frozen_bases, state_digest
 from oialr_tune.run_record import Callback, TrainResult, read_checkpoint
+from oialr_tune.space import space_from_dict
 from oialr_tune.sweep_state import CHECKPOINT_FILE
 from oialr_tune.trainer import train
+from oialr_tune.tuning import sweep
 
 STEPS, BATCH = 12, 16
 
@@ -235,3 +238,27 @@ def test_the_lightning_callback_under_lightnings_ddp_strategy(tmp_path: Path) ->
     assert r0["steps"] == 12 and any(e[2] == "cut" for e in r0["events"])
     assert r0["events"] == r1["events"] and r0["digest"] == r1["digest"]  # bit-identical after DDP rebuilds
     assert sorted([r0["computed"], r1["computed"]]) == [6, 9]  # each rank ran its share of the 15 SVDs
+
+
+# --- a sweep of 2-worker trials (Ray Tune trial -> Ray Train TorchTrainer) ----------------------------------
+
+
+def test_a_sweep_of_two_worker_trials_runs_on_ray_train_and_asha_stops_whole_trials(
+    ray_session: Any, tmp_path: Path
+) -> None:
+    """Each trial is 2 Ray Train workers at 0.5 CPU (the session's Ray has 2 CPUs: one trial at a time).
+    ASHA (rungs at epochs 1 and 2) stops a weak trial after epoch 1: its workers end with it and the
+    next trial gets their CPUs. (Seeded TPE and bit-identical CPU training make the stop deterministic.)"""
+    space = tiny_space("ddp", resources={"cpu": 0.5, "workers": 2}, baseline="none",
+                       budget={"num_samples": 3, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2})
+    result = sweep(space_from_dict(space), name="d", results_dir=tmp_path, verbose=0)
+    df = result.trials
+    assert len(df) == 3 and set(df["status"]) == {"TERMINATED"} and (df["workers"] == 2).all()
+    stopped = df[df["stopped_early"]]
+    assert len(stopped) and (stopped["training_iteration"] == 1).all(), df[["trial_id", "training_iteration"]]
+    finished = df[~df["stopped_early"]]
+    assert len(finished) and (finished["training_iteration"] == 2).all()
+    # Rank 0's checkpoint reached Tune: the best trial's last one is its final epoch's, readable as usual.
+    best = result.summary["best"]["oialr"]
+    assert read_checkpoint(tmp_path / "d" / best["checkpoint"] / CHECKPOINT_FILE)["epoch"] == 2
+    assert not list((tmp_path / "d" / "oialr").glob("trial_*/train-*")), "the Train runs' own copies are removed"
