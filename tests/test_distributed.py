@@ -247,18 +247,19 @@ def test_a_sweep_of_two_worker_trials_runs_on_ray_train_and_asha_stops_whole_tri
     ray_session: Any, tmp_path: Path
 ) -> None:
     """Each trial is 2 Ray Train workers at 0.5 CPU (the session's Ray has 2 CPUs: one trial at a time).
-    ASHA (rungs at epochs 1 and 2) stops a weak trial after epoch 1: its workers end with it and the
-    next trial gets their CPUs. (Seeded TPE and bit-identical CPU training make the stop deterministic.)"""
+    ASHA (rungs at epochs 1, 2 and 4) stops the two weaker trials after epoch 1: their workers end with
+    them and the next trial gets their CPUs. (Seeded TPE, one trial at a time and bit-identical CPU
+    training make the stops deterministic: trials 3 and 4 of this space.)"""
     space = tiny_space("ddp", resources={"cpu": 0.5, "workers": 2}, baseline="none",
-                       budget={"num_samples": 3, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2})
+                       budget={"num_samples": 4, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2})
     result = sweep(space_from_dict(space), name="d", results_dir=tmp_path, verbose=0)
     df = result.trials
-    assert len(df) == 3 and set(df["status"]) == {"TERMINATED"} and (df["workers"] == 2).all()
+    assert len(df) == 4 and set(df["status"]) == {"TERMINATED"} and (df["workers"] == 2).all()
     stopped = df[df["stopped_early"]]
     assert len(stopped) and (stopped["training_iteration"] == 1).all(), df[["trial_id", "training_iteration"]]
     finished = df[~df["stopped_early"]]
-    assert len(finished) and (finished["training_iteration"] == 2).all()
+    assert len(finished) and (finished["training_iteration"] == 4).all()
     # Rank 0's checkpoint reached Tune: the best trial's last one is its final epoch's, readable as usual.
     best = result.summary["best"]["oialr"]
-    assert read_checkpoint(tmp_path / "d" / best["checkpoint"] / CHECKPOINT_FILE)["epoch"] == 2
+    assert read_checkpoint(tmp_path / "d" / best["checkpoint"] / CHECKPOINT_FILE)["epoch"] == 4
     assert not list((tmp_path / "d" / "oialr").glob("trial_*/train-*")), "the Train runs' own copies are removed"

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 from ray import tune
 
@@ -173,6 +174,10 @@ def _run_on_workers(config: dict[str, Any], *, base: dict[str, Any], checkpoint_
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     storage = tune.get_context().get_storage()
+    fs = storage.storage_filesystem
+    for old in fs.get_file_info(pyarrow.fs.FileSelector(storage.trial_fs_path, allow_not_found=True)):
+        if old.base_name.startswith("train-"):  # an earlier attempt's, killed before it could remove it
+            fs.delete_dir(old.path)
     name = f"train-{uuid.uuid4().hex[:8]}"  # a new Train run per attempt; Tune's checkpoint is what resumes
     trainer = TorchTrainer(
         _train_worker,
@@ -217,7 +222,7 @@ def _run_on_workers(config: dict[str, Any], *, base: dict[str, Any], checkpoint_
             with contextlib.suppress(Exception):
                 ray.util.remove_placement_group(workers_group)
         thread.join(timeout=None if workers_group is None and not failed else 60)
-        storage.storage_filesystem.delete_dir(f"{storage.trial_fs_path}/{name}")  # Tune keeps its own copies
+        fs.delete_dir(f"{storage.trial_fs_path}/{name}")  # Tune keeps its own copies of the checkpoints
     if failed:
         raise failed[0]
 
