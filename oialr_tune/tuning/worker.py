@@ -201,7 +201,8 @@ def _run_on_workers(config: dict[str, Any], *, base: dict[str, Any], checkpoint_
         except BaseException as e:  # handed to the trial's thread, which raises it
             failed.append(e)
         finally:
-            queue.put(None)
+            with contextlib.suppress(Exception):  # the trial may be gone already (stopped): do not wait on it
+                queue.put(None, timeout=10)
 
     thread = threading.Thread(target=fit, name="oialr-train-run", daemon=True)
     thread.start()
@@ -218,11 +219,13 @@ def _run_on_workers(config: dict[str, Any], *, base: dict[str, Any], checkpoint_
         # Ray Train 2.60 can leave its workers' placement group behind (its cleaner actor looks Ray up by
         # address and fails where several Ray instances run): the next trial would wait for it forever.
         # Removing it also ends the workers if this trial is being stopped (ASHA) while they train.
+        # All of this runs first and fast: Tune ends a stopped or finished trial's process soon after.
         if workers_group is not None:
             with contextlib.suppress(Exception):
                 ray.util.remove_placement_group(workers_group)
+        with contextlib.suppress(Exception):
+            fs.delete_dir(f"{storage.trial_fs_path}/{name}")  # Tune keeps its own copies of the checkpoints
         thread.join(timeout=None if workers_group is None and not failed else 60)
-        fs.delete_dir(f"{storage.trial_fs_path}/{name}")  # Tune keeps its own copies of the checkpoints
     if failed:
         raise failed[0]
 
