@@ -13,6 +13,7 @@ GPUs, one GPU per worker) train one model on synthetic data with the same global
 
 Throughput is global examples per second (global batch / step time of the slowest rank), the median
 of the timed steps. With one worker there is no process group: the controller runs every SVD itself.
+On a CPU every worker process uses ``--threads`` torch threads (default 1), so N workers use N cores.
 
     python benchmarks/ddp_oialr.py                                  # CPU, 1 and 2 workers
     python benchmarks/ddp_oialr.py --device cuda --workers 1 2 4 8  # one multi-GPU node
@@ -49,6 +50,8 @@ def _bench(args: argparse.Namespace, out_dir: str) -> None:
     """One worker's run (all workers run it together); writes its measurements to out_dir/rank<r>.json."""
     workers = distributed.current()
     rank, world = (workers.rank, workers.world_size) if workers else (0, 1)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     device = distributed.local_device(device, workers)
     torch.manual_seed(0)
@@ -99,6 +102,7 @@ def _bench(args: argparse.Namespace, out_dir: str) -> None:
         svd0 = controller.split.seconds if controller.split else 0.0
         s = step()
         checks.append({"wall_s": s[1], "svd_s": (controller.split.seconds - svd0) if controller.split else None})
+    controller.stability_frequency = 10**9  # no more checks: the steps below time training at the cut ranks
     low = [step() for _ in range(args.steps)]
     result = {
         "rank": rank, "world": world,
@@ -116,8 +120,6 @@ def _bench(args: argparse.Namespace, out_dir: str) -> None:
 def _run(args: argparse.Namespace, world: int) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as out:
         if world == 1:
-            if args.device == "cpu":
-                torch.set_num_threads(max(1, (os.cpu_count() or 1)))
             _bench(args, out)
         else:
             distributed.launch(_bench, world, args, out, gpu=args.device.startswith("cuda"))
@@ -133,7 +135,8 @@ def _table(args: argparse.Namespace, runs: dict[int, list[dict[str, Any]]]) -> s
         "",
         f"Command: `python benchmarks/ddp_oialr.py {' '.join(sys.argv[1:])}`".rstrip() + "  ",
         f"Model `{args.model}` {json.loads(args.model_args) or ''} on synthetic {tuple(args.in_shape)} inputs, "
-        f"global batch {args.batch}, device {args.device}, torch {torch.__version__}, {platform.platform()}, "
+        f"global batch {args.batch}, device {args.device} ({args.threads} torch thread(s) per worker on a CPU), "
+        f"torch {torch.__version__}, {platform.platform()}, "
         f"{os.cpu_count()} CPU cores, load average at start {os.getloadavg()[0]:.1f}.",
         f"OIALR: factorize after {args.steps} steps, then {args.checks} checks every {args.frequency} steps, "
         f"sigma cutoff {args.cutoff}, gate off; medians of {args.steps - args.warmup} timed steps.",
@@ -189,6 +192,7 @@ def main() -> None:
     p.add_argument("--checks", type=int, default=3)
     p.add_argument("--frequency", type=int, default=5)
     p.add_argument("--cutoff", type=float, default=0.4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker process on a CPU")
     p.add_argument("--out", default="results/benchmarks/ddp_oialr.md")
     args = p.parse_args()
     runs = {w: _run(args, w) for w in args.workers}
