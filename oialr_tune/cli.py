@@ -70,7 +70,8 @@ def _repaired(results_dir: str) -> str:
 
 
 def _best(args: argparse.Namespace) -> None:
-    from .results import best_trial, format_best
+    from .best_format import format_best
+    from .results import best_trial
 
     best = best_trial(_repaired(args.results_dir), arm=args.arm, objective=args.objective,
                       max_trainable_fraction=args.max_trainable_fraction)
@@ -127,7 +128,7 @@ def _compare(args: argparse.Namespace) -> None:
                     max_concurrent=args.max_concurrent)
     for s in summarize(table):
         diff = f"  diff {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}] {s['verdict']}" if "diff" in s else ""
-        print(f"{s['label']:<34} test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}  "
+        print(f"{s['label']:<34} {s['metric']} {s['mean']:.4f} ± {s['std']:.4f}  "
               f"trainable {s['trainable_fraction']:.1%}{diff}")
 
 

@@ -38,6 +38,7 @@ from oialr_tune.results import (
     open_results,
     pareto_rows,
 )
+from oialr_tune.stats import in_words
 from oialr_tune.tuning.study import importances
 
 __all__ = ["PLOTS", "REPORT_FILE", "write_report"]
@@ -329,11 +330,12 @@ def _best_section(res: SweepResults, metric: str, best: dict[str, BestTrial]) ->
     md += [markdown_table(best_rows, ["arm", "trial_id", metric, SIZE_METRIC, "epochs", *param_cols]), ""]
     if "oialr" in best and "baseline" in best:
         o, f = best["oialr"].trial, best["baseline"].trial
-        diff = o.metrics[metric] - f.metrics[metric]
+        a, b = o.metrics[metric], f.metrics[metric]
         md += [
-            f"Tuned OIALR vs tuned full rank on validation: {metric} {diff:+.4f} with "
-            f"{o.trainable_fraction:.1%} of the trainable parameters. Validation scores picked these "
-            "configurations, so they are optimistic; `oialr-tune retrain` measures both on the test split.",
+            f"Tuned OIALR vs tuned full rank on validation: {metric} {a:.4g} vs {b:.4g}, OIALR "
+            f"{in_words(a, b, metric_direction(res, metric))} with {o.trainable_fraction:.1%} of the trainable "
+            "parameters. Validation scores picked these configurations, so they are optimistic; "
+            "`oialr-tune retrain` measures both on the test split.",
             "",
         ]
     md += [f"Full trainer config: `oialr-tune best {res.path} --format yaml > best.yaml`.", ""]

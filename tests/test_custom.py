@@ -7,6 +7,7 @@ examples/custom as the working directory, as a user would, so the import paths r
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import sys
@@ -43,7 +44,7 @@ def custom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copytree(EXAMPLES, folder, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.chdir(folder)
     monkeypatch.setattr(sys, "path", list(sys.path))  # plugins adds the working directory
-    for name in ("my_models", "my_data", "my_loop"):
+    for name in ("my_models", "my_data", "my_loop", "my_metrics"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     return folder
 
@@ -62,18 +63,28 @@ def _test_split(folder: Path, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("file", "data_fn", "metric"), [
-    ("classification.yaml", "breast_cancer", "test_acc"),
+    ("classification.yaml", "breast_cancer", "test_f1"),  # a user metric, val_f1, is the objective
     ("regression.yaml", "diabetes", "test_mae"),
 ])
 def test_own_model_and_data_sweep_best_retrain_load(custom: Path, ray_session: Any, file: str, data_fn: str,
                                                      metric: str) -> None:
-    space = _tiny_space(custom, file, baseline="once")
+    changes: dict[str, Any] = {"baseline": "once"}
+    if metric == "test_f1":
+        base = {**yaml.safe_load((custom / file).read_text())["base"], "metrics": {"f1": "my_metrics:f1"}}
+        changes.update(base=base, objective={"metric": "val_f1", "mode": "max"})
+    space = _tiny_space(custom, file, **changes)
     result = sweep(space, results_dir=custom / "results", name="s", verbose=0)
     best = best_trial(result.path)
     assert best.trial.config["model"]["name"] == "my_models:mlp"
     summary = retrain(result.path, seeds=[1000], log=lambda _: None)
     assert summary["test_metric"] == metric
     assert set(summary["arms"]) == {"oialr", "baseline"}
+    # The sweep's objective on the test split is in every file retrain writes, for every arm.
+    rows = list(csv.DictReader((Path(summary["out"]) / "metrics.csv").open()))
+    assert {r["arm"] for r in rows if r[metric] and r[f"reloaded_{metric}"] == r[metric]} == {"oialr", "baseline"}
+    on_disk = json.loads((Path(summary["out"]) / "summary.json").read_text())
+    assert on_disk["arms"]["oialr"][metric]["mean"] == pytest.approx(float(rows[0][metric]))
+    assert on_disk["comparison"]["metric"] == metric
 
     # The model file rebuilds the user's model from its import path and scores what retrain reported.
     path = Path(summary["out"]) / "oialr" / "seed_1000" / "model.pt"
@@ -83,8 +94,10 @@ def test_own_model_and_data_sweep_best_retrain_load(custom: Path, ray_session: A
     with torch.no_grad():
         out = model(x)
     reported = summary["arms"]["oialr"][metric]["mean"]
-    if metric == "test_acc":
-        assert (out.argmax(1) == y).float().mean().item() == pytest.approx(reported, abs=1e-6)
+    if metric == "test_f1":
+        import my_metrics
+
+        assert my_metrics.f1(out, y) == pytest.approx(reported, abs=1e-6)
     else:
         assert (out.squeeze(1) - y).abs().mean().item() == pytest.approx(reported, rel=1e-4)
 
@@ -105,6 +118,10 @@ def test_own_training_loop_end_to_end(custom: Path, ray_session: Any) -> None:
     assert set(df["arm"]) == {"oialr", "baseline"}
     assert (df["trainer_status"].isin(["finished", "running"])).all(), df[["trainer_status", "error"]]
     assert df.loc[df["arm"] == "baseline", "trainable_fraction"].eq(1.0).all()  # trial.oialr: a no-op there
+    # The loop loads its own data: train+val cannot be merged for it, so it is refused while planning.
+    with pytest.raises(UserError, match=r"^--train-on: train\+val needs the built-in trainer"):
+        retrain(result.path, seeds=[1000], train_on="train+val", out=custom / "tv", log=lambda _: None)
+    assert not (custom / "tv").exists()
     summary = retrain(result.path, seeds=[1000], log=lambda _: None)
     for arm in ("oialr", "baseline"):
         mae = summary["arms"][arm]["test_mae"]["values"][0]

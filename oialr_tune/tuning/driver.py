@@ -34,6 +34,7 @@ from oialr_tune.space import (
     with_settings,
     with_user_code,
 )
+from oialr_tune.stats import in_words
 from oialr_tune.tuning import state
 from oialr_tune.tuning.storage import Store, open_sweep, read_state
 
@@ -289,10 +290,10 @@ def summary_line(res: SweepResults) -> str:
         line += " vs " + part("baseline", "best full-rank")
         o, f = best.get("oialr"), best.get("baseline")
         if o and f:
-            diff = (o[m] - f[m]) * (100 if m == "val_acc" else 1)
-            unit = " points" if m == "val_acc" else ""
+            points = (100, " points") if m == "val_acc" else (1, "")  # accuracy gaps read best in points
+            gap = in_words(o[m], f[m], res.space.objective.direction, *points)
             share = _fraction(o) / max(_fraction(f), 1e-12)
-            line += f": OIALR {diff:+.2f}{unit} with {share:.1%} of the trainable parameters"
+            line += f": OIALR {gap} with {share:.1%} of the trainable parameters"
     return line
 
 
