@@ -17,10 +17,11 @@ The function gets the trainer config with the searched values (`config`, a `Trai
             trial.report(epoch=epoch, checkpoint={"model": model.state_dict(), ...}, **metrics)
 
 `trial.oialr` is the OIALR controller with the searched knobs, or (the full-rank baseline arm) a
-controller that never changes the model. `trial.report` adds what the tuner needs (trainable
-parameters and fraction, ranks, status), saves the checkpoint with the controller's state when the
-sweep asks for one, and hands the epoch to the sweep (Ray) or to retrain, exactly like the built-in
-trainer's epochs, so ASHA, the baseline arm, best, retrain, report and compare work unchanged.
+:class:`~oialr_tune.oialr.FullRank`: the same attributes and methods, and it never changes the
+model. `trial.report` adds what the tuner needs (trainable parameters and fraction, ranks, status),
+saves the checkpoint with the controller's state when the sweep asks for one, and hands the epoch
+to the sweep (Ray) or to retrain, exactly like the built-in trainer's epochs, so ASHA, the
+baseline arm, best, retrain, report and compare work unchanged.
 """
 
 from __future__ import annotations
@@ -40,11 +41,10 @@ from oialr_tune import plugins
 from oialr_tune.config import TrainConfig, resolve_device, train_config_to_dict
 from oialr_tune.errors import UserError
 from oialr_tune.models import build_model
-from oialr_tune.oialr import OIALR, RankEvent
+from oialr_tune.oialr import OIALR, FullRank
 from oialr_tune.trainer import (
     Callback,
     TrainResult,
-    _count_trainable,
     checkpoint_due,
     checkpoint_file,
     existing,
@@ -52,23 +52,6 @@ from oialr_tune.trainer import (
     resume_state,
     write_checkpoint,
 )
-
-
-class FullRank:
-    """The controller of the full-rank arm: same calls as :class:`~oialr_tune.oialr.OIALR`, no changes."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.full_rank_parameters = _count_trainable(model)
-
-    def step(self) -> list[RankEvent]:
-        return []
-
-    def layer_ranks(self) -> dict[str, int]:
-        return {}
-
-    def trainable_parameters(self) -> int:
-        return _count_trainable(self.model)
 
 
 class _Stop(BaseException):
@@ -127,10 +110,7 @@ class Trial:
         if self.config.oialr.enabled and isinstance(delay, float) and total_steps is None:
             raise UserError(f"trainable: oialr.delay {delay} is a fraction of the run: call trial.oialr(model, "
                             f"optimizer, total_steps=...)")  # fmt: skip
-        controller = make_controller(model, optimizer, self.config, total_steps or 1)
-        if controller is None:
-            self.controller = FullRank(model)
-            return self.controller
+        controller = make_controller(model, optimizer, self.config, total_steps or 1) or FullRank(model, optimizer)
         if self._controller_state is not None:
             controller.load_state_dict(self._controller_state)
             self._seen_events = len(controller.history)
@@ -151,14 +131,14 @@ class Trial:
         diverged = any(not math.isfinite(v) for k, v in values.items() if k.endswith("loss"))
         status = "diverged" if diverged else "finished" if last else "running"
         c = self.controller
-        events = c.history[self._seen_events:] if isinstance(c, OIALR) else []
+        events = c.history[self._seen_events:]
         self._seen_events += len(events)
         trainable = c.trainable_parameters()
         row = {
             "epoch": epoch, "train_loss": values.pop("train_loss", float("nan")), **values,
             "trainable_params": trainable, "total_params": c.full_rank_parameters,
             "trainable_fraction": trainable / c.full_rank_parameters, "ranks": c.layer_ranks(),
-            "dense_layers": c.dense_layers() if isinstance(c, OIALR) else {},
+            "dense_layers": c.dense_layers(),
             "oialr_events": [asdict(e) for e in events], "status": status,
         }  # fmt: skip
         self.history.append(row)
@@ -166,7 +146,7 @@ class Trial:
         if self._path is not None and checkpoint_due(self.config, epoch, self._epochs) and not diverged:
             write_checkpoint(self._path, {
                 "config": train_config_to_dict(self.config), "epoch": epoch, "user": checkpoint,
-                "history": self.history, "controller": c.state_dict() if isinstance(c, OIALR) else None,
+                "history": self.history, "controller": c.state_dict(),
             })  # fmt: skip
             written = self._path.parent
         for cb in self._callbacks:

@@ -239,3 +239,68 @@ def test_registered_callables_resolve_by_name() -> None:
     name = plugins.register(_net)
     assert name == "test_custom:_net" and plugins.resolve(name, "model.name") is _net
     assert json.dumps(name)  # a plain string in every config
+
+
+# --- the README's own-loop snippet, in both arms --------------------------------------------------------------
+
+
+def _readme_loop() -> str:
+    """The README's `train(config, trial)` snippet (section "Your own model and data"), as written there."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("```python\ndef train(config, trial):")
+    return readme[start + len("```python\n"): readme.index("```", start + 10)]
+
+
+@pytest.mark.parametrize("oialr_on", [True, False])
+def test_the_readme_loop_runs_in_both_arms(tmp_path: Path, oialr_on: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """It logs and saves what the OIALR controller offers; the full-rank arm's FullRank offers it all too."""
+    import logging
+
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 10, generator=g)
+    y = x @ torch.randn(10, generator=g)
+    parts = {"train": (x[:96], y[:96]), "val": (x[96:128], y[96:128]), "test": (x[128:], y[128:])}
+
+    def score(model: nn.Module, split: str) -> dict[str, float]:
+        xs, ys = parts[split]
+        with torch.no_grad():
+            out = model(xs).squeeze(1)
+        return {f"{split}_loss": F.mse_loss(out, ys).item(), f"{split}_mae": (out - ys).abs().mean().item()}
+
+    namespace = {"__name__": "readme_loop", "torch": torch, "F": F, "score": score,
+                 "loader": DataLoader(TensorDataset(*parts["train"]), batch_size=16), "log": logging.getLogger("loop")}
+    exec(_readme_loop(), namespace)  # the README's code, run as written
+    cfg = {"device": "cpu", "trainable": plugins.register(namespace["train"]), "task": "regression",
+           "model": {"name": "mlp", "args": {"hidden": [32, 32]}}, "schedule": {"epochs": 2},
+           "oialr": {"enabled": oialr_on, "delay": 4, "stability_frequency": 2}}  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="loop"):
+        result = train(train_config_from_dict(cfg), checkpoint_dir=tmp_path, evaluate_test=True)
+        assert result.status == "finished" and result.test_metrics["test_mae"] > 0
+        cfg["schedule"]["epochs"] = 3  # resume: the controller's state comes back, steps go on counting
+        train(train_config_from_dict(cfg), checkpoint_dir=tmp_path, evaluate_test=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert lines[-1].endswith("step 18")  # 6 batches per epoch, counted across the resume
+    fractions = [float(line.split(": ")[1].split("%")[0]) for line in lines]
+    assert (fractions[-1] < 100.0) if oialr_on else fractions == [100.0] * 3
+    assert ("ranks {}" in lines[-1]) != oialr_on
+
+
+def test_full_rank_has_every_attribute_and_method_of_the_oialr_controller() -> None:
+    from oialr_tune.oialr import FullRank
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    oialr, full = OIALR(model, optimizer, delay=5), FullRank(model, optimizer, delay=5)
+    public = {n for n in dir(oialr) if not n.startswith("_")}
+    assert public <= set(dir(full)), public - set(dir(full))
+    for name in public:  # the same kind of thing: a method where OIALR has one, a value where it has one
+        assert callable(getattr(full, name)) == callable(getattr(oialr, name)), name
+    assert (full.delay, full.preset, full.trainable_fraction, full.history) == (5, "oialr-tune", 1.0, [])
+    full.step()
+    again = FullRank(model, optimizer)
+    again.load_state_dict(full.state_dict())
+    assert again.step_count == 1 and set(full.state_dict()) == set(oialr.state_dict())
