@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -66,7 +68,8 @@ class Trial:
 
     Attributes:
         config: the trainer config with this trial's searched values.
-        seed: the run's seed (torch's global RNG is seeded with it before the function is called).
+        seed: the run's seed (torch's, numpy's and Python's global RNGs are seeded with it before
+            the function is called).
         device: the torch device the run should use (``config.device`` resolved).
         evaluate_test: True in a retrain: report test_* metrics (e.g. test_loss, test_acc) at the
             last epoch; never used for tuning.
@@ -117,11 +120,36 @@ class Trial:
         self.controller = controller
         return controller
 
+    def rng_state(self, *generators: torch.Generator) -> dict[str, Any]:
+        """Every random state the loop draws from, to put in its checkpoint: torch's (CPU and CUDA),
+        numpy's global, Python's ``random``, and each of `generators` (a ``DataLoader``'s shuffling
+        generator holds its data order). `restore_rng_state` puts them back on a resume, so the
+        resumed trial continues the same random sequence and the same data order.
+        """
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(),
+                "python": random.getstate(), "generators": [g.get_state() for g in generators]}  # fmt: skip
+
+    def restore_rng_state(self, state: dict[str, Any], *generators: torch.Generator) -> None:
+        """Put back what `rng_state` saved (the same `generators`, in the same order). Call it on a
+        resume after everything random before the first epoch (the model's initialisation)."""
+        if len(generators) != len(state["generators"]):
+            raise UserError(f"trainable: restore_rng_state got {len(generators)} generator(s); the checkpoint "
+                            f"holds {len(state['generators'])}")  # fmt: skip
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        for g, g_state in zip(generators, state["generators"], strict=True):
+            g.set_state(g_state)
+
     def report(self, *, epoch: int, checkpoint: Any = None, **metrics: float) -> None:
         """End of an epoch (1-based): its metrics (val_* for tuning, test_* in a retrain) and state.
 
-        `checkpoint` is any data ``torch.save`` can write (state dicts, numbers); it is kept when
-        the sweep checkpoints this epoch and given back as `Trial.checkpoint` on a resume.
+        `checkpoint` is tensors and plain data (state dicts, numbers), numpy arrays and RNG states
+        (`rng_state`); it is kept when the sweep checkpoints this epoch and given back as
+        `Trial.checkpoint` on a resume (read with an allow-list, see `oialr_tune.safe_load`).
         """
         if self.controller is None:
             raise UserError("trainable: call trial.oialr(model, optimizer) before trial.report(...)")
@@ -165,7 +193,9 @@ def run_trainable(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), check
     state = resume_state(ckpt_path, resume)
     if state is not None and "user" not in state:
         raise UserError(f"{ckpt_path}: a checkpoint of the built-in trainer, not of trainable {cfg.trainable}")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # and numpy's and Python's: a fresh run draws the same numbers every time
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
     trial = Trial(cfg, callbacks=callbacks, checkpoint_path=ckpt_path, state=state, evaluate_test=evaluate_test,
                   checkpoint_epochs=set(checkpoint_epochs or ()))
     with contextlib.suppress(_Stop):

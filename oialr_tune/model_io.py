@@ -29,6 +29,7 @@ from torch import nn
 from oialr_tune.files import write_atomic
 from oialr_tune.models import build_model
 from oialr_tune.oialr import apply_low_rank_structure, export_dense, low_rank_structure
+from oialr_tune.safe_load import allowed_globals
 
 __all__ = ["FORMAT", "ModelFile", "load_model", "read_model_file", "save_model"]
 
@@ -146,7 +147,8 @@ def read_model_file(path: str | Path) -> ModelFile:
     """
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed_globals()):  # a user loop's checkpoint may hold numpy arrays
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such model file") from None
     if _is_checkpoint(payload):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from oialr_tune import safe_load
 from oialr_tune.config import TrainConfig, resolve_device, train_config_to_dict
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
@@ -203,13 +204,7 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint written by `train` (tensors on the CPU). Raises UserError naming the path."""
     path = Path(path)
-    try:
-        # weights_only: our checkpoints hold only tensors and plain data, so refuse anything else.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise UserError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+    state = safe_load.load(path)  # tensors, plain data, numpy arrays and RNG states; nothing else
     if not isinstance(state, dict) or state.get("format") != TRAINER_CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint written by oialr-tune's trainer")
     return state

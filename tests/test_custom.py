@@ -304,3 +304,60 @@ def test_full_rank_has_every_attribute_and_method_of_the_oialr_controller() -> N
     again = FullRank(model, optimizer)
     again.load_state_dict(full.state_dict())
     assert again.step_count == 1 and set(full.state_dict()) == set(oialr.state_dict())
+
+
+# --- a user loop's checkpoint: numpy arrays and RNG states, read back safely --------------------------------------
+
+_CRASH_AFTER: list[int] = []  # the epoch after whose report `_random_loop` dies (empty: never)
+
+
+def _random_loop(config: Any, trial: Any) -> None:
+    """Draws from every RNG (torch, numpy, Python, a DataLoader's shuffle) and reports what it drew."""
+    import random
+
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    model = trial.build_model(in_shape=(4,), num_outputs=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    trial.oialr(model, optimizer)
+    order = torch.Generator().manual_seed(trial.seed)
+    loader = DataLoader(TensorDataset(torch.arange(8.0)), batch_size=8, shuffle=True, generator=order)
+    if trial.checkpoint is not None:
+        assert trial.checkpoint["seen"].dtype == np.int64  # a numpy array came back as one
+        trial.restore_rng_state(trial.checkpoint["rng"], order)
+    for epoch in range(trial.start_epoch + 1, config.schedule.epochs + 1):
+        (batch,) = next(iter(loader))
+        drawn = {"val_loss": float(torch.rand(())), "val_numpy": float(np.random.rand()),
+                 "val_python": random.random(), "val_order": float(batch[:4] @ torch.arange(4.0))}  # fmt: skip
+        trial.report(epoch=epoch, checkpoint={"rng": trial.rng_state(order), "seen": np.arange(epoch)}, **drawn)
+        if epoch in _CRASH_AFTER:
+            raise RuntimeError("killed")
+
+
+def test_a_resumed_loop_continues_the_same_random_sequence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = train_config_from_dict({"device": "cpu", "trainable": plugins.register(_random_loop), "task": "regression",
+                                  "model": {"name": "mlp", "args": {"hidden": [4]}}, "schedule": {"epochs": 3},
+                                  "oialr": {"enabled": False}})  # fmt: skip
+    whole = train(cfg, checkpoint_dir=tmp_path / "whole").history
+    monkeypatch.setattr(sys.modules[__name__], "_CRASH_AFTER", [2])
+    with pytest.raises(UserError, match="killed"):
+        train(cfg, checkpoint_dir=tmp_path / "cut")
+    monkeypatch.setattr(sys.modules[__name__], "_CRASH_AFTER", [])
+    resumed = train(cfg, checkpoint_dir=tmp_path / "cut").history
+    keys = ("val_loss", "val_numpy", "val_python", "val_order")
+    assert [{k: e[k] for k in keys} for e in resumed] == [{k: e[k] for k in keys} for e in whole]
+    assert len({e["val_order"] for e in whole}) > 1  # the data order does change from epoch to epoch
+
+
+def test_a_checkpoint_holding_an_arbitrary_object_is_refused_by_name(tmp_path: Path) -> None:
+    from oialr_tune.trainer import read_checkpoint
+
+    torch.save({"format": "x", "user": {"obj": _Opaque()}}, tmp_path / "c.pt")
+    with pytest.raises(UserError, match=r"holds test_custom\._Opaque, not on the allow-list") as e:
+        read_checkpoint(tmp_path / "c.pt")
+    assert "\n" not in str(e.value)
+
+
+class _Opaque:
+    """A class nothing allows a checkpoint to unpickle."""
