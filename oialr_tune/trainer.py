@@ -183,6 +183,7 @@ def make_controller(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Tra
         sigma_cutoff_fraction=o.sigma_cutoff_fraction, min_rank=o.min_rank,
         keep_first_layer=o.keep_first_layer, keep_last_layer=o.keep_last_layer,
         layer_step_fraction=o.layer_step_fraction, skip_ratio=o.skip_ratio, preset=o.preset,
+        include=o.include, exclude=o.exclude,
     )
 
 

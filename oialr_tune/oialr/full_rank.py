@@ -10,6 +10,7 @@ trainable.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 from .controller import OIALR, PRESETS, RankEvent, _count_trainable
 
 __all__ = ["FullRank"]
+
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
 
 # OIALR's keyword arguments and their defaults: FullRank takes and shows the same knobs.
 _KNOBS = {
@@ -36,7 +39,7 @@ class FullRank:
     loop freezes some).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **knobs: Any) -> None:
+    def __init__(self, model: nn.Module, optimizer: Optimizers | None = None, **knobs: Any) -> None:
         unknown = set(knobs) - set(_KNOBS)
         if unknown:
             raise TypeError(f"FullRank: unexpected keyword argument(s) {sorted(unknown)}")
@@ -44,6 +47,7 @@ class FullRank:
         if values["preset"] not in PRESETS:
             raise ValueError(f"FullRank preset: must be one of {sorted(PRESETS)}, got {values['preset']!r}")
         self.model, self.optimizer = model, optimizer
+        self.optimizers = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
         self.rules = PRESETS[values["preset"]]
         if values["layer_step_fraction"] is None:
             values["layer_step_fraction"] = self.rules.layer_step_fraction
