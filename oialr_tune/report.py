@@ -106,7 +106,8 @@ def plot_pareto(res: SweepResults, metric: str, best: dict[str, BestTrial], path
     ax.grid(alpha=0.3)
     fig.legend(fontsize=8, loc="outside lower center", ncol=3)  # below the axes: never hides a point
     fig.savefig(path)
-    return "every finished trial; hollow = stopped early by ASHA; star = the configuration `best` returns"
+    return ("every finished trial; hollow = stopped early by ASHA (not candidates for `best` or the front when "
+            "any trial ran every epoch); star = the configuration `best` returns")
 
 
 def _trial_times(res: SweepResults, arm: str, rows: pd.DataFrame) -> pd.Series:
