@@ -10,7 +10,7 @@ from torch import nn
 
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.oialr import OIALR, apply_low_rank_structure, export_dense, low_rank_structure
-from oialr_tune.trainer import make_controller
+from oialr_tune.run_record import make_controller
 
 
 class Block(nn.Module):
@@ -47,7 +47,7 @@ def test_include_and_exclude_patterns_pick_the_layers() -> None:
         OIALR(_net(), torch.optim.SGD(_net().parameters(), lr=0.1), exclude=["head"])
     cfg = train_config_from_dict({"oialr": {"include": ["*.attn.*"], "exclude": ["1.1.*"]}})
     model = _net()
-    assert make_controller(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, 100).include == ["*.attn.*"]
+    assert make_controller(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg.oialr, 100).include == ["*.attn.*"]
 
 
 def test_frozen_tied_and_unoptimized_weights_stay_dense_with_the_reason() -> None:

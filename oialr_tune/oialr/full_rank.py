@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .controller import OIALR, PRESETS, RankEvent, _count_trainable
+from .controller import OIALR, PRESETS, RankEvent, count_trainable
 
 __all__ = ["FullRank"]
 
@@ -53,7 +53,7 @@ class FullRank:
             values["layer_step_fraction"] = self.rules.layer_step_fraction
         for name, value in values.items():
             setattr(self, name, value)
-        self.full_rank_parameters = _count_trainable(model)
+        self.full_rank_parameters = count_trainable(model)
         self.history: list[RankEvent] = []
         self._step = 0
 
@@ -73,7 +73,7 @@ class FullRank:
         return {}
 
     def trainable_parameters(self) -> int:
-        return _count_trainable(self.model)
+        return count_trainable(self.model)
 
     @property
     def trainable_fraction(self) -> float:
