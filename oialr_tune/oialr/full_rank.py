@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .controller import OIALR, PRESETS, RankEvent, count_trainable
+from .controller import OIALR, RankEvent, count_trainable
+from .presets import PRESETS
 
 __all__ = ["FullRank"]
 
