@@ -19,6 +19,8 @@ from . import __version__
 from .errors import UserError
 from .space import ARMS, BASELINES, METRIC_DIRECTIONS, SIZE_METRIC
 
+LOGGERS = ("mlflow",)  # `sweep --log` choices: oialr_tune.tuning.driver.LOGGERS (a test pins them equal)
+
 
 def _train(args: argparse.Namespace) -> None:
     from .config import load_train_config
@@ -55,6 +57,7 @@ def _sweep(args: argparse.Namespace) -> int:
             num_samples=args.num_samples,
             max_epochs=args.max_epochs,
             overrides=dict(args.set),
+            log=args.log,
         )
     except SweepInterrupted as exc:
         print(f"oialr-tune: sweep interrupted: {exc}", file=sys.stderr)
@@ -70,7 +73,8 @@ def _repaired(results_dir: str) -> str:
 
 
 def _best(args: argparse.Namespace) -> None:
-    from .results import best_trial, format_best
+    from .best_format import format_best
+    from .results import best_trial
 
     best = best_trial(_repaired(args.results_dir), arm=args.arm, objective=args.objective,
                       max_trainable_fraction=args.max_trainable_fraction)
@@ -134,7 +138,7 @@ def _compare(args: argparse.Namespace) -> None:
                     max_concurrent=args.max_concurrent, trust_code=args.trust_code)
     for s in summarize(table):
         diff = f"  diff {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}] {s['verdict']}" if "diff" in s else ""
-        print(f"{s['label']:<34} test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}  "
+        print(f"{s['label']:<34} {s['metric']} {s['mean']:.4f} ± {s['std']:.4f}  "
               f"trainable {s['trainable_fraction']:.1%}{diff}")
 
 
@@ -156,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", nargs="?", default=None,
                    help="search-space YAML, or a packaged space name (default: quickstart)")
     p.add_argument("--name", default=None, help="results folder name (default: <space name>-<date>-<time>)")
+    p.add_argument("--log", action="append", default=[], choices=LOGGERS,
+                   help="also log every trial to this tracker (mlflow: a local store RESULTS/NAME/mlflow.db)")
     p.add_argument("--results-dir", default="results",
                    help="where sweeps go: a folder, a shared path or a URI Ray accepts (default: results)")
     p.add_argument("--resume", metavar="SWEEP_DIR", default=None,

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from oialr_tune import safe_load
 from oialr_tune.config import train_config_to_dict
 from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
-from oialr_tune.oialr import OIALR, RankEvent, count_trainable
+from oialr_tune.oialr import OIALR, FullRank, RankEvent
 from oialr_tune.sweep_state import CHECKPOINT_FILE
 
 if TYPE_CHECKING:
@@ -92,26 +93,6 @@ class TrainResult:
 
 
 # --- an epoch's metrics row ---------------------------------------------------------------------
-
-
-class FullRank:
-    """The controller of a full-rank run: the read-outs of :class:`~oialr_tune.oialr.OIALR`, no changes."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.full_rank_parameters = count_trainable(model)
-
-    def step(self) -> list[RankEvent]:
-        return []
-
-    def layer_ranks(self) -> dict[str, int]:
-        return {}
-
-    def dense_layers(self) -> dict[str, str]:
-        return {}
-
-    def trainable_parameters(self) -> int:
-        return count_trainable(self.model)
 
 
 def epoch_row(epoch: int, *, train_loss: float, metrics: Mapping[str, Any], controller: OIALR | FullRank,
@@ -186,15 +167,9 @@ def write_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint (tensors on the CPU). Raises UserError naming the path."""
+    """Load a checkpoint (tensors on the CPU; see `oialr_tune.safe_load`). Raises UserError naming the path."""
     path = Path(path)
-    try:
-        # weights_only: our checkpoints hold only tensors and plain data, so refuse anything else.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise UserError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+    state = safe_load.load(path)  # tensors, plain data, numpy arrays and RNG states; nothing else
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint written by oialr-tune's trainer")
     return state

@@ -36,10 +36,9 @@ from oialr_tune.errors import UserError
 from oialr_tune.loop import run_trainable
 from oialr_tune.lr_schedule import lr_at
 from oialr_tune.models import build_model
-from oialr_tune.oialr import OIALR, RankEvent
+from oialr_tune.oialr import OIALR, FullRank, RankEvent
 from oialr_tune.run_record import (
     Callback,
-    FullRank,
     TrainResult,
     checkpoint_due,
     checkpoint_file,

@@ -163,6 +163,11 @@ SPACE_CASES = [
     # Only building the model on the data's images can tell (every trial would fail inside Ray).
     pytest.param([(("base", "model"), {"name": "vit_small", "args": {"patch_size": 3}})],
                  ["base.model.args.patch_size"], id="model-arg-only-the-builder-can-check"),
+    # A layer pattern that matches no layer of the model is a typo: only the built model can tell.
+    pytest.param([(("base", "oialr", "exclude"), ["head*"])], ["base.oialr.exclude", "'head*'"],
+                 id="oialr-exclude-pattern-matching-no-layer"),
+    pytest.param([(("base", "oialr", "include"), "*.attn.*")], ["base.oialr.include"],
+                 id="oialr-include-not-a-list"),
     pytest.param([(("base", "device"), "auto"), (("resources", "gpu"), 1)], ["resources.gpu"],
                  marks=NO_GPU, id="gpu-per-trial-on-a-machine-without-one"),
     pytest.param([(("base", "device"), "cuda"), (("resources", "gpu"), 0.5)], ["resources.gpu"],

@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "oialr_tune"
 FLOORS = [
     # helpers with no concept of a run, and the OIALR method (torch only)
     {"oialr_tune", "errors", "files", "stats", "schema", "plugins",
-     "oialr", "oialr.controller", "oialr.export", "oialr.lowrank", "oialr.presets"},
+     "safe_load", "oialr", "oialr.controller", "oialr.export", "oialr.lowrank", "oialr.presets", "oialr.full_rank",
+     "oialr.selection"},
     # what a run trains on: models, data, the trainer config, the task
     {"models", "vit", "zoo", "config", "splits", "user_data", "data", "tasks", "lr_schedule"},
     # search spaces and the checks run before a sweep
@@ -27,7 +28,7 @@ FLOORS = [
     # the training loops
     {"loop", "trainer", "lightning", "progress"},
     # reading what runs and sweeps left: the results folder, model files
-    {"results", "model_io", "trust"},
+    {"results", "model_io", "trust", "best_format"},
     # Ray Tune + Optuna
     {"tuning", "tuning.arm", "tuning.cluster", "tuning.collect", "tuning.driver", "tuning.hooks",
      "tuning.parallel", "tuning.search", "tuning.storage", "tuning.study", "tuning.worker"},
