@@ -17,7 +17,8 @@ import yaml
 
 from . import __version__
 from .errors import UserError
-from .space import ARMS, BASELINES, METRIC_DIRECTIONS, SIZE_METRIC
+from .metrics import SELECTABLE_DIRECTIONS
+from .space import ARMS, BASELINES
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("best", help="the best trial of a sweep: config, metrics, checkpoint (Pareto set if multi)")
     p.add_argument("results_dir", help="a sweep's results folder (results/<name>)")
     p.add_argument("--arm", choices=ARMS, default="oialr", help="which arm (default: oialr)")
-    p.add_argument("--objective", choices=[*METRIC_DIRECTIONS, SIZE_METRIC], default=None,
+    p.add_argument("--objective", choices=list(SELECTABLE_DIRECTIONS), default=None,
                    help="rank trials by this metric (default: the sweep's objective)")
     p.add_argument("--format", choices=["table", "yaml", "json"], default="table",
                    help="table for people; yaml = the trainer config only (pipe it to a file for `train`); json")

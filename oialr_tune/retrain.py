@@ -43,6 +43,7 @@ from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_con
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
 from oialr_tune.files import writable_folder
+from oialr_tune.metrics import main_metric
 from oialr_tune.model_io import load_model, save_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.plugins import uses_user_code
@@ -204,7 +205,7 @@ def run_seed(
 
 def _test_metric(cfg: TrainConfig) -> str:
     """The test metric a retrain of `cfg` reports per seed and summarizes: test_acc or test_mae."""
-    return "test_acc" if cfg.task == "classification" else "test_mae"
+    return f"test_{main_metric(cfg.task)}"
 
 
 def _train_seed(cfg: TrainConfig, *, train_on: TrainOn, start_from: Path | None) -> TrainResult:

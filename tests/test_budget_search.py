@@ -12,8 +12,9 @@ import yaml
 from tiny_sweep import SPACE, tiny_sweep_dir
 
 from oialr_tune.errors import UserError
+from oialr_tune.metrics import SIZE_METRIC
 from oialr_tune.results import best_trial, open_results
-from oialr_tune.space import SIZE_METRIC, load_space, space_from_dict
+from oialr_tune.space import load_space, space_from_dict
 from oialr_tune.tuning.search import BudgetedOptunaSearch, searcher
 from oialr_tune.tuning.study import optuna_trials
 

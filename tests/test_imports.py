@@ -16,12 +16,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "oialr_tune"
 # modules on its own floor or below. A new module must be given a floor here.
 FLOORS = [
     # helpers with no concept of a run, and the OIALR method (torch only)
-    {"oialr_tune", "errors", "files", "stats", "schema", "plugins",
+    {"oialr_tune", "errors", "files", "stats", "schema", "plugins", "metrics",
      "oialr", "oialr.controller", "oialr.export", "oialr.lowrank"},
     # what a run trains on: models, data, the trainer config, the task
     {"models", "vit", "zoo", "config", "splits", "user_data", "data", "tasks"},
     # search spaces and the checks run before a sweep
-    {"space", "space_types", "checks"},
+    {"space", "space._distributions", "checks"},
     # the records every loop and every sweep writes: the run record and the sweep folder's state
     {"run_record", "sweep_state"},
     # the training loops

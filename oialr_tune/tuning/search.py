@@ -20,7 +20,8 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from oialr_tune.space import SIZE_METRIC, SearchSpace
+from oialr_tune.metrics import SIZE_METRIC
+from oialr_tune.space import SearchSpace
 from oialr_tune.tuning.study import directions, optuna_distribution, optuna_trials, size_budget, size_constraint
 
 __all__ = ["BudgetedOptunaSearch", "scheduler", "searcher"]

@@ -28,7 +28,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from oialr_tune.errors import UserError
 from oialr_tune.files import replacing
-from oialr_tune.space import SIZE_METRIC, Param, SearchSpace
+from oialr_tune.metrics import SIZE_METRIC
+from oialr_tune.space import Param, SearchSpace
 from oialr_tune.sweep_state import STUDY_FILE
 from oialr_tune.tuning.storage import Store
 
