@@ -283,7 +283,7 @@ def _oialr_step(run: _Run) -> list[RankEvent]:
     if events:
         run.last_event = run.controller.step_count
         if run.forward is not run.model:
-            torch._dynamo.reset()  # recompile once for the new shapes, not per guard miss
+            torch.compiler.reset()  # recompile once for the new shapes, not per guard miss
     return events
 
 

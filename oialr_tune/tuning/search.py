@@ -7,8 +7,8 @@ apart from feasible ones, so the search spends its trials under the budget inste
 after the sweep that few of them are. The value must be on the Optuna trial before the trial is
 told: :class:`BudgetedOptunaSearch` sets it just before Ray's OptunaSearch tells the study.
 
-Ray's ``OptunaSearch._ot_trials`` (Ray trial id → Optuna trial) is the one private name used here,
-to reach the trial being told; ``tests/test_budget_search.py`` fails loudly if Ray changes it.
+The trial being told is reached through Ray's private map of them
+(`oialr_tune.tuning._internals.optuna_trial`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from oialr_tune.metrics import SIZE_METRIC
 from oialr_tune.space import SearchSpace
+from oialr_tune.tuning._internals import optuna_trial
 from oialr_tune.tuning.study import directions, optuna_distribution, optuna_trials, size_budget, size_constraint
 
 __all__ = ["BudgetedOptunaSearch", "scheduler", "searcher"]
@@ -42,7 +43,7 @@ class BudgetedOptunaSearch(OptunaSearch):
         self.max_trainable_fraction = max_trainable_fraction
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        ot_trial = self._ot_trials.get(trial_id) if self.max_trainable_fraction is not None else None
+        ot_trial = optuna_trial(self, trial_id) if self.max_trainable_fraction is not None else None
         if ot_trial is not None:
             fraction = (result or {}).get(SIZE_METRIC)
             for key, value in size_constraint(fraction, self.max_trainable_fraction).items():
