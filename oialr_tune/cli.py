@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, one_line
 from .metrics import SELECTABLE_DIRECTIONS
 from .space import ARMS, BASELINES
 
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"oialr-tune: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"oialr-tune: error: {one_line(str(exc), limit=None)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader left early (`oialr-tune best DIR | head`): it has what it wanted. Point stdout
@@ -252,12 +252,6 @@ def _exit_now(rc: int) -> None:
     except BrokenPipeError:
         return  # the normal exit path knows what to do with a closed pipe
     os._exit(rc)
-
-
-def _one_line(message: str) -> str:
-    """The error message as one line: some carry a library's multi-line text (torch's state_dict
-    mismatch lists every tensor), and the promise is one line on stderr."""
-    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

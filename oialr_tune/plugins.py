@@ -21,7 +21,7 @@ import sysconfig
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from oialr_tune.errors import UserError
+from oialr_tune.errors import UserError, one_line
 
 # name -> callable registered in this process (Python API) or installed from the sweep's driver.
 _REGISTRY: dict[str, Callable[..., Any]] = {}
@@ -93,12 +93,6 @@ def resolve(name: str, key: str) -> Callable[..., Any]:
     if not callable(obj):
         raise UserError(f"{key}: {name} is a {type(obj).__name__}, not a function")
     return obj
-
-
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception as one short line, for messages that must fit on one line."""
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def call(fn: Callable[..., Any], name: str, key: str, *args: Any, **kwargs: Any) -> Any:

@@ -31,7 +31,7 @@ from torch import nn
 
 from oialr_tune.config import TrainConfig, resolve_device
 from oialr_tune.data import load_data
-from oialr_tune.errors import UserError
+from oialr_tune.errors import UserError, one_line
 from oialr_tune.loop import run_trainable
 from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, RankEvent
@@ -114,12 +114,6 @@ def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     each low-rank layer's S with a new Parameter, cut or not.
     """
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    """An exception as one short line (torch's state-dict errors span many lines)."""
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- one run, piece by piece ----------------------------------------------------------------------
@@ -233,7 +227,7 @@ def _restore(run: _Run, state: dict[str, Any], ckpt_path: Path | None) -> None:
         run.train_loader.generator.set_state(state["rng"]["data"])
         run.step, run.start_epoch, run.history = state["step"], state["epoch"], state["history"]
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{ckpt_path}: checkpoint does not match this config ({_one_line(e)})") from None
+        raise UserError(f"{ckpt_path}: checkpoint does not match this config ({one_line(e)})") from None
     if run.history:
         run.status = run.history[-1]["status"]
 
