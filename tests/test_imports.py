@@ -155,3 +155,17 @@ def test_the_oialr_method_imports_only_torch() -> None:
             elif isinstance(node, ast.ImportFrom) and not node.level:
                 third_party.add((node.module or "").split(".")[0])
     assert third_party - set(sys.stdlib_module_names) - {"__future__"} == {"torch"}
+
+
+def test_the_tests_readme_indexes_every_module() -> None:
+    """tests/README.md's index names every module of the package, and only test files that exist."""
+    import re
+
+    text = (PACKAGE.parent / "tests" / "README.md").read_text()
+    index = text[text.index("## Index"):text.index("## Faults")]
+    rows = [line.split("|")[1:3] for line in index.splitlines() if line.startswith("| `")]
+    names = {m for cell, _ in rows for m in re.findall(r"`([\w.]+)`", cell)}
+    listed = {f"oialr_tune.{m}" if m != "oialr_tune" else m for m in names}
+    files = {f for _, cell in rows for f in re.findall(r"`(test_\w+\.py)`", cell)}
+    assert listed == set(_modules())
+    assert files and all((PACKAGE.parent / "tests" / f).is_file() for f in files)
