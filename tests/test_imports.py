@@ -30,7 +30,7 @@ FLOORS = [
     {"results", "model_io"},
     # Ray Tune + Optuna
     {"tuning", "tuning.arm", "tuning.cluster", "tuning.collect", "tuning.driver", "tuning.hooks",
-     "tuning.parallel", "tuning.search", "tuning.storage", "tuning.study", "tuning.worker"},
+     "tuning.parallel", "tuning.search", "tuning.storage", "tuning.study", "tuning.worker", "tuning._internals"},
     # the user's jobs on top
     {"retrain", "compare", "report", "cli"},
 ]  # fmt: skip
