@@ -27,9 +27,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from oialr_tune.config import train_config_to_dict
-from oialr_tune.errors import UserError
-from oialr_tune.files import write_atomic
 from oialr_tune.oialr import OIALR, RankEvent, count_trainable
 from oialr_tune.sweep_state import CHECKPOINT_FILE
 
@@ -159,52 +156,20 @@ def make_controller(model: nn.Module, optimizer: torch.optim.Optimizer, settings
 # --- checkpoints --------------------------------------------------------------------------------
 
 
-def checkpoint_file(checkpoint_dir: str | Path | None) -> Path | None:
-    """Where a run checkpointing into `checkpoint_dir` keeps its checkpoint (None: no checkpoints)."""
-    return Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where and when a run of `cfg` checkpoints: ``checkpoint.pt`` in `folder` (None: never), after
+    its last epoch, every ``checkpoint_every``-th and each (1-based) epoch in `epochs`."""
 
+    cfg: TrainConfig
+    folder: Path | None
+    epochs: frozenset[int] = frozenset()
 
-def checkpoint_due(cfg: TrainConfig, epoch: int, checkpoint_epochs: set[int]) -> bool:
-    """Whether (1-based) `epoch` ends with a checkpoint: the last, every `checkpoint_every`-th, or a listed one."""
-    every = cfg.checkpoint_every
-    return bool(epoch >= cfg.schedule.epochs or (every and epoch % every == 0) or epoch in checkpoint_epochs)
+    @classmethod
+    def of(cls, cfg: TrainConfig, folder: str | Path | None, epochs: Iterable[int] | None = None) -> Checkpoints:
+        return cls(cfg, Path(folder) if folder is not None else None, frozenset(epochs or ()))
 
-
-def checkpoint_payload(cfg: TrainConfig, *, epoch: int, history: list[dict[str, Any]],
-                       controller: Mapping[str, Any] | None, **state: Any) -> dict[str, Any]:
-    """A checkpoint of a run of `cfg` after (1-based) `epoch`: the keys every loop writes, then its own `state`.
-
-    `controller` is the OIALR controller's ``state_dict()`` (None for a full-rank run).
-    """
-    return {"format": CHECKPOINT_FORMAT, "config": train_config_to_dict(cfg), "epoch": epoch, "history": history,
-            "controller": controller, **state}
-
-
-def write_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write `payload` (from `checkpoint_payload`, or a read one) atomically: a reader sees the old or the new file."""
-    write_atomic(path, lambda f: torch.save(dict(payload), f))
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint (tensors on the CPU). Raises UserError naming the path."""
-    path = Path(path)
-    try:
-        # weights_only: our checkpoints hold only tensors and plain data, so refuse anything else.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise UserError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a checkpoint written by oialr-tune's trainer")
-    return state
-
-
-def resume_state(path: Path | None, resume: bool) -> dict[str, Any] | None:
-    """The checkpoint a run continues from: `path`'s when resuming and it exists, else None."""
-    return read_checkpoint(path) if resume and path is not None and path.exists() else None
-
-
-def existing(path: Path | None) -> Path | None:
-    """`path` if that file exists (what a `TrainResult` reports as its checkpoint), else None."""
-    return path if path is not None and path.exists() else None
+    @property
+    def path(self) -> Path | None:
+        """The checkpoint file (None: the run keeps none)."""
+        return self.folder / CHECKPOINT_FILE if self.folder is not None else None
