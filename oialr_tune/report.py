@@ -39,6 +39,7 @@ from oialr_tune.results import (
     pareto_rows,
 )
 from oialr_tune.sweep_state import REPORT_FILE, RETRAIN_DIR, SUMMARY_FILE
+from oialr_tune.trust import check_folder
 from oialr_tune.tuning.study import importances
 
 __all__ = ["PLOTS", "write_report"]
@@ -252,13 +253,15 @@ def _top_trials(res: SweepResults, metric: str) -> tuple[list[dict[str, Any]], l
     return rows, columns
 
 
-def write_report(results_dir: str | Path) -> Path:
+def write_report(results_dir: str | Path, *, trust_code: bool = False) -> Path:
     """Write ``report.md`` and its PNGs into `results_dir`; returns the report's path.
 
     Raises UserError (before writing anything) when the directory holds no experiment, is not
-    writable, or holds an unreadable ``study.db``.
+    writable, or holds an unreadable ``study.db``, and when it names user code but this user's key
+    did not sign it, unless `trust_code` (see `oialr_tune.trust`).
     """
     res = open_results(results_dir)
+    check_folder(res.path, trust_code, "report")
     metric = res.space.objective.metric
     writable_folder(res.path, "results folder")
     importances_found = {arm: param_importances(res, arm, metric) for arm in res.arms}

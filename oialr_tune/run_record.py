@@ -19,7 +19,7 @@ report read the one shape it defines:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from oialr_tune.config import train_config_to_dict
+from oialr_tune.errors import UserError
+from oialr_tune.files import write_atomic
 from oialr_tune.oialr import OIALR, RankEvent, count_trainable
 from oialr_tune.sweep_state import CHECKPOINT_FILE
 
@@ -173,3 +176,52 @@ class Checkpoints:
     def path(self) -> Path | None:
         """The checkpoint file (None: the run keeps none)."""
         return self.folder / CHECKPOINT_FILE if self.folder is not None else None
+
+    def resume_state(self, resume: bool) -> dict[str, Any] | None:
+        """The checkpoint the run continues from: the file's when resuming and it exists, else None."""
+        path = self.path
+        return read_checkpoint(path) if resume and path is not None and path.exists() else None
+
+    def save(self, epoch: int, payload: Callable[[], Mapping[str, Any]]) -> Path | None:
+        """After (1-based) `epoch`: write `payload()` if a checkpoint is due; the folder written, else None."""
+        every = self.cfg.checkpoint_every
+        due = epoch >= self.cfg.schedule.epochs or (every and epoch % every == 0) or epoch in self.epochs
+        if self.folder is None or not due:
+            return None
+        write_checkpoint(self.folder / CHECKPOINT_FILE, payload())
+        return self.folder
+
+    def written(self) -> Path | None:
+        """The checkpoint file if one exists (what a `TrainResult` reports), else None."""
+        path = self.path
+        return path if path is not None and path.exists() else None
+
+
+def checkpoint_payload(cfg: TrainConfig, *, epoch: int, history: list[dict[str, Any]],
+                       controller: Mapping[str, Any] | None, **state: Any) -> dict[str, Any]:
+    """A checkpoint of a run of `cfg` after (1-based) `epoch`: the keys every loop writes, then its own `state`.
+
+    `controller` is the OIALR controller's ``state_dict()`` (None for a full-rank run).
+    """
+    return {"format": CHECKPOINT_FORMAT, "config": train_config_to_dict(cfg), "epoch": epoch, "history": history,
+            "controller": controller, **state}
+
+
+def write_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write `payload` (from `checkpoint_payload`, or a read one) atomically: a reader sees the old or the new file."""
+    write_atomic(path, lambda f: torch.save(dict(payload), f))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint (tensors on the CPU). Raises UserError naming the path."""
+    path = Path(path)
+    try:
+        # weights_only: our checkpoints hold only tensors and plain data, so refuse anything else.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except Exception as e:
+        raise UserError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint written by oialr-tune's trainer")
+    return state

@@ -31,7 +31,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,6 +333,22 @@ def ended_trials(path: Path, key: bytes | None) -> dict[str, dict[str, Any]]:
 
 
 # --- the lock ------------------------------------------------------------------------------------
+
+
+def verify_folder(root: Path, config: Any, arms: Iterable[str]) -> Signature:
+    """This user's signature of the local sweep folder `root`, checked against its sweep.yaml `config`
+    (plain data) and every journal line of `arms`; UserError naming what does not check."""
+    signature = Signature.verify(root)
+    diff = first_difference(signature.config, json.loads(json.dumps(config)))
+    if diff is not None:
+        key, was, now = diff
+        raise UserError(
+            f"{root}/{SWEEP_FILE}: edited since the sweep started ({key}: {was!r} -> {now!r}); a resumed sweep "
+            f"keeps its config: restore it or start a new sweep"
+        )
+    for arm in arms:  # every journal line must be this user's too
+        ended_trials(root / JOURNAL_TEMPLATE.format(arm=arm), signature.key)
+    return signature
 
 
 class FolderLock:

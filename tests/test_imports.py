@@ -27,7 +27,7 @@ FLOORS = [
     # the training loops
     {"loop", "trainer", "lightning", "progress"},
     # reading what runs and sweeps left: the results folder, model files
-    {"results", "model_io"},
+    {"results", "model_io", "trust"},
     # Ray Tune + Optuna
     {"tuning", "tuning.arm", "tuning.cluster", "tuning.collect", "tuning.driver", "tuning.hooks",
      "tuning.parallel", "tuning.search", "tuning.storage", "tuning.study", "tuning.worker", "tuning._internals"},

@@ -27,6 +27,17 @@ def optuna_trial(search: OptunaSearch, trial_id: str) -> optuna.trial.Trial | No
     return search._ot_trials.get(trial_id)
 
 
+def told(search: OptunaSearch, trial_id: str) -> bool:
+    """Whether Ray's OptunaSearch has already told its study that Ray's trial `trial_id` is complete.
+
+    Why: the last epoch of a trial is reported to the study as an intermediate value once, before
+    the trial is told (`oialr_tune.tuning.search.BudgetedOptunaSearch`). Missing public API:
+    OptunaSearch does not say which trials it has told (private ``_completed_trials``). Pinned by
+    ``tests/test_search.py::test_trials_asha_stops_are_pruned_for_the_sampler_and_in_study_db``.
+    """
+    return trial_id in search._completed_trials
+
+
 def ping_gcs(gcs_address: str, timeout_ms: int) -> None:
     """One call to Ray's GCS at `gcs_address` with this process's credentials; raises
     AuthenticationError when refused, RpcError when no GCS answers.
