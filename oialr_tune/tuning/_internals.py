@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-from ray.tune.search.optuna import OptunaSearch
+
+if TYPE_CHECKING:  # not at run time: `report` reads study.db through this module without importing Ray
+    from ray.tune.search.optuna import OptunaSearch
 
 
 def optuna_trial(search: OptunaSearch, trial_id: str) -> optuna.trial.Trial | None:
