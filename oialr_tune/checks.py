@@ -70,9 +70,9 @@ def check_user_code(cfg: TrainConfig) -> None:
     Does nothing for a config of built-in parts only. Raises UserError with one line naming the
     key. Loads the data on the CPU (cached for this process).
     """
-    names = plugins.names_in(train_config_to_dict(cfg))
-    for name in names:
-        plugins.resolve(name, _key_of(cfg, name))
+    for key, name in plugins.code_keys(train_config_to_dict(cfg)):
+        if isinstance(name, str) and plugins.is_import_path(name):
+            plugins.resolve(name, key)
     if cfg.trainable is not None:
         _check_trainable(cfg)
         return
@@ -100,19 +100,6 @@ def check_layer_patterns(cfg: TrainConfig, model: nn.Module) -> None:
               exclude=cfg.oialr.exclude)  # fmt: skip
     except ValueError as e:
         raise UserError(f"{e}".replace("OIALR ", "oialr.", 1)) from None
-
-
-def _key_of(cfg: TrainConfig, name: str) -> str:
-    """The config key that names `name` (for the error message)."""
-    if cfg.model.name == name:
-        return "model.name"
-    if cfg.data.name == name:
-        return "data.name"
-    if cfg.trainable == name:
-        return "trainable"
-    if cfg.loss == name:
-        return "loss"
-    return next(f"metrics.{k}" for k, v in cfg.metrics.items() if v == name)
 
 
 # --- checks of a sweep, on the machine it runs on ---------------------------------------------------

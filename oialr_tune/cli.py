@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .errors import UserError
-from .space import ARMS, BASELINES, METRIC_DIRECTIONS, SIZE_METRIC
+from .errors import UserError, one_line
+from .metrics import SELECTABLE_DIRECTIONS
+from .space import ARMS, BASELINES
 
 LOGGERS = ("mlflow",)  # `sweep --log` choices: oialr_tune.tuning.driver.LOGGERS (a test pins them equal)
 
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("best", help="the best trial of a sweep: config, metrics, checkpoint (Pareto set if multi)")
     p.add_argument("results_dir", help="a sweep's results folder (results/<name>)")
     p.add_argument("--arm", choices=ARMS, default="oialr", help="which arm (default: oialr)")
-    p.add_argument("--objective", choices=[*METRIC_DIRECTIONS, SIZE_METRIC], default=None,
+    p.add_argument("--objective", choices=list(SELECTABLE_DIRECTIONS), default=None,
                    help="rank trials by this metric (default: the sweep's objective)")
     p.add_argument("--format", choices=["table", "yaml", "json"], default="table",
                    help="table for people; yaml = the trainer config only (pipe it to a file for `train`); json")
@@ -237,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"oialr-tune: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"oialr-tune: error: {one_line(str(exc), limit=None)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader left early (`oialr-tune best DIR | head`): it has what it wanted. Point stdout
@@ -267,12 +268,6 @@ def _exit_now(rc: int) -> None:
     except BrokenPipeError:
         return  # the normal exit path knows what to do with a closed pipe
     os._exit(rc)
-
-
-def _one_line(message: str) -> str:
-    """The error message as one line: some carry a library's multi-line text (torch's state_dict
-    mismatch lists every tensor), and the promise is one line on stderr."""
-    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The exceptions the command line turns into an exit status: bad input (2), a stopped sweep (128 + signal)."""
+"""The exceptions the command line turns into an exit status: bad input (2), a stopped sweep (128 + signal),
+and `one_line`, which makes any error text fit the one line a bad input gets."""
+
+from __future__ import annotations
 
 
 class UserError(Exception):
@@ -16,3 +19,14 @@ class SweepInterrupted(Exception):
     def __init__(self, message: str, signum: int = 2):  # 2: SIGINT
         super().__init__(message)
         self.signum = signum
+
+
+def one_line(error: BaseException | str, limit: int | None = 300) -> str:
+    """An exception (as ``Type: message``) or a message as one line, cut at `limit` characters (None: whole).
+
+    Library errors span lines (torch's state-dict mismatch lists every tensor), and the promise of
+    a bad input is one line on stderr: the lines are joined with ``"; "``, runs of spaces collapsed.
+    """
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    text = "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

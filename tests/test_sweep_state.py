@@ -133,6 +133,16 @@ def test_full_disk_stops_the_sweep_and_resume_completes_it(
     _assert_done_trials_kept(tmp_path / "d", printed)
 
 
+def test_rays_experiment_state_lists_the_ended_trials_of_the_journal(sweep_copy: Path) -> None:
+    """`_internals.ended_trial_ids` reads the layout of Ray's experiment state, a private format: when a
+    Ray upgrade changes it, this fails (a resume would otherwise quietly rebuild every arm)."""
+    from oialr_tune.sweep_state import ended_trials
+    from oialr_tune.tuning._internals import ended_trial_ids
+
+    (state,) = sorted((sweep_copy / "oialr").glob("experiment_state-*.json"))[-1:]
+    assert ended_trial_ids(state.read_text()) == set(ended_trials(journal_path(sweep_copy, "oialr"), key=None))
+
+
 @pytest.fixture
 def sweep_copy(ray_session: Any, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
     """A copy of the session's finished tiny sweep (signed with the tests' key), to change freely."""
@@ -284,7 +294,7 @@ def test_a_search_rebuilt_from_the_journal_repeats_no_finished_trials_settings(
 ) -> None:
     """Two of the three OIALR trials' ends are cut from the journal and Ray's state is gone, so the arm is
     rebuilt with one trial told: the seeded sampler must not draw that trial's settings again."""
-    journal = sweep_state.journal_path(sweep_copy, "oialr")
+    journal = journal_path(sweep_copy, "oialr")
     lines = journal.read_text().splitlines(keepends=True)
     ends = [i for i, line in enumerate(lines) if '"kind": "end"' in line]
     journal.write_text("".join(line for i, line in enumerate(lines) if i not in ends[1:]))

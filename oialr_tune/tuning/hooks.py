@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from ray import tune
 
-from oialr_tune.space import SIZE_METRIC
+from oialr_tune.metrics import SIZE_METRIC
 from oialr_tune.sweep_state import Journal, Signature, kill_point
 
 # Last-result keys an end record keeps (what trials.csv shows of a trial).
