@@ -55,7 +55,7 @@ from oialr_tune.errors import UserError
 from oialr_tune.files import read_text
 from oialr_tune.metrics import METRIC_DIRECTIONS, SIZE_METRIC, main_metric, reported_metrics
 from oialr_tune.schema import convert_value, dataclass_from_dict, ge, gt, rule
-from oialr_tune.space._distributions import categorical_choices, distribution_type, range_bounds
+from oialr_tune.space._distributions import Param, categorical_choices, distribution_type, range_bounds
 
 BASELINES = ("same-budget", "once", "none")
 ARMS = ("oialr", "baseline")
@@ -71,43 +71,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 # --- the parts of a space ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searched trainer key and the distribution its values are drawn from.
-
-    `uniform`/`loguniform` draw floats in [low, high] (`step` quantizes uniform), `int` draws
-    integers in [low, high] (`step`, or `log: true` for a log scale), `categorical` picks one of
-    `choices` (numbers, strings, booleans or null).
-    """
-
-    key: str
-    type: Literal["uniform", "loguniform", "int", "categorical"]
-    low: float | int | None = None
-    high: float | int | None = None
-    step: float | int | None = None
-    log: bool = False
-    choices: tuple[Any, ...] | None = None
-
-    def endpoints(self) -> list[tuple[str, Any]]:
-        """(field name, value) of every extreme value a trial can get, for validation."""
-        if self.type == "categorical":
-            return [(f"choices[{i}]", c) for i, c in enumerate(self.choices or ())]
-        return [("low", self.low), ("high", self.high)]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The YAML form (only the fields this type uses)."""
-        out: dict[str, Any] = {"type": self.type}
-        if self.type == "categorical":
-            out["choices"] = list(self.choices or ())
-            return out
-        out["low"], out["high"] = self.low, self.high
-        if self.step is not None:
-            out["step"] = self.step
-        if self.log:
-            out["log"] = True
-        return out
 
 
 @dataclass(frozen=True)

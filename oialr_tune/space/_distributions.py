@@ -1,17 +1,55 @@
 """The distribution of one ``search`` entry of a search space, checked (see `oialr_tune.space`).
 
-Private to `oialr_tune.space`, which builds its `Param` from these plain values; import from there.
+Private to `oialr_tune.space`, which builds each `Param` with these checks; import from there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from oialr_tune.errors import UserError
 from oialr_tune.schema import convert_value
 
 PARAM_TYPES = ("uniform", "loguniform", "int", "categorical")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched trainer key and the distribution its values are drawn from.
+
+    `uniform`/`loguniform` draw floats in [low, high] (`step` quantizes uniform), `int` draws
+    integers in [low, high] (`step`, or `log: true` for a log scale), `categorical` picks one of
+    `choices` (numbers, strings, booleans or null).
+    """
+
+    key: str
+    type: Literal["uniform", "loguniform", "int", "categorical"]
+    low: float | int | None = None
+    high: float | int | None = None
+    step: float | int | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    def endpoints(self) -> list[tuple[str, Any]]:
+        """(field name, value) of every extreme value a trial can get, for validation."""
+        if self.type == "categorical":
+            return [(f"choices[{i}]", c) for i, c in enumerate(self.choices or ())]
+        return [("low", self.low), ("high", self.high)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form (only the fields this type uses)."""
+        out: dict[str, Any] = {"type": self.type}
+        if self.type == "categorical":
+            out["choices"] = list(self.choices or ())
+            return out
+        out["low"], out["high"] = self.low, self.high
+        if self.step is not None:
+            out["step"] = self.step
+        if self.log:
+            out["log"] = True
+        return out
 
 
 def distribution_type(spec: Any, where: str) -> str:
