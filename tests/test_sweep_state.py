@@ -28,8 +28,6 @@ from tiny_sweep import SPACE as TINY_SPACE
 from tiny_sweep import tiny_sweep_dir
 
 from oialr_tune.cli import main
-from oialr_tune.errors import SweepInterrupted
-from oialr_tune.space import space_from_dict
 from oialr_tune.tuning import state as sweep_state
 from oialr_tune.tuning import sweep
 
@@ -118,9 +116,13 @@ def test_full_disk_stops_the_sweep_and_resume_completes_it(
         append(self, record, durable)
 
     monkeypatch.setattr(sweep_state.Journal, "append", filling)
-    with pytest.raises(SweepInterrupted, match="No space left on device"):
-        sweep(space_from_dict(SPACE), name="d", results_dir=tmp_path, verbose=1)
-    printed = capsys.readouterr().out
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    # Its own exit status and message: not 130, as if Ctrl-C had been pressed.
+    assert main(["sweep", str(tmp_path / "space.yaml"), "--name", "d", "--results-dir", str(tmp_path)]) == 74
+    printed, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("oialr-tune: sweep stopped: disk full (No space left on device)"), err
+    assert f"--resume {tmp_path / 'd'}" in err
     assert len(DONE.findall(printed)) == 1
     arm = tmp_path / "d" / "oialr"
     for f in arm.glob("experiment_state-*.json"):
