@@ -115,7 +115,7 @@ def test_each_ended_trial_is_one_line_an_error_with_its_traceback_file(failing_s
     df = pd.read_csv(failing_sweep / "trials.csv")
     lines = PRINTED["out"].splitlines()
     for (_, row), kind in zip(df.iterrows(), df.apply(_kind, axis=1), strict=True):
-        (line,) = [line for line in lines if row["trial_id"] in line]
+        (line,) = [line for line in lines if line.startswith("[oialr] ") and row["trial_id"] in line]
         if kind == "error":
             match = re.search(r" ERROR (.*) \(traceback: (.*)\)$", line)
             assert match and "model.args.patch_size" in match[1] and "UserError" not in match[1], line
