@@ -43,6 +43,7 @@ from oialr_tune.results import best_trial, check_max_trainable_fraction
 from oialr_tune.retrain import run_seed_anywhere, seed_jobs
 from oialr_tune.space import SearchSpace, load_space, space_from_dict, with_settings
 from oialr_tune.stats import verdict, welch_interval
+from oialr_tune.sweep_state import SWEEP_FILE, TRIALS_FILE
 from oialr_tune.trust import check_folder
 from oialr_tune.tuning.parallel import run_all
 
@@ -175,13 +176,13 @@ def _run_sweeps(
     from oialr_tune.tuning import sweep
 
     for folder, sp in sweeps.items():
-        done = (out_dir / folder / "trials.csv").exists()
+        done = (out_dir / folder / TRIALS_FILE).exists()
         if done:
             check_folder(out_dir / folder, trust_code, "compare")
         log(f"{'reusing' if done else 'running'} sweep {folder} ({sp.budget.num_samples} trials per arm)")
         if done:
             continue
-        if (out_dir / folder / "sweep.yaml").exists():  # interrupted earlier: continue it from its own sweep.yaml
+        if (out_dir / folder / SWEEP_FILE).exists():  # interrupted earlier: continue it from its own sweep.yaml
             sweep(None, resume=out_dir / folder, address=address)
         else:
             sweep(sp, name=folder, results_dir=out_dir, address=address)
@@ -195,7 +196,7 @@ def _plans(space: SearchSpace, tuned: dict[str, Path], budget: float | None) -> 
     """Arm -> (the config it retrains, its tuning time in trial-seconds, where the config came from)."""
 
     def tuning_time(folder: str, arm: str) -> float:
-        trials_df = pd.read_csv(tuned[folder] / "trials.csv")
+        trials_df = pd.read_csv(tuned[folder] / TRIALS_FILE)
         return float(trials_df.loc[trials_df["arm"] == arm, "time_total_s"].fillna(0).sum())
 
     def best_oialr(folder: str) -> dict[str, Any]:

@@ -18,7 +18,8 @@ file) is refused unless the caller says ``trust_code=True``. Every value read fr
 type-checked before use, so a crafted file is one ``ValueError`` line, never a call.
 
 This module must stay importable without Ray or Optuna (a deployed model needs neither): it
-imports only torch, numpy and the model registry and OIALR layers of this package.
+imports only torch, numpy and the model registry, OIALR layers and run record (the checkpoint
+format) of this package.
 """
 
 from __future__ import annotations
@@ -37,13 +38,11 @@ from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
 from oialr_tune.models import MODELS, build_model
 from oialr_tune.oialr import apply_low_rank_structure, export_dense, low_rank_structure
+from oialr_tune.run_record import CHECKPOINT_FORMAT
 
 __all__ = ["FORMAT", "ModelFile", "check_trusted_model", "load_model", "read_model_file", "save_model"]
 
 FORMAT = "oialr-tune-model/1"
-# The format of `oialr_tune.trainer`'s checkpoints, which `load_model` reads too; kept here so that
-# this module need not import the trainer (and its data code).
-TRAINER_CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -152,7 +151,7 @@ def read_model_file(path: str | Path) -> ModelFile:
     every value is then type-checked (a ``ValueError`` naming the path and the key otherwise).
     Nothing the file names is imported or called here.
 
-    A checkpoint of the built-in trainer (``checkpoint.pt``, see :mod:`oialr_tune.trainer`) is read
+    A checkpoint of the built-in trainer (``checkpoint.pt``, see :mod:`oialr_tune.run_record`) is read
     as the model file of its model at that epoch: its config names the architecture, its OIALR
     controller state the ranks, and ``meta`` holds the epoch.
     """
@@ -245,7 +244,7 @@ def _plain_data(value: Any, path: Path, key: str) -> Any:
 
 def _is_checkpoint(payload: Any) -> bool:
     """Whether `payload` is a trainer checkpoint (its format, with its config and history)."""
-    return (isinstance(payload, dict) and payload.get("format") == TRAINER_CHECKPOINT_FORMAT
+    return (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
             and {"config", "history"} <= payload.keys())
 
 

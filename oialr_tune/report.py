@@ -38,12 +38,12 @@ from oialr_tune.results import (
     open_results,
     pareto_rows,
 )
+from oialr_tune.sweep_state import REPORT_FILE, RETRAIN_DIR, SUMMARY_FILE
 from oialr_tune.trust import check_folder
 from oialr_tune.tuning.study import importances
 
-__all__ = ["PLOTS", "REPORT_FILE", "write_report"]
+__all__ = ["PLOTS", "write_report"]
 
-REPORT_FILE = "report.md"
 PLOTS = {
     "pareto": "report_pareto.png",
     "best_so_far": "report_best_so_far.png",
@@ -274,7 +274,7 @@ def write_report(results_dir: str | Path, *, trust_code: bool = False) -> Path:
     md += _importances_section(res, metric, importances_found)
     rows, columns = _top_trials(res, metric)
     md += [f"## Top {TOP_TRIALS} trials by {metric}", "", markdown_table(rows, columns), ""]
-    retrain_summary = res.path / "retrain" / "summary.json"
+    retrain_summary = res.path / RETRAIN_DIR / SUMMARY_FILE
     if retrain_summary.is_file():
         md += _retrain_section(retrain_summary)
     if notes:

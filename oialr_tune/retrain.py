@@ -47,16 +47,17 @@ from oialr_tune.model_io import load_model, read_model_file, save_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.plugins import uses_user_code
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
+from oialr_tune.run_record import TrainResult, checkpoint_payload, read_checkpoint, write_checkpoint
 from oialr_tune.splits import Splits, TensorData
 from oialr_tune.stats import verdict, welch_interval
+from oialr_tune.sweep_state import CHECKPOINT_FILE, RETRAIN_DIR, SUMMARY_FILE
 from oialr_tune.tasks import task_for
-from oialr_tune.trainer import CHECKPOINT_NAME, TrainResult, _one_line, read_checkpoint, train
+from oialr_tune.trainer import _one_line, train
 from oialr_tune.trust import check_folder
 from oialr_tune.tuning.parallel import run_all
 
-__all__ = ["RETRAIN_DIR", "retrain"]
+__all__ = ["retrain"]
 
-RETRAIN_DIR = "retrain"
 METRICS_COLUMNS = (
     "arm", "seed", "status", "test_acc", "test_loss", "reloaded_test_acc", "dense_test_acc", "val_acc",
     "trainable_fraction",
@@ -113,7 +114,7 @@ def _checkpoint_file(trial: TrialInfo, cfg: TrainConfig) -> Path:
         raise UserError(f"--from-checkpoint: trial {trial.trial_id} has no checkpoint")
     path = Path(trial.checkpoint)
     if path.is_dir():
-        path = path / CHECKPOINT_NAME
+        path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise UserError(f"--from-checkpoint: {path} does not exist")
     read_checkpoint(path)  # a corrupt or foreign file: UserError naming it
@@ -148,12 +149,12 @@ def _write_start_checkpoint(source: Path, cfg: TrainConfig, work_dir: Path) -> N
         controller = {**controller, "step": 0, "history": []}
     elif cfg.oialr.enabled:
         raise UserError(f"--from-checkpoint: {source} is a full-rank checkpoint but the config enables OIALR")
-    state.update(
-        config=train_config_to_dict(cfg), epoch=0, step=0, history=[], controller=controller,
+    state.update(checkpoint_payload(
+        cfg, epoch=0, history=[], controller=controller, step=0,
         rng={"torch": torch.get_rng_state(), "cuda": None, "data": data_gen.get_state()},
-    )  # fmt: skip
+    ))  # fmt: skip
     work_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(state, work_dir / CHECKPOINT_NAME)
+    write_checkpoint(work_dir / CHECKPOINT_FILE, state)
 
 
 # --- one run --------------------------------------------------------------------------------------
@@ -521,7 +522,7 @@ def _write_outputs(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str,
         writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
 
 
 def _log_summary(summary: dict[str, Any], log: Callable[[str], None]) -> None:

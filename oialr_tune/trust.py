@@ -7,7 +7,7 @@ someone else can write) could name ``"os:system"`` instead. So a folder that nam
 used only when
 
 * this user's oialr-tune wrote it: its ``signature.json`` carries this user's HMAC (the key lives
-  outside every folder, see :mod:`oialr_tune.tuning.state`) and ``sweep.yaml`` is the config signed,
+  outside every folder, see :mod:`oialr_tune.sweep_state`) and ``sweep.yaml`` is the config signed,
   the same check ``sweep --resume`` makes; or
 * the caller says so: ``--trust-code`` (``trust_code=True``), the convention of Hugging Face's
   ``trust_remote_code``.
@@ -27,7 +27,8 @@ import yaml
 
 from oialr_tune import plugins
 from oialr_tune.errors import UserError
-from oialr_tune.results import SWEEP_FILE
+from oialr_tune.space import ARMS
+from oialr_tune.sweep_state import SWEEP_FILE, verify_folder
 
 __all__ = ["check_folder", "code_names"]
 
@@ -63,10 +64,8 @@ def check_folder(path: str | Path, trust_code: bool, command: str) -> None:
     named = next(code_names(data), None)
     if named is None or trust_code:
         return
-    from oialr_tune.tuning.storage import open_sweep  # the signature check `sweep --resume` makes
-
     try:
-        open_sweep(path, verify=True)
+        verify_folder(path, data, ARMS)  # the signature check `sweep --resume` makes
     except UserError as e:
         key, name = named
         raise UserError(

@@ -1,7 +1,7 @@
 """A sweep folder survives any kill: the kill-point matrix, a full disk, SIGTERM, the lock, a moved
 folder, an edited config, an unsigned or tampered state, and final writes cut short.
 
-Kills use the driver's own hook (`OIALR_TUNE_TEST_KILL_AT`, see `oialr_tune.tuning.state.kill_point`):
+Kills use the driver's own hook (`OIALR_TUNE_TEST_KILL_AT`, see `oialr_tune.sweep_state.kill_point`):
 the driver SIGKILLs its whole process group (itself and the Ray it started) at a named point, so
 each phase is hit exactly. Resumes run in-process on the session's Ray.
 """
@@ -24,11 +24,12 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from helpers import journal_path
 from tiny_sweep import SPACE as TINY_SPACE
 from tiny_sweep import tiny_sweep_dir
 
+from oialr_tune import sweep_state
 from oialr_tune.cli import main
-from oialr_tune.tuning import state as sweep_state
 from oialr_tune.tuning import sweep
 
 # Two arms of 2 trials x 2 epochs (ASHA may stop a trial after epoch 1).
@@ -201,7 +202,7 @@ def test_resume_never_unpickles_an_unsigned_or_tampered_state(
     marker = tmp_path / "payload-ran"
     (sweep_copy / "oialr" / "tuner.pkl").write_bytes(pickle.dumps(_Payload(marker)))
     # The arm looks unfinished: its last trial's end is cut from the journal, so a resume runs it.
-    journal = sweep_state.journal_path(sweep_copy, "oialr")
+    journal = journal_path(sweep_copy, "oialr")
     lines = journal.read_text().splitlines(keepends=True)
     last_end = max(i for i, line in enumerate(lines) if '"kind": "end"' in line)
     journal.write_text("".join(lines[:last_end]))
@@ -262,7 +263,7 @@ def test_a_state_pickled_by_an_older_version_is_rebuilt_from_the_journal(
 
     import oialr_tune.tuning.arm as arm_module
 
-    journal = sweep_state.journal_path(sweep_copy, "oialr")
+    journal = journal_path(sweep_copy, "oialr")
     lines = journal.read_text().splitlines(keepends=True)
     last_end = max(i for i, line in enumerate(lines) if '"kind": "end"' in line)
     journal.write_text("".join(lines[:last_end]))  # the arm looks unfinished: one trial left to run
@@ -285,7 +286,7 @@ def test_a_search_rebuilt_from_the_journal_repeats_no_finished_trials_settings(
 ) -> None:
     """Two of the three OIALR trials' ends are cut from the journal and Ray's state is gone, so the arm is
     rebuilt with one trial told: the seeded sampler must not draw that trial's settings again."""
-    journal = sweep_state.journal_path(sweep_copy, "oialr")
+    journal = journal_path(sweep_copy, "oialr")
     lines = journal.read_text().splitlines(keepends=True)
     ends = [i for i, line in enumerate(lines) if '"kind": "end"' in line]
     journal.write_text("".join(line for i, line in enumerate(lines) if i not in ends[1:]))

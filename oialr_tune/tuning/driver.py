@@ -22,9 +22,10 @@ from typing import Any
 
 import yaml
 
+from oialr_tune import sweep_state as state
 from oialr_tune.errors import DiskFull, SweepInterrupted, UserError
 from oialr_tune.files import remove_empty, writable_folder
-from oialr_tune.results import SWEEP_FILE, TRIALS_FILE, SweepResults
+from oialr_tune.results import SweepResults
 from oialr_tune.space import (
     BASELINES,
     NAME_RE,
@@ -34,7 +35,7 @@ from oialr_tune.space import (
     with_settings,
     with_user_code,
 )
-from oialr_tune.tuning import state
+from oialr_tune.sweep_state import SWEEP_FILE, TRIALS_FILE
 from oialr_tune.tuning.storage import Store, drop_moved_state, open_sweep, read_state, write_state
 
 __all__ = ["summary_line", "sweep"]

@@ -19,11 +19,11 @@ from typing import Any
 import pyarrow.fs
 import yaml
 
+from oialr_tune import sweep_state as state
 from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
-from oialr_tune.results import STATE_FILE, SWEEP_FILE
 from oialr_tune.space import ARMS, SearchSpace, space_from_dict
-from oialr_tune.tuning import state
+from oialr_tune.sweep_state import STATE_FILE, SWEEP_FILE
 
 __all__ = ["Store", "open_sweep", "read_state", "write_state"]
 
@@ -213,17 +213,8 @@ def open_sweep(path: str | os.PathLike[str], verify: bool = False) -> tuple[Stor
     if verify and not store.is_local:  # a bucket's state is not signed: its access control is the boundary
         store.key = state.load_key(create=True)
     elif verify:
-        store.signature = state.Signature.verify(Path(store.root))
-        diff = state.first_difference(store.signature.config, json.loads(json.dumps(data)))
-        if diff is not None:
-            key, was, now = diff
-            raise UserError(
-                f"{path}/{SWEEP_FILE}: edited since the sweep started ({key}: {was!r} -> {now!r}); a resumed sweep "
-                f"keeps its config: restore it or start a new sweep"
-            )
+        store.signature = state.verify_folder(Path(store.root), data, ARMS)
         store.key = store.signature.key
-        for arm in ARMS:  # every journal line must be this user's too
-            state.ended_trials(Path(store.root, state.JOURNAL_TEMPLATE.format(arm=arm)), store.key)
     return store, space_from_dict(data, source=f"{path}/{SWEEP_FILE}")
 
 
