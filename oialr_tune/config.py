@@ -12,6 +12,7 @@ The rules live next to the fields (``field(metadata=...)``) so a new option is o
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -125,11 +126,16 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW or SGD. `momentum`/`nesterov` apply to SGD, `betas` to AdamW."""
+    """AdamW or SGD. `momentum`/`nesterov` apply to SGD, `betas` to AdamW.
+
+    `weight_decay_on`: ``matrices`` (ours: weights and kernels only, not biases or norm scales) or
+    ``all`` (the authors': every parameter, in one group).
+    """
 
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = _rule(_gt(0), 1e-3)
     weight_decay: float = _rule(_ge(0), 0.01)
+    weight_decay_on: Literal["matrices", "all"] = "matrices"
     momentum: float = _rule(_in(0, 1, hi_open=True), 0.9)
     betas: tuple[float, float] = (0.9, 0.999)
     nesterov: bool = False
@@ -137,15 +143,45 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Epochs, batch size and the per-step learning-rate curve (see `trainer.lr_at`)."""
+    """Epochs, batch size and the per-step learning-rate curve (see `trainer.lr_at`).
+
+    ``decay: timm_cosine`` is timm's `CosineLRScheduler` stepped per update, as the authors train:
+    warm-up from ``warmup_lr_fraction × lr``, then `cycles` cosine cycles (each `cycle_mul` times
+    longer and peaking `cycle_decay` times lower than the one before) that fill the rest of the
+    run down to ``min_lr_fraction × lr``, shaped by `k_decay`. Those four keys are read by
+    ``timm_cosine`` only.
+    """
 
     epochs: int = _rule(_ge(1), 20)
     batch_size: int = _rule(_ge(1), 64)
     warmup_fraction: float = _rule(_in(0, 1, hi_open=True), 0.05)
-    decay: Literal["cosine", "constant"] = "cosine"
+    decay: Literal["cosine", "constant", "timm_cosine"] = "cosine"
     min_lr_fraction: float = _rule(_in(0, 1), 0.0)
     rewarm_steps: int = _rule(_ge(0), 0)
     rewarm_start: float = _rule(_in(0, 1), 0.1)
+    warmup_lr_fraction: float = _rule(_in(0, 1), 0.0)
+    k_decay: float = _rule(_gt(0), 1.0)
+    cycles: int = _rule(_ge(1), 1)
+    cycle_mul: float = _rule(_gt(0), 1.0)
+    cycle_decay: float = _rule(_in(0, 1, lo_open=True), 1.0)
+
+
+@dataclass
+class MixupConfig:
+    """Mixup / CutMix on training batches through timm's `Mixup` (needs timm); on when an alpha > 0.
+
+    `prob`: share of batches mixed; `switch_prob`: share of those that use CutMix when both alphas
+    are > 0. Targets become soft (with the config's `label_smoothing` folded in).
+    """
+
+    mixup_alpha: float = _rule(_ge(0), 0.0)
+    cutmix_alpha: float = _rule(_ge(0), 0.0)
+    prob: float = _rule(_in(0, 1), 1.0)
+    switch_prob: float = _rule(_in(0, 1), 0.5)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 @dataclass
@@ -187,7 +223,9 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     label_smoothing: float = _rule(_in(0, 1, hi_open=True), 0.0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    # bf16_on_gpu: bf16 autocast on a GPU, fp32 on the CPU (the authors' `autocast: True`).
+    precision: Literal["fp32", "bf16", "fp16", "bf16_on_gpu"] = "fp32"
     channels_last: bool = False
     compile: bool = False
     checkpoint_every: int = _rule(_ge(0), 1)
@@ -201,6 +239,42 @@ class TrainConfig:
     # A user's own training loop ``"module:function"`` f(config, trial) (`oialr_tune.loop`), run
     # instead of the built-in one.
     trainable: str | None = None
+    # A trainer-level preset (`RECIPES`): it fills in the keys of the config that are not given.
+    recipe: Literal["default", "authors"] = "default"
+
+
+# The authors' training recipe (Helmholtz-AI-Energy/OIALR, configs/experiment/cifar10-minivit.yaml on
+# top of configs/training/oialr_trainer.yaml, trainers/ortho_fix_train.py): timm's cosine schedule
+# stepped per update (warm-up 10 of 300 epochs from warmup_lr 1e-5 to lr 3e-4, min_lr 1e-5, k_decay
+# 0.34, cycle_decay 0.4, one cycle over the run), weight decay on every parameter in one AdamW group,
+# label smoothing 0.1, bf16 autocast on the GPU. Mixup/CutMix is off, as in their ViT runs (their
+# ResNet-RS run turns it on: `search_spaces/imagenet_resnetrs.yaml`). LRs are fractions of `lr` here,
+# so the recipe keeps its shape at any learning rate; `lr` itself and `weight_decay` stay the config's.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "authors": {
+        "optimizer": {"weight_decay_on": "all"},
+        "schedule": {"decay": "timm_cosine", "warmup_fraction": 10 / 300, "warmup_lr_fraction": 1 / 30,
+                     "min_lr_fraction": 1 / 30, "k_decay": 0.34, "cycles": 1, "cycle_mul": 1.0, "cycle_decay": 0.4},
+        "label_smoothing": 0.1,
+        "precision": "bf16_on_gpu",
+    },
+}
+
+
+def _with_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` with its recipe's keys filled in where `data` does not set them (nested mappings merged)."""
+    recipe = data.get("recipe", "default")
+    if recipe not in RECIPES:
+        raise UserError(f"recipe: must be one of {', '.join(RECIPES)}, got {recipe!r}")
+
+    def merge(under: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(under)
+        for k, v in over.items():
+            out[k] = merge(under[k], v) if isinstance(under.get(k), Mapping) and isinstance(v, Mapping) else v
+        return out
+
+    return merge(RECIPES[recipe], data)
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -237,6 +311,13 @@ def _cross_checks(cfg: TrainConfig) -> None:
     for k in cfg.metrics:
         if not k.isidentifier():
             raise UserError(f"metrics.{k}: metric names must be identifiers (reported as val_{k})")
+    if cfg.mixup.enabled:
+        if cfg.task != "classification" or cfg.loss is not None:
+            raise UserError("mixup: mixes class labels, so only for task classification with its own loss")
+        if cfg.schedule.batch_size % 2:
+            raise UserError(f"mixup: needs an even schedule.batch_size, got {cfg.schedule.batch_size}")
+        if importlib.util.find_spec("timm") is None:
+            raise UserError("mixup: needs timm (timm's Mixup): pip install 'oialr-tune[timm]'")
     o = cfg.optimizer
     if o.name == "sgd" and o.nesterov and o.momentum <= 0:
         raise UserError("optimizer.nesterov: needs optimizer.momentum > 0")
@@ -267,6 +348,8 @@ def train_config_from_dict(data: Mapping[str, Any] | None) -> TrainConfig:
     Raises UserError with a one-line message naming the dotted key for an unknown key, a wrong type
     or a value out of range.
     """
+    if isinstance(data, Mapping):
+        data = _with_recipe(data)
     cfg = dataclass_from_dict(TrainConfig, data, "")
     _cross_checks(cfg)
     return cfg
@@ -292,6 +375,8 @@ def with_overrides(cfg: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfi
     """
     data = train_config_to_dict(cfg)
     for dotted, value in overrides.items():
+        if dotted == "recipe":  # its keys are already filled in: switching it would leave them behind
+            raise UserError("recipe: set it in the base config; search the keys it sets instead")
         node = data
         *parents, last = dotted.split(".")
         for i, part in enumerate(parents):

@@ -13,7 +13,8 @@ Guarantees the tuning layer relies on:
   (including the data order generator), step, epoch and history; a run stopped after epoch k and
   resumed gives the same metrics as one that was never stopped.
 * **Cheap per step**: the loss is summed on the device and read once per epoch; the learning rate
-  is a pure function of the step (`lr_at`), so there is no scheduler state to save.
+  is a pure function of the step (`oialr_tune.lr_schedule.lr_at`), so there is no scheduler state
+  to save.
 * **Never raises for a diverged run**: a non-finite loss ends it with ``status="diverged"``.
 """
 
@@ -33,6 +34,7 @@ from oialr_tune.config import TrainConfig, resolve_device
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
 from oialr_tune.loop import run_trainable
+from oialr_tune.lr_schedule import lr_at
 from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, RankEvent
 from oialr_tune.run_record import (
@@ -55,53 +57,22 @@ from oialr_tune.tasks import autocast as _autocast
 if TYPE_CHECKING:
     from oialr_tune.progress import TrainProgress
 
-# --- learning rate ------------------------------------------------------------------------------
-
-
-def lr_at(
-    step: int,
-    total_steps: int,
-    *,
-    base_lr: float,
-    warmup_steps: int = 0,
-    decay: str = "cosine",
-    min_lr_fraction: float = 0.0,
-    last_event_step: int | None = None,
-    rewarm_steps: int = 0,
-    rewarm_start: float = 0.1,
-) -> float:
-    """Learning rate for optimizer step `step` (0-based) of `total_steps`.
-
-    Linear warm-up from base_lr/warmup_steps to base_lr, then cosine decay to
-    ``min_lr_fraction * base_lr`` at the last step (or constant). If OIALR changed the model's form
-    just before step `last_event_step` (a factorization resets S's optimizer state; a cut changes
-    its shape), the rate is scaled by a linear ramp from `rewarm_start` to 1 over `rewarm_steps`.
-    """
-    if step < warmup_steps:
-        lr = base_lr * (step + 1) / warmup_steps
-    elif decay == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps - 1)
-        floor = min_lr_fraction * base_lr
-        lr = floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    else:
-        lr = base_lr
-    if last_event_step is not None and rewarm_steps > 0:
-        since = step - last_event_step
-        if 0 <= since < rewarm_steps:
-            lr *= rewarm_start + (1.0 - rewarm_start) * since / rewarm_steps
-    return lr
 
 
 # --- building blocks ----------------------------------------------------------------------------
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD; weight decay only on matrices and kernels (not biases or norm scales)."""
+    """AdamW or SGD; weight decay on matrices and kernels only (not biases or norm scales), or with
+    ``optimizer.weight_decay_on: all`` on every parameter in one group (the authors' recipe)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
     o = cfg.optimizer
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.weight_decay_on == "all":
+        groups = [{"params": params, "weight_decay": o.weight_decay}]
+    else:
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
@@ -154,9 +125,11 @@ class _Run:
     def lr(self, step: int) -> float:
         """The learning rate of optimizer step `step` (see `lr_at`)."""
         sch = self.cfg.schedule
+        timm_shape = {k: getattr(sch, k) for k in ("warmup_lr_fraction", "k_decay", "cycles", "cycle_mul",
+                                                   "cycle_decay")} if sch.decay == "timm_cosine" else {}
         return lr_at(step, self.total_steps, base_lr=self.cfg.optimizer.lr, warmup_steps=self.warmup_steps,
                      decay=sch.decay, min_lr_fraction=sch.min_lr_fraction, last_event_step=self.last_event,
-                     rewarm_steps=sch.rewarm_steps, rewarm_start=sch.rewarm_start)
+                     rewarm_steps=sch.rewarm_steps, rewarm_start=sch.rewarm_start, **timm_shape)
 
 
 @dataclass
@@ -263,6 +236,7 @@ def _optimizer_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float) -> t
     cfg, optimizer, scaler = run.cfg, run.optimizer, run.scaler
     for group in optimizer.param_groups:
         group["lr"] = lr
+    x, y = run.task.mix(x, y, run.step, run.num_outputs)  # mixup/cutmix when configured
     with _autocast(run.device, cfg.precision):
         loss = run.task.train_loss(run.forward(x), y)
     optimizer.zero_grad(set_to_none=True)

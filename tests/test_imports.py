@@ -17,9 +17,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "oialr_tune"
 FLOORS = [
     # helpers with no concept of a run, and the OIALR method (torch only)
     {"oialr_tune", "errors", "files", "stats", "schema", "plugins",
-     "oialr", "oialr.controller", "oialr.export", "oialr.lowrank"},
+     "oialr", "oialr.controller", "oialr.export", "oialr.lowrank", "oialr.presets"},
     # what a run trains on: models, data, the trainer config, the task
-    {"models", "vit", "zoo", "config", "splits", "user_data", "data", "tasks"},
+    {"models", "vit", "zoo", "config", "splits", "user_data", "data", "tasks", "lr_schedule"},
     # search spaces and the checks run before a sweep
     {"space", "space_types", "checks"},
     # the records every loop and every sweep writes: the run record and the sweep folder's state
