@@ -136,13 +136,21 @@ def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
         if space.resources.cpu > cpus:
             raise UserError(f"resources.cpu: {space.resources.cpu} per trial but this machine has {cpus} CPU(s)")
         try:
-            if plugins.uses_user_code(base):
-                check_user_code(train_config_from_dict(base))
-            else:
-                _check_one_example(train_config_from_dict(base))
+            check_run(train_config_from_dict(base))
         except UserError as e:  # the keys are the space's: under base.
             raise UserError(f"base.{e}") from None
     return dataclasses.replace(space, base=base)
+
+
+def check_run(cfg: TrainConfig) -> None:
+    """The checks one run gets before it trains, on this machine: the user code `cfg` names (resolved,
+    its data and model built once and fitted together, :func:`check_user_code`) or, for built-in parts,
+    one example through the model (:func:`_check_one_example`). A sweep runs them on its base config,
+    ``oialr-tune train`` on its config: the same mistake is the same one line in both."""
+    if plugins.uses_user_code(train_config_to_dict(cfg)):
+        check_user_code(cfg)
+    else:
+        _check_one_example(cfg)
 
 
 def _check_one_example(cfg: TrainConfig) -> None:

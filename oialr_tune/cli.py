@@ -24,11 +24,13 @@ LOGGERS = ("mlflow",)  # `sweep --log` choices: oialr_tune.tuning.driver.LOGGERS
 
 
 def _train(args: argparse.Namespace) -> None:
+    from .checks import check_run
     from .config import load_train_config
     from .progress import TrainProgress
     from .trainer import train
 
     cfg = load_train_config(args.config)
+    check_run(cfg)  # what a sweep checks first: a model that does not fit the data is one line, not a traceback
     # Progress on stderr (a start line, then a bar on a terminal or a line per epoch); the result on stdout.
     result = train(cfg, checkpoint_dir=args.checkpoint_dir, evaluate_test=True, progress=TrainProgress())
     final = result.history[-1] if result.history else {}
@@ -41,7 +43,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .errors import SweepInterrupted
+    from .errors import EXIT_DISK_FULL, DiskFull, SweepInterrupted
     from .tuning import sweep
 
     if args.resume and args.space:
@@ -60,6 +62,9 @@ def _sweep(args: argparse.Namespace) -> int:
             overrides=dict(args.set),
             log=args.log,
         )
+    except DiskFull as exc:
+        print(f"oialr-tune: sweep stopped: {exc}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except SweepInterrupted as exc:
         print(f"oialr-tune: sweep interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports a signal

@@ -1,5 +1,5 @@
 """The exceptions the command line turns into an exit status: bad input (2), a stopped sweep (128 + signal),
-and `one_line`, which makes any error text fit the one line a bad input gets."""
+a full disk (74); and `one_line`, which makes any error text fit the one line a bad input gets."""
 
 from __future__ import annotations
 
@@ -19,6 +19,19 @@ class SweepInterrupted(Exception):
     def __init__(self, message: str, signum: int = 2):  # 2: SIGINT
         super().__init__(message)
         self.signum = signum
+
+
+class DiskFull(SweepInterrupted):
+    """The sweep stopped because its folder's disk is full (ENOSPC); it can be resumed once space is freed.
+
+    Not a signal: the CLI exits with :data:`EXIT_DISK_FULL`, sysexits' EX_IOERR, not 130 as after Ctrl-C.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, signum=0)
+
+
+EXIT_DISK_FULL = 74
 
 
 def one_line(error: BaseException | str, limit: int | None = 300) -> str:

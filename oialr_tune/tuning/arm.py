@@ -8,9 +8,11 @@ whose searcher is told the trials that already ended, for the trials left (see `
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import math
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,7 +24,7 @@ from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
 from oialr_tune import sweep_state as state
-from oialr_tune.errors import SweepInterrupted
+from oialr_tune.errors import DiskFull, SweepInterrupted, UserError
 from oialr_tune.space import SearchSpace
 from oialr_tune.tuning import hooks
 from oialr_tune.tuning._internals import ended_trial_ids
@@ -176,12 +178,23 @@ def _ray_output_hidden() -> Iterator[None]:
     tune_logger = logging.getLogger("ray.tune.tune")
     level = tune_logger.level
     tune_logger.setLevel(logging.CRITICAL)
+    # Ray logs each failed trial's traceback (per attempt) on stderr; our ERROR line says it once, with
+    # the path of that traceback in the trial's error.txt. Read when `fit` builds its controller.
+    printed_errors = os.environ.get(_PRINT_ERRORS)
+    os.environ[_PRINT_ERRORS] = "0"
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The reported value is ignored because this `step")
             yield
     finally:
         tune_logger.setLevel(level)
+        if printed_errors is None:
+            os.environ.pop(_PRINT_ERRORS, None)
+        else:
+            os.environ[_PRINT_ERRORS] = printed_errors
+
+
+_PRINT_ERRORS = "TUNE_PRINT_ALL_TRIAL_ERRORS"
 
 
 def _why_not_restore(store: Store, arm: str, ended: Mapping[str, dict[str, Any]]) -> str | None:
@@ -247,14 +260,21 @@ def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int, log: Seque
                 with _ray_output_hidden() if verbose < 2 else contextlib.nullcontext():
                     tuner.fit()
             except Exception:
-                if run.error is None:
+                if run.error is None and run.fatal is None:
                     raise
             if run.error is None and signature is not None:
                 signature.refresh(arm)  # Ray's last snapshot
     finally:
         hooks.ACTIVE = None
         journal.close()
+    if run.fatal is not None:
+        raise UserError(f"arm {arm}: {run.fatal}")
     if run.error is not None:
+        if run.error.errno == errno.ENOSPC:
+            raise DiskFull(
+                f"disk full ({run.error.strerror or run.error}) recording arm {arm}'s trials in {store.root}; free "
+                f"some space and continue with: oialr-tune sweep --resume {store.root}"
+            )
         raise SweepInterrupted(
             f"arm {arm}: cannot record trials ({run.error.strerror or run.error}); free the space and "
             f"continue with: oialr-tune sweep --resume {store.root}"
