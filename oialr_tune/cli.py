@@ -84,6 +84,12 @@ def _add_parallel_options(p: argparse.ArgumentParser, what: str) -> None:
                         "(default: as many as fit; 1: one after another)")
 
 
+def _add_trust_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="run the user code (import paths) a results folder names even if this user's key did not "
+                        "sign it; a folder is data otherwise (see README, Reliability)")
+
+
 def _setting(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` of ``--set``; the value is read as YAML (``8`` an int, ``null`` None, ``[1, 2]`` a list)."""
     key, sep, value = text.partition("=")
@@ -109,6 +115,7 @@ def _retrain(args: argparse.Namespace) -> None:
         _repaired(args.results_dir), seeds=args.seeds, first_seed=args.first_seed, epochs=args.epochs,
         train_on=args.train_on, out=args.out, from_trial=args.from_trial, from_checkpoint=args.from_checkpoint,
         arms=[args.arm] if args.arm else None, address=args.address, max_concurrent=args.max_concurrent,
+        trust_code=args.trust_code,
     )  # fmt: skip
     print(format_summary(summary))
 
@@ -116,7 +123,7 @@ def _retrain(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from .report import write_report
 
-    print(write_report(_repaired(args.results_dir)))
+    print(write_report(_repaired(args.results_dir), trust_code=args.trust_code))
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -124,7 +131,7 @@ def _compare(args: argparse.Namespace) -> None:
 
     table = compare(args.space, trials=args.trials, seeds=args.seeds, out=args.out, resume=args.resume,
                     max_trainable_fraction=args.max_trainable_fraction, address=args.address,
-                    max_concurrent=args.max_concurrent)
+                    max_concurrent=args.max_concurrent, trust_code=args.trust_code)
     for s in summarize(table):
         diff = f"  diff {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}] {s['verdict']}" if "diff" in s else ""
         print(f"{s['label']:<34} test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}  "
@@ -193,10 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune from the chosen trial's checkpoint instead of training from scratch")
     p.add_argument("--arm", choices=ARMS, default=None, help="only this arm (default: every arm)")
     _add_parallel_options(p, "seeds")
+    _add_trust_option(p)
     p.set_defaults(run=_retrain)
 
     p = sub.add_parser("report", help="write report.md and PNG plots into a sweep's results folder")
     p.add_argument("results_dir", help="a sweep's results folder (results/<name>)")
+    _add_trust_option(p)
     p.set_defaults(run=_report)
 
     p = sub.add_parser("compare", help="tuned OIALR vs tuned full rank (+ untuned, gate-off), retrained over seeds")
@@ -208,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trainable-fraction", type=float, default=None,
                    help="tuned OIALR arms retrain their best trial at or under this trainable fraction")
     _add_parallel_options(p, "retrains")
+    _add_trust_option(p)
     p.set_defaults(run=_compare)
     return parser
 

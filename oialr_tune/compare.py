@@ -43,6 +43,8 @@ from oialr_tune.results import best_trial, check_max_trainable_fraction
 from oialr_tune.retrain import run_seed_anywhere, seed_jobs
 from oialr_tune.space import SearchSpace, load_space, space_from_dict, with_settings
 from oialr_tune.stats import verdict, welch_interval
+from oialr_tune.sweep_state import SWEEP_FILE, TRIALS_FILE
+from oialr_tune.trust import check_folder
 from oialr_tune.tuning.parallel import run_all
 
 __all__ = ["ARMS", "compare", "summarize", "write_comparison"]
@@ -98,6 +100,7 @@ def compare(
     max_trainable_fraction: float | None = None,
     address: str | None = None,
     max_concurrent: int | None = None,
+    trust_code: bool = False,
     log: Callable[[str], None] = lambda message: print(f"[compare] {message}", file=sys.stderr, flush=True),
 ) -> pd.DataFrame:
     """Run the whole protocol (module docstring) and write the comparison; returns the per-seed table.
@@ -110,6 +113,8 @@ def compare(
 
     The sweeps and the (arm, seed) retrains run on the Ray cluster at `address` (default: a local
     Ray); at most `max_concurrent` retrains run at once (1: one after another in this process).
+    A finished sweep that `resume` reuses from `out` must pass the trust rule (`oialr_tune.trust`)
+    unless `trust_code`.
     """
     space, max_trainable_fraction = _protocol_space(space, trials, max_trainable_fraction)
     seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) else list(seeds)
@@ -119,8 +124,12 @@ def compare(
     out_dir = Path(out) if out is not None else default_out
     if out_dir.exists() and any(out_dir.iterdir()) and not resume:
         raise UserError(f"--out: {out_dir} already holds files; pass --resume to continue it or pick another")
+    if address is not None:  # before the first sweep writes into --out
+        from oialr_tune.tuning.cluster import check_address
 
-    tuned = _run_sweeps(out_dir, {"tuned": space, "gate_off": gate_off_space(space)}, address, log)
+        check_address(address)
+
+    tuned = _run_sweeps(out_dir, {"tuned": space, "gate_off": gate_off_space(space)}, address, trust_code, log)
     plans = _plans(space, tuned, max_trainable_fraction)
     # Every (arm, seed) retrain is independent: Ray runs them side by side (see oialr_tune.tuning.parallel).
     jobs = [job for arm, (config, _, _) in plans.items()
@@ -159,17 +168,21 @@ def _protocol_space(
 
 
 def _run_sweeps(
-    out_dir: Path, sweeps: dict[str, SearchSpace], address: str | None, log: Callable[[str], None]
+    out_dir: Path, sweeps: dict[str, SearchSpace], address: str | None, trust_code: bool,
+    log: Callable[[str], None],
 ) -> dict[str, Path]:
-    """Each sweep into ``out_dir/<folder>``: reused when it finished, resumed when it was interrupted."""
+    """Each sweep into ``out_dir/<folder>``: reused when it finished (and is trusted: its best configs
+    are retrained), resumed when it was interrupted (a resume checks the folder's signature itself)."""
     from oialr_tune.tuning import sweep
 
     for folder, sp in sweeps.items():
-        done = (out_dir / folder / "trials.csv").exists()
+        done = (out_dir / folder / TRIALS_FILE).exists()
+        if done:
+            check_folder(out_dir / folder, trust_code, "compare")
         log(f"{'reusing' if done else 'running'} sweep {folder} ({sp.budget.num_samples} trials per arm)")
         if done:
             continue
-        if (out_dir / folder / "sweep.yaml").exists():  # interrupted earlier: continue it from its own sweep.yaml
+        if (out_dir / folder / SWEEP_FILE).exists():  # interrupted earlier: continue it from its own sweep.yaml
             sweep(None, resume=out_dir / folder, address=address)
         else:
             sweep(sp, name=folder, results_dir=out_dir, address=address)
@@ -183,7 +196,7 @@ def _plans(space: SearchSpace, tuned: dict[str, Path], budget: float | None) -> 
     """Arm -> (the config it retrains, its tuning time in trial-seconds, where the config came from)."""
 
     def tuning_time(folder: str, arm: str) -> float:
-        trials_df = pd.read_csv(tuned[folder] / "trials.csv")
+        trials_df = pd.read_csv(tuned[folder] / TRIALS_FILE)
         return float(trials_df.loc[trials_df["arm"] == arm, "time_total_s"].fillna(0).sum())
 
     def best_oialr(folder: str) -> dict[str, Any]:

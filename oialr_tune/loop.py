@@ -29,7 +29,6 @@ import contextlib
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,38 +36,23 @@ import torch
 from torch import nn
 
 from oialr_tune import plugins
-from oialr_tune.config import TrainConfig, resolve_device, train_config_to_dict
+from oialr_tune.config import TrainConfig, resolve_device
 from oialr_tune.errors import UserError
 from oialr_tune.models import build_model
-from oialr_tune.oialr import OIALR, RankEvent
-from oialr_tune.trainer import (
+from oialr_tune.oialr import OIALR
+from oialr_tune.run_record import (
     Callback,
+    FullRank,
     TrainResult,
-    _count_trainable,
     checkpoint_due,
     checkpoint_file,
+    checkpoint_payload,
+    epoch_row,
     existing,
     make_controller,
     resume_state,
     write_checkpoint,
 )
-
-
-class FullRank:
-    """The controller of the full-rank arm: same calls as :class:`~oialr_tune.oialr.OIALR`, no changes."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.full_rank_parameters = _count_trainable(model)
-
-    def step(self) -> list[RankEvent]:
-        return []
-
-    def layer_ranks(self) -> dict[str, int]:
-        return {}
-
-    def trainable_parameters(self) -> int:
-        return _count_trainable(self.model)
 
 
 class _Stop(BaseException):
@@ -127,7 +111,7 @@ class Trial:
         if self.config.oialr.enabled and isinstance(delay, float) and total_steps is None:
             raise UserError(f"trainable: oialr.delay {delay} is a fraction of the run: call trial.oialr(model, "
                             f"optimizer, total_steps=...)")  # fmt: skip
-        controller = make_controller(model, optimizer, self.config, total_steps or 1)
+        controller = make_controller(model, optimizer, self.config.oialr, total_steps or 1)
         if controller is None:
             self.controller = FullRank(model)
             return self.controller
@@ -153,21 +137,15 @@ class Trial:
         c = self.controller
         events = c.history[self._seen_events:] if isinstance(c, OIALR) else []
         self._seen_events += len(events)
-        trainable = c.trainable_parameters()
-        row = {
-            "epoch": epoch, "train_loss": values.pop("train_loss", float("nan")), **values,
-            "trainable_params": trainable, "total_params": c.full_rank_parameters,
-            "trainable_fraction": trainable / c.full_rank_parameters, "ranks": c.layer_ranks(),
-            "dense_layers": c.dense_layers() if isinstance(c, OIALR) else {},
-            "oialr_events": [asdict(e) for e in events], "status": status,
-        }  # fmt: skip
+        row = epoch_row(epoch, train_loss=values.pop("train_loss", float("nan")), metrics=values, controller=c,
+                        events=events, status=status)
         self.history.append(row)
         written = None
         if self._path is not None and checkpoint_due(self.config, epoch, self._epochs) and not diverged:
-            write_checkpoint(self._path, {
-                "config": train_config_to_dict(self.config), "epoch": epoch, "user": checkpoint,
-                "history": self.history, "controller": c.state_dict() if isinstance(c, OIALR) else None,
-            })  # fmt: skip
+            write_checkpoint(self._path, checkpoint_payload(
+                self.config, epoch=epoch, history=self.history,
+                controller=c.state_dict() if isinstance(c, OIALR) else None, user=checkpoint,
+            ))  # fmt: skip
             written = self._path.parent
         for cb in self._callbacks:
             cb.on_epoch_end(row, written)
@@ -192,13 +170,11 @@ def run_trainable(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), check
         plugins.call(fn, cfg.trainable, "trainable", cfg, trial)
     if not trial.history:
         raise UserError(f"trainable: {cfg.trainable} returned without calling trial.report(...)")
-    final = trial.history[-1]
-    controller = trial.controller if isinstance(trial.controller, OIALR) else None
-    result = TrainResult(
-        history=trial.history, final=final, test_loss=trial.test_metrics.get("test_loss"),
-        test_acc=trial.test_metrics.get("test_acc"), status=final["status"], model=trial.model,
-        controller=controller, wall_time_s=time.perf_counter() - wall_start,
-        checkpoint_path=existing(ckpt_path), test_metrics=trial.test_metrics, model_shapes=trial.model_shapes,
+    result = TrainResult.of(
+        trial.history, test_metrics=trial.test_metrics, status=trial.history[-1]["status"], model=trial.model,
+        controller=trial.controller if isinstance(trial.controller, OIALR) else None,
+        wall_time_s=time.perf_counter() - wall_start, checkpoint_path=existing(ckpt_path),
+        model_shapes=trial.model_shapes,
     )  # fmt: skip
     for cb in callbacks:
         cb.on_train_end(result)

@@ -38,11 +38,12 @@ from oialr_tune.results import (
     open_results,
     pareto_rows,
 )
+from oialr_tune.sweep_state import REPORT_FILE, RETRAIN_DIR, SUMMARY_FILE
+from oialr_tune.trust import check_folder
 from oialr_tune.tuning.study import importances
 
-__all__ = ["PLOTS", "REPORT_FILE", "write_report"]
+__all__ = ["PLOTS", "write_report"]
 
-REPORT_FILE = "report.md"
 PLOTS = {
     "pareto": "report_pareto.png",
     "best_so_far": "report_best_so_far.png",
@@ -252,13 +253,15 @@ def _top_trials(res: SweepResults, metric: str) -> tuple[list[dict[str, Any]], l
     return rows, columns
 
 
-def write_report(results_dir: str | Path) -> Path:
+def write_report(results_dir: str | Path, *, trust_code: bool = False) -> Path:
     """Write ``report.md`` and its PNGs into `results_dir`; returns the report's path.
 
     Raises UserError (before writing anything) when the directory holds no experiment, is not
-    writable, or holds an unreadable ``study.db``.
+    writable, or holds an unreadable ``study.db``, and when it names user code but this user's key
+    did not sign it, unless `trust_code` (see `oialr_tune.trust`).
     """
     res = open_results(results_dir)
+    check_folder(res.path, trust_code, "report")
     metric = res.space.objective.metric
     writable_folder(res.path, "results folder")
     importances_found = {arm: param_importances(res, arm, metric) for arm in res.arms}
@@ -271,7 +274,7 @@ def write_report(results_dir: str | Path) -> Path:
     md += _importances_section(res, metric, importances_found)
     rows, columns = _top_trials(res, metric)
     md += [f"## Top {TOP_TRIALS} trials by {metric}", "", markdown_table(rows, columns), ""]
-    retrain_summary = res.path / "retrain" / "summary.json"
+    retrain_summary = res.path / RETRAIN_DIR / SUMMARY_FILE
     if retrain_summary.is_file():
         md += _retrain_section(retrain_summary)
     if notes:

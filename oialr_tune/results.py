@@ -7,7 +7,8 @@ A results directory is what ``oialr-tune sweep`` writes under ``results/<name>/`
   ``config.<dotted key>`` columns, final metrics, checkpoint path, error);
 * ``summary.json``, ``study.db`` and Ray's experiment folders (``oialr/``, ``baseline/``).
 
-Everything here reads only ``sweep.yaml`` and ``trials.csv`` (and never starts Ray), so ``best``
+Everything here reads ``sweep.yaml`` and ``trials.csv`` (a view of the journals, the sweep's record:
+`oialr_tune.sweep_state`), checked against the journals, and never starts Ray, so ``best``
 works on a copied or archived results folder. A trial's full trainer config is rebuilt from the
 stored search space and its sampled values with the same code the sweep used
 (:meth:`SearchSpace.trial_config`), so it is exactly the config the trial ran.
@@ -37,22 +38,23 @@ import yaml
 
 from oialr_tune.errors import UserError
 from oialr_tune.space import METRIC_DIRECTIONS, SIZE_METRIC, Param, SearchSpace, load_space
-from oialr_tune.tuning.state import JOURNAL_TEMPLATE, ended_trials
+from oialr_tune.sweep_state import (
+    CHECKPOINT_FILE,
+    JOURNAL_TEMPLATE,
+    STUDY_FILE,
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    TRIALS_FILE,
+    ended_trials,
+)
 
 __all__ = [
     "BestTrial", "SweepResults", "TrialInfo", "best_trial", "check_max_trainable_fraction", "find_results_dir",
     "format_best", "incomplete", "open_results", "pareto_mask", "pareto_rows", "summarize",
 ]  # fmt: skip
 
-SWEEP_FILE = "sweep.yaml"
-STATE_FILE = "state.json"  # which arms have finished (the sweep's own bookkeeping)
-TRIALS_FILE = "trials.csv"
-SUMMARY_FILE = "summary.json"
-STUDY_FILE = "study.db"
 CONFIG_PREFIX = "config."
-CHECKPOINT_FILE = "checkpoint.pt"  # what the trainer writes into each Ray checkpoint folder
-# Direction that makes each selectable metric better.
-DIRECTIONS = {**METRIC_DIRECTIONS, SIZE_METRIC: "min"}
+DIRECTIONS = {**METRIC_DIRECTIONS, SIZE_METRIC: "min"}  # the direction that makes each selectable metric better
 
 # Ray's status of a trial that ended without error (ran out its epochs or was stopped by ASHA).
 FINISHED_STATUSES = {"TERMINATED"}
@@ -397,7 +399,7 @@ def open_results(results_dir: str | Path) -> SweepResults:
         try:
             summary = json.loads((path / SUMMARY_FILE).read_text())
         except json.JSONDecodeError:
-            summary = None  # only informative; trials.csv is the source of truth
+            summary = None  # only informative: trials.csv holds every trial
     return SweepResults(path, space, trials, summary)
 
 

@@ -43,19 +43,21 @@ from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_con
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
 from oialr_tune.files import writable_folder
-from oialr_tune.model_io import load_model, save_model
+from oialr_tune.model_io import load_model, read_model_file, save_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.plugins import uses_user_code
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
+from oialr_tune.run_record import TrainResult, checkpoint_payload, read_checkpoint, write_checkpoint
 from oialr_tune.splits import Splits, TensorData
 from oialr_tune.stats import verdict, welch_interval
+from oialr_tune.sweep_state import CHECKPOINT_FILE, RETRAIN_DIR, SUMMARY_FILE
 from oialr_tune.tasks import task_for
-from oialr_tune.trainer import CHECKPOINT_NAME, TrainResult, _one_line, read_checkpoint, train
+from oialr_tune.trainer import _one_line, train
+from oialr_tune.trust import check_folder
 from oialr_tune.tuning.parallel import run_all
 
-__all__ = ["RETRAIN_DIR", "retrain"]
+__all__ = ["retrain"]
 
-RETRAIN_DIR = "retrain"
 METRICS_COLUMNS = (
     "arm", "seed", "status", "test_acc", "test_loss", "reloaded_test_acc", "dense_test_acc", "val_acc",
     "trainable_fraction",
@@ -100,23 +102,28 @@ def merge_train_val(splits: Splits) -> Splits:
 # --- fine-tuning from a trial's checkpoint -------------------------------------------------------
 
 
-def _checkpoint_file(trial: TrialInfo) -> Path:
+def _checkpoint_file(trial: TrialInfo, cfg: TrainConfig) -> Path:
     """The trainer checkpoint file of a trial (its folder holds ``checkpoint.pt``), proven to load.
 
     Loaded once here, while the retrain is still being planned, so a corrupt file or weights that do
-    not fit their config are refused before any output (a ``config.yaml``) is written.
+    not fit their config are refused before any output (a ``config.yaml``) is written. The
+    checkpoint is data: it must name the model of `cfg` (the trial's config, from a folder already
+    found trusted), and only then is that model built from it.
     """
     if not trial.checkpoint:
         raise UserError(f"--from-checkpoint: trial {trial.trial_id} has no checkpoint")
     path = Path(trial.checkpoint)
     if path.is_dir():
-        path = path / CHECKPOINT_NAME
+        path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise UserError(f"--from-checkpoint: {path} does not exist")
     read_checkpoint(path)  # a corrupt or foreign file: UserError naming it
     try:
-        load_model(path)  # its weights must fit the model its config describes
-    except ValueError as e:  # a user loop's checkpoint: no model to rebuild
+        named = read_model_file(path).model_name  # every value type-checked, nothing built yet
+        if named != cfg.model.name:
+            raise UserError(f"{path}: checkpoint names model {named!r:.80}, its trial's config {cfg.model.name!r}")
+        load_model(path, trust_code=True)  # its weights must fit the model its config describes
+    except ValueError as e:  # a user loop's checkpoint: no model to rebuild; a value of the wrong type
         raise UserError(f"--from-checkpoint: {e}") from None
     except RuntimeError as e:
         raise UserError(f"{path}: checkpoint does not match its model config ({_one_line(e)})") from None
@@ -142,12 +149,12 @@ def _write_start_checkpoint(source: Path, cfg: TrainConfig, work_dir: Path) -> N
         controller = {**controller, "step": 0, "history": []}
     elif cfg.oialr.enabled:
         raise UserError(f"--from-checkpoint: {source} is a full-rank checkpoint but the config enables OIALR")
-    state.update(
-        config=train_config_to_dict(cfg), epoch=0, step=0, history=[], controller=controller,
+    state.update(checkpoint_payload(
+        cfg, epoch=0, history=[], controller=controller, step=0,
         rng={"torch": torch.get_rng_state(), "cuda": None, "data": data_gen.get_state()},
-    )  # fmt: skip
+    ))  # fmt: skip
     work_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(state, work_dir / CHECKPOINT_NAME)
+    write_checkpoint(work_dir / CHECKPOINT_FILE, state)
 
 
 # --- one run --------------------------------------------------------------------------------------
@@ -270,7 +277,8 @@ def _score_files(cfg: TrainConfig, model_path: Path, dense_path: Path | None, ro
     task = task_for(cfg)
 
     def score(path: Path) -> float:
-        model = load_model(path, device).to(memory_format=memory_format)
+        # trust_code: this run wrote the file from `cfg`, whose code is already running here.
+        model = load_model(path, device, trust_code=True).to(memory_format=memory_format)
         return task.evaluate(model, test_loader, precision=cfg.precision, prefix="test")[main]
 
     row[f"reloaded_{main}"] = score(model_path)
@@ -317,6 +325,7 @@ def retrain(
     arms: Sequence[str] | None = None,
     address: str | None = None,
     max_concurrent: int | None = None,
+    trust_code: bool = False,
     log: Callable[[str], None] = _log,
 ) -> dict[str, Any]:
     """Retrain the best configuration(s) of a sweep with fresh seeds and test them; returns the summary.
@@ -338,11 +347,14 @@ def retrain(
         arms: which arms; default every arm the sweep ran (``oialr`` and, if present, ``baseline``).
         address: a Ray cluster to run on (default: a local Ray, started for this call).
         max_concurrent: at most this many runs at once (default: as many as the resources allow).
+        trust_code: run the user code the folder names even when this user's key did not sign it
+            (see `oialr_tune.trust`); without it such a folder is refused before anything runs.
 
     Everything is validated (results dir, trials, checkpoints, arguments) before anything is
     written. Raises UserError for bad input.
     """
     res = open_results(results_dir)
+    check_folder(res.path, trust_code, "retrain")  # before any config it names is resolved or run
     seed_list = _seed_list(seeds, first_seed)
     arm_list = _checked_options(res, epochs=epochs, train_on=train_on, arms=arms)
     # Choose and validate everything first: nothing is written if any arm cannot be retrained.
@@ -350,6 +362,10 @@ def retrain(
                   from_checkpoint=from_checkpoint, log=log)
     main = _test_metric(plans[0].cfg) if plans else "test_acc"
     no_test = _no_test_split(plans, log)
+    if address is not None:  # as `sweep` does: one line at once, not Ray's minutes of retries after configs are written
+        from oialr_tune.tuning.cluster import check_address
+
+        check_address(address)
     out_dir = Path(out) if out is not None else res.path / RETRAIN_DIR
     writable_folder(out_dir, "--out folder")
     if train_on == "train+val":
@@ -416,7 +432,7 @@ def _plan(res: SweepResults, arm_list: Sequence[str], *, epochs: int | None, tra
             check_user_code(cfg)
         if train_on == "train+val":
             merge_train_val(load_data(cfg.data, resolve_device(cfg.device)))  # unsupported data fails here
-        plans.append(_Plan(arm, trial, why, cfg, _checkpoint_file(trial) if from_checkpoint else None))
+        plans.append(_Plan(arm, trial, why, cfg, _checkpoint_file(trial, cfg) if from_checkpoint else None))
     if from_trial is not None and not any(p.trial.trial_id == str(from_trial) for p in plans):
         arms_text = ", ".join(arm_list)
         raise UserError(f"--from-trial: trial {from_trial!r} is not in the arms being retrained ({arms_text})")
@@ -506,7 +522,7 @@ def _write_outputs(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str,
         writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
 
 
 def _log_summary(summary: dict[str, Any], log: Callable[[str], None]) -> None:

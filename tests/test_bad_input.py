@@ -313,6 +313,37 @@ def test_retrain_from_a_corrupt_checkpoint_writes_no_config(sweep_copy: Path, re
     rejected(["retrain", str(sweep_copy), "--from-checkpoint", "--seeds", "1"], "checkpoint.pt")
 
 
+@contextlib.contextmanager
+def _http_server() -> Iterator[str]:
+    """An address where a plain HTTP/1 server listens (a web app on a typo'd port): not Ray."""
+    import http.server
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # its log would share stderr with the command's one line
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("listener", ["closed-port", "http-server"])
+@pytest.mark.parametrize("command", ["retrain", "compare"])
+def test_retrain_and_compare_check_the_address_as_sweep_does(
+    command: str, listener: str, sweep_copy: Path, tmp_path: Path, rejected: Callable[..., str]
+) -> None:
+    """One line at once, nothing written (retrain used to hang until killed, its config files left behind)."""
+    args = {"retrain": ["retrain", str(sweep_copy), "--seeds", "2"],
+            "compare": ["compare", str(write_space(tmp_path, SPACE)), "--out", str(tmp_path / "out")]}[command]
+    closed = contextlib.nullcontext(f"127.0.0.1:{_free_port()}")
+    with _http_server() if listener == "http-server" else closed as address:
+        rejected([*args, "--address", address], "--address", address)
+
+
 def test_compare_with_a_negative_size_budget(tmp_path: Path, rejected: Callable[..., str]) -> None:
     """Refused before the first of compare's sweeps (it used to be after 38 s of tuning)."""
     space = write_space(tmp_path, SPACE)

@@ -78,7 +78,7 @@ def test_own_model_and_data_sweep_best_retrain_load(custom: Path, ray_session: A
     # The model file rebuilds the user's model from its import path and scores what retrain reported.
     path = Path(summary["out"]) / "oialr" / "seed_1000" / "model.pt"
     assert read_model_file(path).model_name == "my_models:mlp"
-    model = load_model(path)
+    model = load_model(path, trust_code=True)  # our own file: its import path may run
     x, y = _test_split(custom, data_fn)
     with torch.no_grad():
         out = model(x)
@@ -93,7 +93,7 @@ def test_own_model_and_data_sweep_best_retrain_load(custom: Path, ray_session: A
     sys.path[:] = [p for p in sys.path if Path(p).resolve() != custom.resolve()]
     (custom / "my_models.py").rename(custom / "elsewhere.py")
     with pytest.raises(UserError, match=r"^model\.name: cannot import module 'my_models'") as e:
-        load_model(path)
+        load_model(path, trust_code=True)
     assert "\n" not in str(e.value)
 
 
@@ -109,7 +109,7 @@ def test_own_training_loop_end_to_end(custom: Path, ray_session: Any) -> None:
     for arm in ("oialr", "baseline"):
         mae = summary["arms"][arm]["test_mae"]["values"][0]
         assert mae is not None and 0 < mae < 2  # the loop scored the test split when asked
-    model = load_model(Path(summary["out"]) / "oialr" / "seed_1000" / "model.pt")
+    model = load_model(Path(summary["out"]) / "oialr" / "seed_1000" / "model.pt", trust_code=True)
     assert model(torch.zeros(3, 10)).shape == (3, 1)
     report = write_report(result.path).read_text()
     assert "Final retraining" in report and "test_mae" in report

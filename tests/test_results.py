@@ -191,10 +191,10 @@ def test_a_bare_name_is_found_under_results(sweep_dir: Path, tmp_path: Path, mon
 def _journal_sweep(folder: Path, trials: list[tuple[str, float, float | None]], budget: float | None) -> Path:
     """A sweep folder as a sweep leaves it before its final writes: sweep.yaml and the OIALR arm's
     journal, one ended trial per (id, val_acc, trainable fraction or None when never reported)."""
+    from helpers import journal_path
     from tiny_sweep import TINY_BASE
 
     from oialr_tune.space import space_from_dict
-    from oialr_tune.tuning.state import journal_path
 
     space = space_from_dict({
         "name": "ties", "base": TINY_BASE, "baseline": "none",
@@ -241,11 +241,11 @@ def test_the_sweep_summary_and_best_agree_on_ties_and_missing_fractions(
 
 
 def test_the_checkpoint_file_name_is_the_trainers() -> None:
-    """results reads without torch, so it cannot import the trainer's name for the file: pinned here."""
-    from oialr_tune.results import CHECKPOINT_FILE
-    from oialr_tune.trainer import CHECKPOINT_NAME
+    """results reads without torch, so it reads the trainer's file name from sweep_state, as the run record does."""
+    from oialr_tune import results
+    from oialr_tune.run_record import checkpoint_file
 
-    assert CHECKPOINT_FILE == CHECKPOINT_NAME
+    assert checkpoint_file("ckpt") == Path("ckpt") / results.CHECKPOINT_FILE
 
 
 def test_a_sweep_with_no_trial_under_its_budget_says_so_and_is_not_an_error(tmp_path: Path) -> None:

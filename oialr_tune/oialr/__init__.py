@@ -12,6 +12,7 @@ from .controller import (
     RankEvent,
     Rules,
     apply_low_rank_structure,
+    count_trainable,
     low_rank_structure,
 )
 from .export import export_dense
@@ -25,6 +26,7 @@ __all__ = [
     "RankEvent",
     "Rules",
     "apply_low_rank_structure",
+    "count_trainable",
     "export_dense",
     "factorized_is_cheaper",
     "low_rank_structure",

@@ -326,7 +326,7 @@ class OIALR:
         ]
         self._dense = _dense_reasons(model, slots, self._slots, skip_ratio, first if keep_first_layer else None,
                                      last if keep_last_layer else None)
-        self.full_rank_parameters = _count_trainable(model)
+        self.full_rank_parameters = count_trainable(model)
         self.history: list[RankEvent] = []
         self._step = 0
         self._converted = 0  # how many slots (counted from the last) are low-rank
@@ -352,7 +352,7 @@ class OIALR:
         return dict(self._dense)
 
     def trainable_parameters(self) -> int:
-        return _count_trainable(self.model)
+        return count_trainable(self.model)
 
     @property
     def trainable_fraction(self) -> float:
@@ -547,7 +547,8 @@ def apply_low_rank_structure(model: nn.Module, ranks: dict[str, int]) -> list[tu
     return swapped
 
 
-def _count_trainable(model: nn.Module) -> int:
+def count_trainable(model: nn.Module) -> int:
+    """How many parameters of `model` are trained now (`requires_grad`): the parameter counts every run reports."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -21,9 +21,10 @@ import ray
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
+from oialr_tune import sweep_state as state
 from oialr_tune.errors import SweepInterrupted
 from oialr_tune.space import SearchSpace
-from oialr_tune.tuning import hooks, state
+from oialr_tune.tuning import hooks
 from oialr_tune.tuning.cluster import slots
 from oialr_tune.tuning.collect import rows_of
 from oialr_tune.tuning.search import scheduler, searcher
@@ -211,7 +212,7 @@ def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int) -> None:
             tuner = _tuner(space, arm, store, ended, verbose)
             if signature is not None:
                 signature.refresh(arm)  # tuner.pkl, written by the Tuner itself
-            state.kill_point(f"arm-start:{arm}")
+            state.kill_point("arm-start", arm)
             try:
                 with _ray_output_hidden() if verbose < 2 else contextlib.nullcontext():
                     tuner.fit()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import threading
@@ -22,9 +21,10 @@ from typing import Any
 
 import yaml
 
+from oialr_tune import sweep_state as state
 from oialr_tune.errors import SweepInterrupted, UserError
 from oialr_tune.files import remove_empty, writable_folder
-from oialr_tune.results import STATE_FILE, SWEEP_FILE, TRIALS_FILE, SweepResults
+from oialr_tune.results import SweepResults
 from oialr_tune.space import (
     BASELINES,
     NAME_RE,
@@ -34,8 +34,8 @@ from oialr_tune.space import (
     with_settings,
     with_user_code,
 )
-from oialr_tune.tuning import state
-from oialr_tune.tuning.storage import Store, open_sweep, read_state
+from oialr_tune.sweep_state import SWEEP_FILE, TRIALS_FILE
+from oialr_tune.tuning.storage import Store, drop_moved_state, open_sweep, read_state, write_state
 
 __all__ = ["summary_line", "sweep"]
 
@@ -112,14 +112,16 @@ def sweep(
     # A local folder is created (or, resumed, proven writable) now: a read-only or misplaced one is
     # bad input, found before Ray starts. URIs are left to Ray.
     created = writable_folder(store.root, "results folder") if store.is_local else []
-    arms_done = read_state(store)["arms_done"]
+    saved = read_state(store)
+    arms_done = saved["arms_done"]
+    moved_from = saved.get("root") if saved.get("root") not in (None, store.root) else None
     lock = state.FolderLock(Path(store.root)) if store.is_local else None
     try:
         if lock is not None:
             lock.acquire()
             if not resume and set(os.listdir(store.root)) != {state.LOCK_FILE}:
                 raise UserError(f"{store.root}: another sweep started in it; choose another --name")
-        return _run_sweep(space, store, bool(resume), arms_done, address, verbose, t0)
+        return _run_sweep(space, store, bool(resume), arms_done, address, verbose, t0, moved_from)
     finally:
         if lock is not None:
             lock.release()
@@ -169,8 +171,10 @@ def _run_sweep(
     address: str | None,
     verbose: int,
     t0: float,
+    moved_from: str | None = None,
 ) -> SweepResults:
-    """The sweep proper, in a folder this process holds (see `sweep`)."""
+    """The sweep proper, in a folder this process holds (see `sweep`); `moved_from`: where a resumed
+    folder was when Ray last wrote its state, if it has moved or been copied since."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", _SNAPSHOT_PERIOD_S)
     # Ray also snapshots whenever a trial has saved `num_to_keep` checkpoints since the last one
     # (so its record never points at a deleted checkpoint) and warns when that is frequent; with
@@ -190,12 +194,19 @@ def _run_sweep(
                 if not resume:
                     store.key = state.load_key(create=True)
                     store.write_text(SWEEP_FILE, yaml.safe_dump(space.to_dict(), sort_keys=False))
-                    store.write_text(STATE_FILE, json.dumps({"arms_done": []}))
+                    write_state(store, [])
                     if store.is_local:
                         store.signature = state.Signature.create(Path(store.root), space.to_dict())
                         store.signature.save()
                 if verbose:
                     print(f"sweep {space.name} -> {store.root}", flush=True)
+                if moved_from is not None:
+                    left = [arm for arm in space.arms() if arm not in arms_done]
+                    if verbose:
+                        print(f"moved from {moved_from}: Ray's state of {', '.join(left)} names that path; "
+                              f"rebuilding from the journals", flush=True)
+                    drop_moved_state(store, left)
+                    write_state(store, arms_done)  # after the drop: a kill in between drops again
                 for arm in space.arms():
                     if arm in arms_done:
                         if verbose:
@@ -203,7 +214,7 @@ def _run_sweep(
                         continue
                     run_arm(space, arm, store, verbose)
                     arms_done.append(arm)
-                    store.write_text(STATE_FILE, json.dumps({"arms_done": arms_done}))
+                    write_state(store, arms_done)
                 res, studies = collect(space, store, pool)
             except KeyboardInterrupt:
                 raise SweepInterrupted(

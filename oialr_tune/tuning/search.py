@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import optuna
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -94,18 +95,33 @@ def startup_trials(space: SearchSpace) -> int:
     return min(10, max(4, space.budget.num_samples // 4))
 
 
-def default_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """The sampler the space's strategy names, seeded with the space's seed."""
+def _rebuilt_seed(seed: int | None, told: int) -> int | None:
+    """The sampler's seed for a search that starts with `told` ended trials.
+
+    A fresh search (none told) uses the space's seed. A search rebuilt from the journal must not:
+    the same seed draws the same sequence again, so its first new trials would repeat the settings
+    of the trials already told (Optuna's seeded sampler holds its RNG state only in memory). A seed
+    derived from (seed, told) keeps the rebuild reproducible and its draws new.
+    """
+    if seed is None or not told:
+        return seed
+    return int(np.random.SeedSequence([seed, told]).generate_state(1)[0])
+
+
+def default_sampler(space: SearchSpace, told: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler the space's strategy names, seeded from the space's seed and the `told` trials
+    it starts with (see `_rebuilt_seed`)."""
+    seed = _rebuilt_seed(space.seed, told)
     if space.strategy.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=space.seed)
-    return optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=startup_trials(space))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(space))
 
 
 def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]],
              sampler: optuna.samplers.BaseSampler | None = None) -> Any:
     """OptunaSearch with a seeded TPE (or random) sampler, or None when the arm searches nothing.
 
-    `prior` are trial rows of the arm that already ended (a rebuilt arm, see `arm.tuner`): the
+    `prior` are trial rows of the arm that already ended (a rebuilt arm, see `arm._tuner`): the
     searcher's study starts with them, so the sampler learns from them and proposes only new points.
     `sampler` replaces the one the space's strategy names (benchmarks/search_replay.py compares
     Optuna's other samplers inside the same searcher).
@@ -116,7 +132,7 @@ def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]],
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if sampler is None:
-        sampler = default_sampler(space)
+        sampler = default_sampler(space, told=len(prior))
     metrics, modes = space.objective.metrics(arm), space.objective.modes(arm)
     multi = len(metrics) > 1
     storage = optuna.storages.InMemoryStorage()

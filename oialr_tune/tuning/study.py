@@ -29,8 +29,8 @@ from optuna.trial import TrialState
 
 from oialr_tune.errors import UserError
 from oialr_tune.files import replacing
-from oialr_tune.results import STUDY_FILE
 from oialr_tune.space import SIZE_METRIC, Param, SearchSpace
+from oialr_tune.sweep_state import STUDY_FILE
 from oialr_tune.tuning.storage import Store
 
 __all__ = ["importances", "optuna_distribution", "optuna_trials", "size_constraint", "stopped_early", "write_studies"]
