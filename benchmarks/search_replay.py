@@ -4,8 +4,9 @@ A simulated clock with 2 workers runs the tool's own searcher (`oialr_tune.tunin
 Ray's OptunaSearch with our PRUNED/constraint handling) and scheduler (`scheduler`, Ray's ASHA)
 the way Ray's TuneController drives them: `suggest`, one result per epoch to the scheduler and,
 unless it says STOP, to the searcher, then `on_trial_complete` with the last result. A trial's
-epochs take the seconds the table measured for them, plus a per-trial overhead (the marginal
-per-trial cost measured for `oialr-tune sweep`, results/benchmarks/sweep_efficiency_n256_rerun.md).
+epochs take the seconds the table measured, as a + b × the epoch's trainable fraction fitted over
+the whole table (the table was timed on a shared machine under varying load), plus a per-trial
+overhead (the marginal per-trial cost of `oialr-tune sweep`, sweep_efficiency_n256_rerun.md).
 
 The table (``benchmarks/search_table.py``) has 2+ seeds per cell. A proposed configuration is
 snapped to the nearest cell (log scale for the LR and the frequency); each repeat sees one seed of
@@ -68,6 +69,17 @@ class Table:
         self.points = np.array([[self._coord(k, cells[c][0][k]) for k in KEYS] for c in self.ids])
         self.truth = np.array([np.mean([r["val_acc"][-1] for r in rs]) for rs in self.runs])
         self.size = np.array([np.mean([r["fraction"][-1] for r in rs]) for rs in self.runs])
+        # An epoch's seconds as a + b × trainable fraction, fitted over every epoch of the table:
+        # the table was timed on a shared machine whose load varied, so a run's own seconds carry
+        # the load at that moment; the fit keeps what the configuration decides (a smaller model
+        # trains faster) and averages the load out.
+        frac = np.concatenate([r["fraction"] for rs in self.runs for r in rs])
+        secs = np.concatenate([r["seconds"] for rs in self.runs for r in rs])
+        self.cost = np.linalg.lstsq(np.stack([np.ones_like(frac), frac], 1), secs, rcond=None)[0]
+
+    def epoch_seconds(self, run: dict[str, Any], epoch: int) -> float:
+        """Simulated seconds of a run's epoch (1-based), from the cost fit."""
+        return float(self.cost[0] + self.cost[1] * run["fraction"][epoch - 1])
 
     @staticmethod
     def _coord(key: str, value: float) -> float:
@@ -174,7 +186,7 @@ def replay(table: Table, strategy: str, objective: str, repeat: int, horizon: fl
         cell = table.nearest(config)
         sched.on_trial_add(None, _Trial(tid))
         order += 1
-        events.append((now + OVERHEAD_S + run_of(cell)["seconds"][0], order, tid, cell, 1))
+        events.append((now + OVERHEAD_S + table.epoch_seconds(run_of(cell), 1), order, tid, cell, 1))
 
     for _ in range(WORKERS):
         start(0.0)
@@ -202,7 +214,7 @@ def replay(table: Table, strategy: str, objective: str, repeat: int, horizon: fl
             start(now)
         else:
             order += 1
-            events.append((now + run["seconds"][epoch], order, tid, cell, epoch + 1))
+            events.append((now + table.epoch_seconds(run, epoch + 1), order, tid, cell, epoch + 1))
     return out
 
 
@@ -223,7 +235,8 @@ RUN_COLUMNS = ["strategy", "objective", "repeat", "time", "epochs", "incumbent_c
 
 def horizon_of(table: Table) -> float:
     """The simulated budget: FULL_TRIALS full-length trials (mean table seconds + overhead) over the workers."""
-    full = np.mean([sum(r["seconds"]) + OVERHEAD_S for rs in table.runs for r in rs])
+    full = np.mean([sum(table.epoch_seconds(r, e) for e in range(1, EPOCHS + 1)) + OVERHEAD_S
+                    for rs in table.runs for r in rs])
     return float(FULL_TRIALS * full / WORKERS)
 
 
@@ -240,9 +253,10 @@ def iqm(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def _boot_ci(values: np.ndarray, stat: Any) -> tuple[float, float]:
-    """95 % percentile-bootstrap interval of stat(values[rows]) over the repeats (rows)."""
+    """95 % percentile-bootstrap interval of a statistic over the repeats; `stat(samples, axis)`
+    takes the resampled repeats along `axis`."""
     idx = RNG.integers(0, len(values), size=(BOOT, len(values)))
-    stats = np.array([stat(values[i]) for i in idx])
+    stats = stat(values[idx], 1)
     return float(np.nanpercentile(stats, 2.5)), float(np.nanpercentile(stats, 97.5))
 
 
@@ -300,7 +314,7 @@ def analyse(table: Table, runs_path: str, horizon: float) -> dict[str, Any]:
             }
             times = np.array([_time_to(traces[(s, obj, r)], truth, target) for r in reps[s]])
             med = float(np.median(times))
-            ci = _boot_ci(times, lambda t: horizon / np.median(t))
+            ci = _boot_ci(times, lambda t, axis: horizon / np.median(t, axis=axis))
             reached = float(np.isfinite(times).mean())
             o["speed"][s] = {"median_t": med, "speedup": horizon / med, "ci": ci, "reached": reached}
         for a in strategies:
@@ -451,7 +465,9 @@ def main(argv: list[str] | None = None) -> None:
     res = analyse(table, args.out, horizon)
     md = Path(args.md)
     header = (f"{args.header}\n\nTable: {len(table.ids)} cells; budget {horizon:.1f} simulated s = {FULL_TRIALS} full "
-              f"trials on {WORKERS} workers; per-trial overhead {OVERHEAD_S} s.")
+              f"trials on {WORKERS} workers; per-trial overhead {OVERHEAD_S} s; an epoch's simulated seconds "
+              f"{table.cost[0]:.4f} + {table.cost[1]:.4f} × trainable fraction "
+              "(least squares over the table's epochs).")
     write_md(res, checks(table, rows), md, horizon, header)
     plot(res, md.with_suffix(".png"))
     print(f"wrote {md} and {md.with_suffix('.png')}", file=sys.stderr)
