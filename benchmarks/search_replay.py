@@ -223,7 +223,11 @@ def _job(args: tuple[str, str, str, int, float]) -> list[list[Any]]:
     warnings.filterwarnings("ignore", category=UserWarning)  # CMA-ES and GP say they ignore constraints
     table = _TABLES.setdefault(table_path, Table(read_table(table_path)))
     start = time.perf_counter()
-    trace = replay(table, strategy, objective, repeat, horizon)
+    try:
+        trace = replay(table, strategy, objective, repeat, horizon)
+    except Exception as e:  # one sampler's failure must not lose the other replays; the log says so
+        print(f"replay {strategy}/{objective}/{repeat} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return []
     cpu = time.perf_counter() - start
     return [[strategy, objective, repeat, f"{t:.3f}", e, table.ids[c] if c >= 0 else -1, f"{cpu:.2f}"]
             for t, e, c in trace]
@@ -453,6 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         jobs = [(args.table, s, o, r, horizon) for r in range(max(args.repeats, slow))
                 for s in args.strategies.split(",") for o in OBJECTIVES
                 if r < (slow if STRATEGIES[s][0] == "gp" else args.repeats)]
+        jobs.sort(key=lambda j: STRATEGIES[j[1]][0] == "gp")  # the slow GP last: the rest is written first
         start = time.time()
         with gzip.open(args.out, "wt", newline="") as f, mp.get_context("spawn").Pool(args.procs) as pool:
             w = csv.writer(f)
