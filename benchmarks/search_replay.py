@@ -267,10 +267,16 @@ def _boot_ci(values: np.ndarray, stat: Any) -> tuple[float, float]:
 def _traces(runs_path: str) -> dict[tuple[str, str, int], np.ndarray]:
     """(strategy, objective, repeat) -> rows of (time, epochs, incumbent cell) at each trial end."""
     out: dict[tuple[str, str, int], list[tuple[float, float, int]]] = {}
-    with gzip.open(runs_path, "rt", newline="") as f:
-        for r in csv.DictReader(f):
-            key = (r["strategy"], r["objective"], int(r["repeat"]))
-            out.setdefault(key, []).append((float(r["time"]), float(r["epochs"]), int(r["incumbent_cell"])))
+    rows: list[dict[str, str]] = []
+    try:
+        with gzip.open(runs_path, "rt", newline="") as f:
+            rows.extend(csv.DictReader(f))
+    except EOFError:  # a cut-short replay: its last job may be partly written, so it is dropped
+        last = [rows[-1][k] for k in ("strategy", "objective", "repeat")] if rows else None
+        rows = [r for r in rows if [r["strategy"], r["objective"], r["repeat"]] != last]
+    for r in rows:
+        key = (r["strategy"], r["objective"], int(r["repeat"]))
+        out.setdefault(key, []).append((float(r["time"]), float(r["epochs"]), int(r["incumbent_cell"])))
     return {k: np.array(sorted(v)) for k, v in out.items()}
 
 
@@ -464,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
             w.writerow(RUN_COLUMNS)
             for i, out in enumerate(pool.imap_unordered(_job, jobs)):
                 w.writerows(out)
+                f.flush()  # a cut-short replay leaves a readable file
                 if i % 20 == 0:
                     print(f"{i}/{len(jobs)} replays, {time.time() - start:.0f} s", file=sys.stderr)
         print(f"done: {len(jobs)} replays in {time.time() - start:.0f} s -> {args.out}", file=sys.stderr)
