@@ -44,7 +44,7 @@ from oialr_tune.tuning.study import (
     stopped_early,
 )
 
-__all__ = ["BudgetedOptunaSearch", "scheduler", "searcher"]
+__all__ = ["BudgetedOptunaSearch", "default_sampler", "scheduler", "searcher", "startup_trials"]
 
 
 class BudgetedOptunaSearch(OptunaSearch):
@@ -88,7 +88,7 @@ class BudgetedOptunaSearch(OptunaSearch):
             self.on_trial_result(trial_id, result)
 
 
-def _startup_trials(space: SearchSpace) -> int:
+def startup_trials(space: SearchSpace) -> int:
     """Random trials before TPE models the results: `strategy.startup_trials`, or by default a
     quarter of the budget within [4, 10] (Optuna's 10 would leave little for TPE in 16 trials)."""
     if space.strategy.startup_trials is not None:
@@ -109,22 +109,31 @@ def _rebuilt_seed(seed: int | None, told: int) -> int | None:
     return int(np.random.SeedSequence([seed, told]).generate_state(1)[0])
 
 
-def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]]) -> Any:
+def default_sampler(space: SearchSpace, told: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler the space's strategy names, seeded from the space's seed and the `told` trials
+    it starts with (see `_rebuilt_seed`)."""
+    seed = _rebuilt_seed(space.seed, told)
+    if space.strategy.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(space))
+
+
+def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]],
+             sampler: optuna.samplers.BaseSampler | None = None) -> Any:
     """OptunaSearch with a seeded TPE (or random) sampler, or None when the arm searches nothing.
 
     `prior` are trial rows of the arm that already ended (a rebuilt arm, see `arm._tuner`): the
     searcher's study starts with them, so the sampler learns from them and proposes only new points.
+    `sampler` replaces the one the space's strategy names (benchmarks/search_replay.py compares
+    Optuna's other samplers inside the same searcher).
     The study stays in memory (pickled with Ray's state), never in a database: see :mod:`oialr_tune.tuning`.
     """
     params = space.arm_params(arm)
     if not params:
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    seed = _rebuilt_seed(space.seed, len(prior))
-    if space.strategy.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=_startup_trials(space))
+    if sampler is None:
+        sampler = default_sampler(space, told=len(prior))
     metrics, modes = space.objective.metrics(arm), space.objective.modes(arm)
     multi = len(metrics) > 1
     storage = optuna.storages.InMemoryStorage()
@@ -143,8 +152,11 @@ def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]]) -> A
     )
 
 
-def scheduler(space: SearchSpace) -> Any:
-    """ASHA on the main metric (per epoch = training_iteration), or FIFO."""
+def scheduler(space: SearchSpace, brackets: int = 1) -> Any:
+    """ASHA on the main metric (per epoch = training_iteration), or FIFO.
+
+    `brackets` > 1 gives asynchronous Hyperband: trials spread over brackets whose first rung is
+    `grace_period` × `reduction_factor`**k epochs (benchmarks/search_replay.py compares it)."""
     if space.scheduler() != "asha":
         return FIFOScheduler()
     b = space.budget
@@ -155,5 +167,6 @@ def scheduler(space: SearchSpace) -> Any:
         max_t=b.max_epochs,
         grace_period=b.grace_period,
         reduction_factor=b.reduction_factor,
+        brackets=brackets,
     )
 
