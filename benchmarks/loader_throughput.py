@@ -126,11 +126,11 @@ def model_rate(root: Path, size: int, batch: int, model_name: str, model_args: d
 def trainer_rate(root: Path, size: int, workers: int, batch: int, model_name: str, model_args: dict,
                  device: torch.device) -> dict:  # fmt: skip
     """One epoch of the real trainer on the ImageFolder config: its examples/s and epoch time."""
+    from oialr_tune import data
     from oialr_tune.config import train_config_from_dict
-    from oialr_tune.data import clear_data_cache
     from oialr_tune.trainer import train
 
-    clear_data_cache()
+    data._CACHE.clear()  # a fresh load, as a new process would do
     cfg = train_config_from_dict({
         "device": str(device),
         "model": {"name": model_name, "args": model_args},

@@ -90,7 +90,8 @@ def hand_written(space_name: str, storage: str, reuse_actors: bool) -> None:
 
     def trainable(config: dict[str, Any]) -> None:
         from oialr_tune.config import train_config_from_dict, with_overrides
-        from oialr_tune.trainer import Callback, train
+        from oialr_tune.run_record import Callback
+        from oialr_tune.trainer import train
 
         cfg = with_overrides(train_config_from_dict(base), config)
         cfg.checkpoint_every = 1  # a checkpoint every epoch

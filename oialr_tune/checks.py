@@ -24,6 +24,7 @@ from oialr_tune.config import DATASETS, ROOT_DATASETS, TrainConfig, train_config
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
 from oialr_tune.models import MODELS, build_model
+from oialr_tune.oialr import OIALR
 from oialr_tune.space import SearchSpace
 from oialr_tune.splits import Splits
 
@@ -86,6 +87,19 @@ def check_user_code(cfg: TrainConfig) -> None:
         )
     model = build_model(cfg.model.name, splits.in_shape, splits.num_outputs(cfg.task), **cfg.model.args)
     check_model_output(model, splits, cfg.task, cfg.model.name)
+    check_layer_patterns(cfg, model)
+
+
+def check_layer_patterns(cfg: TrainConfig, model: nn.Module) -> None:
+    """``oialr.include`` / ``oialr.exclude`` patterns must each match a layer of the model (else a typo
+    would silently factorize everything, or nothing): UserError naming the key and the pattern."""
+    if not (cfg.oialr.include or cfg.oialr.exclude):
+        return
+    try:
+        OIALR(model, torch.optim.SGD(model.parameters(), lr=0.0), include=cfg.oialr.include,
+              exclude=cfg.oialr.exclude)  # fmt: skip
+    except ValueError as e:
+        raise UserError(f"{e}".replace("OIALR ", "oialr.", 1)) from None
 
 
 def _key_of(cfg: TrainConfig, name: str) -> str:
@@ -162,3 +176,4 @@ def _check_one_example(cfg: TrainConfig) -> None:
         raise UserError(
             f"model: one {cfg.data.name} example does not go through {cfg.model.name} ({type(e).__name__}: {e})"
         ) from None
+    check_layer_patterns(cfg, model)

@@ -19,6 +19,8 @@ from . import __version__
 from .errors import UserError
 from .space import ARMS, BASELINES, METRIC_DIRECTIONS, SIZE_METRIC
 
+LOGGERS = ("mlflow",)  # `sweep --log` choices: oialr_tune.tuning.driver.LOGGERS (a test pins them equal)
+
 
 def _train(args: argparse.Namespace) -> None:
     from .config import load_train_config
@@ -55,6 +57,7 @@ def _sweep(args: argparse.Namespace) -> int:
             num_samples=args.num_samples,
             max_epochs=args.max_epochs,
             overrides=dict(args.set),
+            log=args.log,
         )
     except SweepInterrupted as exc:
         print(f"oialr-tune: sweep interrupted: {exc}", file=sys.stderr)
@@ -70,7 +73,8 @@ def _repaired(results_dir: str) -> str:
 
 
 def _best(args: argparse.Namespace) -> None:
-    from .results import best_trial, format_best
+    from .best_format import format_best
+    from .results import best_trial
 
     best = best_trial(_repaired(args.results_dir), arm=args.arm, objective=args.objective,
                       max_trainable_fraction=args.max_trainable_fraction)
@@ -82,6 +86,12 @@ def _add_parallel_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--max-concurrent", type=_positive_int, default=None, metavar="N",
                    help=f"at most N {what} at once, each with the sweep's per-trial resources "
                         "(default: as many as fit; 1: one after another)")
+
+
+def _add_trust_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="run the user code (import paths) a results folder names even if this user's key did not "
+                        "sign it; a folder is data otherwise (see README, Reliability)")
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -109,6 +119,7 @@ def _retrain(args: argparse.Namespace) -> None:
         _repaired(args.results_dir), seeds=args.seeds, first_seed=args.first_seed, epochs=args.epochs,
         train_on=args.train_on, out=args.out, from_trial=args.from_trial, from_checkpoint=args.from_checkpoint,
         arms=[args.arm] if args.arm else None, address=args.address, max_concurrent=args.max_concurrent,
+        trust_code=args.trust_code,
     )  # fmt: skip
     print(format_summary(summary))
 
@@ -116,7 +127,7 @@ def _retrain(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from .report import write_report
 
-    print(write_report(_repaired(args.results_dir)))
+    print(write_report(_repaired(args.results_dir), trust_code=args.trust_code))
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -124,10 +135,10 @@ def _compare(args: argparse.Namespace) -> None:
 
     table = compare(args.space, trials=args.trials, seeds=args.seeds, out=args.out, resume=args.resume,
                     max_trainable_fraction=args.max_trainable_fraction, address=args.address,
-                    max_concurrent=args.max_concurrent)
+                    max_concurrent=args.max_concurrent, trust_code=args.trust_code)
     for s in summarize(table):
         diff = f"  diff {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}] {s['verdict']}" if "diff" in s else ""
-        print(f"{s['label']:<34} test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}  "
+        print(f"{s['label']:<34} {s['metric']} {s['mean']:.4f} ± {s['std']:.4f}  "
               f"trainable {s['trainable_fraction']:.1%}{diff}")
 
 
@@ -149,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", nargs="?", default=None,
                    help="search-space YAML, or a packaged space name (default: quickstart)")
     p.add_argument("--name", default=None, help="results folder name (default: <space name>-<date>-<time>)")
+    p.add_argument("--log", action="append", default=[], choices=LOGGERS,
+                   help="also log every trial to this tracker (mlflow: a local store RESULTS/NAME/mlflow.db)")
     p.add_argument("--results-dir", default="results",
                    help="where sweeps go: a folder, a shared path or a URI Ray accepts (default: results)")
     p.add_argument("--resume", metavar="SWEEP_DIR", default=None,
@@ -193,10 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune from the chosen trial's checkpoint instead of training from scratch")
     p.add_argument("--arm", choices=ARMS, default=None, help="only this arm (default: every arm)")
     _add_parallel_options(p, "seeds")
+    _add_trust_option(p)
     p.set_defaults(run=_retrain)
 
     p = sub.add_parser("report", help="write report.md and PNG plots into a sweep's results folder")
     p.add_argument("results_dir", help="a sweep's results folder (results/<name>)")
+    _add_trust_option(p)
     p.set_defaults(run=_report)
 
     p = sub.add_parser("compare", help="tuned OIALR vs tuned full rank (+ untuned, gate-off), retrained over seeds")
@@ -208,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trainable-fraction", type=float, default=None,
                    help="tuned OIALR arms retrain their best trial at or under this trainable fraction")
     _add_parallel_options(p, "retrains")
+    _add_trust_option(p)
     p.set_defaults(run=_compare)
     return parser
 

@@ -197,6 +197,9 @@ class OIALRConfig:
     `preset` picks the controller's rules (`oialr_tune.oialr.Rules`): ``oialr-tune`` (ours) or
     ``authors`` (the authors' final code; it has no stability gate, so `stability_threshold` is
     not used). `layer_step_fraction` None means the preset's: 1.0 for ours, 0.1 for the authors'.
+
+    `include` / `exclude` are glob patterns on layer names (``["*.attn.*"]``, ``["head"]``): only
+    matching layers (default: all eligible) and none excluded are factorized; see `OIALR`.
     """
 
     enabled: bool = True
@@ -210,6 +213,8 @@ class OIALRConfig:
     keep_last_layer: bool = True
     layer_step_fraction: float | None = _rule(_in(0, 1, lo_open=True), None)
     skip_ratio: float = _rule(_in(0, 1, hi_open=True), 0.1)
+    include: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -223,8 +223,3 @@ def load_data(cfg: DataConfig, device: torch.device | str = "cpu", seed: int | N
         else:  # a user's data function (the config allows nothing else)
             _CACHE[key] = load_user_data(cfg, device, seed)
     return _CACHE[key]
-
-
-def clear_data_cache() -> None:
-    """Forget every cached dataset (frees their device memory once no run holds them)."""
-    _CACHE.clear()

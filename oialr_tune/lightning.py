@@ -15,7 +15,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("OIALRCallback needs Lightning: pip install 'oialr-tune[lightning]'") from e
 
 from oialr_tune.oialr import OIALR
-from oialr_tune.trainer import oialr_delay_steps
+from oialr_tune.run_record import make_controller
 
 
 class OIALRCallback(pl.Callback):
@@ -41,8 +41,8 @@ class OIALRCallback(pl.Callback):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"OIALRCallback: needs exactly one optimizer, the module has {len(trainer.optimizers)}")
         total = int(trainer.estimated_stepping_batches)
-        self.controller = OIALR(pl_module, trainer.optimizers[0], delay=oialr_delay_steps(self.delay, total),
-                                **self.knobs)
+        self.controller = make_controller(pl_module, trainer.optimizers[0], {"delay": self.delay, **self.knobs},
+                                          total)
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

@@ -11,13 +11,20 @@ A model file is a ``torch.save`` of plain data (so ``torch.load(..., weights_onl
 Loading rebuilds the architecture by name, gives the low-rank layers their saved ranks, then
 loads the weights strictly, so the loaded model computes exactly what was saved.
 
+**A model file is data** (the rule of Hugging Face's ``trust_remote_code``): loading one builds only
+a built-in model, a ``torchvision:``/``timm:`` registry name, or a builder the caller passes; a file
+that names user code by import path (``"my_models:build"``, or ``"subprocess:run"`` in a crafted
+file) is refused unless the caller says ``trust_code=True``. Every value read from the file is
+type-checked before use, so a crafted file is one ``ValueError`` line, never a call.
+
 This module must stay importable without Ray or Optuna (a deployed model needs neither): it
-imports only torch, numpy and the model registry and OIALR layers of this package.
+imports only torch, numpy and the model registry, OIALR layers and run record (the checkpoint
+format) of this package.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,16 +33,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from oialr_tune import plugins
+from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
-from oialr_tune.models import build_model
+from oialr_tune.models import MODELS, build_model
 from oialr_tune.oialr import apply_low_rank_structure, export_dense, low_rank_structure
+from oialr_tune.run_record import CHECKPOINT_FORMAT
+from oialr_tune.safe_load import allowed_globals
 
-__all__ = ["FORMAT", "ModelFile", "load_model", "read_model_file", "save_model"]
+__all__ = ["FORMAT", "ModelFile", "check_trusted_model", "load_model", "read_model_file", "save_model"]
 
 FORMAT = "oialr-tune-model/1"
-# The format of `oialr_tune.trainer`'s checkpoints, which `load_model` reads too; kept here so that
-# this module need not import the trainer (and its data code).
-TRAINER_CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -138,38 +146,107 @@ def _data_shapes(cfg_dict: Mapping[str, Any], in_shape: Sequence[int] | None, nu
 
 
 def read_model_file(path: str | Path) -> ModelFile:
-    """Read a model file, or a trainer checkpoint, without building the model (safe: ``weights_only=True``).
+    """Read a model file, or a trainer checkpoint, without building the model.
 
-    A checkpoint of the built-in trainer (``checkpoint.pt``, see :mod:`oialr_tune.trainer`) is read
+    Safe on any file: ``torch.load(weights_only=True)`` unpickles only tensors and plain data, and
+    every value is then type-checked (a ``ValueError`` naming the path and the key otherwise).
+    Nothing the file names is imported or called here.
+
+    A checkpoint of the built-in trainer (``checkpoint.pt``, see :mod:`oialr_tune.run_record`) is read
     as the model file of its model at that epoch: its config names the architecture, its OIALR
     controller state the ranks, and ``meta`` holds the epoch.
     """
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed_globals()):  # a user loop's checkpoint may hold numpy arrays
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such model file") from None
+    except Exception as e:  # a crafted pickle weights_only refuses, a truncated file
+        raise ValueError(f"{path}: not an oialr-tune model file ({plugins.one_line(e)})") from None
     if _is_checkpoint(payload):
         return _checkpoint_model_file(payload, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not an oialr-tune model file (expected format {FORMAT!r})")
-    spec = payload["spec"]
+    spec = _typed(payload, "spec", dict, path)
+    dense = _typed(spec, "dense", bool, path, "spec.")
     return ModelFile(
-        model_name=spec["model_name"],
-        model_args=dict(spec["model_args"]),
-        in_shape=tuple(spec["in_shape"]),
-        num_classes=int(spec["num_classes"]),
-        ranks=dict(spec["ranks"]),
-        dense=bool(spec["dense"]),
-        state_dict=payload["state_dict"],
-        config=payload.get("config", {}),
-        meta=payload.get("meta", {}),
+        model_name=_typed(spec, "model_name", str, path, "spec."),
+        model_args=_plain_data(_typed(spec, "model_args", dict, path, "spec."), path, "spec.model_args"),
+        in_shape=_in_shape(spec.get("in_shape"), path, "spec.in_shape"),
+        num_classes=_count(spec.get("num_classes"), path, "spec.num_classes"),
+        ranks=_ranks(spec.get("ranks"), path, "spec.ranks"),
+        dense=dense,
+        state_dict=_tensors(payload.get("state_dict"), path, "state_dict"),
+        config=_plain_data(payload.get("config", {}), path, "config"),
+        meta=_plain_data(payload.get("meta", {}), path, "meta"),
     )
+
+
+# --- type checks of what a file holds: a crafted file is one ValueError line, never a call ---------
+
+
+def _typed(data: Mapping[str, Any], key: str, kind: type, path: Path, prefix: str = "") -> Any:
+    """``data[key]``, which must be a `kind` (a bool is not an int here)."""
+    value = data.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{path}: {prefix}{key} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _count(value: Any, path: Path, key: str) -> int:
+    """A positive int (a size, a class count)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{path}: {key} must be a positive int, got {value!r:.60}")
+    return value
+
+
+def _in_shape(value: Any, path: Path, key: str) -> tuple[int, ...]:
+    """A non-empty list of positive ints."""
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in value):
+        raise ValueError(f"{path}: {key} must be a list of positive ints, got {value!r:.60}")
+    return tuple(value)
+
+
+def _ranks(value: Any, path: Path, key: str) -> dict[str, int]:
+    """Layer name -> positive rank."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {key} must be a dict of layer -> rank, got {type(value).__name__}")
+    if not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{path}: {key} must be keyed by layer names (strings)")
+    return {k: _count(v, path, f"{key}.{k}") for k, v in value.items()}
+
+
+def _tensors(value: Any, path: Path, key: str) -> dict[str, torch.Tensor]:
+    """Parameter name -> tensor."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in value.items()):
+        raise ValueError(f"{path}: {key} must map names to tensors")
+    return value
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain_data(value: Any, path: Path, key: str) -> Any:
+    """`value` if it is plain data (str, numbers, bool, None, tensors, and lists and str-keyed dicts of them)."""
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _plain_data(v, path, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{path}: {key} has a non-string key {k!r:.60}")
+            _plain_data(v, path, f"{key}.{k}")
+    elif not isinstance(value, (*_PLAIN, torch.Tensor)):
+        raise ValueError(f"{path}: {key} must be plain data, got {type(value).__name__}")
+    return value
 
 
 def _is_checkpoint(payload: Any) -> bool:
     """Whether `payload` is a trainer checkpoint (its format, with its config and history)."""
-    return (isinstance(payload, dict) and payload.get("format") == TRAINER_CHECKPOINT_FORMAT
+    return (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
             and {"config", "history"} <= payload.keys())
 
 
@@ -177,32 +254,63 @@ def _checkpoint_model_file(state: dict[str, Any], path: Path) -> ModelFile:
     """The model in a trainer checkpoint, as a `ModelFile` (a user loop's checkpoint holds none)."""
     if "model" not in state or "in_shape" not in state:
         raise ValueError(f"{path}: a checkpoint of a user's training loop (trainable): it holds no model to load")
-    model_cfg = state["config"]["model"]
-    ranks = dict((state.get("controller") or {}).get("ranks") or {})
+    config = _plain_data(_typed(state, "config", dict, path), path, "config")
+    model_cfg = _typed(config, "model", dict, path, "config.")
+    controller = state.get("controller") or {}
+    if not isinstance(controller, dict):
+        raise ValueError(f"{path}: controller must be a dict, got {type(controller).__name__}")
+    ranks = _ranks(controller.get("ranks") or {}, path, "controller.ranks")
     return ModelFile(
-        model_name=model_cfg["name"],
-        model_args=dict(model_cfg.get("args") or {}),
-        in_shape=tuple(state["in_shape"]),
-        num_classes=int(state["num_classes"]),
+        model_name=_typed(model_cfg, "name", str, path, "config.model."),
+        model_args=_plain_data(model_cfg.get("args") or {}, path, "config.model.args"),
+        in_shape=_in_shape(state["in_shape"], path, "in_shape"),
+        num_classes=_count(state.get("num_classes"), path, "num_classes"),
         ranks=ranks,
         dense=not ranks,
-        state_dict=state["model"],
-        config=state["config"],
-        meta={"epoch": state["epoch"]},
+        state_dict=_tensors(state["model"], path, "model"),
+        config=config,
+        meta={"epoch": _typed(state, "epoch", int, path)},
     )
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | Path, device: str | torch.device = "cpu", *,
+               builder: Callable[..., nn.Module] | None = None, trust_code: bool = False) -> nn.Module:
     """Rebuild the saved model exactly (low-rank layers included), in eval mode, on ``device``.
 
     `path` is a model file (`save_model`) or a checkpoint of the built-in trainer (``checkpoint.pt``).
-    Needs only torch and this package (no Ray, no Optuna). Raises ``FileNotFoundError`` for a
-    missing file, ``ValueError`` for a file that is neither, and ``RuntimeError`` when the weights
-    do not fit the architecture the file names.
+    Needs only torch and this package (no Ray, no Optuna).
+
+    The file is data (see the module docstring): the architecture is built by `builder` when given
+    (called as ``builder(in_shape, num_classes, **model_args)``, like the built-in builders), else
+    by name, which must be a built-in model, a ``torchvision:``/``timm:`` name, or a callable this
+    process registered (`oialr_tune.plugins.register`). A file naming any other import path is
+    refused (UserError, one line) unless `trust_code` is True: then the named code is imported and
+    run, so pass it only for files you made or trust.
+
+    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is neither or
+    holds values of the wrong type, UserError for user code not trusted, and ``RuntimeError``
+    when the weights do not fit the architecture.
     """
     mf = read_model_file(path)
-    model = build_model(mf.model_name, mf.in_shape, mf.num_classes, **mf.model_args)
+    if builder is not None:
+        name = plugins.name_of(builder)
+        model = plugins.call(builder, name, "model.name", mf.in_shape, mf.num_classes, **mf.model_args)
+        if not isinstance(model, nn.Module):
+            raise UserError(f"model.name: {name} returned a {type(model).__name__}, not a torch.nn.Module")
+    else:
+        check_trusted_model(mf.model_name, path, trust_code)
+        model = build_model(mf.model_name, mf.in_shape, mf.num_classes, **mf.model_args)
     if mf.ranks:
         apply_low_rank_structure(model, mf.ranks)
     model.load_state_dict(mf.state_dict, strict=True)
     return model.to(device).eval()
+
+
+def check_trusted_model(name: str, path: str | Path, trust_code: bool) -> None:
+    """UserError (one line) unless `name` may be built from a file: see :func:`load_model`."""
+    if trust_code or name in MODELS or name.startswith(plugins.ZOO_PREFIXES) or plugins.is_registered(name):
+        return
+    raise UserError(
+        f"{path}: names model {name!r:.80}, which is not a built-in or torchvision:/timm: model; a model file is "
+        f"data, so its code is not run: pass builder= (or trust_code=True / --trust-code if you trust the file)"
+    )

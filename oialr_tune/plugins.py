@@ -55,6 +55,11 @@ def register(fn: Callable[..., Any]) -> str:
     return name
 
 
+def is_registered(name: str) -> bool:
+    """Whether `name` is a callable this process registered (the caller's own code, not a file's say-so)."""
+    return name in _REGISTRY
+
+
 def name_of(value: str | Callable[..., Any]) -> str:
     """An import path as given, or the registered name of a callable."""
     return value if isinstance(value, str) else register(value)

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import torch
 
 from oialr_tune.config import TrainConfig
-from oialr_tune.trainer import Callback
+from oialr_tune.run_record import Callback
 
 PREFIX = "[train]"
 

@@ -38,11 +38,13 @@ from oialr_tune.results import (
     open_results,
     pareto_rows,
 )
+from oialr_tune.stats import in_words
+from oialr_tune.sweep_state import REPORT_FILE, RETRAIN_DIR, SUMMARY_FILE
+from oialr_tune.trust import check_folder
 from oialr_tune.tuning.study import importances
 
-__all__ = ["PLOTS", "REPORT_FILE", "write_report"]
+__all__ = ["PLOTS", "write_report"]
 
-REPORT_FILE = "report.md"
 PLOTS = {
     "pareto": "report_pareto.png",
     "best_so_far": "report_best_so_far.png",
@@ -105,7 +107,8 @@ def plot_pareto(res: SweepResults, metric: str, best: dict[str, BestTrial], path
     ax.grid(alpha=0.3)
     fig.legend(fontsize=8, loc="outside lower center", ncol=3)  # below the axes: never hides a point
     fig.savefig(path)
-    return "every finished trial; hollow = stopped early by ASHA; star = the configuration `best` returns"
+    return ("every finished trial; hollow = stopped early by ASHA (not candidates for `best` or the front when "
+            "any trial ran every epoch); star = the configuration `best` returns")
 
 
 def _trial_times(res: SweepResults, arm: str, rows: pd.DataFrame) -> pd.Series:
@@ -252,13 +255,15 @@ def _top_trials(res: SweepResults, metric: str) -> tuple[list[dict[str, Any]], l
     return rows, columns
 
 
-def write_report(results_dir: str | Path) -> Path:
+def write_report(results_dir: str | Path, *, trust_code: bool = False) -> Path:
     """Write ``report.md`` and its PNGs into `results_dir`; returns the report's path.
 
     Raises UserError (before writing anything) when the directory holds no experiment, is not
-    writable, or holds an unreadable ``study.db``.
+    writable, or holds an unreadable ``study.db``, and when it names user code but this user's key
+    did not sign it, unless `trust_code` (see `oialr_tune.trust`).
     """
     res = open_results(results_dir)
+    check_folder(res.path, trust_code, "report")
     metric = res.space.objective.metric
     writable_folder(res.path, "results folder")
     importances_found = {arm: param_importances(res, arm, metric) for arm in res.arms}
@@ -271,7 +276,7 @@ def write_report(results_dir: str | Path) -> Path:
     md += _importances_section(res, metric, importances_found)
     rows, columns = _top_trials(res, metric)
     md += [f"## Top {TOP_TRIALS} trials by {metric}", "", markdown_table(rows, columns), ""]
-    retrain_summary = res.path / "retrain" / "summary.json"
+    retrain_summary = res.path / RETRAIN_DIR / SUMMARY_FILE
     if retrain_summary.is_file():
         md += _retrain_section(retrain_summary)
     if notes:
@@ -329,11 +334,12 @@ def _best_section(res: SweepResults, metric: str, best: dict[str, BestTrial]) ->
     md += [markdown_table(best_rows, ["arm", "trial_id", metric, SIZE_METRIC, "epochs", *param_cols]), ""]
     if "oialr" in best and "baseline" in best:
         o, f = best["oialr"].trial, best["baseline"].trial
-        diff = o.metrics[metric] - f.metrics[metric]
+        a, b = o.metrics[metric], f.metrics[metric]
         md += [
-            f"Tuned OIALR vs tuned full rank on validation: {metric} {diff:+.4f} with "
-            f"{o.trainable_fraction:.1%} of the trainable parameters. Validation scores picked these "
-            "configurations, so they are optimistic; `oialr-tune retrain` measures both on the test split.",
+            f"Tuned OIALR vs tuned full rank on validation: {metric} {a:.4g} vs {b:.4g}, OIALR "
+            f"{in_words(a, b, metric_direction(res, metric))} with {o.trainable_fraction:.1%} of the trainable "
+            "parameters. Validation scores picked these configurations, so they are optimistic; "
+            "`oialr-tune retrain` measures both on the test split.",
             "",
         ]
     md += [f"Full trainer config: `oialr-tune best {res.path} --format yaml > best.yaml`.", ""]

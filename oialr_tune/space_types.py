@@ -102,6 +102,12 @@ class Objective:
         """'max' or 'min' for the main metric (in multi mode too)."""
         return METRIC_DIRECTIONS.get(self.metric, self.mode)
 
+    @property
+    def test_metric(self) -> str:
+        """The metric on the test split (val_mae -> test_mae, val_f1 -> test_f1): what retrain and
+        compare report, so the final numbers measure what the search optimized."""
+        return "test_" + self.metric.removeprefix("val_")
+
     def metrics(self, arm: str = "oialr") -> list[str]:
         """Metric names handed to the searcher; the baseline arm is always single-objective
         (its trainable fraction is 1 by construction)."""

@@ -3,7 +3,8 @@
 Read `train` top to bottom: `_start` builds data, model, optimizer and OIALR controller (and restores
 a checkpoint), `_run_epochs` runs each epoch's training steps, validation, metrics, checkpoint and
 callbacks, `_result` scores the test split. It imports neither Ray nor Optuna; the tuning layer
-plugs in through `Callback`, a person watching through `oialr_tune.progress.TrainProgress`.
+plugs in through `oialr_tune.run_record.Callback` (the run record also holds the metrics row,
+the checkpoint format and `TrainResult`), a person watching through `oialr_tune.progress.TrainProgress`.
 
 Guarantees the tuning layer relies on:
 
@@ -22,21 +23,32 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from oialr_tune.config import TrainConfig, resolve_device, train_config_to_dict
+from oialr_tune.config import TrainConfig, resolve_device
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
-from oialr_tune.files import write_atomic
+from oialr_tune.loop import run_trainable
 from oialr_tune.lr_schedule import lr_at
-from oialr_tune.model_io import TRAINER_CHECKPOINT_FORMAT
 from oialr_tune.models import build_model
-from oialr_tune.oialr import OIALR, RankEvent
+from oialr_tune.oialr import OIALR, FullRank, RankEvent
+from oialr_tune.run_record import (
+    Callback,
+    TrainResult,
+    checkpoint_due,
+    checkpoint_file,
+    checkpoint_payload,
+    epoch_row,
+    existing,
+    make_controller,
+    resume_state,
+    write_checkpoint,
+)
 from oialr_tune.splits import Loader, Splits
 from oialr_tune.tasks import Task, task_for
 from oialr_tune.tasks import autocast as _autocast
@@ -44,65 +56,6 @@ from oialr_tune.tasks import autocast as _autocast
 if TYPE_CHECKING:
     from oialr_tune.progress import TrainProgress
 
-CHECKPOINT_NAME = "checkpoint.pt"
-
-
-# --- plug-in point ------------------------------------------------------------------------------
-
-
-class Callback:
-    """Hooks the trainer calls; subclass and override what you need (all are no-ops here).
-
-    The tuning layer's Ray callback forwards `on_epoch_end` to ``ray.tune.report``. A callback may
-    raise to stop the run (the last checkpoint stays valid).
-    """
-
-    def on_epoch_end(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        """After each epoch's validation, with that epoch's metrics (see `train`).
-
-        `checkpoint_dir` is the folder holding ``checkpoint.pt`` if one was written for this epoch,
-        else None. The file is replaced at the next checkpoint: copy it to keep it.
-        """
-
-    def on_train_end(self, result: TrainResult) -> None:
-        """Once, when the run has finished or diverged (not when it was stopped by an exception)."""
-
-
-@dataclass
-class TrainResult:
-    """What a run returns. `final` is the last epoch's metrics; test_* only with evaluate_test.
-
-    `test_metrics` holds every test metric of the task (test_loss, test_acc or test_mae, user
-    metrics); `test_loss` and `test_acc` repeat the first two for classification.
-    """
-
-    history: list[dict[str, Any]]
-    final: dict[str, Any]
-    test_loss: float | None
-    test_acc: float | None
-    status: str
-    model: nn.Module
-    controller: OIALR | None
-    wall_time_s: float
-    checkpoint_path: Path | None = field(default=None)
-    test_metrics: dict[str, float] = field(default_factory=dict)
-    # What the model was built for, (in_shape, num_outputs), so it can be saved and rebuilt;
-    # None when a user's training loop built its model by itself.
-    model_shapes: tuple[tuple[int, ...], int] | None = None
-
-
-# --- evaluation ---------------------------------------------------------------------------------
-
-
-def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-             precision: str = "fp32") -> tuple[float, float]:
-    """Mean cross-entropy (no label smoothing) and accuracy of a classifier over `loader`.
-
-    Runs in eval mode (restoring the model's previous mode) and reads the device once at the end.
-    Other tasks: `oialr_tune.tasks.Task.evaluate`.
-    """
-    metrics = Task().evaluate(model, loader, precision=precision)
-    return metrics["val_loss"], metrics["val_acc"]
 
 
 # --- building blocks ----------------------------------------------------------------------------
@@ -133,84 +86,10 @@ def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def oialr_delay_steps(delay: int | float, total_steps: int) -> int:
-    """`oialr.delay` in optimizer steps: a float < 1 is a fraction of the run, an int a step count."""
-    steps = round(delay * total_steps) if isinstance(delay, float) else delay
-    return max(1, int(steps))
-
-
-def make_controller(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                    total_steps: int) -> OIALR | None:
-    """The OIALR controller `cfg.oialr` describes for a run of `total_steps` steps; None when disabled."""
-    o = cfg.oialr
-    if not o.enabled:
-        return None
-    return OIALR(
-        model, optimizer, delay=oialr_delay_steps(o.delay, total_steps),
-        stability_frequency=o.stability_frequency, stability_threshold=o.stability_threshold,
-        sigma_cutoff_fraction=o.sigma_cutoff_fraction, min_rank=o.min_rank,
-        keep_first_layer=o.keep_first_layer, keep_last_layer=o.keep_last_layer,
-        layer_step_fraction=o.layer_step_fraction, skip_ratio=o.skip_ratio, preset=o.preset,
-    )
-
-
-def _count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    """torch.save `obj` so that a reader (or a resume after a crash) sees the old or the new file, never half."""
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-
 def _one_line(e: BaseException, limit: int = 200) -> str:
     """An exception as one short line (torch's state-dict errors span many lines)."""
     text = " ".join(f"{type(e).__name__}: {e}".split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by `train` (tensors on the CPU). Raises UserError naming the path."""
-    path = Path(path)
-    try:
-        # weights_only: our checkpoints hold only tensors and plain data, so refuse anything else.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise UserError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != TRAINER_CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a checkpoint written by oialr-tune's trainer")
-    return state
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-
-def checkpoint_file(checkpoint_dir: str | Path | None) -> Path | None:
-    """Where a run checkpointing into `checkpoint_dir` keeps its checkpoint (None: no checkpoints)."""
-    return Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-
-
-def resume_state(path: Path | None, resume: bool) -> dict[str, Any] | None:
-    """The checkpoint a run continues from: `path`'s when resuming and it exists, else None."""
-    return read_checkpoint(path) if resume and path is not None and path.exists() else None
-
-
-def checkpoint_due(cfg: TrainConfig, epoch: int, checkpoint_epochs: set[int]) -> bool:
-    """Whether (1-based) `epoch` ends with a checkpoint: the last, every `checkpoint_every`-th, or a listed one."""
-    every = cfg.checkpoint_every
-    return bool(epoch >= cfg.schedule.epochs or (every and epoch % every == 0) or epoch in checkpoint_epochs)
-
-
-def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write `payload` as a checkpoint `read_checkpoint` accepts (it adds the format), atomically."""
-    _save_atomic({"format": TRAINER_CHECKPOINT_FORMAT, **payload}, path)
-
-
-def existing(path: Path | None) -> Path | None:
-    """`path` if that file exists (what a `TrainResult` reports as its checkpoint), else None."""
-    return path if path is not None and path.exists() else None
 
 
 # --- one run, piece by piece ----------------------------------------------------------------------
@@ -234,7 +113,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     total_steps: int
     warmup_steps: int
-    full_rank_params: int
+    meter: OIALR | FullRank  # what the metrics rows read parameter counts and ranks from
     forward: Callable[[torch.Tensor], torch.Tensor]  # the model, or its torch.compile wrapper
     step: int = 0  # optimizer steps done
     start_epoch: int = 0  # epochs done before this process (a resumed run)
@@ -290,7 +169,7 @@ def _start(cfg: TrainConfig, device: torch.device, splits: Splits | None, state:
     train_loader = splits.loader("train", batch_size, train=True, augment=cfg.data.augment, seed=cfg.seed,
                                  memory_format=memory_format)
     total_steps = cfg.schedule.epochs * len(train_loader)
-    controller = make_controller(model, optimizer, cfg, total_steps)
+    controller = make_controller(model, optimizer, cfg.oialr, total_steps)
     run = _Run(
         cfg=cfg, device=device, task=task_for(cfg), splits=splits, num_outputs=num_outputs,
         memory_format=memory_format, model=model, optimizer=optimizer, train_loader=train_loader,
@@ -298,7 +177,7 @@ def _start(cfg: TrainConfig, device: torch.device, splits: Splits | None, state:
         # One backward path for every precision: a disabled scaler passes the loss and step through.
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"), total_steps=total_steps,
         warmup_steps=round(cfg.schedule.warmup_fraction * total_steps),
-        full_rank_params=controller.full_rank_parameters if controller else _count_trainable(model), forward=model,
+        meter=controller or FullRank(model), forward=model,
     )  # fmt: skip
     if state is not None:
         _restore(run, state, ckpt_path)
@@ -334,23 +213,21 @@ def _restore(run: _Run, state: dict[str, Any], ckpt_path: Path | None) -> None:
 def _checkpoint_payload(run: _Run, epoch: int) -> dict[str, Any]:
     """Everything `_restore` needs to continue `run` after (1-based) `epoch`, for `write_checkpoint`."""
     cuda = run.device.type == "cuda"
-    return {
-        "config": train_config_to_dict(run.cfg),
-        "in_shape": list(run.splits.in_shape),
-        "num_classes": run.num_outputs,  # the model's outputs (the key predates regression)
-        "epoch": epoch,
-        "step": run.step,
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "controller": run.controller.state_dict() if run.controller else None,
-        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        "rng": {
+    return checkpoint_payload(
+        run.cfg, epoch=epoch, history=run.history,
+        controller=run.controller.state_dict() if run.controller else None,
+        in_shape=list(run.splits.in_shape),
+        num_classes=run.num_outputs,  # the model's outputs (the key predates regression)
+        step=run.step,
+        model=run.model.state_dict(),
+        optimizer=run.optimizer.state_dict(),
+        scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        rng={
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(run.device) if cuda else None,
             "data": run.train_loader.generator.get_state(),
         },
-        "history": run.history,
-    }
+    )  # fmt: skip
 
 
 def _optimizer_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
@@ -423,23 +300,11 @@ def _train_epoch(run: _Run, epoch: int, progress: TrainProgress | None) -> dict[
         val_metrics = run.task.evaluate(run.forward, run.val_loader, precision=run.cfg.precision)
         run.status = "finished" if epoch + 1 == run.cfg.schedule.epochs else "running"
     t_epoch = time.perf_counter() - t0
-    c = run.controller
-    trainable_now = c.trainable_parameters() if c else _count_trainable(run.model)
-    return {
-        "epoch": epoch + 1,
-        "train_loss": steps.loss,
-        **val_metrics,
-        "lr": steps.lr,
-        "trainable_params": trainable_now,
-        "total_params": run.full_rank_params,
-        "trainable_fraction": trainable_now / run.full_rank_params,
-        "ranks": c.layer_ranks() if c else {},
-        "dense_layers": c.dense_layers() if c else {},
-        "examples_per_s": steps.examples / t_train if t_train > 0 else float("nan"),
-        "train_time_s": t_epoch,
-        "oialr_events": [asdict(e) for e in steps.events],
-        "status": run.status,
-    }
+    return epoch_row(
+        epoch + 1, train_loss=steps.loss, metrics={**val_metrics, "lr": steps.lr}, controller=run.meter,
+        events=steps.events, status=run.status,
+        timing={"examples_per_s": steps.examples / t_train if t_train > 0 else float("nan"), "train_time_s": t_epoch},
+    )  # fmt: skip
 
 
 def _run_epochs(run: _Run, *, callbacks: Sequence[Callback], ckpt_path: Path | None, checkpoint_epochs: set[int],
@@ -467,11 +332,10 @@ def _result(run: _Run, *, evaluate_test: bool, ckpt_path: Path | None, wall_star
     if evaluate_test and run.status != "diverged":
         test_loader = run.splits.loader("test", 2 * run.cfg.schedule.batch_size, memory_format=run.memory_format)
         test_metrics = run.task.evaluate(run.forward, test_loader, precision=run.cfg.precision, prefix="test")
-    return TrainResult(
-        history=run.history, final=run.history[-1] if run.history else {}, test_loss=test_metrics.get("test_loss"),
-        test_acc=test_metrics.get("test_acc"), test_metrics=test_metrics,
-        model_shapes=(tuple(run.splits.in_shape), run.num_outputs), status=run.status, model=run.model,
-        controller=run.controller, wall_time_s=time.perf_counter() - wall_start, checkpoint_path=existing(ckpt_path),
+    return TrainResult.of(
+        run.history, test_metrics=test_metrics, model_shapes=(tuple(run.splits.in_shape), run.num_outputs),
+        status=run.status, model=run.model, controller=run.controller,
+        wall_time_s=time.perf_counter() - wall_start, checkpoint_path=existing(ckpt_path),
     )  # fmt: skip
 
 
@@ -533,8 +397,6 @@ def train(
 def _train_user_loop(cfg: TrainConfig, *, callbacks: Sequence[Callback], splits: Splits | None,
                      progress: TrainProgress | None, **kwargs: Any) -> TrainResult:
     """`train` for ``cfg.trainable``: the user's loop (see `oialr_tune.loop`), progress as one more callback."""
-    from oialr_tune.loop import run_trainable
-
     if splits is not None:
         raise UserError("trainable: a user's training loop loads its own data; it cannot be given splits")
     if progress is None:

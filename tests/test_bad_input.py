@@ -163,6 +163,11 @@ SPACE_CASES = [
     # Only building the model on the data's images can tell (every trial would fail inside Ray).
     pytest.param([(("base", "model"), {"name": "vit_small", "args": {"patch_size": 3}})],
                  ["base.model.args.patch_size"], id="model-arg-only-the-builder-can-check"),
+    # A layer pattern that matches no layer of the model is a typo: only the built model can tell.
+    pytest.param([(("base", "oialr", "exclude"), ["head*"])], ["base.oialr.exclude", "'head*'"],
+                 id="oialr-exclude-pattern-matching-no-layer"),
+    pytest.param([(("base", "oialr", "include"), "*.attn.*")], ["base.oialr.include"],
+                 id="oialr-include-not-a-list"),
     pytest.param([(("base", "device"), "auto"), (("resources", "gpu"), 1)], ["resources.gpu"],
                  marks=NO_GPU, id="gpu-per-trial-on-a-machine-without-one"),
     pytest.param([(("base", "device"), "cuda"), (("resources", "gpu"), 0.5)], ["resources.gpu"],
@@ -311,6 +316,37 @@ def test_retrain_from_a_corrupt_checkpoint_writes_no_config(sweep_copy: Path, re
     for checkpoint in sweep_copy.glob("*/trial_*/checkpoint_*/checkpoint.pt"):
         checkpoint.write_bytes(b"PK\x03\x04 truncated zip")
     rejected(["retrain", str(sweep_copy), "--from-checkpoint", "--seeds", "1"], "checkpoint.pt")
+
+
+@contextlib.contextmanager
+def _http_server() -> Iterator[str]:
+    """An address where a plain HTTP/1 server listens (a web app on a typo'd port): not Ray."""
+    import http.server
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # its log would share stderr with the command's one line
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("listener", ["closed-port", "http-server"])
+@pytest.mark.parametrize("command", ["retrain", "compare"])
+def test_retrain_and_compare_check_the_address_as_sweep_does(
+    command: str, listener: str, sweep_copy: Path, tmp_path: Path, rejected: Callable[..., str]
+) -> None:
+    """One line at once, nothing written (retrain used to hang until killed, its config files left behind)."""
+    args = {"retrain": ["retrain", str(sweep_copy), "--seeds", "2"],
+            "compare": ["compare", str(write_space(tmp_path, SPACE)), "--out", str(tmp_path / "out")]}[command]
+    closed = contextlib.nullcontext(f"127.0.0.1:{_free_port()}")
+    with _http_server() if listener == "http-server" else closed as address:
+        rejected([*args, "--address", address], "--address", address)
 
 
 def test_compare_with_a_negative_size_budget(tmp_path: Path, rejected: Callable[..., str]) -> None:

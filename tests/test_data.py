@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import clear_data_cache
 
 from oialr_tune import data as data_module
 from oialr_tune.config import DATASETS, ROOT_DATASETS, DataConfig
-from oialr_tune.data import clear_data_cache, load_data
+from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
 from oialr_tune.splits import TensorData, TensorLoader, stratified_split
 

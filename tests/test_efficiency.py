@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import clear_data_cache
 from tiny_sweep import tiny_space
 
 from oialr_tune import data
@@ -52,10 +53,10 @@ def counted_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
         calls.append(args)
         return real(*args)
 
-    data.clear_data_cache()
+    clear_data_cache()
     monkeypatch.setitem(data._LOADERS, "digits", counting)
     yield calls
-    data.clear_data_cache()
+    clear_data_cache()
 
 
 def test_a_dataset_is_loaded_once_per_process(counted_loads: list[tuple]) -> None:

@@ -32,7 +32,9 @@ from tiny_sweep import tiny_space
 
 from oialr_tune.cli import main
 from oialr_tune.config import train_config_from_dict
-from oialr_tune.trainer import CHECKPOINT_NAME, read_checkpoint, train
+from oialr_tune.run_record import read_checkpoint
+from oialr_tune.sweep_state import CHECKPOINT_FILE
+from oialr_tune.trainer import train
 
 HERE = Path(__file__).parent
 
@@ -266,14 +268,14 @@ def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(
     with pytest.raises(OSError, match="No space left"):
         train(cfg, checkpoint_dir=tmp_path)
     monkeypatch.setattr(torch, "save", real_save)
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME], "a partial file was left behind"
-    assert read_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE], "a partial file was left behind"
+    assert read_checkpoint(tmp_path / CHECKPOINT_FILE)["epoch"] == 1
 
     # A process killed mid-write cannot clean up: its stray temp file must not disturb the resume.
-    (tmp_path / f".{CHECKPOINT_NAME}.crash.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / f".{CHECKPOINT_FILE}.crash.tmp").write_bytes(b"half a checkpoint")
     resumed = train(cfg, checkpoint_dir=tmp_path)
     timing = {"examples_per_s", "train_time_s"}
     assert [{k: v for k, v in m.items() if k not in timing} for m in resumed.history] == [
         {k: v for k, v in m.items() if k not in timing} for m in full.history
     ]
-    assert read_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 3
+    assert read_checkpoint(tmp_path / CHECKPOINT_FILE)["epoch"] == 3

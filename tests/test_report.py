@@ -13,7 +13,8 @@ import pytest
 from tiny_sweep import tiny_sweep_dir
 
 from oialr_tune.cli import main
-from oialr_tune.report import PLOTS, REPORT_FILE
+from oialr_tune.report import PLOTS
+from oialr_tune.sweep_state import REPORT_FILE
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import evaluate
 from tiny_sweep import tiny_sweep_dir
 
 from oialr_tune.cli import main
@@ -22,7 +23,7 @@ from oialr_tune.model_io import load_model, read_model_file
 from oialr_tune.oialr import LowRankLayer, low_rank_structure
 from oialr_tune.results import best_trial
 from oialr_tune.retrain import _write_start_checkpoint, merge_train_val, retrain
-from oialr_tune.trainer import evaluate, read_checkpoint
+from oialr_tune.run_record import read_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ import yaml
 from tiny_sweep import TINY_BASE
 
 from oialr_tune.results import open_results, pareto_rows
+from oialr_tune.run_record import read_checkpoint
 from oialr_tune.space import space_from_dict
-from oialr_tune.trainer import read_checkpoint
 from oialr_tune.tuning import make_trainable, sweep
 from oialr_tune.tuning.driver import summary_line
 

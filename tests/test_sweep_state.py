@@ -1,7 +1,7 @@
 """A sweep folder survives any kill: the kill-point matrix, a full disk, SIGTERM, the lock, a moved
 folder, an edited config, an unsigned or tampered state, and final writes cut short.
 
-Kills use the driver's own hook (`OIALR_TUNE_TEST_KILL_AT`, see `oialr_tune.tuning.state.kill_point`):
+Kills use the driver's own hook (`OIALR_TUNE_TEST_KILL_AT`, see `oialr_tune.sweep_state.kill_point`):
 the driver SIGKILLs its whole process group (itself and the Ray it started) at a named point, so
 each phase is hit exactly. Resumes run in-process on the session's Ray.
 """
@@ -24,13 +24,14 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from helpers import journal_path
 from tiny_sweep import SPACE as TINY_SPACE
 from tiny_sweep import tiny_sweep_dir
 
+from oialr_tune import sweep_state
 from oialr_tune.cli import main
 from oialr_tune.errors import SweepInterrupted
 from oialr_tune.space import space_from_dict
-from oialr_tune.tuning import state as sweep_state
 from oialr_tune.tuning import sweep
 
 # Two arms of 2 trials x 2 epochs (ASHA may stop a trial after epoch 1).
@@ -199,7 +200,7 @@ def test_resume_never_unpickles_an_unsigned_or_tampered_state(
     marker = tmp_path / "payload-ran"
     (sweep_copy / "oialr" / "tuner.pkl").write_bytes(pickle.dumps(_Payload(marker)))
     # The arm looks unfinished: its last trial's end is cut from the journal, so a resume runs it.
-    journal = sweep_state.journal_path(sweep_copy, "oialr")
+    journal = journal_path(sweep_copy, "oialr")
     lines = journal.read_text().splitlines(keepends=True)
     last_end = max(i for i, line in enumerate(lines) if '"kind": "end"' in line)
     journal.write_text("".join(lines[:last_end]))
@@ -260,7 +261,7 @@ def test_a_state_pickled_by_an_older_version_is_rebuilt_from_the_journal(
 
     import oialr_tune.tuning.arm as arm_module
 
-    journal = sweep_state.journal_path(sweep_copy, "oialr")
+    journal = journal_path(sweep_copy, "oialr")
     lines = journal.read_text().splitlines(keepends=True)
     last_end = max(i for i, line in enumerate(lines) if '"kind": "end"' in line)
     journal.write_text("".join(lines[:last_end]))  # the arm looks unfinished: one trial left to run
@@ -276,3 +277,44 @@ def test_a_state_pickled_by_an_older_version_is_rebuilt_from_the_journal(
     assert "rebuilding from its journal" in out and "does not load here" in out
     df = pd.read_csv(sweep_copy / "trials.csv")
     assert (df["arm"] == "oialr").sum() == 3 and set(df["status"]) == {"TERMINATED"}
+
+
+def test_a_search_rebuilt_from_the_journal_repeats_no_finished_trials_settings(
+    sweep_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two of the three OIALR trials' ends are cut from the journal and Ray's state is gone, so the arm is
+    rebuilt with one trial told: the seeded sampler must not draw that trial's settings again."""
+    journal = sweep_state.journal_path(sweep_copy, "oialr")
+    lines = journal.read_text().splitlines(keepends=True)
+    ends = [i for i, line in enumerate(lines) if '"kind": "end"' in line]
+    journal.write_text("".join(line for i, line in enumerate(lines) if i not in ends[1:]))
+    (sweep_copy / "oialr" / "tuner.pkl").unlink()
+    (sweep_copy / "state.json").write_text(json.dumps({"arms_done": []}))
+    for name in ("trials.csv", "summary.json", "study.db"):
+        (sweep_copy / name).unlink()
+    assert main(["sweep", "--resume", str(sweep_copy)]) == 0
+    assert "rebuilding from its journal (1 trials ended)" in capsys.readouterr().out
+    df = pd.read_csv(sweep_copy / "trials.csv")
+    oialr = df[df["arm"] == "oialr"]
+    searched = oialr[[c for c in df.columns if c.startswith("config.")]].astype(str)
+    assert len(oialr) == 3 and len(set(map(tuple, searched.to_numpy()))) == 3, searched
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def test_a_sweep_killed_mid_run_then_moved_and_copied_resumes_inside_the_copy(ray_session: Any, tmp_path: Path) -> None:
+    """Ray's saved state names the folder it was written in: restored as is, a copy's new trials went to
+    the original (and a moved folder's failed). The resumed copy must write only inside itself."""
+    proc = _driver(tmp_path, "k", "epoch:oialr:3")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    moved = (tmp_path / "r" / "k").rename(tmp_path / "moved")
+    copy = Path(shutil.copytree(moved, tmp_path / "copy"))
+    before = _files(moved)
+    assert main(["sweep", "--resume", str(copy), "-q"]) == 0
+    _assert_done_trials_kept(copy, out)
+    assert _files(moved) == before and not (tmp_path / "r" / "k").exists()
+    for checkpoint in pd.read_csv(copy / "trials.csv")["checkpoint"].dropna():
+        assert not checkpoint.startswith(("..", "/")) and (copy / checkpoint).is_dir(), checkpoint

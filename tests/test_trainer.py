@@ -8,20 +8,14 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import evaluate
 
 from oialr_tune.config import TrainConfig, train_config_from_dict
 from oialr_tune.errors import UserError
 from oialr_tune.model_io import load_model, read_model_file
-from oialr_tune.trainer import (
-    CHECKPOINT_NAME,
-    Callback,
-    TrainResult,
-    evaluate,
-    lr_at,
-    oialr_delay_steps,
-    read_checkpoint,
-    train,
-)
+from oialr_tune.run_record import Callback, TrainResult, oialr_delay_steps, read_checkpoint
+from oialr_tune.sweep_state import CHECKPOINT_FILE
+from oialr_tune.trainer import lr_at, train
 
 TIMING = {"examples_per_s", "train_time_s"}
 
@@ -99,10 +93,10 @@ def test_metrics_callbacks_and_checkpoints(tmp_path: Path) -> None:
     assert last["ranks"] == result.controller.layer_ranks() and min(last["ranks"].values()) < 64
     assert first["dense_layers"] == {"7": "last layer kept dense (keep_last_layer)"}  # the classifier, and why
     assert all(m["train_time_s"] > 0 and m["examples_per_s"] > 0 for m in result.history)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # no temp files left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]  # no temp files left behind
     # The checkpoint alone rebuilds the low-rank model, with the same predictions.
-    model = load_model(tmp_path / CHECKPOINT_NAME)
-    saved_cfg = train_config_from_dict(read_model_file(tmp_path / CHECKPOINT_NAME).config)
+    model = load_model(tmp_path / CHECKPOINT_FILE)
+    saved_cfg = train_config_from_dict(read_model_file(tmp_path / CHECKPOINT_FILE).config)
     assert saved_cfg == cfg
     x = torch.randn(5, 1, 8, 8)
     result.model.eval()
@@ -122,7 +116,7 @@ def test_resume_after_a_rank_cut_matches_an_uninterrupted_run(tmp_path: Path) ->
     full = train(cfg, checkpoint_dir=tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, checkpoint_dir=tmp_path / "cut", callbacks=[Recorder(stop_after=2)])
-    saved = read_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)
+    saved = read_checkpoint(tmp_path / "cut" / CHECKPOINT_FILE)
     assert saved["epoch"] == 2
     assert any(e["kind"] == "cut" for m in saved["history"] for e in m["oialr_events"])  # low-rank by then
     recorder = Recorder()
@@ -147,11 +141,11 @@ def test_divergence_is_reported_not_raised(tmp_path: Path) -> None:
     metrics, checkpoint_dir = recorder.epochs[-1]
     assert metrics["status"] == "diverged" and checkpoint_dir is None
     assert not math.isfinite(metrics["train_loss"]) and metrics["val_acc"] == 0.0
-    assert recorder.result is result and not (tmp_path / CHECKPOINT_NAME).exists()
+    assert recorder.result is result and not (tmp_path / CHECKPOINT_FILE).exists()
 
 
 def test_corrupt_checkpoint_names_the_path(tmp_path: Path) -> None:
-    path = tmp_path / CHECKPOINT_NAME
+    path = tmp_path / CHECKPOINT_FILE
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match=rf"^{path}: corrupt or unreadable checkpoint"):
         train(small(), checkpoint_dir=tmp_path)

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -61,6 +61,7 @@ from torch.nn.utils import parametrize
 
 from .lowrank import LowRankLayer, LowRankWeight, matrix_shape
 from .presets import PRESETS, Rules
+from .selection import check_patterns, is_gpt2_conv1d, left_dense
 
 __all__ = ["OIALR", "PRESETS", "RankEvent", "Rules"]
 
@@ -200,6 +201,9 @@ def _find_slots(model: nn.Module, grouped_convs: bool = True) -> list[_Slot]:
             slots.append(_Slot(f"{name}.out_proj.weight", module.out_proj, "weight", True))
             handled.add(id(module.out_proj))
             continue
+        if name and is_gpt2_conv1d(module):  # its weight is [in, out]: parametrized, like MHA's
+            slots.append(_Slot(name, module, "weight", True))
+            continue
         conv = isinstance(module, nn.Conv1d | nn.Conv2d)
         plain_conv = conv and module.groups == 1 and module.padding_mode == "zeros"
         if conv and not plain_conv and name and (grouped_convs or _low_rank_parametrized(module, "weight")):
@@ -242,7 +246,9 @@ class OIALR:
 
     Args:
         model: the network; eligible layers are replaced inside it in place.
-        optimizer: its parameter lists are updated in place when weights become U S Vᵀ.
+        optimizer: its parameter lists are updated in place when weights become U S Vᵀ; a list of
+            optimizers (e.g. one per parameter group of a GAN or of an encoder and a head) works too:
+            each weight's S goes to the optimizer that held the weight, with its state.
         delay: optimizer steps of full-rank warm-up before the first factorization (≥ 1).
         stability_frequency: optimizer steps between stability checks (≥ 1).
         stability_threshold: basis stability in (0, 1] a layer needs before its rank is cut;
@@ -257,6 +263,14 @@ class OIALR:
         skip_ratio: skip layers with min(m, n) ≤ skip_ratio × max(m, n): they gain nothing (convs
             under the authors' preset: only in·k² < skip_ratio × out, ``Rules.conv_filter``).
         preset: ``"oialr-tune"`` (default) or ``"authors"``: the :class:`Rules` to follow.
+        include / exclude: glob patterns (``fnmatch``) on layer names, e.g. ``["*.attn.*"]``,
+            ``["head"]``: only layers matching an `include` pattern (default: all) and none of the
+            `exclude` patterns are factorized. A pattern matching no eligible layer is refused.
+
+    Eligible weights that stay dense whatever the knobs, with the reason in `dense_layers`: frozen
+    ones (``requires_grad=False``) and ones in no optimizer (their S would never train and would
+    only inflate the trainable fraction), and tied ones (one tensor used by two modules, e.g. an
+    embedding and a language-model head: factorizing one would untie them).
     """
 
     def __init__(
@@ -274,6 +288,8 @@ class OIALR:
         layer_step_fraction: float | None = None,
         skip_ratio: float = 0.1,
         preset: str = "oialr-tune",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
     ) -> None:
         _check(preset in PRESETS, "preset", f"one of {sorted(PRESETS)}", preset)
         rules = PRESETS[preset]
@@ -288,7 +304,15 @@ class OIALR:
         _check(isinstance(min_rank, int) and min_rank >= 1, "min_rank", "an int >= 1", min_rank)
         _check(0.0 < layer_step_fraction <= 1.0, "layer_step_fraction", "in (0, 1]", layer_step_fraction)
         _check(0.0 <= skip_ratio < 1.0, "skip_ratio", "in [0, 1)", skip_ratio)
+        optimizers = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+        _check(bool(optimizers) and all(isinstance(o, torch.optim.Optimizer) for o in optimizers),
+               "optimizer", "a torch.optim.Optimizer or a list of them", optimizer)
+        for key, patterns in (("include", include or []), ("exclude", exclude)):
+            _check(isinstance(patterns, list | tuple) and all(isinstance(p, str) for p in patterns),
+                   key, "a list of glob patterns", patterns)
         self.model, self.optimizer, self.preset, self.rules = model, optimizer, preset, rules
+        self.optimizers = optimizers
+        self.include, self.exclude = (None if include is None else list(include)), list(exclude)
         self.delay, self.stability_frequency = delay, stability_frequency
         self.stability_threshold = stability_threshold if rules.stability_gate else None
         self.sigma_cutoff_fraction = sigma_cutoff_fraction
@@ -299,13 +323,17 @@ class OIALR:
             raise ValueError("OIALR: the model has no Linear, Conv1d/Conv2d or MultiheadAttention layer")
         big_enough = [s for s in slots if self._too_thin(s) is None]
         first = (slots if rules.dense_first == "input" else big_enough or slots)[0].name
+        check_patterns(slots, self.include, self.exclude)
         # The authors' "last replaced" layer is the last one they replace: the kept first one is not.
         replaced = [s for s in big_enough if not (keep_first_layer and s.name == first)]
         last = (slots if rules.dense_last == "classifier" else replaced or big_enough or slots)[-1].name
         self._slots = [s for s in replaced if not (keep_last_layer and s.name == last)]
+        left_out = left_dense(model, self._slots, optimizers, self.include, self.exclude)
+        self._slots = [s for s in self._slots if s.name not in left_out]
         self._dense = _dense_reasons(model, slots, self._slots, lambda s: self._too_thin(s) or "",
                                      first if keep_first_layer else None, last if keep_last_layer else None)
-        self.full_rank_parameters = _count_trainable(model)
+        self._dense.update(left_out)
+        self.full_rank_parameters = count_trainable(model)
         self.history: list[RankEvent] = []
         self._step = 0
         self._converted = 0  # how many slots (counted from the last) are low-rank
@@ -342,7 +370,7 @@ class OIALR:
         return dict(self._dense)
 
     def trainable_parameters(self) -> int:
-        return _count_trainable(self.model)
+        return count_trainable(self.model)
 
     @property
     def trainable_fraction(self) -> float:
@@ -449,24 +477,26 @@ class OIALR:
         """Put ``new`` where ``old`` was in the optimizer; `carry` maps old's matrix state to new's.
 
         ``step`` and other non-matrix state are kept as they are; ``carry=None`` drops all state.
+        Every optimizer that holds `old` gets `new` (normally one of `optimizers`).
         """
-        for group in self.optimizer.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p is old:
-                    group["params"][i] = new
-        state = self.optimizer.state.pop(old, None)
-        if not state or carry is None:
-            return
-        if not set(state) <= _TRANSFORMABLE_STATE:
-            warnings.warn(
-                f"OIALR: {type(self.optimizer).__name__} state {sorted(state)} cannot follow a rank cut; "
-                "it is reset for the cut layer", stacklevel=4,
-            )
-            return
-        self.optimizer.state[new] = {
-            key: carry(key, value) if torch.is_tensor(value) and value.dim() >= 2 else value
-            for key, value in state.items()
-        }
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                for i, p in enumerate(group["params"]):
+                    if p is old:
+                        group["params"][i] = new
+            state = optimizer.state.pop(old, None)
+            if not state or carry is None:
+                continue
+            if not set(state) <= _TRANSFORMABLE_STATE:
+                warnings.warn(
+                    f"OIALR: {type(optimizer).__name__} state {sorted(state)} cannot follow a rank cut; "
+                    "it is reset for the cut layer", stacklevel=4,
+                )
+                continue
+            optimizer.state[new] = {
+                key: carry(key, value) if torch.is_tensor(value) and value.dim() >= 2 else value
+                for key, value in state.items()
+            }
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -555,7 +585,8 @@ def apply_low_rank_structure(model: nn.Module, ranks: dict[str, int]) -> list[tu
     return swapped
 
 
-def _count_trainable(model: nn.Module) -> int:
+def count_trainable(model: nn.Module) -> int:
+    """How many parameters of `model` are trained now (`requires_grad`): the parameter counts every run reports."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -12,7 +12,7 @@ Why it is built the way it is:
 
 * **Nothing reported finished is lost, whatever kills the driver.** Each ended trial is written to
   the arm's journal (fsynced) before its done line is printed, and trials.csv, summary.json and
-  study.db are rebuilt from the journals (``state``). On resume, Ray's saved state is restored only
+  study.db are rebuilt from the journals (`oialr_tune.sweep_state`). On resume, Ray's saved state is restored only
   when it is signed by this user's key and agrees with the journal; otherwise (a kill mid-write, a
   full disk, a state older than the journal, a moved folder) the arm is rebuilt: a new Tuner whose
   searcher is told the journal's trials, for the trials left.
@@ -20,9 +20,9 @@ Why it is built the way it is:
   ``Tuner.restore`` after a killed driver: the searcher pickled with the experiment lags the
   database, re-tells trials the database already holds as finished, and Optuna refuses
   (``UpdateFinishedTrialError``). So the searcher keeps its study in memory, Ray pickles it
-  with the experiment state, and ``study.db`` is written from Ray's record once the arms have
-  finished (on a thread, while Ray stops): one source of truth, and the database is a derived,
-  rebuildable view for Optuna's tools.
+  with the experiment state, and ``study.db`` is written from the journals once the arms have
+  finished (on a thread, while Ray stops): the journals are the one record, and the database is a
+  derived, rebuildable view for Optuna's tools.
 * **Cheap trials.** Actors are reused (a fresh process per trial costs more than a small trial);
   the trainer caches datasets per process; trials report every epoch but checkpoint only at the
   ASHA rungs, every ``checkpoint.every`` epochs and at the end; TensorBoard events are written
@@ -33,11 +33,12 @@ Why it is built the way it is:
   from that config; nothing is kept between trials but the dataset cache.
 
 Modules, in the order a sweep uses them: ``driver`` (`sweep`: checks, lock, the arms in turn),
-``storage`` (the folder, local or a URI), ``state`` (journal, signature, lock; no Ray),
-``cluster`` (the Ray session), ``arm`` (one Ray Tune experiment), ``search`` (Optuna's sampler in
-Ray's OptunaSearch, ASHA), ``worker`` (one trial, in a Ray worker), ``hooks`` (the driver's Ray
-callback), ``collect`` (trials.csv, summary.json, study.db from the journals), ``study`` (the
-Optuna study, written and read); ``parallel`` runs retrain and compare jobs as Ray tasks.
+``storage`` (the folder, local or a URI; its journals, signature and lock are
+`oialr_tune.sweep_state`), ``cluster`` (the Ray session), ``arm`` (one Ray Tune experiment),
+``search`` (Optuna's sampler in Ray's OptunaSearch, ASHA), ``worker`` (one trial, in a Ray worker),
+``hooks`` (the driver's Ray callback), ``collect`` (trials.csv, summary.json, study.db from the
+journals), ``study`` (the Optuna study, written and read); ``parallel`` runs retrain and compare
+jobs as Ray tasks.
 """
 
 from typing import Any

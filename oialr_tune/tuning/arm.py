@@ -14,16 +14,18 @@ import logging
 import math
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
+from oialr_tune import sweep_state as state
 from oialr_tune.errors import SweepInterrupted
 from oialr_tune.space import SearchSpace
-from oialr_tune.tuning import hooks, state
+from oialr_tune.tuning import hooks
 from oialr_tune.tuning.cluster import slots
 from oialr_tune.tuning.collect import rows_of
 from oialr_tune.tuning.search import scheduler, searcher
@@ -31,6 +33,8 @@ from oialr_tune.tuning.storage import Store
 from oialr_tune.tuning.worker import make_trainable
 
 __all__ = ["run_arm"]
+
+MLFLOW_FILE = "mlflow.db"  # `sweep --log mlflow`: the MLflow tracking store in the results folder
 
 
 class TensorBoardAtTrialEnd(TBXLoggerCallback):
@@ -85,7 +89,8 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[str, Any]], verbose: int) -> Any:
+def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[str, Any]], verbose: int,
+           log: Sequence[str] = ()) -> Any:
     """The restored Tuner when Ray's saved state of the arm can be trusted, else a new one.
 
     A new Tuner's searcher starts with the journal's ended trials and runs only the trials left;
@@ -125,9 +130,26 @@ def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[
         checkpoint_config=tune.CheckpointConfig(num_to_keep=space.checkpoint.num_to_keep),
         failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
         verbose=1 if verbose >= 2 else 0,
-        callbacks=[hooks.SweepCallback(), TensorBoardAtTrialEnd()],
+        callbacks=[hooks.SweepCallback(), TensorBoardAtTrialEnd(), *_trackers(space, arm, store, log)],
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _trackers(space: SearchSpace, arm: str, store: Store, log: Sequence[str]) -> list[Any]:
+    """Ray's own logger callbacks for the trackers the sweep was asked to log to (``--log``).
+
+    MLflow: a local SQLite store ``mlflow.db`` in the results folder (MLflow 3 refuses its plain
+    ``mlruns/`` file store unless told to; SQLite is its supported local, offline backend), one
+    experiment per sweep (named after it), one run per trial with the searched values as
+    parameters, the per-epoch numbers as metrics and the arm as a tag; no artifacts (checkpoints
+    stay in Ray's folders).
+    """
+    if "mlflow" not in log:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    uri = f"sqlite:///{Path(store.join(MLFLOW_FILE))}"
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=space.name, tags={"arm": arm}, save_artifact=False)]
 
 
 @contextlib.contextmanager
@@ -193,7 +215,7 @@ def _describe_arm(space: SearchSpace, arm: str) -> str:
     )
 
 
-def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int) -> None:
+def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int, log: Sequence[str] = ()) -> None:
     """Run (or finish) one arm; raises SweepInterrupted if Ray stopped before every trial ended."""
     if verbose:
         print(_describe_arm(space, arm), flush=True)
@@ -208,10 +230,10 @@ def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int) -> None:
     hooks.ACTIVE = run
     try:
         if len(ended) < total:
-            tuner = _tuner(space, arm, store, ended, verbose)
+            tuner = _tuner(space, arm, store, ended, verbose, log)
             if signature is not None:
                 signature.refresh(arm)  # tuner.pkl, written by the Tuner itself
-            state.kill_point(f"arm-start:{arm}")
+            state.kill_point("arm-start", arm)
             try:
                 with _ray_output_hidden() if verbose < 2 else contextlib.nullcontext():
                     tuner.fit()

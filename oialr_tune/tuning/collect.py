@@ -18,12 +18,13 @@ from typing import Any
 
 import pandas as pd
 
+from oialr_tune import sweep_state as state
 from oialr_tune.errors import UserError
-from oialr_tune.results import SUMMARY_FILE, TRIALS_FILE, SweepResults, find_results_dir, incomplete, summarize
+from oialr_tune.results import SweepResults, find_results_dir, incomplete, summarize
 from oialr_tune.space import SIZE_METRIC, SearchSpace
-from oialr_tune.tuning import state
+from oialr_tune.sweep_state import SUMMARY_FILE, TRIALS_FILE
 from oialr_tune.tuning.storage import Store, open_sweep
-from oialr_tune.tuning.study import is_finite_number, write_studies
+from oialr_tune.tuning.study import is_finite_number, stopped_early, write_studies
 
 __all__ = ["collect", "rebuild_results", "repair_if_incomplete", "rows_of"]
 
@@ -42,7 +43,7 @@ def rows_of(space: SearchSpace, arm: str, ended: Mapping[str, dict[str, Any]]) -
         # diverged, or running when ASHA stopped it.
         row: dict[str, Any] = {"arm": arm, "trial_id": trial_id, "status": rec["status"]}
         row["trainer_status"] = "error" if rec.get("error") else trainer_status
-        row["stopped_early"] = rec["status"] == "TERMINATED" and trainer_status == "running"
+        row["stopped_early"] = rec["status"] == "TERMINATED" and stopped_early(last)
         config = rec.get("config", {})
         for k in keys:
             row[f"config.{k}"] = config.get(k)

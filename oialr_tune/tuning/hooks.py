@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from ray import tune
 
 from oialr_tune.space import SIZE_METRIC
-from oialr_tune.tuning.state import Journal, Signature, kill_point
+from oialr_tune.sweep_state import Journal, Signature, kill_point
 
 # Last-result keys an end record keeps (what trials.csv shows of a trial).
 RESULT_KEYS = (
@@ -66,7 +66,7 @@ class SweepCallback(tune.Callback):
             run.error = e
             return
         run.epochs_seen += 1
-        kill_point(f"epoch:{run.arm}:{run.epochs_seen}")
+        kill_point("epoch", run.arm, run.epochs_seen)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trial, "TERMINATED")
@@ -119,7 +119,7 @@ class SweepCallback(tune.Callback):
                 file=run.out or sys.stdout,
                 flush=True,
             )
-        kill_point(f"done:{run.arm}:{len(run.ended)}")
+        kill_point("done", run.arm, len(run.ended))
 
 
 def _json_number(v: Any) -> Any:

@@ -1,5 +1,14 @@
 """The search: Optuna's sampler inside Ray's OptunaSearch, and ASHA to stop weak trials early.
 
+**A trial ASHA stops is told as PRUNED.** Ray's scheduler stops a trial through
+``TuneController.stop_trial``, which calls ``on_trial_complete`` with the trial's last result, so
+Ray's OptunaSearch would tell Optuna that a trial stopped at epoch 4 is COMPLETE with its epoch-4
+value, and TPE would model it as a finished configuration. Optuna's convention is PRUNED, with the
+per-epoch values as intermediate values: TPE then ranks pruned trials by how far they got, below
+the complete ones. :class:`BudgetedOptunaSearch` tells a trial as PRUNED when its last result says
+the trainer was still running (``run_status``); a trial that finished its schedule (or diverged,
+which ends it) is COMPLETE.
+
 **A trainable-parameter budget inside the search.** With ``objective.max_trainable_fraction``
 the OIALR arm's trials carry an Optuna constraint, ``trainable_fraction − budget`` (≤ 0 is
 feasible). Optuna's TPESampler reads every told trial's constraints and models infeasible trials
@@ -7,32 +16,42 @@ apart from feasible ones, so the search spends its trials under the budget inste
 after the sweep that few of them are. The value must be on the Optuna trial before the trial is
 told: :class:`BudgetedOptunaSearch` sets it just before Ray's OptunaSearch tells the study.
 
-Ray's ``OptunaSearch._ot_trials`` (Ray trial id → Optuna trial) is the one private name used here,
-to reach the trial being told; ``tests/test_budget_search.py`` fails loudly if Ray changes it.
+Ray's ``OptunaSearch._ot_trials`` (Ray trial id → Optuna trial) and ``_completed_trials`` are the
+private names used here, to reach the trial being told; ``tests/test_budget_search.py`` and
+``tests/test_search.py`` fail loudly if Ray changes them.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import optuna
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from oialr_tune.space import SIZE_METRIC, SearchSpace
-from oialr_tune.tuning.study import directions, optuna_distribution, optuna_trials, size_budget, size_constraint
+from oialr_tune.tuning.study import (
+    directions,
+    optuna_distribution,
+    optuna_trials,
+    size_budget,
+    size_constraint,
+    stopped_early,
+)
 
 __all__ = ["BudgetedOptunaSearch", "scheduler", "searcher"]
 
 
 class BudgetedOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch that sets each trial's size constraint before the trial is told.
+    """Ray's OptunaSearch that tells a trial stopped early as PRUNED and sets each trial's size
+    constraint before the trial is told.
 
-    With ``max_trainable_fraction=None`` it is Ray's OptunaSearch unchanged (the baseline arm, or
-    a space without a budget).
-
-    A trial ASHA stops early is told with the fraction of its last reported epoch: one stopped
+    With ``max_trainable_fraction=None`` no constraint is set (the baseline arm, or a space without
+    a budget). A trial ASHA stops early carries the fraction of its last reported epoch: one stopped
     before its cuts is infeasible, which is what it is as a candidate model.
     """
 
@@ -46,7 +65,26 @@ class BudgetedOptunaSearch(OptunaSearch):
             fraction = (result or {}).get(SIZE_METRIC)
             for key, value in size_constraint(fraction, self.max_trainable_fraction).items():
                 ot_trial.set_constraint(key, value)
+        if not error and result and trial_id not in self._completed_trials:
+            self._report_last_epoch(trial_id, result)
+            if stopped_early(result):
+                # OptunaSearch tells a trial without a result as PRUNED; Optuna then takes its
+                # value from the last intermediate value, the epoch the trial was stopped at.
+                result = None
         super().on_trial_complete(trial_id, result, error)
+
+    def _report_last_epoch(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Record the trial's last result as an intermediate value, as for its other epochs.
+
+        Ray hands the searcher a result only when the scheduler lets the trial go on, so the epoch
+        ASHA stops a trial at (or the last epoch, where ASHA stops every trial) would be missing.
+        Optuna's several-objective studies have no intermediate values.
+        """
+        if isinstance(self.metric, list) or self.metric not in result or TRAINING_ITERATION not in result:
+            return
+        with warnings.catch_warnings():  # a trial that ended by itself may have reported it already
+            warnings.simplefilter("ignore")
+            self.on_trial_result(trial_id, result)
 
 
 def _startup_trials(space: SearchSpace) -> int:
@@ -57,10 +95,23 @@ def _startup_trials(space: SearchSpace) -> int:
     return min(10, max(4, space.budget.num_samples // 4))
 
 
+def _rebuilt_seed(seed: int | None, told: int) -> int | None:
+    """The sampler's seed for a search that starts with `told` ended trials.
+
+    A fresh search (none told) uses the space's seed. A search rebuilt from the journal must not:
+    the same seed draws the same sequence again, so its first new trials would repeat the settings
+    of the trials already told (Optuna's seeded sampler holds its RNG state only in memory). A seed
+    derived from (seed, told) keeps the rebuild reproducible and its draws new.
+    """
+    if seed is None or not told:
+        return seed
+    return int(np.random.SeedSequence([seed, told]).generate_state(1)[0])
+
+
 def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]]) -> Any:
     """OptunaSearch with a seeded TPE (or random) sampler, or None when the arm searches nothing.
 
-    `prior` are trial rows of the arm that already ended (a rebuilt arm, see `arm.tuner`): the
+    `prior` are trial rows of the arm that already ended (a rebuilt arm, see `arm._tuner`): the
     searcher's study starts with them, so the sampler learns from them and proposes only new points.
     The study stays in memory (pickled with Ray's state), never in a database: see :mod:`oialr_tune.tuning`.
     """
@@ -68,10 +119,11 @@ def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]]) -> A
     if not params:
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seed = _rebuilt_seed(space.seed, len(prior))
     if space.strategy.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=space.seed)
+        sampler = optuna.samplers.RandomSampler(seed=seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=_startup_trials(space))
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=_startup_trials(space))
     metrics, modes = space.objective.metrics(arm), space.objective.modes(arm)
     multi = len(metrics) > 1
     storage = optuna.storages.InMemoryStorage()

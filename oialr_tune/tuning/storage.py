@@ -19,13 +19,13 @@ from typing import Any
 import pyarrow.fs
 import yaml
 
+from oialr_tune import sweep_state as state
 from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
-from oialr_tune.results import STATE_FILE, SWEEP_FILE
 from oialr_tune.space import ARMS, SearchSpace, space_from_dict
-from oialr_tune.tuning import state
+from oialr_tune.sweep_state import STATE_FILE, SWEEP_FILE
 
-__all__ = ["Store", "open_sweep", "read_state"]
+__all__ = ["Store", "open_sweep", "read_state", "write_state"]
 
 # How long a URI's storage may take to answer its first look before the sweep refuses it.
 _STORAGE_PROBE_S = 10.0
@@ -183,14 +183,16 @@ class Store:
 
 
 def read_state(store: Store) -> dict[str, Any]:
-    """Which arms have finished (``state.json``); read before Ray starts, so a damaged file is bad input."""
+    """Which arms have finished, and where the folder was when Ray last wrote its state (``state.json``:
+    ``arms_done``, ``root``); read before Ray starts, so a damaged file is bad input."""
     if not store.exists(STATE_FILE):
         return {"arms_done": []}
     try:
         saved = json.loads(store.read_text(STATE_FILE))
     except (json.JSONDecodeError, UnicodeDecodeError):
         saved = None
-    if not isinstance(saved, dict) or not isinstance(saved.get("arms_done"), list):
+    if (not isinstance(saved, dict) or not isinstance(saved.get("arms_done"), list)
+            or not isinstance(saved.get("root", ""), str)):
         raise UserError(
             f"{store.join(STATE_FILE)}: damaged (truncated or not this tool's JSON); delete it and resume "
             "again: each arm is then resumed from Ray's own record"
@@ -211,16 +213,27 @@ def open_sweep(path: str | os.PathLike[str], verify: bool = False) -> tuple[Stor
     if verify and not store.is_local:  # a bucket's state is not signed: its access control is the boundary
         store.key = state.load_key(create=True)
     elif verify:
-        store.signature = state.Signature.verify(Path(store.root))
-        diff = state.first_difference(store.signature.config, json.loads(json.dumps(data)))
-        if diff is not None:
-            key, was, now = diff
-            raise UserError(
-                f"{path}/{SWEEP_FILE}: edited since the sweep started ({key}: {was!r} -> {now!r}); a resumed sweep "
-                f"keeps its config: restore it or start a new sweep"
-            )
+        store.signature = state.verify_folder(Path(store.root), data, ARMS)
         store.key = store.signature.key
-        for arm in ARMS:  # every journal line must be this user's too
-            state.ended_trials(Path(store.root, state.JOURNAL_TEMPLATE.format(arm=arm)), store.key)
     return store, space_from_dict(data, source=f"{path}/{SWEEP_FILE}")
 
+
+
+def write_state(store: Store, arms_done: list[str]) -> None:
+    """Record the arms that finished and the folder's current place (``state.json``, see `read_state`)."""
+    store.write_text(STATE_FILE, json.dumps({"arms_done": arms_done, "root": store.root}))
+
+
+def drop_moved_state(store: Store, arms: list[str]) -> None:
+    """Delete Ray's saved state of `arms` in a folder that moved (or was copied) since Ray wrote it.
+
+    Ray's state records the storage path it was written under, and a restored Tuner keeps writing
+    there: into the original folder of a copy, or nowhere for a moved one. Without it each arm is
+    rebuilt from its journal (:mod:`oialr_tune.tuning.arm`), every new trial inside this folder.
+    The trial folders stay: they hold the ended trials' checkpoints and histories.
+    """
+    for arm in arms:
+        for name in store.top_files(arm):
+            store.remove(f"{arm}/{name}")
+        if store.signature is not None:
+            store.signature.refresh(arm)

@@ -25,14 +25,15 @@ from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
 
 from oialr_tune.errors import UserError
 from oialr_tune.files import replacing
-from oialr_tune.results import STUDY_FILE
 from oialr_tune.space import SIZE_METRIC, Param, SearchSpace
+from oialr_tune.sweep_state import STUDY_FILE
 from oialr_tune.tuning.storage import Store
 
-__all__ = ["importances", "optuna_distribution", "optuna_trials", "size_constraint", "write_studies"]
+__all__ = ["importances", "optuna_distribution", "optuna_trials", "size_constraint", "stopped_early", "write_studies"]
 
 
 def optuna_distribution(param: Param) -> Any:
@@ -63,6 +64,12 @@ def size_constraint(fraction: float | None, max_trainable_fraction: float) -> di
     return {SIZE_METRIC: (1.0 if fraction is None else float(fraction)) - max_trainable_fraction}
 
 
+def stopped_early(result: Mapping[str, Any] | None) -> bool:
+    """Whether a trial's last result is from a run that had not ended (``run_status`` running):
+    the scheduler stopped it, so Optuna is told it was PRUNED."""
+    return (result or {}).get("run_status") == "running"
+
+
 def is_finite_number(v: Any) -> bool:
     """A real metric value: a number, not NaN or inf (pandas gives NaN for a missing cell)."""
     return isinstance(v, (int, float)) and math.isfinite(v)
@@ -71,9 +78,12 @@ def is_finite_number(v: Any) -> bool:
 def optuna_trials(space: SearchSpace, arm: str, rows: Sequence[dict[str, Any]]) -> list[Any]:
     """Each trial row as the Optuna trial the searcher was told of.
 
-    The value(s) are the last reported metric(s), as Ray's OptunaSearch reports them; the per-epoch
-    values become intermediate values, the Ray trial id and status user attributes; a trial that
-    errored or has no finite value is FAIL.
+    The per-epoch values become intermediate values, the Ray trial id and status user attributes.
+    A trial the scheduler stopped early is PRUNED, as the searcher was told (see
+    :mod:`oialr_tune.tuning.search`), with Optuna's value for a pruned trial: its last
+    intermediate value (none for several objectives, which have no intermediate values). A trial
+    that ran its schedule is COMPLETE with its last reported metric(s); one that errored or has no
+    finite value is FAIL. The size constraint is set on complete and pruned trials alike.
     """
     dists = {p.key: optuna_distribution(p) for p in space.arm_params(arm)}
     metrics = space.objective.metrics(arm)
@@ -81,20 +91,24 @@ def optuna_trials(space: SearchSpace, arm: str, rows: Sequence[dict[str, Any]]) 
     trials = []
     for row in rows:
         values = [row.get(m) for m in metrics]
-        complete = row["status"] == "TERMINATED" and all(is_finite_number(v) for v in values)
-        constraints = None
-        if budget is not None and complete:
-            fraction = row.get(SIZE_METRIC)
-            constraints = size_constraint(fraction if is_finite_number(fraction) else None, budget)
         inter = {}
         if len(metrics) == 1:
             inter = {i + 1: v for i, v in enumerate(row["_history"]) if is_finite_number(v)}
+        told = _told_state(row, values)
+        if told == TrialState.PRUNED:
+            values = [inter[max(inter)]] if inter else None
+        elif told == TrialState.FAIL:
+            values = None
+        constraints = None
+        if budget is not None and told != TrialState.FAIL:
+            fraction = row.get(SIZE_METRIC)
+            constraints = size_constraint(fraction if is_finite_number(fraction) else None, budget)
         trials.append(
             optuna.trial.create_trial(
                 params={k: row[f"config.{k}"] for k in dists},
                 distributions=dists,
-                values=[float(v) for v in values] if complete else None,
-                state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.FAIL,
+                values=[float(v) for v in values] if values is not None else None,
+                state=told,
                 intermediate_values=inter,
                 user_attrs={
                     "ray_trial_id": row["trial_id"],
@@ -105,6 +119,15 @@ def optuna_trials(space: SearchSpace, arm: str, rows: Sequence[dict[str, Any]]) 
             )
         )
     return trials
+
+
+def _told_state(row: Mapping[str, Any], values: Sequence[Any]) -> TrialState:
+    """How a trial row was told to the searcher: PRUNED (stopped early), COMPLETE or FAIL."""
+    if row["status"] != "TERMINATED":
+        return TrialState.FAIL
+    if row.get("stopped_early"):
+        return TrialState.PRUNED
+    return TrialState.COMPLETE if all(is_finite_number(v) for v in values) else TrialState.FAIL
 
 
 def write_studies(space: SearchSpace, rows_by_arm: Mapping[str, Sequence[dict[str, Any]]], store: Store) -> None:

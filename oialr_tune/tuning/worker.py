@@ -21,8 +21,9 @@ from ray import tune
 
 from oialr_tune import plugins
 from oialr_tune.config import train_config_from_dict, with_overrides
+from oialr_tune.run_record import Callback
 from oialr_tune.space import SearchSpace
-from oialr_tune.trainer import Callback, train
+from oialr_tune.trainer import train
 
 __all__ = ["make_trainable", "run_trial"]
 

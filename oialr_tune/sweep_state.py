@@ -15,7 +15,8 @@ none of them a pickle, all written before anything is reported:
   A folder this user did not write cannot pass, so ``--resume`` never unpickles it.
 * ``.lock``: the pid and host of the one process that may write the folder.
 
-This module imports neither Ray nor Optuna: ``best``/``report`` read the journal too.
+It also names every file of a sweep folder (`SWEEP_FILE`, `TRIALS_FILE`, ...). It imports neither
+Ray, Optuna nor torch: ``best``/``report`` read the journal too.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,21 +39,34 @@ from typing import Any
 from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
 
+# The name of every file a sweep folder holds: this module owns them all.
+SWEEP_FILE = "sweep.yaml"  # the validated search space
+STATE_FILE = "state.json"  # which arms have finished (the sweep's own bookkeeping)
+TRIALS_FILE = "trials.csv"  # one row per trial, a view rebuilt from the journals
+SUMMARY_FILE = "summary.json"  # the best trials (a retrain folder holds one too)
+STUDY_FILE = "study.db"  # the Optuna study, written from the journals
 SIGNATURE_FILE = "signature.json"
 LOCK_FILE = ".lock"
 JOURNAL_TEMPLATE = "journal-{arm}.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"  # a run's checkpoint (`oialr_tune.run_record`), in each Ray checkpoint folder
+RETRAIN_DIR = "retrain"  # what `oialr-tune retrain` writes, by default
+REPORT_FILE = "report.md"  # what `oialr-tune report` writes
 _FORMAT = 1
-# Test hook: `OIALR_TUNE_TEST_KILL_AT=<point>` makes the driver SIGKILL its own process group when it
-# reaches that point (see `kill_point`), so the kill-point tests hit each phase exactly.
+# The one fault-injection hook: `OIALR_TUNE_TEST_KILL_AT=<point>` in the driver's environment makes
+# it SIGKILL its own process group when it reaches that point (see `kill_point`), so the kill-point
+# tests hit each phase exactly. Read once, at import: unset, a kill point costs one comparison.
 KILL_ENV = "OIALR_TUNE_TEST_KILL_AT"
+_KILL_AT = os.environ.get(KILL_ENV)
 
 
-def kill_point(name: str) -> None:
+def kill_point(*where: object) -> None:
     """SIGKILL this process group if `OIALR_TUNE_TEST_KILL_AT` names this point (tests only).
 
-    A real kill, not an exception: nothing below gets to clean up, as with ``kill -9`` or an OOM.
+    The point is `where` joined by ``:`` (``kill_point("epoch", arm, 3)`` is ``epoch:oialr:3``),
+    built only when the variable is set. A real kill, not an exception: nothing below gets to
+    clean up, as with ``kill -9`` or an OOM.
     """
-    if os.environ.get(KILL_ENV) == name:
+    if _KILL_AT is not None and ":".join(map(str, where)) == _KILL_AT:
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
@@ -231,10 +245,6 @@ class Signature:
 # --- the journal ---------------------------------------------------------------------------------
 
 
-def journal_path(root: Path, arm: str) -> Path:
-    return root / JOURNAL_TEMPLATE.format(arm=arm)
-
-
 class Journal:
     """An arm's append-only record of its trials (see the module docstring).
 
@@ -323,6 +333,22 @@ def ended_trials(path: Path, key: bytes | None) -> dict[str, dict[str, Any]]:
 
 
 # --- the lock ------------------------------------------------------------------------------------
+
+
+def verify_folder(root: Path, config: Any, arms: Iterable[str]) -> Signature:
+    """This user's signature of the local sweep folder `root`, checked against its sweep.yaml `config`
+    (plain data) and every journal line of `arms`; UserError naming what does not check."""
+    signature = Signature.verify(root)
+    diff = first_difference(signature.config, json.loads(json.dumps(config)))
+    if diff is not None:
+        key, was, now = diff
+        raise UserError(
+            f"{root}/{SWEEP_FILE}: edited since the sweep started ({key}: {was!r} -> {now!r}); a resumed sweep "
+            f"keeps its config: restore it or start a new sweep"
+        )
+    for arm in arms:  # every journal line must be this user's too
+        ended_trials(root / JOURNAL_TEMPLATE.format(arm=arm), signature.key)
+    return signature
 
 
 class FolderLock:
