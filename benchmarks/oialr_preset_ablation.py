@@ -43,24 +43,20 @@ PRESETS = ("oialr-tune", "authors")
 RECIPES = ("default", "authors")
 
 
-def run(tasks: list[str], seeds: list[int]) -> pd.DataFrame:
+def run_cell(task: str, preset: str, recipe: str, seeds: list[int]) -> list[dict]:
+    """Train `task` from scratch with one preset and one recipe over `seeds`; one row per run."""
     rows = []
-    for task in tasks:
-        for preset in PRESETS:
-            for recipe in RECIPES:
-                for seed in seeds:
-                    cfg = train_config_from_dict({**TASKS[task], "seed": seed, "recipe": recipe,
-                                                  "oialr": {"preset": preset}})
-                    result = train(cfg, evaluate_test=True)
-                    rows.append({
-                        "task": task, "preset": preset, "recipe": recipe, "seed": seed, "status": result.status,
-                        "test_acc": result.test_acc, "trainable_fraction": result.final["trainable_fraction"],
-                        "wall_s": result.wall_time_s,
-                    })
-                    print(f"{task} preset {preset} recipe {recipe} seed {seed}: test_acc {result.test_acc:.4f} "
-                          f"trainable {result.final['trainable_fraction']:.3f} ({result.wall_time_s:.1f} s)",
-                          flush=True)
-    return pd.DataFrame(rows)
+    for seed in seeds:
+        cfg = train_config_from_dict({**TASKS[task], "seed": seed, "recipe": recipe, "oialr": {"preset": preset}})
+        result = train(cfg, evaluate_test=True)
+        rows.append({
+            "task": task, "preset": preset, "recipe": recipe, "seed": seed, "status": result.status,
+            "test_acc": result.test_acc, "trainable_fraction": result.final["trainable_fraction"],
+            "wall_s": result.wall_time_s,
+        })
+        print(f"{task} preset {preset} recipe {recipe} seed {seed}: test_acc {result.test_acc:.4f} "
+              f"trainable {result.final['trainable_fraction']:.3f} ({result.wall_time_s:.1f} s)", flush=True)
+    return rows
 
 
 def table(df: pd.DataFrame, command: str) -> str:
@@ -92,12 +88,15 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     command = ("python benchmarks/oialr_preset_ablation.py " + " ".join(sys.argv[1:])).strip()
-    frames = []
-    for task in args.tasks:  # the files are rewritten after each task, so a cut-short run keeps what finished
-        frames.append(run([task], [1000 + i for i in range(args.seeds)]))
-        df = pd.concat(frames, ignore_index=True)
-        df.to_csv(args.out / "oialr_preset_ablation.csv", index=False)
-        (args.out / "oialr_preset_ablation.md").write_text(table(df, command))
+    rows: list[dict] = []
+    for task in args.tasks:
+        for preset in PRESETS:
+            for recipe in RECIPES:
+                rows += run_cell(task, preset, recipe, [1000 + i for i in range(args.seeds)])
+                # Rewritten after each cell, so a run cut short keeps the cells it finished.
+                df = pd.DataFrame(rows)
+                df.to_csv(args.out / "oialr_preset_ablation.csv", index=False)
+                (args.out / "oialr_preset_ablation.md").write_text(table(df, command))
     print(table(df, command))
 
 

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .controller import OIALR, RankEvent, count_trainable
-from .presets import PRESETS
+from .controller import OIALR, PRESETS, RankEvent, count_trainable
 
 __all__ = ["FullRank"]
 
