@@ -23,6 +23,7 @@ def train(config, trial) -> None:
     generator = torch.Generator().manual_seed(config.data.split_seed)  # the same val examples every trial
     data_train, data_val = random_split(data_train, [0.85, 0.15], generator=generator)
     loader = trial.loader(data_train, config.schedule.batch_size)  # shuffled; this worker's share of each batch
+    order = loader.generator  # the data order: saved and restored with the checkpoint
     epochs = config.schedule.epochs
 
     model = trial.build_model(in_shape=(10,), num_outputs=1)  # config.model, saved by retrain
@@ -33,6 +34,7 @@ def train(config, trial) -> None:
     if trial.checkpoint is not None:  # a resumed trial: after trial.oialr, which restores the ranks
         model.load_state_dict(trial.checkpoint["model"])
         optimizer.load_state_dict(trial.checkpoint["optimizer"])
+        trial.restore_rng_state(trial.checkpoint["rng"], order)  # the same random draws and batches as unbroken
 
     def score(dataset) -> dict[str, float]:
         part = trial.shard(dataset)  # this worker's part; the sums below add up every worker's
@@ -56,5 +58,6 @@ def train(config, trial) -> None:
         metrics = {f"val_{k}": v for k, v in score(data_val).items()}
         if trial.evaluate_test and epoch == epochs:  # retrain: the test split, never used for tuning
             metrics.update({f"test_{k}": v for k, v in score(data_test).items()})
+        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": trial.rng_state(order)}
         trial.report(epoch=epoch, train_loss=trial.sum(total)[0] / trial.world_size / len(loader),
-                     checkpoint={"model": model.state_dict(), "optimizer": optimizer.state_dict()}, **metrics)
+                     checkpoint=checkpoint, **metrics)

@@ -106,17 +106,19 @@ class SplitSVD:
         return out
 
 
-def broadcast_from_owners(layers: Sequence[Factors], optimizer: torch.optim.Optimizer, split: SplitSVD) -> None:
+def broadcast_from_owners(layers: Sequence[Factors], optimizers: Sequence[torch.optim.Optimizer],
+                          split: SplitSVD) -> None:
     """Overwrite each rank's (U, S, Vᵀ) of layer i and S's optimizer state with rank ``split.owner(i)``'s.
 
     `layers` come in the same order on every rank and as in the SVD batch, so the owner of a layer's
-    SVD is also its source. In place: the optimizer keeps its tensors.
+    SVD is also its source. In place: the optimizers keep their tensors.
     """
     for i, (U, S, Vt) in enumerate(layers):
         owner = split.owner(i)
         src = dist.get_global_rank(split.group, owner) if split.group else owner
-        state = optimizer.state.get(S, {})
-        for t in [U, S, Vt, *(state[k] for k in sorted(state) if torch.is_tensor(state[k]))]:
+        states = [o.state[S] for o in optimizers if S in o.state]
+        moments = [st[k] for st in states for k in sorted(st) if torch.is_tensor(st[k])]
+        for t in [U, S, Vt, *moments]:
             dist.broadcast(t.data, src=src, group=split.group)
 
 
