@@ -56,6 +56,8 @@ class FullRank:
         self.full_rank_parameters = count_trainable(model)
         self.history: list[RankEvent] = []
         self._step = 0
+        self.parameters_version = 0  # never replaces a tensor: a DDP wrapper stays valid
+        self.split = None  # no SVDs to split across data-parallel ranks
 
     @property
     def step_count(self) -> int:
