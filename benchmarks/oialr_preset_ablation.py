@@ -84,13 +84,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
+    parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS),
+                        help="OIALR presets to run (e.g. one per process, to split the work)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     command = ("python benchmarks/oialr_preset_ablation.py " + " ".join(sys.argv[1:])).strip()
     rows: list[dict] = []
     for task in args.tasks:
-        for preset in PRESETS:
+        for preset in args.presets:
             for recipe in RECIPES:
                 rows += run_cell(task, preset, recipe, [1000 + i for i in range(args.seeds)])
                 # Rewritten after each cell, so a run cut short keeps the cells it finished.
