@@ -61,8 +61,9 @@ def run_cell(task: str, preset: str, recipe: str, seeds: list[int]) -> list[dict
 
 def table(df: pd.DataFrame, command: str) -> str:
     def pm(values: pd.Series) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+        if len(values) == 1:
+            return f"{values.iloc[0]:.4f}"  # one seed: no spread to show
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
     lines = [
         "# OIALR preset × training recipe: ours vs the authors'",
