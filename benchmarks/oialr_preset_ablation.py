@@ -84,6 +84,7 @@ def table(df: pd.DataFrame, command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=1000, help="seeds are first-seed, first-seed + 1, ...")
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
     parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS),
                         help="OIALR presets to run (e.g. one per process, to split the work)")
@@ -95,7 +96,7 @@ def main() -> None:
     for task in args.tasks:
         for preset in args.presets:
             for recipe in RECIPES:
-                rows += run_cell(task, preset, recipe, [1000 + i for i in range(args.seeds)])
+                rows += run_cell(task, preset, recipe, [args.first_seed + i for i in range(args.seeds)])
                 # Rewritten after each cell, so a run cut short keeps the cells it finished.
                 df = pd.DataFrame(rows)
                 df.to_csv(args.out / "oialr_preset_ablation.csv", index=False)
