@@ -50,7 +50,8 @@ def format_best(best: BestTrial, fmt: str = "table") -> str:
         lines.append(f"budget    trainable_fraction <= {best.max_trainable_fraction}")
     lines += ["", f"best trial {t.trial_id}"]
     for k, v in t.metrics.items():
-        lines.append(f"  {k:<20} {_fmt(v)}")
+        if v is not None:  # e.g. val_acc of a regression sweep: not reported, not shown
+            lines.append(f"  {k:<20} {_fmt(v)}")
     lines.append(f"  {'checkpoint':<20} {t.checkpoint}")
     if t.params:
         lines += ["", "searched values"]

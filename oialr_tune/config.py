@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,35 +25,13 @@ from oialr_tune import plugins
 from oialr_tune.errors import UserError
 from oialr_tune.files import read_text
 from oialr_tune.models import check_model_args
-from oialr_tune.schema import dataclass_from_dict
-
-Check = Callable[[Any], "str | None"]  # returns an error text ("must be > 0") or None when fine
-
-
-# --- range checks, used as field metadata -------------------------------------------------------
-
-
-def _gt(lo: float) -> Check:
-    return lambda v: None if v > lo else f"must be > {lo}"
-
-
-def _ge(lo: float) -> Check:
-    return lambda v: None if v >= lo else f"must be >= {lo}"
-
-
-def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Check:
-    def check(v: float) -> str | None:
-        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-        return None if ok else f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-    return check
-
+from oialr_tune.schema import dataclass_from_dict, ge, gt, rule, within
 
 # Seeds reach NumPy's and Optuna's generators, which take [0, 2**32 - 1] (torch takes more). One
 # range for every seed (trainer, split, sweep, retrain) means a seed the config accepted cannot
 # fail later, inside a trial or after Ray has started.
 MAX_SEED = 2**32 - 1
-_seed_range = _in(0, MAX_SEED)
+_seed_range = within(0, MAX_SEED)
 
 
 def check_seed(seed: int, key: str) -> int:
@@ -62,11 +40,6 @@ def check_seed(seed: int, key: str) -> int:
     if problem:
         raise UserError(f"{key}: {problem}, got {seed}")
     return seed
-
-
-def _rule(check: Check | None = None, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A dataclass field with an optional range check in its metadata."""
-    return field(default=default, metadata={"check": check} if check else {}, **kw)
 
 
 # --- the schema --------------------------------------------------------------------------------
@@ -94,10 +67,10 @@ class ModelConfig:
 class SyntheticConfig:
     """Random images and labels, for throughput benchmarks only (nothing to learn)."""
 
-    num_examples: int = _rule(_ge(8), 4096)
-    image_size: int = _rule(_ge(4), 32)
-    channels: int = _rule(_ge(1), 3)
-    num_classes: int = _rule(_ge(2), 10)
+    num_examples: int = rule(ge(8), 4096)
+    image_size: int = rule(ge(4), 32)
+    channels: int = rule(ge(1), 3)
+    num_classes: int = rule(ge(2), 10)
 
 
 @dataclass
@@ -115,12 +88,12 @@ class DataConfig:
     args: dict[str, Any] = field(default_factory=dict)
     root: str | None = None
     download: bool = False
-    val_fraction: float = _rule(_in(0, 1, lo_open=True, hi_open=True), 0.15)
-    test_fraction: float = _rule(_in(0, 1, lo_open=True, hi_open=True), 0.15)
+    val_fraction: float = rule(within(0, 1, lo_open=True, hi_open=True), 0.15)
+    test_fraction: float = rule(within(0, 1, lo_open=True, hi_open=True), 0.15)
     augment: bool = True
-    num_workers: int = _rule(_ge(0), 2)
-    split_seed: int = _rule(_seed_range, 0)
-    image_size: int = _rule(_ge(8), 224)  # imagefolder only: side of the square crops
+    num_workers: int = rule(ge(0), 2)
+    split_seed: int = rule(_seed_range, 0)
+    image_size: int = rule(ge(8), 224)  # imagefolder only: side of the square crops
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -133,10 +106,10 @@ class OptimizerConfig:
     """
 
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = _rule(_gt(0), 1e-3)
-    weight_decay: float = _rule(_ge(0), 0.01)
+    lr: float = rule(gt(0), 1e-3)
+    weight_decay: float = rule(ge(0), 0.01)
     weight_decay_on: Literal["matrices", "all"] = "matrices"
-    momentum: float = _rule(_in(0, 1, hi_open=True), 0.9)
+    momentum: float = rule(within(0, 1, hi_open=True), 0.9)
     betas: tuple[float, float] = (0.9, 0.999)
     nesterov: bool = False
 
@@ -152,18 +125,18 @@ class ScheduleConfig:
     ``timm_cosine`` only.
     """
 
-    epochs: int = _rule(_ge(1), 20)
-    batch_size: int = _rule(_ge(1), 64)
-    warmup_fraction: float = _rule(_in(0, 1, hi_open=True), 0.05)
+    epochs: int = rule(ge(1), 20)
+    batch_size: int = rule(ge(1), 64)
+    warmup_fraction: float = rule(within(0, 1, hi_open=True), 0.05)
     decay: Literal["cosine", "constant", "timm_cosine"] = "cosine"
-    min_lr_fraction: float = _rule(_in(0, 1), 0.0)
-    rewarm_steps: int = _rule(_ge(0), 0)
-    rewarm_start: float = _rule(_in(0, 1), 0.1)
-    warmup_lr_fraction: float = _rule(_in(0, 1), 0.0)
-    k_decay: float = _rule(_gt(0), 1.0)
-    cycles: int = _rule(_ge(1), 1)
-    cycle_mul: float = _rule(_gt(0), 1.0)
-    cycle_decay: float = _rule(_in(0, 1, lo_open=True), 1.0)
+    min_lr_fraction: float = rule(within(0, 1), 0.0)
+    rewarm_steps: int = rule(ge(0), 0)
+    rewarm_start: float = rule(within(0, 1), 0.1)
+    warmup_lr_fraction: float = rule(within(0, 1), 0.0)
+    k_decay: float = rule(gt(0), 1.0)
+    cycles: int = rule(ge(1), 1)
+    cycle_mul: float = rule(gt(0), 1.0)
+    cycle_decay: float = rule(within(0, 1, lo_open=True), 1.0)
 
 
 @dataclass
@@ -174,10 +147,10 @@ class MixupConfig:
     are > 0. Targets become soft (with the config's `label_smoothing` folded in).
     """
 
-    mixup_alpha: float = _rule(_ge(0), 0.0)
-    cutmix_alpha: float = _rule(_ge(0), 0.0)
-    prob: float = _rule(_in(0, 1), 1.0)
-    switch_prob: float = _rule(_in(0, 1), 0.5)
+    mixup_alpha: float = rule(ge(0), 0.0)
+    cutmix_alpha: float = rule(ge(0), 0.0)
+    prob: float = rule(within(0, 1), 1.0)
+    switch_prob: float = rule(within(0, 1), 0.5)
 
     @property
     def enabled(self) -> bool:
@@ -205,14 +178,14 @@ class OIALRConfig:
     enabled: bool = True
     preset: Literal["oialr-tune", "authors"] = "oialr-tune"
     delay: int | float = 0.25
-    stability_frequency: int = _rule(_ge(1), 20)
-    stability_threshold: float | None = _rule(_in(0, 1, lo_open=True), 0.9)
-    sigma_cutoff_fraction: float = _rule(_in(0, 1, hi_open=True), 0.2)
-    min_rank: int = _rule(_ge(1), 1)
+    stability_frequency: int = rule(ge(1), 20)
+    stability_threshold: float | None = rule(within(0, 1, lo_open=True), 0.9)
+    sigma_cutoff_fraction: float = rule(within(0, 1, hi_open=True), 0.2)
+    min_rank: int = rule(ge(1), 1)
     keep_first_layer: bool = False
     keep_last_layer: bool = True
-    layer_step_fraction: float | None = _rule(_in(0, 1, lo_open=True), None)
-    skip_ratio: float = _rule(_in(0, 1, hi_open=True), 0.1)
+    layer_step_fraction: float | None = rule(within(0, 1, lo_open=True), None)
+    skip_ratio: float = rule(within(0, 1, hi_open=True), 0.1)
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
 
@@ -221,20 +194,20 @@ class OIALRConfig:
 class TrainConfig:
     """Everything one training run needs; see the module docstring for how it is built."""
 
-    seed: int = _rule(_seed_range, 0)
+    seed: int = rule(_seed_range, 0)
     device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    label_smoothing: float = _rule(_in(0, 1, hi_open=True), 0.0)
+    label_smoothing: float = rule(within(0, 1, hi_open=True), 0.0)
     mixup: MixupConfig = field(default_factory=MixupConfig)
     # bf16_on_gpu: bf16 autocast on a GPU, fp32 on the CPU (the authors' `autocast: True`).
     precision: Literal["fp32", "bf16", "fp16", "bf16_on_gpu"] = "fp32"
     channels_last: bool = False
     compile: bool = False
-    checkpoint_every: int = _rule(_ge(0), 1)
-    grad_clip: float | None = _rule(_gt(0), None)
+    checkpoint_every: int = rule(ge(0), 1)
+    grad_clip: float | None = rule(gt(0), None)
     oialr: OIALRConfig = field(default_factory=OIALRConfig)
     # What is learned and how it is scored (`oialr_tune.tasks`): the default loss and metrics of
     # the task, or a user's loss ``"module:fn"`` and extra metrics ``{name: "module:fn"}``.
@@ -308,9 +281,7 @@ def _cross_checks(cfg: TrainConfig) -> None:
         plugins.check_syntax(d.name, "data.name")
     elif d.args:
         raise UserError(f"data.args: only for a dataset given by import path, not {d.name!r}")
-    for key, name in [("loss", cfg.loss), ("trainable", cfg.trainable)] + [
-        (f"metrics.{k}", v) for k, v in cfg.metrics.items()
-    ]:
+    for key, name in plugins.code_keys(dataclasses.asdict(cfg), catalogue=False):
         if name is not None:
             plugins.check_syntax(name, key)
     for k in cfg.metrics:
@@ -338,13 +309,6 @@ def _cross_checks(cfg: TrainConfig) -> None:
     if isinstance(delay, int) and delay < 1:
         raise UserError(f"oialr.delay: a step count must be >= 1, got {delay}")
     cfg.model.args = check_model_args(cfg.model.name, cfg.model.args)
-
-
-def reported_metrics(task: str = "classification", metrics: Mapping[str, str] | None = None,
-                     split: str = "val") -> list[str]:
-    """The metrics a run of `task` reports per split (see `oialr_tune.tasks`): loss, acc or mae, user ones."""
-    main = "acc" if task == "classification" else "mae"
-    return [f"{split}_loss", f"{split}_{main}", *(f"{split}_{k}" for k in metrics or {})]
 
 
 def train_config_from_dict(data: Mapping[str, Any] | None) -> TrainConfig:

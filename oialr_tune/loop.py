@@ -38,23 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from oialr_tune import plugins
+from oialr_tune import plugins, run_record
 from oialr_tune.config import TrainConfig, resolve_device
 from oialr_tune.errors import UserError
 from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, FullRank
-from oialr_tune.run_record import (
-    Callback,
-    TrainResult,
-    checkpoint_due,
-    checkpoint_file,
-    checkpoint_payload,
-    epoch_row,
-    existing,
-    make_controller,
-    resume_state,
-    write_checkpoint,
-)
+from oialr_tune.run_record import Callback
 
 
 class _Stop(BaseException):
@@ -78,8 +67,8 @@ class Trial:
         start_epoch: the last epoch done before a resume (0 for a fresh run).
     """
 
-    def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callback], checkpoint_path: Path | None,
-                 state: dict[str, Any] | None, evaluate_test: bool, checkpoint_epochs: set[int]) -> None:
+    def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callback], checkpoints: run_record.Checkpoints,
+                 state: dict[str, Any] | None, evaluate_test: bool) -> None:
         self.config, self.seed, self.evaluate_test = cfg, cfg.seed, evaluate_test
         self.device = resolve_device(cfg.device)
         self.checkpoint = state["user"] if state else None
@@ -89,7 +78,7 @@ class Trial:
         self.model_shapes: tuple[tuple[int, ...], int] | None = None
         self.controller: OIALR | FullRank | None = None
         self.test_metrics: dict[str, float] = {}
-        self._callbacks, self._path, self._epochs = callbacks, checkpoint_path, checkpoint_epochs
+        self._callbacks, self._checkpoints = callbacks, checkpoints
         self._controller_state = state["controller"] if state else None
         self._seen_events = 0
 
@@ -114,7 +103,7 @@ class Trial:
         if self.config.oialr.enabled and isinstance(delay, float) and total_steps is None:
             raise UserError(f"trainable: oialr.delay {delay} is a fraction of the run: call trial.oialr(model, "
                             f"optimizer, total_steps=...)")  # fmt: skip
-        controller = make_controller(model, optimizer, self.config.oialr, total_steps or 1)
+        controller = run_record.make_controller(model, optimizer, self.config.oialr, total_steps or 1)
         controller = controller or FullRank(model, optimizer)
         if self._controller_state is not None:
             controller.load_state_dict(self._controller_state)
@@ -163,15 +152,13 @@ class Trial:
         c = self.controller
         events = c.history[self._seen_events:]
         self._seen_events += len(events)
-        row = epoch_row(epoch, train_loss=values.pop("train_loss", float("nan")), metrics=values, controller=c,
-                        events=events, status=status)
+        train_loss = values.pop("train_loss", float("nan"))
+        row = run_record.epoch_row(epoch, train_loss=train_loss, metrics=values, controller=c, events=events,
+                                   status=status)
         self.history.append(row)
-        written = None
-        if self._path is not None and checkpoint_due(self.config, epoch, self._epochs) and not diverged:
-            write_checkpoint(self._path, checkpoint_payload(
-                self.config, epoch=epoch, history=self.history, controller=c.state_dict(), user=checkpoint,
-            ))  # fmt: skip
-            written = self._path.parent
+        written = None if diverged else self._checkpoints.save(epoch, lambda: run_record.checkpoint_payload(
+            self.config, epoch=epoch, history=self.history, controller=c.state_dict(), user=checkpoint,
+        ))  # fmt: skip
         for cb in self._callbacks:
             cb.on_epoch_end(row, written)
         if diverged:
@@ -180,27 +167,26 @@ class Trial:
 
 def run_trainable(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), checkpoint_dir: str | Path | None = None,
                   resume: bool = True, evaluate_test: bool = False,
-                  checkpoint_epochs: Iterable[int] | None = None) -> TrainResult:
+                  checkpoint_epochs: Iterable[int] | None = None) -> run_record.TrainResult:
     """Run ``cfg.trainable`` as one training run; the trainer's `train` calls this for such configs."""
     wall_start = time.perf_counter()
     fn = plugins.resolve(cfg.trainable, "trainable")
-    ckpt_path = checkpoint_file(checkpoint_dir)
-    state = resume_state(ckpt_path, resume)
+    checkpoints = run_record.Checkpoints.of(cfg, checkpoint_dir, checkpoint_epochs)
+    state = checkpoints.resume_state(resume)
     if state is not None and "user" not in state:
-        raise UserError(f"{ckpt_path}: a checkpoint of the built-in trainer, not of trainable {cfg.trainable}")
+        raise UserError(f"{checkpoints.path}: a checkpoint of the built-in trainer, not of trainable {cfg.trainable}")
     torch.manual_seed(cfg.seed)  # and numpy's and Python's: a fresh run draws the same numbers every time
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
-    trial = Trial(cfg, callbacks=callbacks, checkpoint_path=ckpt_path, state=state, evaluate_test=evaluate_test,
-                  checkpoint_epochs=set(checkpoint_epochs or ()))
+    trial = Trial(cfg, callbacks=callbacks, checkpoints=checkpoints, state=state, evaluate_test=evaluate_test)
     with contextlib.suppress(_Stop):
         plugins.call(fn, cfg.trainable, "trainable", cfg, trial)
     if not trial.history:
         raise UserError(f"trainable: {cfg.trainable} returned without calling trial.report(...)")
-    result = TrainResult.of(
+    result = run_record.TrainResult.of(
         trial.history, test_metrics=trial.test_metrics, status=trial.history[-1]["status"], model=trial.model,
         controller=trial.controller if isinstance(trial.controller, OIALR) else None,
-        wall_time_s=time.perf_counter() - wall_start, checkpoint_path=existing(ckpt_path),
+        wall_time_s=time.perf_counter() - wall_start, checkpoint_path=checkpoints.written(),
         model_shapes=trial.model_shapes,
     )  # fmt: skip
     for cb in callbacks:

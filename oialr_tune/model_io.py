@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from oialr_tune import plugins
-from oialr_tune.errors import UserError
+from oialr_tune.errors import UserError, one_line
 from oialr_tune.files import write_atomic
 from oialr_tune.models import MODELS, build_model
 from oialr_tune.oialr import apply_low_rank_structure, export_dense, low_rank_structure
@@ -163,7 +163,7 @@ def read_model_file(path: str | Path) -> ModelFile:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such model file") from None
     except Exception as e:  # a crafted pickle weights_only refuses, a truncated file
-        raise ValueError(f"{path}: not an oialr-tune model file ({plugins.one_line(e)})") from None
+        raise ValueError(f"{path}: not an oialr-tune model file ({one_line(e)})") from None
     if _is_checkpoint(payload):
         return _checkpoint_model_file(payload, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

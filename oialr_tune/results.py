@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 
 from oialr_tune.errors import UserError
-from oialr_tune.space import METRIC_DIRECTIONS, SIZE_METRIC, Param, SearchSpace, load_space
+from oialr_tune.metrics import SELECTABLE_DIRECTIONS, SIZE_METRIC
+from oialr_tune.space import Param, SearchSpace, load_space
 from oialr_tune.sweep_state import (
     CHECKPOINT_FILE,
     JOURNAL_TEMPLATE,
@@ -55,7 +56,6 @@ __all__ = [
 ]  # fmt: skip
 
 CONFIG_PREFIX = "config."
-DIRECTIONS = {**METRIC_DIRECTIONS, SIZE_METRIC: "min"}  # the direction that makes each selectable metric better
 
 # Ray's status of a trial that ended without error (ran out its epochs or was stopped by ASHA).
 FINISHED_STATUSES = {"TERMINATED"}
@@ -70,7 +70,7 @@ METRIC_COLUMNS = (
 
 def metric_direction(res: SweepResults, metric: str) -> str:
     """'max' or 'min': the sweep's own objective knows its direction (a user metric's is its mode)."""
-    return res.space.objective.direction if metric == res.space.objective.metric else DIRECTIONS[metric]
+    return res.space.objective.direction if metric == res.space.objective.metric else SELECTABLE_DIRECTIONS[metric]
 
 
 @dataclass
@@ -490,8 +490,8 @@ def best_trial(
     if arm not in res.space.arms():
         raise UserError(f"--arm: sweep {res.name!r} has no {arm!r} arm (arms: {', '.join(res.space.arms())})")
     metric = objective or res.space.objective.metric
-    if metric not in DIRECTIONS and metric != res.space.objective.metric:
-        raise UserError(f"--objective: expected one of {', '.join(DIRECTIONS)}, got {metric!r}")
+    if metric not in SELECTABLE_DIRECTIONS and metric != res.space.objective.metric:
+        raise UserError(f"--objective: expected one of {', '.join(SELECTABLE_DIRECTIONS)}, got {metric!r}")
     max_trainable_fraction = _budget(res, arm, max_trainable_fraction)
     check_max_trainable_fraction(max_trainable_fraction)
     all_rows = res.trials[res.trials["arm"] == arm]

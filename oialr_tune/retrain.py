@@ -41,7 +41,7 @@ from oialr_tune import plugins
 from oialr_tune.checks import check_user_code
 from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_config_from_dict, train_config_to_dict
 from oialr_tune.data import load_data
-from oialr_tune.errors import UserError
+from oialr_tune.errors import UserError, one_line
 from oialr_tune.files import writable_folder
 from oialr_tune.model_io import load_model, read_model_file, save_model
 from oialr_tune.oialr import low_rank_structure
@@ -52,7 +52,7 @@ from oialr_tune.splits import Splits, TensorData
 from oialr_tune.stats import verdict, welch_interval
 from oialr_tune.sweep_state import CHECKPOINT_FILE, RETRAIN_DIR, SUMMARY_FILE
 from oialr_tune.tasks import task_for
-from oialr_tune.trainer import _one_line, train
+from oialr_tune.trainer import train
 from oialr_tune.trust import check_folder
 from oialr_tune.tuning.parallel import run_all
 
@@ -128,7 +128,7 @@ def _checkpoint_file(trial: TrialInfo, cfg: TrainConfig) -> Path:
     except ValueError as e:  # a user loop's checkpoint: no model to rebuild; a value of the wrong type
         raise UserError(f"--from-checkpoint: {e}") from None
     except RuntimeError as e:
-        raise UserError(f"{path}: checkpoint does not match its model config ({_one_line(e)})") from None
+        raise UserError(f"{path}: checkpoint does not match its model config ({one_line(e)})") from None
     return path
 
 

@@ -19,7 +19,7 @@ report read the one shape it defines:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,22 +140,50 @@ def make_controller(model: nn.Module, optimizer: torch.optim.Optimizer, settings
 # --- checkpoints --------------------------------------------------------------------------------
 
 
-def checkpoint_file(checkpoint_dir: str | Path | None) -> Path | None:
-    """Where a run checkpointing into `checkpoint_dir` keeps its checkpoint (None: no checkpoints)."""
-    return Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where and when a run of `cfg` checkpoints: ``checkpoint.pt`` in `folder` (None: never), after
+    its last epoch, every ``checkpoint_every``-th and each (1-based) epoch in `epochs`."""
 
+    cfg: TrainConfig
+    folder: Path | None
+    epochs: frozenset[int] = frozenset()
 
-def checkpoint_due(cfg: TrainConfig, epoch: int, checkpoint_epochs: set[int]) -> bool:
-    """Whether (1-based) `epoch` ends with a checkpoint: the last, every `checkpoint_every`-th, or a listed one."""
-    every = cfg.checkpoint_every
-    return bool(epoch >= cfg.schedule.epochs or (every and epoch % every == 0) or epoch in checkpoint_epochs)
+    @classmethod
+    def of(cls, cfg: TrainConfig, folder: str | Path | None, epochs: Iterable[int] | None = None) -> Checkpoints:
+        return cls(cfg, Path(folder) if folder is not None else None, frozenset(epochs or ()))
+
+    @property
+    def path(self) -> Path | None:
+        """The checkpoint file (None: the run keeps none)."""
+        return self.folder / CHECKPOINT_FILE if self.folder is not None else None
+
+    def resume_state(self, resume: bool) -> dict[str, Any] | None:
+        """The checkpoint the run continues from: the file's when resuming and it exists, else None."""
+        path = self.path
+        return read_checkpoint(path) if resume and path is not None and path.exists() else None
+
+    def save(self, epoch: int, payload: Callable[[], Mapping[str, Any]]) -> Path | None:
+        """After (1-based) `epoch`: write `payload()` if a checkpoint is due; the folder written, else None."""
+        every = self.cfg.checkpoint_every
+        due = epoch >= self.cfg.schedule.epochs or (every and epoch % every == 0) or epoch in self.epochs
+        if self.folder is None or not due:
+            return None
+        write_checkpoint(self.folder / CHECKPOINT_FILE, payload())
+        return self.folder
+
+    def written(self) -> Path | None:
+        """The checkpoint file if one exists (what a `TrainResult` reports), else None."""
+        path = self.path
+        return path if path is not None and path.exists() else None
 
 
 def checkpoint_payload(cfg: TrainConfig, *, epoch: int, history: list[dict[str, Any]],
                        controller: Mapping[str, Any] | None, **state: Any) -> dict[str, Any]:
     """A checkpoint of a run of `cfg` after (1-based) `epoch`: the keys every loop writes, then its own `state`.
 
-    `controller` is the OIALR controller's ``state_dict()`` (None for a full-rank run).
+    `controller` is the controller's ``state_dict()`` (a full-rank user loop's `FullRank` too; the
+    built-in trainer writes None for a full-rank run).
     """
     return {"format": CHECKPOINT_FORMAT, "config": train_config_to_dict(cfg), "epoch": epoch, "history": history,
             "controller": controller, **state}
@@ -173,13 +201,3 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint written by oialr-tune's trainer")
     return state
-
-
-def resume_state(path: Path | None, resume: bool) -> dict[str, Any] | None:
-    """The checkpoint a run continues from: `path`'s when resuming and it exists, else None."""
-    return read_checkpoint(path) if resume and path is not None and path.exists() else None
-
-
-def existing(path: Path | None) -> Path | None:
-    """`path` if that file exists (what a `TrainResult` reports as its checkpoint), else None."""
-    return path if path is not None and path.exists() else None

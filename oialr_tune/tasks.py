@@ -10,7 +10,7 @@
   ``fn(outputs, targets) -> float`` on the whole split's outputs — are reported as ``val_<name>``
   (``test_<name>`` on the test split).
 
-The names a config reports are `oialr_tune.config.reported_metrics`; the search space checks its
+The names a config reports are `oialr_tune.metrics.reported_metrics`; the search space checks its
 objective against them before a sweep starts.
 """
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from oialr_tune import plugins
 from oialr_tune.config import MixupConfig, TrainConfig
+from oialr_tune.metrics import main_metric
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,7 +66,7 @@ class Task:
     @property
     def main_metric(self) -> str:
         """The task's own quality metric (without split prefix): ``acc`` or ``mae``."""
-        return "acc" if self.kind == "classification" else "mae"
+        return main_metric(self.kind)
 
     def train_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss minimised in training (mean over the batch).

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from oialr_tune import plugins
+from oialr_tune.cli import main
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.errors import UserError
 from oialr_tune.model_io import load_model, read_model_file
@@ -130,6 +131,24 @@ def test_own_training_loop_end_to_end(custom: Path, ray_session: Any) -> None:
     assert model(torch.zeros(3, 10)).shape == (3, 1)
     report = write_report(result.path).read_text()
     assert "Final retraining" in report and "test_mae" in report
+
+
+def test_a_loop_that_never_reports_stops_the_sweep_at_its_first_trial(
+    custom: Path, ray_session: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (custom / "silent_loop.py").write_text("def train(config, trial):\n    pass  # forgot trial.report\n")
+    doc = yaml.safe_load((custom / "own_loop.yaml").read_text())
+    doc["base"]["trainable"] = "silent_loop:train"
+    doc.update(TINY, budget={**TINY["budget"], "num_samples": 3, "max_concurrent": 1})
+    (custom / "space.yaml").write_text(yaml.safe_dump(doc))
+    capsys.readouterr()
+    assert main(["sweep", "space.yaml", "--results-dir", "results", "--name", "s"]) == 2
+    out, err = capsys.readouterr()
+    (line,) = err.splitlines()
+    assert "silent_loop:train returned without calling trial.report" in line and "first trial" in line, line
+    assert "traceback: " in line and len([x for x in out.splitlines() if " ERROR " in x]) == 1, out
+    ends = [x for x in (custom / "results" / "s" / "journal-oialr.jsonl").read_text().splitlines() if '"end"' in x]
+    assert len(ends) == 1 and not (custom / "results" / "s" / "baseline").exists()
 
 
 # --- the Python API: callables defined here, shipped to Ray's workers ------------------------------------

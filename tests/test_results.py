@@ -245,9 +245,10 @@ def test_the_sweep_summary_and_best_agree_on_ties_and_missing_fractions(
 def test_the_checkpoint_file_name_is_the_trainers() -> None:
     """results reads without torch, so it reads the trainer's file name from sweep_state, as the run record does."""
     from oialr_tune import results
-    from oialr_tune.run_record import checkpoint_file
+    from oialr_tune.config import TrainConfig
+    from oialr_tune.run_record import Checkpoints
 
-    assert checkpoint_file("ckpt") == Path("ckpt") / results.CHECKPOINT_FILE
+    assert Checkpoints.of(TrainConfig(), "ckpt").path == Path("ckpt") / results.CHECKPOINT_FILE
 
 
 def test_a_sweep_with_no_trial_under_its_budget_says_so_and_is_not_an_error(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from tiny_sweep import tiny_space
 
 from oialr_tune.space import SIZE_METRIC, space_from_dict
 from oialr_tune.tuning import sweep
+from oialr_tune.tuning.search import scheduler, searcher
 
 BUDGET = 0.5
 
@@ -63,3 +64,25 @@ def test_trials_asha_stops_are_pruned_for_the_sampler_and_in_study_db(ray_sessio
             assert trial.value == pytest.approx(row["val_acc"])
             # The size budget's constraint reaches the sampler for pruned and complete trials alike.
             assert trial.constraints[SIZE_METRIC] == pytest.approx(row[SIZE_METRIC] - BUDGET)
+
+
+def test_a_rebuilt_searcher_learns_stopped_trials_as_pruned() -> None:
+    """Rows of ended trials (a rebuilt arm's prior) go into the searcher's study as they were told."""
+    space = space_from_dict(_asha_space())
+    base = {"config.optimizer.lr": 1e-3, "config.oialr.sigma_cutoff_fraction": 0.1, "status": "TERMINATED",
+            SIZE_METRIC: 0.4, "training_iteration": 1, "_history": [0.8], "val_acc": 0.8}
+    rows = [{**base, "trial_id": "a", "stopped_early": True},
+            {**base, "trial_id": "b", "stopped_early": False, "training_iteration": 3, "_history": [0.8, 0.85, 0.9],
+             "val_acc": 0.9}]
+    trials = searcher(space, "oialr", rows)._ot_study.trials
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.COMPLETE]
+    assert [t.value for t in trials] == [0.8, 0.9]
+    assert [t.constraints[SIZE_METRIC] for t in trials] == pytest.approx([0.4 - BUDGET] * 2)
+
+
+def test_the_searcher_takes_another_sampler_and_asha_takes_brackets() -> None:
+    space = space_from_dict(_asha_space())
+    gp = optuna.samplers.GPSampler(seed=0)
+    assert searcher(space, "oialr", [], sampler=gp)._sampler is gp
+    assert isinstance(searcher(space, "oialr", [])._sampler, optuna.samplers.TPESampler)
+    assert len(scheduler(space, brackets=3)._brackets) == 3 and len(scheduler(space)._brackets) == 1

@@ -244,6 +244,10 @@ def _dense_reasons(model: nn.Module, slots: list[_Slot], chosen: list[_Slot], th
 class OIALR:
     """Orthogonality-informed adaptive low-rank training for any model and torch optimizer.
 
+    The defaults are the trainer config's (`oialr_tune.config.OIALRConfig`, where they were measured;
+    tests/test_config.py pins the two together), except `delay`: the config's is a fraction of the
+    run (0.25), which the controller, knowing no run length, takes in steps.
+
     Args:
         model: the network; eligible layers are replaced inside it in place.
         optimizer: its parameter lists are updated in place when weights become U S Vᵀ; a list of
@@ -279,9 +283,9 @@ class OIALR:
         optimizer: torch.optim.Optimizer,
         *,
         delay: int = 1000,
-        stability_frequency: int = 100,
+        stability_frequency: int = 20,
         stability_threshold: float | None = 0.9,
-        sigma_cutoff_fraction: float = 0.1,
+        sigma_cutoff_fraction: float = 0.2,
         min_rank: int = 1,
         keep_first_layer: bool = False,
         keep_last_layer: bool = True,

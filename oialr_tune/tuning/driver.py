@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import importlib.util
 import os
 import signal
@@ -23,7 +24,7 @@ from typing import Any
 import yaml
 
 from oialr_tune import sweep_state as state
-from oialr_tune.errors import SweepInterrupted, UserError
+from oialr_tune.errors import DiskFull, SweepInterrupted, UserError
 from oialr_tune.files import remove_empty, writable_folder
 from oialr_tune.results import SweepResults
 from oialr_tune.space import (
@@ -245,9 +246,16 @@ def _run_sweep(
                 raise SweepInterrupted(
                     f"stopped; continue with: oialr-tune sweep --resume {store.root}", stopped_by[0]
                 ) from None
+            except DiskFull:
+                raise
             except SweepInterrupted as e:
                 e.signum = stopped_by[0]
                 raise
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise DiskFull(f"disk full ({e.strerror}) writing {e.filename or store.root}; free some space and "
+                               f"continue with: oialr-tune sweep --resume {store.root}") from None
     finally:
         if started:
             cluster.stop_ray()
@@ -295,17 +303,21 @@ def _check_every_arm_finished(res: SweepResults, store: Store) -> None:
     """
     parts = []
     df = res.trials
+    errors = 0
     for arm in res.space.arms():
         if arm not in res.summary["best"] and res.usable(arm).empty:  # (not merely none under the size budget)
             rows = df[df["arm"] == arm]
             errored = int((rows["status"] == "ERROR").sum())
             diverged = int((rows["trainer_status"] == "diverged").sum())
+            errors += errored
             parts.append(f"arm {arm}: {errored} of {len(rows)} trials errored, {diverged} diverged")
     if parts:
-        raise UserError(
-            f"{store.root}: no trial finished ({'; '.join(parts)}); the errors are in the error column of "
-            f"{store.join(TRIALS_FILE)} and in full in {store.join('<arm>', 'trial_*', 'error.txt')}"
-        )
+        # Only errored trials have an error.txt; a diverged one ended normally with a non-finite loss.
+        where = (f"; the errors are in the error column of {store.join(TRIALS_FILE)} and in full in "
+                 f"{store.join('<arm>', 'trial_*', 'error.txt')}") if errors else (
+                 f"; every trial's loss became non-finite (see trainer_status in {store.join(TRIALS_FILE)}): "
+                 f"lower the learning rate range")
+        raise UserError(f"{store.root}: no trial finished ({'; '.join(parts)}){where}")
 
 
 def summary_line(res: SweepResults) -> str:

@@ -16,9 +16,8 @@ apart from feasible ones, so the search spends its trials under the budget inste
 after the sweep that few of them are. The value must be on the Optuna trial before the trial is
 told: :class:`BudgetedOptunaSearch` sets it just before Ray's OptunaSearch tells the study.
 
-Ray's ``OptunaSearch._ot_trials`` (Ray trial id → Optuna trial) and ``_completed_trials`` are the
-private names used here, to reach the trial being told; ``tests/test_budget_search.py`` and
-``tests/test_search.py`` fail loudly if Ray changes them.
+The trial being told, and whether it was told already, are read through Ray's private records of
+them (`oialr_tune.tuning._internals`).
 """
 
 from __future__ import annotations
@@ -33,7 +32,9 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from oialr_tune.space import SIZE_METRIC, SearchSpace
+from oialr_tune.metrics import SIZE_METRIC
+from oialr_tune.space import SearchSpace
+from oialr_tune.tuning._internals import optuna_trial, told
 from oialr_tune.tuning.study import (
     directions,
     optuna_distribution,
@@ -43,7 +44,7 @@ from oialr_tune.tuning.study import (
     stopped_early,
 )
 
-__all__ = ["BudgetedOptunaSearch", "scheduler", "searcher"]
+__all__ = ["BudgetedOptunaSearch", "default_sampler", "scheduler", "searcher", "startup_trials"]
 
 
 class BudgetedOptunaSearch(OptunaSearch):
@@ -60,12 +61,12 @@ class BudgetedOptunaSearch(OptunaSearch):
         self.max_trainable_fraction = max_trainable_fraction
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        ot_trial = self._ot_trials.get(trial_id) if self.max_trainable_fraction is not None else None
+        ot_trial = optuna_trial(self, trial_id) if self.max_trainable_fraction is not None else None
         if ot_trial is not None:
             fraction = (result or {}).get(SIZE_METRIC)
             for key, value in size_constraint(fraction, self.max_trainable_fraction).items():
                 ot_trial.set_constraint(key, value)
-        if not error and result and trial_id not in self._completed_trials:
+        if not error and result and not told(self, trial_id):
             self._report_last_epoch(trial_id, result)
             if stopped_early(result):
                 # OptunaSearch tells a trial without a result as PRUNED; Optuna then takes its
@@ -87,7 +88,7 @@ class BudgetedOptunaSearch(OptunaSearch):
             self.on_trial_result(trial_id, result)
 
 
-def _startup_trials(space: SearchSpace) -> int:
+def startup_trials(space: SearchSpace) -> int:
     """Random trials before TPE models the results: `strategy.startup_trials`, or by default a
     quarter of the budget within [4, 10] (Optuna's 10 would leave little for TPE in 16 trials)."""
     if space.strategy.startup_trials is not None:
@@ -108,22 +109,31 @@ def _rebuilt_seed(seed: int | None, told: int) -> int | None:
     return int(np.random.SeedSequence([seed, told]).generate_state(1)[0])
 
 
-def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]]) -> Any:
+def default_sampler(space: SearchSpace, told: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler the space's strategy names, seeded from the space's seed and the `told` trials
+    it starts with (see `_rebuilt_seed`)."""
+    seed = _rebuilt_seed(space.seed, told)
+    if space.strategy.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(space))
+
+
+def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]],
+             sampler: optuna.samplers.BaseSampler | None = None) -> Any:
     """OptunaSearch with a seeded TPE (or random) sampler, or None when the arm searches nothing.
 
     `prior` are trial rows of the arm that already ended (a rebuilt arm, see `arm._tuner`): the
     searcher's study starts with them, so the sampler learns from them and proposes only new points.
+    `sampler` replaces the one the space's strategy names (benchmarks/search_replay.py compares
+    Optuna's other samplers inside the same searcher).
     The study stays in memory (pickled with Ray's state), never in a database: see :mod:`oialr_tune.tuning`.
     """
     params = space.arm_params(arm)
     if not params:
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    seed = _rebuilt_seed(space.seed, len(prior))
-    if space.strategy.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=_startup_trials(space))
+    if sampler is None:
+        sampler = default_sampler(space, told=len(prior))
     metrics, modes = space.objective.metrics(arm), space.objective.modes(arm)
     multi = len(metrics) > 1
     storage = optuna.storages.InMemoryStorage()
@@ -142,8 +152,11 @@ def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]]) -> A
     )
 
 
-def scheduler(space: SearchSpace) -> Any:
-    """ASHA on the main metric (per epoch = training_iteration), or FIFO."""
+def scheduler(space: SearchSpace, brackets: int = 1) -> Any:
+    """ASHA on the main metric (per epoch = training_iteration), or FIFO.
+
+    `brackets` > 1 gives asynchronous Hyperband: trials spread over brackets whose first rung is
+    `grace_period` × `reduction_factor`**k epochs (benchmarks/search_replay.py compares it)."""
     if space.scheduler() != "asha":
         return FIFOScheduler()
     b = space.budget
@@ -154,5 +167,6 @@ def scheduler(space: SearchSpace) -> Any:
         max_t=b.max_epochs,
         grace_period=b.grace_period,
         reduction_factor=b.reduction_factor,
+        brackets=brackets,
     )
 
