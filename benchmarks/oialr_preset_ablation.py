@@ -41,6 +41,7 @@ TASKS = {
 }
 PRESETS = ("oialr-tune", "authors")
 RECIPES = ("default", "authors")
+_ORDER = {"oialr-tune": 0, "default": 0, "authors": 1}  # table rows: ours first
 
 
 def run_cell(task: str, preset: str, recipe: str, seeds: list[int]) -> list[dict]:
@@ -89,9 +90,19 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS),
                         help="OIALR presets to run (e.g. one per process, to split the work)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks"))
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="CSV",
+                        help="train nothing: one table from the CSVs of runs split across processes")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     command = ("python benchmarks/oialr_preset_ablation.py " + " ".join(sys.argv[1:])).strip()
+    if args.merge:
+        df = pd.concat([pd.read_csv(p) for p in args.merge], ignore_index=True)
+        df = df.sort_values(["task", "preset", "recipe", "seed"], key=lambda c: c.map(_ORDER.get).fillna(c)
+                            if c.name in ("preset", "recipe") else c)
+        df.to_csv(args.out / "oialr_preset_ablation.csv", index=False)
+        (args.out / "oialr_preset_ablation.md").write_text(table(df, command))
+        print(table(df, command))
+        return
     rows: list[dict] = []
     for task in args.tasks:
         for preset in args.presets:
