@@ -41,6 +41,7 @@ TASKS = {
 }
 PRESETS = ("oialr-tune", "authors")
 RECIPES = ("default", "authors")
+_ORDER = {"oialr-tune": 0, "default": 0, "authors": 1}  # table rows: ours first
 
 
 def run_cell(task: str, preset: str, recipe: str, seeds: list[int]) -> list[dict]:
@@ -61,8 +62,9 @@ def run_cell(task: str, preset: str, recipe: str, seeds: list[int]) -> list[dict
 
 def table(df: pd.DataFrame, command: str) -> str:
     def pm(values: pd.Series) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+        if len(values) == 1:
+            return f"{values.iloc[0]:.4f}"  # one seed: no spread to show
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
     lines = [
         "# OIALR preset × training recipe: ours vs the authors'",
@@ -83,16 +85,29 @@ def table(df: pd.DataFrame, command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=1000, help="seeds are first-seed, first-seed + 1, ...")
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
+    parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS),
+                        help="OIALR presets to run (e.g. one per process, to split the work)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks"))
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="CSV",
+                        help="train nothing: one table from the CSVs of runs split across processes")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     command = ("python benchmarks/oialr_preset_ablation.py " + " ".join(sys.argv[1:])).strip()
+    if args.merge:
+        df = pd.concat([pd.read_csv(p) for p in args.merge], ignore_index=True)
+        df = df.sort_values(["task", "preset", "recipe", "seed"], key=lambda c: c.map(_ORDER.get).fillna(c)
+                            if c.name in ("preset", "recipe") else c)
+        df.to_csv(args.out / "oialr_preset_ablation.csv", index=False)
+        (args.out / "oialr_preset_ablation.md").write_text(table(df, command))
+        print(table(df, command))
+        return
     rows: list[dict] = []
     for task in args.tasks:
-        for preset in PRESETS:
+        for preset in args.presets:
             for recipe in RECIPES:
-                rows += run_cell(task, preset, recipe, [1000 + i for i in range(args.seeds)])
+                rows += run_cell(task, preset, recipe, [args.first_seed + i for i in range(args.seeds)])
                 # Rewritten after each cell, so a run cut short keeps the cells it finished.
                 df = pd.DataFrame(rows)
                 df.to_csv(args.out / "oialr_preset_ablation.csv", index=False)
