@@ -102,8 +102,7 @@ class Table:
 
 def _space(budget: float | None, seed: int) -> Any:
     """The tool's search space for the replay: digits_mlp_largeval's, searching the table's five keys."""
-    from oialr_tune.space import load_space
-    from oialr_tune.space_types import Param
+    from oialr_tune.space import Param, load_space
 
     space = load_space(SPACE)
     params = (

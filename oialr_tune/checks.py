@@ -24,6 +24,7 @@ from oialr_tune.config import DATASETS, ROOT_DATASETS, TrainConfig, train_config
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
 from oialr_tune.models import MODELS, build_model
+from oialr_tune.oialr import OIALR
 from oialr_tune.space import SearchSpace
 from oialr_tune.splits import Splits
 
@@ -69,9 +70,9 @@ def check_user_code(cfg: TrainConfig) -> None:
     Does nothing for a config of built-in parts only. Raises UserError with one line naming the
     key. Loads the data on the CPU (cached for this process).
     """
-    names = plugins.names_in(train_config_to_dict(cfg))
-    for name in names:
-        plugins.resolve(name, _key_of(cfg, name))
+    for key, name in plugins.code_keys(train_config_to_dict(cfg)):
+        if isinstance(name, str) and plugins.is_import_path(name):
+            plugins.resolve(name, key)
     if cfg.trainable is not None:
         _check_trainable(cfg)
         return
@@ -86,19 +87,19 @@ def check_user_code(cfg: TrainConfig) -> None:
         )
     model = build_model(cfg.model.name, splits.in_shape, splits.num_outputs(cfg.task), **cfg.model.args)
     check_model_output(model, splits, cfg.task, cfg.model.name)
+    check_layer_patterns(cfg, model)
 
 
-def _key_of(cfg: TrainConfig, name: str) -> str:
-    """The config key that names `name` (for the error message)."""
-    if cfg.model.name == name:
-        return "model.name"
-    if cfg.data.name == name:
-        return "data.name"
-    if cfg.trainable == name:
-        return "trainable"
-    if cfg.loss == name:
-        return "loss"
-    return next(f"metrics.{k}" for k, v in cfg.metrics.items() if v == name)
+def check_layer_patterns(cfg: TrainConfig, model: nn.Module) -> None:
+    """``oialr.include`` / ``oialr.exclude`` patterns must each match a layer of the model (else a typo
+    would silently factorize everything, or nothing): UserError naming the key and the pattern."""
+    if not (cfg.oialr.include or cfg.oialr.exclude):
+        return
+    try:
+        OIALR(model, torch.optim.SGD(model.parameters(), lr=0.0), include=cfg.oialr.include,
+              exclude=cfg.oialr.exclude)  # fmt: skip
+    except ValueError as e:
+        raise UserError(f"{e}".replace("OIALR ", "oialr.", 1)) from None
 
 
 # --- checks of a sweep, on the machine it runs on ---------------------------------------------------
@@ -135,13 +136,21 @@ def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
         if space.resources.cpu > cpus:
             raise UserError(f"resources.cpu: {space.resources.cpu} per trial but this machine has {cpus} CPU(s)")
         try:
-            if plugins.uses_user_code(base):
-                check_user_code(train_config_from_dict(base))
-            else:
-                _check_one_example(train_config_from_dict(base))
+            check_run(train_config_from_dict(base))
         except UserError as e:  # the keys are the space's: under base.
             raise UserError(f"base.{e}") from None
     return dataclasses.replace(space, base=base)
+
+
+def check_run(cfg: TrainConfig) -> None:
+    """The checks one run gets before it trains, on this machine: the user code `cfg` names (resolved,
+    its data and model built once and fitted together, :func:`check_user_code`) or, for built-in parts,
+    one example through the model (:func:`_check_one_example`). A sweep runs them on its base config,
+    ``oialr-tune train`` on its config: the same mistake is the same one line in both."""
+    if plugins.uses_user_code(train_config_to_dict(cfg)):
+        check_user_code(cfg)
+    else:
+        _check_one_example(cfg)
 
 
 def _check_one_example(cfg: TrainConfig) -> None:
@@ -162,3 +171,4 @@ def _check_one_example(cfg: TrainConfig) -> None:
         raise UserError(
             f"model: one {cfg.data.name} example does not go through {cfg.model.name} ({type(e).__name__}: {e})"
         ) from None
+    check_layer_patterns(cfg, model)

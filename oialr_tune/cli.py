@@ -16,16 +16,21 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .errors import UserError
-from .space import ARMS, BASELINES, METRIC_DIRECTIONS, SIZE_METRIC
+from .errors import UserError, one_line
+from .metrics import SELECTABLE_DIRECTIONS
+from .space import ARMS, BASELINES
+
+LOGGERS = ("mlflow",)  # `sweep --log` choices: oialr_tune.tuning.driver.LOGGERS (a test pins them equal)
 
 
 def _train(args: argparse.Namespace) -> None:
+    from .checks import check_run
     from .config import load_train_config
     from .progress import TrainProgress
     from .trainer import train
 
     cfg = load_train_config(args.config)
+    check_run(cfg)  # what a sweep checks first: a model that does not fit the data is one line, not a traceback
     # Progress on stderr (a start line, then a bar on a terminal or a line per epoch); the result on stdout.
     result = train(cfg, checkpoint_dir=args.checkpoint_dir, evaluate_test=True, progress=TrainProgress())
     final = result.history[-1] if result.history else {}
@@ -38,7 +43,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .errors import SweepInterrupted
+    from .errors import EXIT_DISK_FULL, DiskFull, SweepInterrupted
     from .tuning import sweep
 
     if args.resume and args.space:
@@ -55,7 +60,11 @@ def _sweep(args: argparse.Namespace) -> int:
             num_samples=args.num_samples,
             max_epochs=args.max_epochs,
             overrides=dict(args.set),
+            log=args.log,
         )
+    except DiskFull as exc:
+        print(f"oialr-tune: sweep stopped: {exc}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except SweepInterrupted as exc:
         print(f"oialr-tune: sweep interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports a signal
@@ -70,7 +79,8 @@ def _repaired(results_dir: str) -> str:
 
 
 def _best(args: argparse.Namespace) -> None:
-    from .results import best_trial, format_best
+    from .best_format import format_best
+    from .results import best_trial
 
     best = best_trial(_repaired(args.results_dir), arm=args.arm, objective=args.objective,
                       max_trainable_fraction=args.max_trainable_fraction)
@@ -134,7 +144,7 @@ def _compare(args: argparse.Namespace) -> None:
                     max_concurrent=args.max_concurrent, trust_code=args.trust_code)
     for s in summarize(table):
         diff = f"  diff {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}] {s['verdict']}" if "diff" in s else ""
-        print(f"{s['label']:<34} test_acc {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f}  "
+        print(f"{s['label']:<34} {s['metric']} {s['mean']:.4f} ± {s['std']:.4f}  "
               f"trainable {s['trainable_fraction']:.1%}{diff}")
 
 
@@ -156,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", nargs="?", default=None,
                    help="search-space YAML, or a packaged space name (default: quickstart)")
     p.add_argument("--name", default=None, help="results folder name (default: <space name>-<date>-<time>)")
+    p.add_argument("--log", action="append", default=[], choices=LOGGERS,
+                   help="also log every trial to this tracker (mlflow: a local store RESULTS/NAME/mlflow.db)")
     p.add_argument("--results-dir", default="results",
                    help="where sweeps go: a folder, a shared path or a URI Ray accepts (default: results)")
     p.add_argument("--resume", metavar="SWEEP_DIR", default=None,
@@ -178,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("best", help="the best trial of a sweep: config, metrics, checkpoint (Pareto set if multi)")
     p.add_argument("results_dir", help="a sweep's results folder (results/<name>)")
     p.add_argument("--arm", choices=ARMS, default="oialr", help="which arm (default: oialr)")
-    p.add_argument("--objective", choices=[*METRIC_DIRECTIONS, SIZE_METRIC], default=None,
+    p.add_argument("--objective", choices=list(SELECTABLE_DIRECTIONS), default=None,
                    help="rank trials by this metric (default: the sweep's objective)")
     p.add_argument("--format", choices=["table", "yaml", "json"], default="table",
                    help="table for people; yaml = the trainer config only (pipe it to a file for `train`); json")
@@ -231,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"oialr-tune: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"oialr-tune: error: {one_line(str(exc), limit=None)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader left early (`oialr-tune best DIR | head`): it has what it wanted. Point stdout
@@ -261,12 +273,6 @@ def _exit_now(rc: int) -> None:
     except BrokenPipeError:
         return  # the normal exit path knows what to do with a closed pipe
     os._exit(rc)
-
-
-def _one_line(message: str) -> str:
-    """The error message as one line: some carry a library's multi-line text (torch's state_dict
-    mismatch lists every tensor), and the promise is one line on stderr."""
-    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ One protocol, end to end, so the answer is measured rather than assumed:
 3. **Retrain** each arm's best config with the same S fresh seeds, plus OIALR with the library's
    default knobs at the base learning-rate settings (what tuning buys), and evaluate each model
    once on the held-out test split.
-4. **Report** per arm: test accuracy mean ± std and per seed, trainable fraction at the end,
-   trainable and total parameters, wall times; for each OIALR arm minus tuned full rank, a Welch
-   95 % interval and a verdict. Files: ``comparison.md``, ``comparison.csv`` (one row per arm and
-   seed: the numbers every figure in the .md is computed from) and ``comparison.png``.
+4. **Report** per arm: the sweep's objective on the test split (test accuracy; test_mae or
+   test_loss for regression; test_f1 for a user metric val_f1) mean ± std and per seed, trainable
+   fraction at the end, trainable and total parameters, wall times; for each OIALR arm minus tuned
+   full rank, a Welch 95 % interval and a verdict (better / worse in the metric's own direction: a
+   lower MAE is better). Files: ``comparison.md``, ``comparison.csv`` (one row per arm and seed:
+   the numbers every figure in the .md is computed from) and ``comparison.png``.
 
 Layout of ``OUT`` (default ``results/<space>-compare-<timestamp>``)::
 
@@ -57,10 +59,18 @@ ARMS = (
     ("oialr_gate_off", "tuned OIALR, stability gate off"),
 )
 REFERENCE = "full_rank_tuned"
+# comparison.csv's columns: the test metric (the sweep's objective on the test split) and its val_
+# counterpart follow "status" (see `csv_columns`).
 CSV_COLUMNS = (
-    "arm", "seed", "status", "test_acc", "test_loss", "val_acc", "trainable_fraction", "trainable_params",
+    "arm", "seed", "status", "test_loss", "trainable_fraction", "trainable_params",
     "total_params", "wall_time_s", "tuning_wall_time_s", "source",
 )  # fmt: skip
+
+
+def csv_columns(metric: str) -> list[str]:
+    """comparison.csv's columns for a comparison by test `metric` (test_acc, test_mae, test_f1, ...)."""
+    val = "val_" + metric.removeprefix("test_")
+    return list(dict.fromkeys([*CSV_COLUMNS[:3], metric, val, *CSV_COLUMNS[3:]]))
 
 
 def gate_off_space(space: SearchSpace) -> SearchSpace:
@@ -117,6 +127,7 @@ def compare(
     unless `trust_code`.
     """
     space, max_trainable_fraction = _protocol_space(space, trials, max_trainable_fraction)
+    metric, mode = space.objective.test_metric, space.objective.direction
     seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) else list(seeds)
     if len(seed_list) < 2:
         raise UserError(f"--seeds: need at least 2 seeds for an interval, got {len(seed_list)}")
@@ -133,22 +144,24 @@ def compare(
     plans = _plans(space, tuned, max_trainable_fraction)
     # Every (arm, seed) retrain is independent: Ray runs them side by side (see oialr_tune.tuning.parallel).
     jobs = [job for arm, (config, _, _) in plans.items()
-            for job in seed_jobs(arm, train_config_from_dict(config), seed_list, out_dir / "retrain")]
+            for job in seed_jobs(arm, train_config_from_dict(config), seed_list, out_dir / "retrain", metric=metric)]
 
     def done(i: int, row: dict[str, Any]) -> None:
-        acc = row.get("test_acc")
-        shown = f"{acc:.4f}" if isinstance(acc, (int, float)) else acc  # None for a run that diverged
-        log(f"{row['arm']} seed {row['seed']} done ({row['status']}, test_acc {shown})")
+        value = row.get(metric)
+        shown = f"{value:.4f}" if isinstance(value, (int, float)) else value  # None for a run that diverged
+        log(f"{row['arm']} seed {row['seed']} done ({row['status']}, {metric} {shown})")
 
     results = run_all(run_seed_anywhere, jobs, resources=space.resources, address=address,
                       max_concurrent=max_concurrent, on_done=done)  # fmt: skip
-    rows = [{**{k: row.get(k) for k in CSV_COLUMNS}, "tuning_wall_time_s": plans[row["arm"]][1],
+    columns = csv_columns(metric)
+    rows = [{**{k: row.get(k) for k in columns}, "tuning_wall_time_s": plans[row["arm"]][1],
              "source": plans[row["arm"]][2]} for row in results]  # fmt: skip
-    table = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+    table = pd.DataFrame(rows, columns=columns)
     table.to_csv(out_dir / "comparison.csv", index=False)
     budget = "" if max_trainable_fraction is None else f" with trainable fraction <= {max_trainable_fraction}"
-    write_comparison(out_dir, table, title=f"{space.name}: {space.budget.num_samples} trials per arm, "
-                     f"{space.budget.max_epochs} epochs, {len(seed_list)} seeds{budget}")  # fmt: skip
+    write_comparison(out_dir, table, metric=metric, mode=mode, title=f"{space.name}: {space.budget.num_samples} "
+                     f"trials per arm, {space.budget.max_epochs} epochs, {len(seed_list)} seeds{budget}")  # fmt: skip
+    table.attrs.update(metric=metric, mode=mode)  # for `summarize` of the returned table
     log(f"wrote {out_dir / 'comparison.md'}")
     return table
 
@@ -213,63 +226,73 @@ def _plans(space: SearchSpace, tuned: dict[str, Path], budget: float | None) -> 
     }  # fmt: skip
 
 
-def summarize(table: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per arm: the figures of the comparison table, recomputed from the per-seed rows."""
-    ref = _finite(table.loc[table["arm"] == REFERENCE, "test_acc"])
+def summarize(table: pd.DataFrame, metric: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
+    """Per arm: the figures of the comparison table, recomputed from the per-seed rows.
+
+    `metric` is the test metric compared and `mode` ('max' or 'min') the direction that makes it
+    better; by default those `compare` noted on the table it returned (else test_acc, max). The
+    entry keys are ``mean``, ``std``, ``values`` of that metric.
+    """
+    metric = metric or table.attrs.get("metric", "test_acc")
+    mode = mode or table.attrs.get("mode", "max")
+    ref = _finite(table.loc[table["arm"] == REFERENCE, metric])
     out = []
     for arm, label in ARMS:
         rows = table[table["arm"] == arm]
         if rows.empty:
             continue
-        acc = _finite(rows["test_acc"])
+        values = _finite(rows[metric])
         entry: dict[str, Any] = {
             "arm": arm,
             "label": label,
+            "metric": metric,
             "seeds": len(rows),
             "diverged": int((rows["status"] == "diverged").sum()),
-            "test_acc_mean": statistics.fmean(acc) if acc else math.nan,
-            "test_acc_std": statistics.stdev(acc) if len(acc) >= 2 else math.nan,
-            "test_acc_values": acc,
+            "mean": statistics.fmean(values) if values else math.nan,
+            "std": statistics.stdev(values) if len(values) >= 2 else math.nan,
+            "values": values,
             "trainable_fraction": float(rows["trainable_fraction"].mean()),
             "trainable_params": float(rows["trainable_params"].mean()),
             "total_params": float(rows["total_params"].mean()),
             "wall_time_s": float(rows["wall_time_s"].mean()),
             "tuning_wall_time_s": float(rows["tuning_wall_time_s"].iloc[0]),
         }
-        if arm != REFERENCE and len(acc) >= 2 and len(ref) >= 2:
-            iv = welch_interval(acc, ref)
-            entry.update(diff=iv.difference, low=iv.low, high=iv.high, verdict=verdict(iv))
+        if arm != REFERENCE and len(values) >= 2 and len(ref) >= 2:
+            iv = welch_interval(values, ref)
+            entry.update(diff=iv.difference, low=iv.low, high=iv.high, verdict=verdict(iv, mode))
         out.append(entry)
     return out
 
 
-def write_comparison(out_dir: Path, table: pd.DataFrame, *, title: str) -> None:
+def write_comparison(out_dir: Path, table: pd.DataFrame, *, title: str, metric: str = "test_acc",
+                     mode: str = "max") -> None:
     """``comparison.md`` and ``comparison.png`` from the per-seed table (also in ``comparison.csv``)."""
-    summary = summarize(table)
+    summary = summarize(table, metric, mode)
+    better = "higher" if mode == "max" else "lower"
     lines = [
         f"# OIALR vs full rank — {title}",
         "",
-        "Test accuracy over fresh seeds (best configs picked on validation only). Differences are "
-        "arm − tuned full rank with a Welch 95 % interval.",
+        f"{metric} over fresh seeds ({better} is better; best configs picked on validation only). "
+        "Differences are arm − tuned full rank with a Welch 95 % interval.",
         "",
-        "| arm | test acc (mean ± std) | per seed | trainable fraction | trainable / full-rank params | "
+        f"| arm | {metric} (mean ± std) | per seed | trainable fraction | trainable / full-rank params | "
         "train wall (s/seed) | tuning wall (s, Σ trials) | OIALR − full rank [95 % CI] | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         diff = f"{s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]" if "diff" in s else "—"
         lines.append(
-            f"| {s['label']} | {s['test_acc_mean']:.4f} ± {s['test_acc_std']:.4f} | "
-            f"{', '.join(f'{v:.4f}' for v in s['test_acc_values'])} | {s['trainable_fraction']:.3f} | "
+            f"| {s['label']} | {s['mean']:.4f} ± {s['std']:.4f} | "
+            f"{', '.join(f'{v:.4f}' for v in s['values'])} | {s['trainable_fraction']:.3f} | "
             f"{s['trainable_params']:,.0f} / {s['total_params']:,.0f} | {s['wall_time_s']:.1f} | "
             f"{s['tuning_wall_time_s']:.0f} | {diff} | {s.get('verdict', '—')} |"
         )
-    lines += ["", "![test accuracy per arm](comparison.png)", ""]
+    lines += ["", f"![{metric} per arm](comparison.png)", ""]
     (out_dir / "comparison.md").write_text("\n".join(lines))
-    _plot(out_dir / "comparison.png", summary, title)
+    _plot(out_dir / "comparison.png", summary, title, metric)
 
 
-def _plot(path: Path, summary: list[dict[str, Any]], title: str) -> None:
+def _plot(path: Path, summary: list[dict[str, Any]], title: str, metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,11 +300,11 @@ def _plot(path: Path, summary: list[dict[str, Any]], title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for i, s in enumerate(summary):
-        ax.scatter([i] * len(s["test_acc_values"]), s["test_acc_values"], color="C0", alpha=0.6, s=18)
-        ax.errorbar(i + 0.15, s["test_acc_mean"], yerr=s["test_acc_std"], fmt="o", color="C3", capsize=4)
+        ax.scatter([i] * len(s["values"]), s["values"], color="C0", alpha=0.6, s=18)
+        ax.errorbar(i + 0.15, s["mean"], yerr=s["std"], fmt="o", color="C3", capsize=4)
     ax.set_xticks(range(len(summary)))
     ax.set_xticklabels([f"{s['label']}\n{s['trainable_fraction']:.0%} trainable" for s in summary], fontsize=7)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

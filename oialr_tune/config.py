@@ -12,8 +12,9 @@ The rules live next to the fields (``field(metadata=...)``) so a new option is o
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,35 +25,13 @@ from oialr_tune import plugins
 from oialr_tune.errors import UserError
 from oialr_tune.files import read_text
 from oialr_tune.models import check_model_args
-from oialr_tune.schema import dataclass_from_dict
-
-Check = Callable[[Any], "str | None"]  # returns an error text ("must be > 0") or None when fine
-
-
-# --- range checks, used as field metadata -------------------------------------------------------
-
-
-def _gt(lo: float) -> Check:
-    return lambda v: None if v > lo else f"must be > {lo}"
-
-
-def _ge(lo: float) -> Check:
-    return lambda v: None if v >= lo else f"must be >= {lo}"
-
-
-def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Check:
-    def check(v: float) -> str | None:
-        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-        return None if ok else f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-    return check
-
+from oialr_tune.schema import dataclass_from_dict, ge, gt, rule, within
 
 # Seeds reach NumPy's and Optuna's generators, which take [0, 2**32 - 1] (torch takes more). One
 # range for every seed (trainer, split, sweep, retrain) means a seed the config accepted cannot
 # fail later, inside a trial or after Ray has started.
 MAX_SEED = 2**32 - 1
-_seed_range = _in(0, MAX_SEED)
+_seed_range = within(0, MAX_SEED)
 
 
 def check_seed(seed: int, key: str) -> int:
@@ -61,11 +40,6 @@ def check_seed(seed: int, key: str) -> int:
     if problem:
         raise UserError(f"{key}: {problem}, got {seed}")
     return seed
-
-
-def _rule(check: Check | None = None, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A dataclass field with an optional range check in its metadata."""
-    return field(default=default, metadata={"check": check} if check else {}, **kw)
 
 
 # --- the schema --------------------------------------------------------------------------------
@@ -93,10 +67,10 @@ class ModelConfig:
 class SyntheticConfig:
     """Random images and labels, for throughput benchmarks only (nothing to learn)."""
 
-    num_examples: int = _rule(_ge(8), 4096)
-    image_size: int = _rule(_ge(4), 32)
-    channels: int = _rule(_ge(1), 3)
-    num_classes: int = _rule(_ge(2), 10)
+    num_examples: int = rule(ge(8), 4096)
+    image_size: int = rule(ge(4), 32)
+    channels: int = rule(ge(1), 3)
+    num_classes: int = rule(ge(2), 10)
 
 
 @dataclass
@@ -114,38 +88,73 @@ class DataConfig:
     args: dict[str, Any] = field(default_factory=dict)
     root: str | None = None
     download: bool = False
-    val_fraction: float = _rule(_in(0, 1, lo_open=True, hi_open=True), 0.15)
-    test_fraction: float = _rule(_in(0, 1, lo_open=True, hi_open=True), 0.15)
+    val_fraction: float = rule(within(0, 1, lo_open=True, hi_open=True), 0.15)
+    test_fraction: float = rule(within(0, 1, lo_open=True, hi_open=True), 0.15)
     augment: bool = True
-    num_workers: int = _rule(_ge(0), 2)
-    split_seed: int = _rule(_seed_range, 0)
-    image_size: int = _rule(_ge(8), 224)  # imagefolder only: side of the square crops
+    num_workers: int = rule(ge(0), 2)
+    split_seed: int = rule(_seed_range, 0)
+    image_size: int = rule(ge(8), 224)  # imagefolder only: side of the square crops
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class OptimizerConfig:
-    """AdamW or SGD. `momentum`/`nesterov` apply to SGD, `betas` to AdamW."""
+    """AdamW or SGD. `momentum`/`nesterov` apply to SGD, `betas` to AdamW.
+
+    `weight_decay_on`: ``matrices`` (ours: weights and kernels only, not biases or norm scales) or
+    ``all`` (the authors': every parameter, in one group).
+    """
 
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = _rule(_gt(0), 1e-3)
-    weight_decay: float = _rule(_ge(0), 0.01)
-    momentum: float = _rule(_in(0, 1, hi_open=True), 0.9)
+    lr: float = rule(gt(0), 1e-3)
+    weight_decay: float = rule(ge(0), 0.01)
+    weight_decay_on: Literal["matrices", "all"] = "matrices"
+    momentum: float = rule(within(0, 1, hi_open=True), 0.9)
     betas: tuple[float, float] = (0.9, 0.999)
     nesterov: bool = False
 
 
 @dataclass
 class ScheduleConfig:
-    """Epochs, batch size and the per-step learning-rate curve (see `trainer.lr_at`)."""
+    """Epochs, batch size and the per-step learning-rate curve (see `trainer.lr_at`).
 
-    epochs: int = _rule(_ge(1), 20)
-    batch_size: int = _rule(_ge(1), 64)
-    warmup_fraction: float = _rule(_in(0, 1, hi_open=True), 0.05)
-    decay: Literal["cosine", "constant"] = "cosine"
-    min_lr_fraction: float = _rule(_in(0, 1), 0.0)
-    rewarm_steps: int = _rule(_ge(0), 0)
-    rewarm_start: float = _rule(_in(0, 1), 0.1)
+    ``decay: timm_cosine`` is timm's `CosineLRScheduler` stepped per update, as the authors train:
+    warm-up from ``warmup_lr_fraction × lr``, then `cycles` cosine cycles (each `cycle_mul` times
+    longer and peaking `cycle_decay` times lower than the one before) that fill the rest of the
+    run down to ``min_lr_fraction × lr``, shaped by `k_decay`. Those four keys are read by
+    ``timm_cosine`` only.
+    """
+
+    epochs: int = rule(ge(1), 20)
+    batch_size: int = rule(ge(1), 64)
+    warmup_fraction: float = rule(within(0, 1, hi_open=True), 0.05)
+    decay: Literal["cosine", "constant", "timm_cosine"] = "cosine"
+    min_lr_fraction: float = rule(within(0, 1), 0.0)
+    rewarm_steps: int = rule(ge(0), 0)
+    rewarm_start: float = rule(within(0, 1), 0.1)
+    warmup_lr_fraction: float = rule(within(0, 1), 0.0)
+    k_decay: float = rule(gt(0), 1.0)
+    cycles: int = rule(ge(1), 1)
+    cycle_mul: float = rule(gt(0), 1.0)
+    cycle_decay: float = rule(within(0, 1, lo_open=True), 1.0)
+
+
+@dataclass
+class MixupConfig:
+    """Mixup / CutMix on training batches through timm's `Mixup` (needs timm); on when an alpha > 0.
+
+    `prob`: share of batches mixed; `switch_prob`: share of those that use CutMix when both alphas
+    are > 0. Targets become soft (with the config's `label_smoothing` folded in).
+    """
+
+    mixup_alpha: float = rule(ge(0), 0.0)
+    cutmix_alpha: float = rule(ge(0), 0.0)
+    prob: float = rule(within(0, 1), 1.0)
+    switch_prob: float = rule(within(0, 1), 0.5)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 @dataclass
@@ -161,37 +170,44 @@ class OIALRConfig:
     `preset` picks the controller's rules (`oialr_tune.oialr.Rules`): ``oialr-tune`` (ours) or
     ``authors`` (the authors' final code; it has no stability gate, so `stability_threshold` is
     not used). `layer_step_fraction` None means the preset's: 1.0 for ours, 0.1 for the authors'.
+
+    `include` / `exclude` are glob patterns on layer names (``["*.attn.*"]``, ``["head"]``): only
+    matching layers (default: all eligible) and none excluded are factorized; see `OIALR`.
     """
 
     enabled: bool = True
     preset: Literal["oialr-tune", "authors"] = "oialr-tune"
     delay: int | float = 0.25
-    stability_frequency: int = _rule(_ge(1), 20)
-    stability_threshold: float | None = _rule(_in(0, 1, lo_open=True), 0.9)
-    sigma_cutoff_fraction: float = _rule(_in(0, 1, hi_open=True), 0.2)
-    min_rank: int = _rule(_ge(1), 1)
+    stability_frequency: int = rule(ge(1), 20)
+    stability_threshold: float | None = rule(within(0, 1, lo_open=True), 0.9)
+    sigma_cutoff_fraction: float = rule(within(0, 1, hi_open=True), 0.2)
+    min_rank: int = rule(ge(1), 1)
     keep_first_layer: bool = False
     keep_last_layer: bool = True
-    layer_step_fraction: float | None = _rule(_in(0, 1, lo_open=True), None)
-    skip_ratio: float = _rule(_in(0, 1, hi_open=True), 0.1)
+    layer_step_fraction: float | None = rule(within(0, 1, lo_open=True), None)
+    skip_ratio: float = rule(within(0, 1, hi_open=True), 0.1)
+    include: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
 
 
 @dataclass
 class TrainConfig:
     """Everything one training run needs; see the module docstring for how it is built."""
 
-    seed: int = _rule(_seed_range, 0)
+    seed: int = rule(_seed_range, 0)
     device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    label_smoothing: float = _rule(_in(0, 1, hi_open=True), 0.0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    label_smoothing: float = rule(within(0, 1, hi_open=True), 0.0)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    # bf16_on_gpu: bf16 autocast on a GPU, fp32 on the CPU (the authors' `autocast: True`).
+    precision: Literal["fp32", "bf16", "fp16", "bf16_on_gpu"] = "fp32"
     channels_last: bool = False
     compile: bool = False
-    checkpoint_every: int = _rule(_ge(0), 1)
-    grad_clip: float | None = _rule(_gt(0), None)
+    checkpoint_every: int = rule(ge(0), 1)
+    grad_clip: float | None = rule(gt(0), None)
     oialr: OIALRConfig = field(default_factory=OIALRConfig)
     # What is learned and how it is scored (`oialr_tune.tasks`): the default loss and metrics of
     # the task, or a user's loss ``"module:fn"`` and extra metrics ``{name: "module:fn"}``.
@@ -201,6 +217,42 @@ class TrainConfig:
     # A user's own training loop ``"module:function"`` f(config, trial) (`oialr_tune.loop`), run
     # instead of the built-in one.
     trainable: str | None = None
+    # A trainer-level preset (`RECIPES`): it fills in the keys of the config that are not given.
+    recipe: Literal["default", "authors"] = "default"
+
+
+# The authors' training recipe (Helmholtz-AI-Energy/OIALR, configs/experiment/cifar10-minivit.yaml on
+# top of configs/training/oialr_trainer.yaml, trainers/ortho_fix_train.py): timm's cosine schedule
+# stepped per update (warm-up 10 of 300 epochs from warmup_lr 1e-5 to lr 3e-4, min_lr 1e-5, k_decay
+# 0.34, cycle_decay 0.4, one cycle over the run), weight decay on every parameter in one AdamW group,
+# label smoothing 0.1, bf16 autocast on the GPU. Mixup/CutMix is off, as in their ViT runs (their
+# ResNet-RS run turns it on: `search_spaces/imagenet_resnetrs.yaml`). LRs are fractions of `lr` here,
+# so the recipe keeps its shape at any learning rate; `lr` itself and `weight_decay` stay the config's.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "authors": {
+        "optimizer": {"weight_decay_on": "all"},
+        "schedule": {"decay": "timm_cosine", "warmup_fraction": 10 / 300, "warmup_lr_fraction": 1 / 30,
+                     "min_lr_fraction": 1 / 30, "k_decay": 0.34, "cycles": 1, "cycle_mul": 1.0, "cycle_decay": 0.4},
+        "label_smoothing": 0.1,
+        "precision": "bf16_on_gpu",
+    },
+}
+
+
+def _with_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` with its recipe's keys filled in where `data` does not set them (nested mappings merged)."""
+    recipe = data.get("recipe", "default")
+    if recipe not in RECIPES:
+        raise UserError(f"recipe: must be one of {', '.join(RECIPES)}, got {recipe!r}")
+
+    def merge(under: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(under)
+        for k, v in over.items():
+            out[k] = merge(under[k], v) if isinstance(under.get(k), Mapping) and isinstance(v, Mapping) else v
+        return out
+
+    return merge(RECIPES[recipe], data)
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -229,14 +281,19 @@ def _cross_checks(cfg: TrainConfig) -> None:
         plugins.check_syntax(d.name, "data.name")
     elif d.args:
         raise UserError(f"data.args: only for a dataset given by import path, not {d.name!r}")
-    for key, name in [("loss", cfg.loss), ("trainable", cfg.trainable)] + [
-        (f"metrics.{k}", v) for k, v in cfg.metrics.items()
-    ]:
+    for key, name in plugins.code_keys(dataclasses.asdict(cfg), catalogue=False):
         if name is not None:
             plugins.check_syntax(name, key)
     for k in cfg.metrics:
         if not k.isidentifier():
             raise UserError(f"metrics.{k}: metric names must be identifiers (reported as val_{k})")
+    if cfg.mixup.enabled:
+        if cfg.task != "classification" or cfg.loss is not None:
+            raise UserError("mixup: mixes class labels, so only for task classification with its own loss")
+        if cfg.schedule.batch_size % 2:
+            raise UserError(f"mixup: needs an even schedule.batch_size, got {cfg.schedule.batch_size}")
+        if importlib.util.find_spec("timm") is None:
+            raise UserError("mixup: needs timm (timm's Mixup): pip install 'oialr-tune[timm]'")
     o = cfg.optimizer
     if o.name == "sgd" and o.nesterov and o.momentum <= 0:
         raise UserError("optimizer.nesterov: needs optimizer.momentum > 0")
@@ -254,19 +311,14 @@ def _cross_checks(cfg: TrainConfig) -> None:
     cfg.model.args = check_model_args(cfg.model.name, cfg.model.args)
 
 
-def reported_metrics(task: str = "classification", metrics: Mapping[str, str] | None = None,
-                     split: str = "val") -> list[str]:
-    """The metrics a run of `task` reports per split (see `oialr_tune.tasks`): loss, acc or mae, user ones."""
-    main = "acc" if task == "classification" else "mae"
-    return [f"{split}_loss", f"{split}_{main}", *(f"{split}_{k}" for k in metrics or {})]
-
-
 def train_config_from_dict(data: Mapping[str, Any] | None) -> TrainConfig:
     """Build and validate a `TrainConfig` from plain data (parsed YAML); missing keys take defaults.
 
     Raises UserError with a one-line message naming the dotted key for an unknown key, a wrong type
     or a value out of range.
     """
+    if isinstance(data, Mapping):
+        data = _with_recipe(data)
     cfg = dataclass_from_dict(TrainConfig, data, "")
     _cross_checks(cfg)
     return cfg
@@ -292,6 +344,8 @@ def with_overrides(cfg: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfi
     """
     data = train_config_to_dict(cfg)
     for dotted, value in overrides.items():
+        if dotted == "recipe":  # its keys are already filled in: switching it would leave them behind
+            raise UserError("recipe: set it in the base config; search the keys it sets instead")
         node = data
         *parents, last = dotted.split(".")
         for i, part in enumerate(parents):

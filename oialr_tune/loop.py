@@ -17,42 +17,33 @@ The function gets the trainer config with the searched values (`config`, a `Trai
             trial.report(epoch=epoch, checkpoint={"model": model.state_dict(), ...}, **metrics)
 
 `trial.oialr` is the OIALR controller with the searched knobs, or (the full-rank baseline arm) a
-controller that never changes the model. `trial.report` adds what the tuner needs (trainable
-parameters and fraction, ranks, status), saves the checkpoint with the controller's state when the
-sweep asks for one, and hands the epoch to the sweep (Ray) or to retrain, exactly like the built-in
-trainer's epochs, so ASHA, the baseline arm, best, retrain, report and compare work unchanged.
+:class:`~oialr_tune.oialr.FullRank`: the same attributes and methods, and it never changes the
+model. `trial.report` adds what the tuner needs (trainable parameters and fraction, ranks, status),
+saves the checkpoint with the controller's state when the sweep asks for one, and hands the epoch
+to the sweep (Ray) or to retrain, exactly like the built-in trainer's epochs, so ASHA, the
+baseline arm, best, retrain, report and compare work unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from oialr_tune import plugins
+from oialr_tune import plugins, run_record
 from oialr_tune.config import TrainConfig, resolve_device
 from oialr_tune.errors import UserError
 from oialr_tune.models import build_model
-from oialr_tune.oialr import OIALR
-from oialr_tune.run_record import (
-    Callback,
-    FullRank,
-    TrainResult,
-    checkpoint_due,
-    checkpoint_file,
-    checkpoint_payload,
-    epoch_row,
-    existing,
-    make_controller,
-    resume_state,
-    write_checkpoint,
-)
+from oialr_tune.oialr import OIALR, FullRank
+from oialr_tune.run_record import Callback
 
 
 class _Stop(BaseException):
@@ -67,7 +58,8 @@ class Trial:
 
     Attributes:
         config: the trainer config with this trial's searched values.
-        seed: the run's seed (torch's global RNG is seeded with it before the function is called).
+        seed: the run's seed (torch's, numpy's and Python's global RNGs are seeded with it before
+            the function is called).
         device: the torch device the run should use (``config.device`` resolved).
         evaluate_test: True in a retrain: report test_* metrics (e.g. test_loss, test_acc) at the
             last epoch; never used for tuning.
@@ -75,8 +67,8 @@ class Trial:
         start_epoch: the last epoch done before a resume (0 for a fresh run).
     """
 
-    def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callback], checkpoint_path: Path | None,
-                 state: dict[str, Any] | None, evaluate_test: bool, checkpoint_epochs: set[int]) -> None:
+    def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callback], checkpoints: run_record.Checkpoints,
+                 state: dict[str, Any] | None, evaluate_test: bool) -> None:
         self.config, self.seed, self.evaluate_test = cfg, cfg.seed, evaluate_test
         self.device = resolve_device(cfg.device)
         self.checkpoint = state["user"] if state else None
@@ -86,7 +78,7 @@ class Trial:
         self.model_shapes: tuple[tuple[int, ...], int] | None = None
         self.controller: OIALR | FullRank | None = None
         self.test_metrics: dict[str, float] = {}
-        self._callbacks, self._path, self._epochs = callbacks, checkpoint_path, checkpoint_epochs
+        self._callbacks, self._checkpoints = callbacks, checkpoints
         self._controller_state = state["controller"] if state else None
         self._seen_events = 0
 
@@ -111,21 +103,44 @@ class Trial:
         if self.config.oialr.enabled and isinstance(delay, float) and total_steps is None:
             raise UserError(f"trainable: oialr.delay {delay} is a fraction of the run: call trial.oialr(model, "
                             f"optimizer, total_steps=...)")  # fmt: skip
-        controller = make_controller(model, optimizer, self.config.oialr, total_steps or 1)
-        if controller is None:
-            self.controller = FullRank(model)
-            return self.controller
+        controller = run_record.make_controller(model, optimizer, self.config.oialr, total_steps or 1)
+        controller = controller or FullRank(model, optimizer)
         if self._controller_state is not None:
             controller.load_state_dict(self._controller_state)
             self._seen_events = len(controller.history)
         self.controller = controller
         return controller
 
+    def rng_state(self, *generators: torch.Generator) -> dict[str, Any]:
+        """Every random state the loop draws from, to put in its checkpoint: torch's (CPU and CUDA),
+        numpy's global, Python's ``random``, and each of `generators` (a ``DataLoader``'s shuffling
+        generator holds its data order). `restore_rng_state` puts them back on a resume, so the
+        resumed trial continues the same random sequence and the same data order.
+        """
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(),
+                "python": random.getstate(), "generators": [g.get_state() for g in generators]}  # fmt: skip
+
+    def restore_rng_state(self, state: dict[str, Any], *generators: torch.Generator) -> None:
+        """Put back what `rng_state` saved (the same `generators`, in the same order). Call it on a
+        resume after everything random before the first epoch (the model's initialisation)."""
+        if len(generators) != len(state["generators"]):
+            raise UserError(f"trainable: restore_rng_state got {len(generators)} generator(s); the checkpoint "
+                            f"holds {len(state['generators'])}")  # fmt: skip
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        for g, g_state in zip(generators, state["generators"], strict=True):
+            g.set_state(g_state)
+
     def report(self, *, epoch: int, checkpoint: Any = None, **metrics: float) -> None:
         """End of an epoch (1-based): its metrics (val_* for tuning, test_* in a retrain) and state.
 
-        `checkpoint` is any data ``torch.save`` can write (state dicts, numbers); it is kept when
-        the sweep checkpoints this epoch and given back as `Trial.checkpoint` on a resume.
+        `checkpoint` is tensors and plain data (state dicts, numbers), numpy arrays and RNG states
+        (`rng_state`); it is kept when the sweep checkpoints this epoch and given back as
+        `Trial.checkpoint` on a resume (read with an allow-list, see `oialr_tune.safe_load`).
         """
         if self.controller is None:
             raise UserError("trainable: call trial.oialr(model, optimizer) before trial.report(...)")
@@ -135,18 +150,15 @@ class Trial:
         diverged = any(not math.isfinite(v) for k, v in values.items() if k.endswith("loss"))
         status = "diverged" if diverged else "finished" if last else "running"
         c = self.controller
-        events = c.history[self._seen_events:] if isinstance(c, OIALR) else []
+        events = c.history[self._seen_events:]
         self._seen_events += len(events)
-        row = epoch_row(epoch, train_loss=values.pop("train_loss", float("nan")), metrics=values, controller=c,
-                        events=events, status=status)
+        train_loss = values.pop("train_loss", float("nan"))
+        row = run_record.epoch_row(epoch, train_loss=train_loss, metrics=values, controller=c, events=events,
+                                   status=status)
         self.history.append(row)
-        written = None
-        if self._path is not None and checkpoint_due(self.config, epoch, self._epochs) and not diverged:
-            write_checkpoint(self._path, checkpoint_payload(
-                self.config, epoch=epoch, history=self.history,
-                controller=c.state_dict() if isinstance(c, OIALR) else None, user=checkpoint,
-            ))  # fmt: skip
-            written = self._path.parent
+        written = None if diverged else self._checkpoints.save(epoch, lambda: run_record.checkpoint_payload(
+            self.config, epoch=epoch, history=self.history, controller=c.state_dict(), user=checkpoint,
+        ))  # fmt: skip
         for cb in self._callbacks:
             cb.on_epoch_end(row, written)
         if diverged:
@@ -155,25 +167,26 @@ class Trial:
 
 def run_trainable(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), checkpoint_dir: str | Path | None = None,
                   resume: bool = True, evaluate_test: bool = False,
-                  checkpoint_epochs: Iterable[int] | None = None) -> TrainResult:
+                  checkpoint_epochs: Iterable[int] | None = None) -> run_record.TrainResult:
     """Run ``cfg.trainable`` as one training run; the trainer's `train` calls this for such configs."""
     wall_start = time.perf_counter()
     fn = plugins.resolve(cfg.trainable, "trainable")
-    ckpt_path = checkpoint_file(checkpoint_dir)
-    state = resume_state(ckpt_path, resume)
+    checkpoints = run_record.Checkpoints.of(cfg, checkpoint_dir, checkpoint_epochs)
+    state = checkpoints.resume_state(resume)
     if state is not None and "user" not in state:
-        raise UserError(f"{ckpt_path}: a checkpoint of the built-in trainer, not of trainable {cfg.trainable}")
-    torch.manual_seed(cfg.seed)
-    trial = Trial(cfg, callbacks=callbacks, checkpoint_path=ckpt_path, state=state, evaluate_test=evaluate_test,
-                  checkpoint_epochs=set(checkpoint_epochs or ()))
+        raise UserError(f"{checkpoints.path}: a checkpoint of the built-in trainer, not of trainable {cfg.trainable}")
+    torch.manual_seed(cfg.seed)  # and numpy's and Python's: a fresh run draws the same numbers every time
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    trial = Trial(cfg, callbacks=callbacks, checkpoints=checkpoints, state=state, evaluate_test=evaluate_test)
     with contextlib.suppress(_Stop):
         plugins.call(fn, cfg.trainable, "trainable", cfg, trial)
     if not trial.history:
         raise UserError(f"trainable: {cfg.trainable} returned without calling trial.report(...)")
-    result = TrainResult.of(
+    result = run_record.TrainResult.of(
         trial.history, test_metrics=trial.test_metrics, status=trial.history[-1]["status"], model=trial.model,
         controller=trial.controller if isinstance(trial.controller, OIALR) else None,
-        wall_time_s=time.perf_counter() - wall_start, checkpoint_path=existing(ckpt_path),
+        wall_time_s=time.perf_counter() - wall_start, checkpoint_path=checkpoints.written(),
         model_shapes=trial.model_shapes,
     )  # fmt: skip
     for cb in callbacks:

@@ -34,11 +34,12 @@ import torch
 from torch import nn
 
 from oialr_tune import plugins
-from oialr_tune.errors import UserError
+from oialr_tune.errors import UserError, one_line
 from oialr_tune.files import write_atomic
 from oialr_tune.models import MODELS, build_model
 from oialr_tune.oialr import apply_low_rank_structure, export_dense, low_rank_structure
 from oialr_tune.run_record import CHECKPOINT_FORMAT
+from oialr_tune.safe_load import allowed_globals
 
 __all__ = ["FORMAT", "ModelFile", "check_trusted_model", "load_model", "read_model_file", "save_model"]
 
@@ -157,11 +158,12 @@ def read_model_file(path: str | Path) -> ModelFile:
     """
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed_globals()):  # a user loop's checkpoint may hold numpy arrays
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such model file") from None
     except Exception as e:  # a crafted pickle weights_only refuses, a truncated file
-        raise ValueError(f"{path}: not an oialr-tune model file ({plugins.one_line(e)})") from None
+        raise ValueError(f"{path}: not an oialr-tune model file ({one_line(e)})") from None
     if _is_checkpoint(payload):
         return _checkpoint_model_file(payload, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -21,7 +21,7 @@ import sysconfig
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from oialr_tune.errors import UserError
+from oialr_tune.errors import UserError, one_line
 
 # name -> callable registered in this process (Python API) or installed from the sweep's driver.
 _REGISTRY: dict[str, Callable[..., Any]] = {}
@@ -100,12 +100,6 @@ def resolve(name: str, key: str) -> Callable[..., Any]:
     return obj
 
 
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception as one short line, for messages that must fit on one line."""
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def call(fn: Callable[..., Any], name: str, key: str, *args: Any, **kwargs: Any) -> Any:
     """Call user code; anything it raises becomes one UserError line naming `key` and the message."""
     try:
@@ -129,11 +123,21 @@ def _outside_site_packages(module_name: str) -> bool:
     return not any(os.path.abspath(path).startswith(os.path.abspath(p) + os.sep) for p in installed)
 
 
+def code_keys(cfg: Mapping[str, Any], *, catalogue: bool = True) -> list[tuple[str, Any]]:
+    """(dotted key, value) of each key of a trainer config (plain data) that may name user code.
+
+    The one list of those keys: ``model.name`` and ``data.name`` (an import path or a catalogue
+    name; left out with ``catalogue=False``), ``trainable``, ``loss`` and ``metrics.<name>``
+    (import paths only).
+    """
+    named = [("model.name", (cfg.get("model") or {}).get("name")), ("data.name", (cfg.get("data") or {}).get("name"))]
+    return [*(named if catalogue else []), ("trainable", cfg.get("trainable")), ("loss", cfg.get("loss")),
+            *((f"metrics.{k}", v) for k, v in (cfg.get("metrics") or {}).items())]
+
+
 def names_in(cfg: Mapping[str, Any]) -> list[str]:
-    """Every import path a trainer config (as plain data) names: model, data, trainable, loss, metrics."""
-    names = [cfg.get("model", {}).get("name"), cfg.get("data", {}).get("name"), cfg.get("trainable"),
-             cfg.get("loss"), *(cfg.get("metrics") or {}).values()]  # fmt: skip
-    return [n for n in names if isinstance(n, str) and is_import_path(n)]
+    """Every import path a trainer config (as plain data) names (see `code_keys`)."""
+    return [n for _, n in code_keys(cfg) if isinstance(n, str) and is_import_path(n)]
 
 
 def uses_user_code(cfg: Mapping[str, Any]) -> bool:

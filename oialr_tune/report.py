@@ -38,6 +38,7 @@ from oialr_tune.results import (
     open_results,
     pareto_rows,
 )
+from oialr_tune.stats import in_words
 from oialr_tune.sweep_state import REPORT_FILE, RETRAIN_DIR, SUMMARY_FILE
 from oialr_tune.trust import check_folder
 from oialr_tune.tuning.study import importances
@@ -106,7 +107,8 @@ def plot_pareto(res: SweepResults, metric: str, best: dict[str, BestTrial], path
     ax.grid(alpha=0.3)
     fig.legend(fontsize=8, loc="outside lower center", ncol=3)  # below the axes: never hides a point
     fig.savefig(path)
-    return "every finished trial; hollow = stopped early by ASHA; star = the configuration `best` returns"
+    return ("every finished trial; hollow = stopped early by ASHA (not candidates for `best` or the front when "
+            "any trial ran every epoch); star = the configuration `best` returns")
 
 
 def _trial_times(res: SweepResults, arm: str, rows: pd.DataFrame) -> pd.Series:
@@ -332,11 +334,12 @@ def _best_section(res: SweepResults, metric: str, best: dict[str, BestTrial]) ->
     md += [markdown_table(best_rows, ["arm", "trial_id", metric, SIZE_METRIC, "epochs", *param_cols]), ""]
     if "oialr" in best and "baseline" in best:
         o, f = best["oialr"].trial, best["baseline"].trial
-        diff = o.metrics[metric] - f.metrics[metric]
+        a, b = o.metrics[metric], f.metrics[metric]
         md += [
-            f"Tuned OIALR vs tuned full rank on validation: {metric} {diff:+.4f} with "
-            f"{o.trainable_fraction:.1%} of the trainable parameters. Validation scores picked these "
-            "configurations, so they are optimistic; `oialr-tune retrain` measures both on the test split.",
+            f"Tuned OIALR vs tuned full rank on validation: {metric} {a:.4g} vs {b:.4g}, OIALR "
+            f"{in_words(a, b, metric_direction(res, metric))} with {o.trainable_fraction:.1%} of the trainable "
+            "parameters. Validation scores picked these configurations, so they are optimistic; "
+            "`oialr-tune retrain` measures both on the test split.",
             "",
         ]
     md += [f"Full trainer config: `oialr-tune best {res.path} --format yaml > best.yaml`.", ""]

@@ -15,7 +15,9 @@ stored search space and its sampled values with the same code the sweep used
 
 Failed, diverged and unfinished trials are ignored: a trial counts when Ray ended it normally
 (``TERMINATED``: ran to the last epoch or stopped early by ASHA), it reported no error, the trainer
-did not report it diverged (``trainer_status``), and its objective metric is finite.
+did not report it diverged (``trainer_status``), and its objective metric is finite. As in Optuna,
+a trial ASHA stopped (pruned) is not a finished configuration: ``best`` and the summary pick among
+the trials that ran the whole schedule whenever any did.
 
 Per-epoch histories (for plots) come from Ray's own ``<arm>/trial_<id>/result.json`` files; the
 per-layer ``ranks`` of each epoch are stored there as a JSON string.
@@ -34,10 +36,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from oialr_tune.errors import UserError
-from oialr_tune.space import METRIC_DIRECTIONS, SIZE_METRIC, Param, SearchSpace, load_space
+from oialr_tune.metrics import SELECTABLE_DIRECTIONS, SIZE_METRIC
+from oialr_tune.space import Param, SearchSpace, load_space
 from oialr_tune.sweep_state import (
     CHECKPOINT_FILE,
     JOURNAL_TEMPLATE,
@@ -50,11 +52,10 @@ from oialr_tune.sweep_state import (
 
 __all__ = [
     "BestTrial", "SweepResults", "TrialInfo", "best_trial", "check_max_trainable_fraction", "find_results_dir",
-    "format_best", "incomplete", "open_results", "pareto_mask", "pareto_rows", "summarize",
+    "incomplete", "open_results", "pareto_mask", "pareto_rows", "summarize",
 ]  # fmt: skip
 
 CONFIG_PREFIX = "config."
-DIRECTIONS = {**METRIC_DIRECTIONS, SIZE_METRIC: "min"}  # the direction that makes each selectable metric better
 
 # Ray's status of a trial that ended without error (ran out its epochs or was stopped by ASHA).
 FINISHED_STATUSES = {"TERMINATED"}
@@ -69,7 +70,7 @@ METRIC_COLUMNS = (
 
 def metric_direction(res: SweepResults, metric: str) -> str:
     """'max' or 'min': the sweep's own objective knows its direction (a user metric's is its mode)."""
-    return res.space.objective.direction if metric == res.space.objective.metric else DIRECTIONS[metric]
+    return res.space.objective.direction if metric == res.space.objective.metric else SELECTABLE_DIRECTIONS[metric]
 
 
 @dataclass
@@ -127,6 +128,7 @@ class BestTrial:
     max_trainable_fraction: float | None = None
     finished_trials: int = 0
     ignored_trials: int = 0
+    completed_trials: int = 0  # finished trials that ran every epoch (not stopped early by ASHA)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -145,6 +147,7 @@ class BestTrial:
             "max_trainable_fraction": self.max_trainable_fraction,
             "finished_trials": self.finished_trials,
             "ignored_trials": self.ignored_trials,
+            "completed_trials": self.completed_trials,
             **self.trial.to_dict(),
         }
         if self.multi:
@@ -417,6 +420,7 @@ class _Ranking:
     """An arm's usable trials ranked for `best`: the one place that defines best and Pareto."""
 
     usable: pd.DataFrame
+    completed: int  # how many usable trials ran the whole schedule (the candidates when any did)
     size: pd.Series  # trainable fraction of each usable trial; a missing one counts as full size (1.0)
     pareto: pd.DataFrame  # usable trials no other beats on both the metric and the size, smallest first
     candidates: pd.DataFrame  # trials that may be "best" (the Pareto set when multi), under the budget, best first
@@ -428,18 +432,21 @@ def _rank(res: SweepResults, arm: str, metric: str, max_trainable_fraction: floa
     """Rank an arm's usable trials by `metric` (ties: the smaller model, then the earlier trial)."""
     mode = metric_direction(res, metric)
     usable = res.usable(arm, metric)
+    epochs = pd.to_numeric(usable.get("training_iteration", pd.Series(math.inf, usable.index)), errors="coerce")
+    completed = usable[epochs >= res.space.budget.max_epochs]  # not stopped early by ASHA
+    pool = completed if len(completed) else usable
     multi = res.space.objective.is_multi and arm == "oialr" and metric != SIZE_METRIC
-    score = pd.to_numeric(usable[metric], errors="coerce")
+    score = pd.to_numeric(pool[metric], errors="coerce")
     score = score if mode == "max" else -score
     size = pd.to_numeric(usable.get(SIZE_METRIC, pd.Series(1.0, index=usable.index)), errors="coerce").fillna(1.0)
-    pareto = usable[pareto_mask(score, size)]
+    pareto = pool[pareto_mask(score, size.loc[pool.index])]
     pareto = pareto.loc[size.loc[pareto.index].sort_values(kind="stable").index]
-    candidates = pareto if multi else usable
+    candidates = pareto if multi else pool
     if max_trainable_fraction is not None:
         candidates = candidates[size.loc[candidates.index] <= max_trainable_fraction]
     order = pd.DataFrame({"score": score.loc[candidates.index], "size": size.loc[candidates.index]})
     order = order.sort_values(["score", "size"], ascending=[False, True], kind="stable")
-    return _Ranking(usable, size, pareto, candidates.loc[order.index], multi, mode)
+    return _Ranking(usable, len(completed), size, pareto, candidates.loc[order.index], multi, mode)
 
 
 def pareto_rows(res: SweepResults, arm: str = "oialr", metric: str | None = None) -> pd.DataFrame:
@@ -483,8 +490,8 @@ def best_trial(
     if arm not in res.space.arms():
         raise UserError(f"--arm: sweep {res.name!r} has no {arm!r} arm (arms: {', '.join(res.space.arms())})")
     metric = objective or res.space.objective.metric
-    if metric not in DIRECTIONS and metric != res.space.objective.metric:
-        raise UserError(f"--objective: expected one of {', '.join(DIRECTIONS)}, got {metric!r}")
+    if metric not in SELECTABLE_DIRECTIONS and metric != res.space.objective.metric:
+        raise UserError(f"--objective: expected one of {', '.join(SELECTABLE_DIRECTIONS)}, got {metric!r}")
     max_trainable_fraction = _budget(res, arm, max_trainable_fraction)
     check_max_trainable_fraction(max_trainable_fraction)
     all_rows = res.trials[res.trials["arm"] == arm]
@@ -510,6 +517,7 @@ def best_trial(
         max_trainable_fraction=max_trainable_fraction,
         finished_trials=len(ranking.usable),
         ignored_trials=len(all_rows) - len(ranking.usable),
+        completed_trials=ranking.completed,
     )
 
 
@@ -544,57 +552,3 @@ def summarize(res: SweepResults) -> dict[str, Any]:
             for _, r in pareto.iterrows()
         ]
     return summary
-
-
-# --- output ------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def format_best(best: BestTrial, fmt: str = "table") -> str:
-    """Render a :class:`BestTrial` as ``table`` (for people), ``json`` or ``yaml``.
-
-    ``yaml`` is the trainer config only (metrics as comments), ready for ``oialr-tune train``.
-    """
-    t = best.trial
-    if fmt == "json":
-        return json.dumps(best.to_dict(), indent=2, default=_plain)
-    if fmt == "yaml":
-        m = t.metrics
-        header = [
-            f"# best {best.arm} trial {t.trial_id} of {best.results_dir} by {best.objective} ({best.mode})",
-            f"# {best.objective}={_fmt(m.get(best.objective))} trainable_fraction={_fmt(t.trainable_fraction)} "
-            f"epochs={_fmt(m.get('training_iteration'))}",
-            f"# checkpoint: {t.checkpoint}",
-        ]
-        return "\n".join(header) + "\n" + yaml.safe_dump(t.config, sort_keys=False)
-    if fmt != "table":
-        raise UserError(f"--format: expected table, yaml or json, got {fmt!r}")
-    lines = [
-        f"results   {best.results_dir}",
-        f"arm       {best.arm}   objective {best.objective} ({'multi: ' if best.multi else ''}{best.mode})   "
-        f"finished trials {best.finished_trials} (ignored {best.ignored_trials} failed/diverged/unfinished)",
-    ]
-    if best.max_trainable_fraction is not None:
-        lines.append(f"budget    trainable_fraction <= {best.max_trainable_fraction}")
-    lines += ["", f"best trial {t.trial_id}"]
-    for k, v in t.metrics.items():
-        lines.append(f"  {k:<20} {_fmt(v)}")
-    lines.append(f"  {'checkpoint':<20} {t.checkpoint}")
-    if t.params:
-        lines += ["", "searched values"]
-        lines += [f"  {k:<32} {_fmt(v)}" for k, v in t.params.items()]
-    if best.multi:
-        lines += ["", f"Pareto set ({len(best.pareto)} trials, {best.objective} vs trainable_fraction)"]
-        lines.append(f"  {'trial_id':<24} {best.objective:>10} {'fraction':>10}")
-        for p in best.pareto:
-            mark = "  <- chosen" if p.trial_id == t.trial_id else ""
-            lines.append(
-                f"  {p.trial_id:<24} {_fmt(p.metrics.get(best.objective)):>10} {_fmt(p.trainable_fraction):>10}{mark}"
-            )
-    lines += ["", f"full trainer config: oialr-tune best {best.results_dir} --arm {best.arm} --format yaml"]
-    return "\n".join(lines)

@@ -41,7 +41,7 @@ from oialr_tune import plugins
 from oialr_tune.checks import check_user_code
 from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_config_from_dict, train_config_to_dict
 from oialr_tune.data import load_data
-from oialr_tune.errors import UserError
+from oialr_tune.errors import UserError, one_line
 from oialr_tune.files import writable_folder
 from oialr_tune.model_io import load_model, read_model_file, save_model
 from oialr_tune.oialr import low_rank_structure
@@ -52,12 +52,14 @@ from oialr_tune.splits import Splits, TensorData
 from oialr_tune.stats import verdict, welch_interval
 from oialr_tune.sweep_state import CHECKPOINT_FILE, RETRAIN_DIR, SUMMARY_FILE
 from oialr_tune.tasks import task_for
-from oialr_tune.trainer import _one_line, train
+from oialr_tune.trainer import train
 from oialr_tune.trust import check_folder
 from oialr_tune.tuning.parallel import run_all
 
 __all__ = ["retrain"]
 
+# The first columns of metrics.csv; every other test_*/val_* metric a run reports (test_f1 of a user
+# metric, reloaded_/dense_ of the sweep's test metric) follows them (see `_write_outputs`).
 METRICS_COLUMNS = (
     "arm", "seed", "status", "test_acc", "test_loss", "reloaded_test_acc", "dense_test_acc", "val_acc",
     "trainable_fraction",
@@ -126,7 +128,7 @@ def _checkpoint_file(trial: TrialInfo, cfg: TrainConfig) -> Path:
     except ValueError as e:  # a user loop's checkpoint: no model to rebuild; a value of the wrong type
         raise UserError(f"--from-checkpoint: {e}") from None
     except RuntimeError as e:
-        raise UserError(f"{path}: checkpoint does not match its model config ({_one_line(e)})") from None
+        raise UserError(f"{path}: checkpoint does not match its model config ({one_line(e)})") from None
     return path
 
 
@@ -160,17 +162,20 @@ def _write_start_checkpoint(source: Path, cfg: TrainConfig, work_dir: Path) -> N
 # --- one run --------------------------------------------------------------------------------------
 
 
-def seed_jobs(arm: str, cfg: TrainConfig, seeds: Sequence[int], out_dir: Path, *, train_on: TrainOn = "train",
-              start_from: Path | None = None) -> list[dict[str, Any]]:
+def seed_jobs(arm: str, cfg: TrainConfig, seeds: Sequence[int], out_dir: Path, *, metric: str,
+              train_on: TrainOn = "train", start_from: Path | None = None) -> list[dict[str, Any]]:
     """One `run_seed_anywhere` job per seed: what retrain and compare hand to `oialr_tune.parallel.run_all`.
+
+    `metric` is the sweep's objective on the test split (`Objective.test_metric`): the saved model
+    files are scored again by it.
 
     The user functions `cfg` names travel pickled with each job, so a Ray worker (whose working
     directory is not the user's) can resolve them.
     """
     config = train_config_to_dict(cfg)
     user_code = plugins.pickled(config) if plugins.names_in(config) else None
-    return [{"arm": arm, "cfg": dataclasses.replace(cfg, seed=seed), "out_dir": out_dir, "train_on": train_on,
-             "start_from": start_from, "user_code": user_code} for seed in seeds]  # fmt: skip
+    return [{"arm": arm, "cfg": dataclasses.replace(cfg, seed=seed), "out_dir": out_dir, "metric": metric,
+             "train_on": train_on, "start_from": start_from, "user_code": user_code} for seed in seeds]  # fmt: skip
 
 
 def run_seed_anywhere(user_code: bytes | None, **job: Any) -> dict[str, Any]:
@@ -181,7 +186,7 @@ def run_seed_anywhere(user_code: bytes | None, **job: Any) -> dict[str, Any]:
 
 
 def run_seed(
-    arm: str, cfg: TrainConfig, out_dir: Path, *, train_on: TrainOn, start_from: Path | None
+    arm: str, cfg: TrainConfig, out_dir: Path, *, metric: str, train_on: TrainOn, start_from: Path | None
 ) -> dict[str, Any]:
     """Train, test, save and verify one seed; returns its metrics row (file paths relative to `out_dir`)."""
     seed_dir = out_dir / arm / f"seed_{cfg.seed}"
@@ -204,13 +209,8 @@ def run_seed(
         return row
     meta.update(_input_normalisation(cfg))
     model_path, dense_path = _save_models(result, cfg_dict, meta, seed_dir, out_dir, row)
-    _score_files(cfg, model_path, dense_path, row)
+    _score_files(cfg, metric, model_path, dense_path, row)
     return row
-
-
-def _test_metric(cfg: TrainConfig) -> str:
-    """The test metric a retrain of `cfg` reports per seed and summarizes: test_acc or test_mae."""
-    return "test_acc" if cfg.task == "classification" else "test_mae"
 
 
 def _train_seed(cfg: TrainConfig, *, train_on: TrainOn, start_from: Path | None) -> TrainResult:
@@ -237,6 +237,9 @@ def _metrics_row(arm: str, cfg: TrainConfig, result: TrainResult) -> dict[str, A
         "epochs": final.get("epoch"), "wall_time_s": result.wall_time_s, "model": None, "model_dense": None,
         "test_mae": result.test_metrics.get("test_mae"), "val_mae": final.get("val_mae"),
     })  # fmt: skip
+    # Every other metric the run reported: a user metric's test_f1 and val_f1 too.
+    row.update({k: v for k, v in result.test_metrics.items() if k not in row})
+    row.update({k: v for k, v in final.items() if k.startswith("val_") and k not in row})
     return row
 
 
@@ -261,14 +264,13 @@ def _save_models(result: TrainResult, cfg_dict: dict[str, Any], meta: dict[str, 
     return model_path, dense_path
 
 
-def _score_files(cfg: TrainConfig, model_path: Path, dense_path: Path | None, row: dict[str, Any]) -> None:
+def _score_files(cfg: TrainConfig, main: str, model_path: Path, dense_path: Path | None, row: dict[str, Any]) -> None:
     """Reload the saved models and score them on the test split, into `row` (reloaded_*, dense_*).
 
     The files, not the in-memory model, are what users get. On the CPU the reloaded score matches
     exactly; a GPU (cuDNN algorithm choice, torch.compile) may differ in the last bits, which can
     flip an argmax: recorded and warned about, not fatal after training.
     """
-    main = _test_metric(cfg)
     device = resolve_device(cfg.device)
     splits = load_data(cfg.data, device)  # cached: the same tensors the trainer used
     channels_last = cfg.channels_last and len(splits.in_shape) == 3
@@ -282,9 +284,9 @@ def _score_files(cfg: TrainConfig, model_path: Path, dense_path: Path | None, ro
         return task.evaluate(model, test_loader, precision=cfg.precision, prefix="test")[main]
 
     row[f"reloaded_{main}"] = score(model_path)
-    if row[f"reloaded_{main}"] != row[main] and len(splits.test):  # type: ignore[arg-type]
+    if row[f"reloaded_{main}"] != row.get(main) and len(splits.test):  # type: ignore[arg-type]
         _log(f"warning: {model_path} scores {main}={row[f'reloaded_{main}']} after reloading, "
-             f"training reported {row[main]}")  # fmt: skip
+             f"training reported {row.get(main)}")  # fmt: skip
     row[f"dense_{main}"] = score(dense_path) if dense_path is not None else row[f"reloaded_{main}"]
 
 
@@ -360,7 +362,7 @@ def retrain(
     # Choose and validate everything first: nothing is written if any arm cannot be retrained.
     plans = _plan(res, arm_list, epochs=epochs, train_on=train_on, from_trial=from_trial,
                   from_checkpoint=from_checkpoint, log=log)
-    main = _test_metric(plans[0].cfg) if plans else "test_acc"
+    main, mode = res.space.objective.test_metric, res.space.objective.direction
     no_test = _no_test_split(plans, log)
     if address is not None:  # as `sweep` does: one line at once, not Ray's minutes of retries after configs are written
         from oialr_tune.tuning.cluster import check_address
@@ -370,10 +372,10 @@ def retrain(
     writable_folder(out_dir, "--out folder")
     if train_on == "train+val":
         log("training on train+val: the validation examples are part of training, so there are no val metrics")
-    jobs = _write_arm_configs(plans, seed_list, out_dir, train_on=train_on, log=log)
+    jobs = _write_arm_configs(plans, seed_list, out_dir, metric=main, train_on=train_on, log=log)
     rows = _run_jobs(jobs, res, main, address=address, max_concurrent=max_concurrent, log=log)
     summary = _summary(res, out_dir, plans, rows, seed_list, train_on=train_on, from_checkpoint=from_checkpoint,
-                       main=main, no_test=no_test)
+                       main=main, mode=mode, no_test=no_test)
     _write_outputs(out_dir, rows, summary)
     _log_summary(summary, log)
     return summary
@@ -430,6 +432,9 @@ def _plan(res: SweepResults, arm_list: Sequence[str], *, epochs: int | None, tra
         cfg = train_config_from_dict(data)
         if uses_user_code(data):  # the user's module may have changed or gone since the sweep
             check_user_code(cfg)
+        if train_on == "train+val" and cfg.trainable is not None:
+            raise UserError(f"--train-on: train+val needs the built-in trainer; trainable {cfg.trainable} loads "
+                            f"its own data (merge val into train inside the loop instead)")
         if train_on == "train+val":
             merge_train_val(load_data(cfg.data, resolve_device(cfg.device)))  # unsupported data fails here
         plans.append(_Plan(arm, trial, why, cfg, _checkpoint_file(trial, cfg) if from_checkpoint else None))
@@ -448,8 +453,8 @@ def _no_test_split(plans: Sequence[_Plan], log: Callable[[str], None]) -> str | 
     return no_test
 
 
-def _write_arm_configs(plans: Sequence[_Plan], seed_list: list[int], out_dir: Path, *, train_on: TrainOn,
-                       log: Callable[[str], None]) -> list[dict[str, Any]]:
+def _write_arm_configs(plans: Sequence[_Plan], seed_list: list[int], out_dir: Path, *, metric: str,
+                       train_on: TrainOn, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Write each arm's ``config.yaml`` and say what it will run; returns the (arm, seed) jobs."""
     jobs = []
     for p in plans:
@@ -458,7 +463,8 @@ def _write_arm_configs(plans: Sequence[_Plan], seed_list: list[int], out_dir: Pa
         (arm_dir / "config.yaml").write_text(yaml.safe_dump(train_config_to_dict(p.cfg), sort_keys=False))
         how = f"fine-tuning from {p.start_from}" if p.start_from else "training from scratch"
         log(f"{p.arm}: {p.why}; {len(seed_list)} seed(s) {seed_list}, {p.cfg.schedule.epochs} epochs, {how}")
-        jobs += seed_jobs(p.arm, p.cfg, seed_list, out_dir, train_on=train_on, start_from=p.start_from)
+        jobs += seed_jobs(p.arm, p.cfg, seed_list, out_dir, metric=metric, train_on=train_on,
+                          start_from=p.start_from)
     return jobs
 
 
@@ -471,15 +477,18 @@ def _run_jobs(jobs: list[dict[str, Any]], res: SweepResults, main: str, *, addre
         nonlocal finished
         finished += 1
         log(f"{row['arm']} seed {row['seed']} ({finished}/{len(jobs)} done): status={row['status']} "
-            f"{main}={_num(row[main])} test_loss={_num(row['test_loss'])} "
+            f"{main}={_num(row.get(main))} test_loss={_num(row['test_loss'])} "
             f"trainable_fraction={_num(row['trainable_fraction'])} ({row['wall_time_s']:.1f}s)")  # fmt: skip
 
     return run_all(run_seed_anywhere, jobs, resources=res.space.resources, address=address,
                    max_concurrent=max_concurrent, on_done=done)  # fmt: skip
 
 
-def _arms_summary(plans: Sequence[_Plan], rows: list[dict[str, Any]], seed_list: list[int]) -> dict[str, Any]:
-    """Per arm: the trial retrained and why, and mean ± std over its seeds of each `SUMMARY_STATS` column."""
+def _arms_summary(plans: Sequence[_Plan], rows: list[dict[str, Any]], seed_list: list[int], main: str
+                  ) -> dict[str, Any]:
+    """Per arm: the trial retrained and why, and mean ± std over its seeds of each `SUMMARY_STATS` column
+    and of the sweep's test metric `main` (e.g. test_f1) and its dense export's."""
+    stats = dict.fromkeys((*SUMMARY_STATS, main, f"dense_{main}"))
     arms_summary: dict[str, Any] = {}
     for p in plans:
         arm_rows = [r for r in rows if r["arm"] == p.arm]
@@ -490,14 +499,14 @@ def _arms_summary(plans: Sequence[_Plan], rows: list[dict[str, Any]], seed_list:
             "config": f"{p.arm}/config.yaml",
             "seeds": seed_list,
             "diverged": sum(r["status"] == "diverged" for r in arm_rows),
-            **{k: mean_std([r[k] for r in arm_rows]) for k in SUMMARY_STATS},
+            **{k: mean_std([r.get(k) for r in arm_rows]) for k in stats},
         }
     return arms_summary
 
 
 def _summary(res: SweepResults, out_dir: Path, plans: Sequence[_Plan], rows: list[dict[str, Any]],
-             seed_list: list[int], *, train_on: TrainOn, from_checkpoint: bool, main: str, no_test: str | None
-             ) -> dict[str, Any]:
+             seed_list: list[int], *, train_on: TrainOn, from_checkpoint: bool, main: str, mode: str,
+             no_test: str | None) -> dict[str, Any]:
     """What ``summary.json`` holds (and `retrain` returns): settings, per-arm statistics, the comparison."""
     summary: dict[str, Any] = {
         "results_dir": str(res.path),
@@ -508,18 +517,19 @@ def _summary(res: SweepResults, out_dir: Path, plans: Sequence[_Plan], rows: lis
         "epochs": {p.arm: p.cfg.schedule.epochs for p in plans},
         "seeds": seed_list,
         "std": "sample standard deviation (n - 1)",
-        "arms": _arms_summary(plans, rows, seed_list),
+        "arms": _arms_summary(plans, rows, seed_list, main),
     }
     summary["test_metric"] = main
     summary["no_test_split"] = no_test
-    summary["comparison"] = _compare(summary["arms"], main)
+    summary["comparison"] = _compare(summary["arms"], main, mode)
     return summary
 
 
 def _write_outputs(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """``metrics.csv`` (one row per arm and seed) and ``summary.json``."""
+    columns = list(dict.fromkeys([*METRICS_COLUMNS, *(k for r in rows for k in r)]))
     with open(out_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
@@ -538,18 +548,19 @@ def _log_summary(summary: dict[str, Any], log: Callable[[str], None]) -> None:
     log(f"wrote {summary['out']}")
 
 
-def _compare(arms: dict[str, Any], metric: str = "test_acc") -> dict[str, Any] | None:
-    """OIALR minus baseline mean `metric`, with a Welch 95 % interval when both have ≥ 2 seeds."""
+def _compare(arms: dict[str, Any], metric: str = "test_acc", mode: str = "max") -> dict[str, Any] | None:
+    """OIALR minus baseline mean `metric`, with a Welch 95 % interval when both have ≥ 2 seeds; the
+    verdict (better/worse) follows `mode`, the direction that makes `metric` better."""
     if "oialr" not in arms or "baseline" not in arms:
         return None
     a = [v for v in arms["oialr"][metric]["values"] if v is not None and math.isfinite(v)]
     b = [v for v in arms["baseline"][metric]["values"] if v is not None and math.isfinite(v)]
     if not a or not b:
         return None
-    out: dict[str, Any] = {"metric": metric, "difference": statistics.fmean(a) - statistics.fmean(b)}
+    out: dict[str, Any] = {"metric": metric, "mode": mode, "difference": statistics.fmean(a) - statistics.fmean(b)}
     if len(a) >= 2 and len(b) >= 2:
         iv = welch_interval(a, b)
-        out.update(low=iv.low, high=iv.high, confidence=iv.confidence, verdict=verdict(iv))
+        out.update(low=iv.low, high=iv.high, confidence=iv.confidence, verdict=verdict(iv, mode))
     return out
 
 

@@ -19,7 +19,7 @@ report read the one shape it defines:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from oialr_tune import safe_load
 from oialr_tune.config import train_config_to_dict
 from oialr_tune.errors import UserError
 from oialr_tune.files import write_atomic
-from oialr_tune.oialr import OIALR, RankEvent, count_trainable
+from oialr_tune.oialr import OIALR, FullRank, RankEvent
 from oialr_tune.sweep_state import CHECKPOINT_FILE
 
 if TYPE_CHECKING:
@@ -94,26 +95,6 @@ class TrainResult:
 # --- an epoch's metrics row ---------------------------------------------------------------------
 
 
-class FullRank:
-    """The controller of a full-rank run: the read-outs of :class:`~oialr_tune.oialr.OIALR`, no changes."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.full_rank_parameters = count_trainable(model)
-
-    def step(self) -> list[RankEvent]:
-        return []
-
-    def layer_ranks(self) -> dict[str, int]:
-        return {}
-
-    def dense_layers(self) -> dict[str, str]:
-        return {}
-
-    def trainable_parameters(self) -> int:
-        return count_trainable(self.model)
-
-
 def epoch_row(epoch: int, *, train_loss: float, metrics: Mapping[str, Any], controller: OIALR | FullRank,
               events: Iterable[RankEvent], status: str, timing: Mapping[str, float] | None = None
               ) -> dict[str, Any]:
@@ -159,22 +140,50 @@ def make_controller(model: nn.Module, optimizer: torch.optim.Optimizer, settings
 # --- checkpoints --------------------------------------------------------------------------------
 
 
-def checkpoint_file(checkpoint_dir: str | Path | None) -> Path | None:
-    """Where a run checkpointing into `checkpoint_dir` keeps its checkpoint (None: no checkpoints)."""
-    return Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where and when a run of `cfg` checkpoints: ``checkpoint.pt`` in `folder` (None: never), after
+    its last epoch, every ``checkpoint_every``-th and each (1-based) epoch in `epochs`."""
 
+    cfg: TrainConfig
+    folder: Path | None
+    epochs: frozenset[int] = frozenset()
 
-def checkpoint_due(cfg: TrainConfig, epoch: int, checkpoint_epochs: set[int]) -> bool:
-    """Whether (1-based) `epoch` ends with a checkpoint: the last, every `checkpoint_every`-th, or a listed one."""
-    every = cfg.checkpoint_every
-    return bool(epoch >= cfg.schedule.epochs or (every and epoch % every == 0) or epoch in checkpoint_epochs)
+    @classmethod
+    def of(cls, cfg: TrainConfig, folder: str | Path | None, epochs: Iterable[int] | None = None) -> Checkpoints:
+        return cls(cfg, Path(folder) if folder is not None else None, frozenset(epochs or ()))
+
+    @property
+    def path(self) -> Path | None:
+        """The checkpoint file (None: the run keeps none)."""
+        return self.folder / CHECKPOINT_FILE if self.folder is not None else None
+
+    def resume_state(self, resume: bool) -> dict[str, Any] | None:
+        """The checkpoint the run continues from: the file's when resuming and it exists, else None."""
+        path = self.path
+        return read_checkpoint(path) if resume and path is not None and path.exists() else None
+
+    def save(self, epoch: int, payload: Callable[[], Mapping[str, Any]]) -> Path | None:
+        """After (1-based) `epoch`: write `payload()` if a checkpoint is due; the folder written, else None."""
+        every = self.cfg.checkpoint_every
+        due = epoch >= self.cfg.schedule.epochs or (every and epoch % every == 0) or epoch in self.epochs
+        if self.folder is None or not due:
+            return None
+        write_checkpoint(self.folder / CHECKPOINT_FILE, payload())
+        return self.folder
+
+    def written(self) -> Path | None:
+        """The checkpoint file if one exists (what a `TrainResult` reports), else None."""
+        path = self.path
+        return path if path is not None and path.exists() else None
 
 
 def checkpoint_payload(cfg: TrainConfig, *, epoch: int, history: list[dict[str, Any]],
                        controller: Mapping[str, Any] | None, **state: Any) -> dict[str, Any]:
     """A checkpoint of a run of `cfg` after (1-based) `epoch`: the keys every loop writes, then its own `state`.
 
-    `controller` is the OIALR controller's ``state_dict()`` (None for a full-rank run).
+    `controller` is the controller's ``state_dict()`` (a full-rank user loop's `FullRank` too; the
+    built-in trainer writes None for a full-rank run).
     """
     return {"format": CHECKPOINT_FORMAT, "config": train_config_to_dict(cfg), "epoch": epoch, "history": history,
             "controller": controller, **state}
@@ -186,25 +195,9 @@ def write_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint (tensors on the CPU). Raises UserError naming the path."""
+    """Load a checkpoint (tensors on the CPU; see `oialr_tune.safe_load`). Raises UserError naming the path."""
     path = Path(path)
-    try:
-        # weights_only: our checkpoints hold only tensors and plain data, so refuse anything else.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise UserError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+    state = safe_load.load(path)  # tensors, plain data, numpy arrays and RNG states; nothing else
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint written by oialr-tune's trainer")
     return state
-
-
-def resume_state(path: Path | None, resume: bool) -> dict[str, Any] | None:
-    """The checkpoint a run continues from: `path`'s when resuming and it exists, else None."""
-    return read_checkpoint(path) if resume and path is not None and path.exists() else None
-
-
-def existing(path: Path | None) -> Path | None:
-    """`path` if that file exists (what a `TrainResult` reports as its checkpoint), else None."""
-    return path if path is not None and path.exists() else None

@@ -1,7 +1,8 @@
-"""Strict conversion of plain data (parsed YAML) to annotated Python types, and shared type aliases.
+"""Strict conversion of plain data (parsed YAML) to annotated Python types, the range checks a dataclass
+field declares, and shared type aliases.
 
 The layer under `oialr_tune.config` (training configs), `oialr_tune.models` (model builder
-arguments) and `oialr_tune.space` (search spaces, through config's re-export): it imports nothing
+arguments) and `oialr_tune.space` (search spaces): it imports nothing
 from the package but `errors`, and no third-party module, so each of them can import it at module
 level without a cycle or a torch import.
 """
@@ -12,12 +13,39 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import field
 from typing import Any, Literal, Union
 
 from oialr_tune.errors import UserError
 
 InShape = tuple[int, ...]  # (C, H, W) of one example: what a model builder is given as `in_shape`
+
+
+# --- range checks, used as dataclass field metadata (`dataclass_from_dict` applies them) ---------
+
+Check = Callable[[Any], "str | None"]  # returns an error text ("must be > 0") or None when fine
+
+
+def gt(lo: float) -> Check:
+    return lambda v: None if v > lo else f"must be > {lo}"
+
+
+def ge(lo: float) -> Check:
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def within(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Check:
+    def check(v: float) -> str | None:
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        return None if ok else f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+    return check
+
+
+def rule(check: Check | None = None, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field with an optional range check in its metadata."""
+    return field(default=default, metadata={"check": check} if check else {}, **kw)
 
 
 def _type_name(tp: Any) -> str:

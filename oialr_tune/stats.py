@@ -1,4 +1,4 @@
-"""Small statistics for comparing two arms' per-seed test accuracies."""
+"""Small statistics for comparing two arms' per-seed test metrics (accuracy, MAE, a user metric)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scipy import stats as _scipy_stats
-
-__all__ = ["Interval", "verdict", "welch_interval"]
+__all__ = ["Interval", "in_words", "verdict", "welch_interval"]
 
 
 @dataclass(frozen=True)
@@ -38,15 +36,35 @@ def welch_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0
     se = math.sqrt(sa + sb)
     if se == 0.0:
         return Interval(diff, diff, diff, math.inf, confidence)
+    from scipy import stats as scipy_stats  # here, not at the top: the sweep's summary line needs no scipy
+
     dof = (sa + sb) ** 2 / (sa**2 / (len(a) - 1) + sb**2 / (len(b) - 1))
-    t = float(_scipy_stats.t.ppf(0.5 + confidence / 2, dof))
+    t = float(scipy_stats.t.ppf(0.5 + confidence / 2, dof))
     return Interval(diff, diff - t * se, diff + t * se, dof, confidence)
 
 
-def verdict(interval: Interval) -> str:
-    """'better' / 'worse' when the interval excludes 0, else 'no detectable difference'."""
-    if interval.low > 0:
+def verdict(interval: Interval, mode: str = "max") -> str:
+    """'better' / 'worse' for the first arm when the interval excludes 0, else 'no detectable difference'.
+
+    `mode` says which way the metric improves: 'max' (accuracy) or 'min' (MAE, loss), so a lower
+    MAE is 'better' although its difference is negative.
+    """
+    sign = 1.0 if mode == "max" else -1.0
+    low, high = sorted((sign * interval.low, sign * interval.high))
+    if low > 0:
         return "better"
-    if interval.high < 0:
+    if high < 0:
         return "worse"
     return "no detectable difference"
+
+
+def in_words(a: float, b: float, mode: str = "max", scale: float = 1.0, unit: str = "") -> str:
+    """How `a` compares with `b` for a metric `mode` makes better: 'better by 0.0040', 'worse by ...'.
+
+    Four significant digits of the gap (times `scale`, e.g. 100 for points of accuracy), so a small
+    MAE gap does not print as 0.00; 'the same' when they are equal.
+    """
+    if a == b:
+        return "the same"
+    better = (a > b) == (mode == "max")
+    return f"{'better' if better else 'worse'} by {abs(a - b) * scale:.4g}{unit}"

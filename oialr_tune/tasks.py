@@ -1,7 +1,8 @@
 """What a run learns and how it is scored: the training loss and the evaluation metrics of a task.
 
-* ``classification`` (default): cross-entropy (with the config's label smoothing in training);
-  metrics ``loss`` (plain cross-entropy) and ``acc``.
+* ``classification`` (default): cross-entropy (with the config's label smoothing in training,
+  and soft targets when mixup/cutmix is on, `Task.mix`); metrics ``loss`` (plain cross-entropy)
+  and ``acc``.
 * ``regression``: mean squared error; metrics ``loss`` (MSE) and ``mae``. Targets may be scalars
   or vectors; they are compared in the model output's shape.
 * A user's loss ``"module:fn"`` — ``fn(outputs, targets) -> scalar tensor`` — replaces the task's
@@ -9,7 +10,7 @@
   ``fn(outputs, targets) -> float`` on the whole split's outputs — are reported as ``val_<name>``
   (``test_<name>`` on the test split).
 
-The names a config reports are `oialr_tune.config.reported_metrics`; the search space checks its
+The names a config reports are `oialr_tune.metrics.reported_metrics`; the search space checks its
 objective against them before a sweep starts.
 """
 
@@ -20,18 +21,25 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from oialr_tune import plugins
-from oialr_tune.config import TrainConfig
+from oialr_tune.config import MixupConfig, TrainConfig
+from oialr_tune.metrics import main_metric
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for `precision` (bf16/fp16) on `device`; nothing at all for fp32."""
+    """Mixed precision for `precision` (bf16/fp16) on `device`; nothing at all for fp32.
+
+    ``bf16_on_gpu`` is bf16 on a CUDA device and fp32 elsewhere (the authors' ``autocast: True``).
+    """
+    if precision == "bf16_on_gpu":
+        precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext()  # cheaper per step than a disabled autocast
     return torch.autocast(device.type, dtype=_AMP_DTYPES[precision])
@@ -51,19 +59,50 @@ class Task:
     loss_name: str | None = None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     metric_fns: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = field(default_factory=dict)
+    mixup: MixupConfig | None = None  # mixup/cutmix of training batches (None: off)
+    seed: int = 0
+    _mixer: Any = field(default=None, repr=False)  # timm's Mixup, built at the first batch
 
     @property
     def main_metric(self) -> str:
         """The task's own quality metric (without split prefix): ``acc`` or ``mae``."""
-        return "acc" if self.kind == "classification" else "mae"
+        return main_metric(self.kind)
 
     def train_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The loss minimised in training (mean over the batch)."""
+        """The loss minimised in training (mean over the batch).
+
+        Classification takes class indices (smoothed by `label_smoothing`) or soft targets, rows of
+        class probabilities (from mixup/cutmix, which already folded the smoothing in).
+        """
         if self.loss_fn is not None:
             return self.loss_fn(out, y)
         if self.kind == "classification":
-            return F.cross_entropy(out, y, label_smoothing=self.label_smoothing)
+            smoothing = 0.0 if y.is_floating_point() else self.label_smoothing
+            return F.cross_entropy(out, y, label_smoothing=smoothing)
         return F.mse_loss(out, _regression_targets(out, y))
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, step: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup/CutMix of training batch `step` by timm's `Mixup`: mixed inputs, soft targets.
+
+        timm draws from NumPy's global generator; it is seeded from (seed, step) for this call and
+        restored after, so a run stays deterministic and a resumed one mixes the same way. Without
+        mixup, (x, y) unchanged.
+        """
+        if self.mixup is None or not self.mixup.enabled:
+            return x, y
+        if self._mixer is None:
+            from timm.data import Mixup  # optional dependency, checked when the config was read
+
+            m = self.mixup
+            self._mixer = Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob,
+                                switch_prob=m.switch_prob, mode="batch", label_smoothing=self.label_smoothing,
+                                num_classes=num_classes)
+        outer = np.random.get_state()
+        np.random.seed([self.seed, step])
+        try:
+            return self._mixer(x, y)  # mixes x in place: a loader batch is a fresh tensor
+        finally:
+            np.random.set_state(outer)
 
     def _sums(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-batch sums of the loss and of the main metric (summed on the device, read once)."""
@@ -126,4 +165,4 @@ def task_for(cfg: TrainConfig) -> Task:
     """The :class:`Task` a config describes, with its user loss and metrics resolved."""
     loss_fn = plugins.resolve(cfg.loss, "loss") if cfg.loss else None
     metric_fns = {k: plugins.resolve(v, f"metrics.{k}") for k, v in cfg.metrics.items()}
-    return Task(cfg.task, cfg.label_smoothing, cfg.loss, loss_fn, metric_fns)
+    return Task(cfg.task, cfg.label_smoothing, cfg.loss, loss_fn, metric_fns, cfg.mixup, cfg.seed)

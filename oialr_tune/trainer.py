@@ -13,7 +13,8 @@ Guarantees the tuning layer relies on:
   (including the data order generator), step, epoch and history; a run stopped after epoch k and
   resumed gives the same metrics as one that was never stopped.
 * **Cheap per step**: the loss is summed on the device and read once per epoch; the learning rate
-  is a pure function of the step (`lr_at`), so there is no scheduler state to save.
+  is a pure function of the step (`oialr_tune.lr_schedule.lr_at`), so there is no scheduler state
+  to save.
 * **Never raises for a diverged run**: a non-finite loss ends it with ``status="diverged"``.
 """
 
@@ -23,6 +24,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,22 +33,18 @@ from torch import nn
 
 from oialr_tune.config import TrainConfig, resolve_device
 from oialr_tune.data import load_data
-from oialr_tune.errors import UserError
+from oialr_tune.errors import UserError, one_line
 from oialr_tune.loop import run_trainable
+from oialr_tune.lr_schedule import lr_at
 from oialr_tune.models import build_model
-from oialr_tune.oialr import OIALR, RankEvent
+from oialr_tune.oialr import OIALR, FullRank, RankEvent
 from oialr_tune.run_record import (
     Callback,
-    FullRank,
+    Checkpoints,
     TrainResult,
-    checkpoint_due,
-    checkpoint_file,
     checkpoint_payload,
     epoch_row,
-    existing,
     make_controller,
-    resume_state,
-    write_checkpoint,
 )
 from oialr_tune.splits import Loader, Splits
 from oialr_tune.tasks import Task, task_for
@@ -55,53 +53,22 @@ from oialr_tune.tasks import autocast as _autocast
 if TYPE_CHECKING:
     from oialr_tune.progress import TrainProgress
 
-# --- learning rate ------------------------------------------------------------------------------
-
-
-def lr_at(
-    step: int,
-    total_steps: int,
-    *,
-    base_lr: float,
-    warmup_steps: int = 0,
-    decay: str = "cosine",
-    min_lr_fraction: float = 0.0,
-    last_event_step: int | None = None,
-    rewarm_steps: int = 0,
-    rewarm_start: float = 0.1,
-) -> float:
-    """Learning rate for optimizer step `step` (0-based) of `total_steps`.
-
-    Linear warm-up from base_lr/warmup_steps to base_lr, then cosine decay to
-    ``min_lr_fraction * base_lr`` at the last step (or constant). If OIALR changed the model's form
-    just before step `last_event_step` (a factorization resets S's optimizer state; a cut changes
-    its shape), the rate is scaled by a linear ramp from `rewarm_start` to 1 over `rewarm_steps`.
-    """
-    if step < warmup_steps:
-        lr = base_lr * (step + 1) / warmup_steps
-    elif decay == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps - 1)
-        floor = min_lr_fraction * base_lr
-        lr = floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    else:
-        lr = base_lr
-    if last_event_step is not None and rewarm_steps > 0:
-        since = step - last_event_step
-        if 0 <= since < rewarm_steps:
-            lr *= rewarm_start + (1.0 - rewarm_start) * since / rewarm_steps
-    return lr
 
 
 # --- building blocks ----------------------------------------------------------------------------
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD; weight decay only on matrices and kernels (not biases or norm scales)."""
+    """AdamW or SGD; weight decay on matrices and kernels only (not biases or norm scales), or with
+    ``optimizer.weight_decay_on: all`` on every parameter in one group (the authors' recipe)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
     o = cfg.optimizer
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.weight_decay_on == "all":
+        groups = [{"params": params, "weight_decay": o.weight_decay}]
+    else:
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
@@ -114,12 +81,6 @@ def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     each low-rank layer's S with a new Parameter, cut or not.
     """
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    """An exception as one short line (torch's state-dict errors span many lines)."""
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- one run, piece by piece ----------------------------------------------------------------------
@@ -154,9 +115,11 @@ class _Run:
     def lr(self, step: int) -> float:
         """The learning rate of optimizer step `step` (see `lr_at`)."""
         sch = self.cfg.schedule
+        timm_shape = {k: getattr(sch, k) for k in ("warmup_lr_fraction", "k_decay", "cycles", "cycle_mul",
+                                                   "cycle_decay")} if sch.decay == "timm_cosine" else {}
         return lr_at(step, self.total_steps, base_lr=self.cfg.optimizer.lr, warmup_steps=self.warmup_steps,
                      decay=sch.decay, min_lr_fraction=sch.min_lr_fraction, last_event_step=self.last_event,
-                     rewarm_steps=sch.rewarm_steps, rewarm_start=sch.rewarm_start)
+                     rewarm_steps=sch.rewarm_steps, rewarm_start=sch.rewarm_start, **timm_shape)
 
 
 @dataclass
@@ -177,7 +140,7 @@ def _set_backends(device: torch.device) -> None:
 
 
 def _start(cfg: TrainConfig, device: torch.device, splits: Splits | None, state: dict[str, Any] | None,
-           ckpt_path: Path | None) -> _Run:
+           checkpoints: Checkpoints) -> _Run:
     """Data, model, optimizer, loaders, OIALR controller and GradScaler; continued from `state` if given.
 
     The model is initialised from the seed right before it is built, so a cached dataset (or none)
@@ -208,7 +171,7 @@ def _start(cfg: TrainConfig, device: torch.device, splits: Splits | None, state:
         meter=controller or FullRank(model), forward=model,
     )  # fmt: skip
     if state is not None:
-        _restore(run, state, ckpt_path)
+        _restore(run, state, checkpoints.path)
     # torch.compile (GPU only) wraps the forward lazily; the controller keeps editing `model` itself.
     if cfg.compile and device.type == "cuda":
         run.forward = torch.compile(model)
@@ -233,7 +196,7 @@ def _restore(run: _Run, state: dict[str, Any], ckpt_path: Path | None) -> None:
         run.train_loader.generator.set_state(state["rng"]["data"])
         run.step, run.start_epoch, run.history = state["step"], state["epoch"], state["history"]
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{ckpt_path}: checkpoint does not match this config ({_one_line(e)})") from None
+        raise UserError(f"{ckpt_path}: checkpoint does not match this config ({one_line(e)})") from None
     if run.history:
         run.status = run.history[-1]["status"]
 
@@ -263,6 +226,7 @@ def _optimizer_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float) -> t
     cfg, optimizer, scaler = run.cfg, run.optimizer, run.scaler
     for group in optimizer.param_groups:
         group["lr"] = lr
+    x, y = run.task.mix(x, y, run.step, run.num_outputs)  # mixup/cutmix when configured
     with _autocast(run.device, cfg.precision):
         loss = run.task.train_loss(run.forward(x), y)
     optimizer.zero_grad(set_to_none=True)
@@ -283,7 +247,7 @@ def _oialr_step(run: _Run) -> list[RankEvent]:
     if events:
         run.last_event = run.controller.step_count
         if run.forward is not run.model:
-            torch._dynamo.reset()  # recompile once for the new shapes, not per guard miss
+            torch.compiler.reset()  # recompile once for the new shapes, not per guard miss
     return events
 
 
@@ -334,7 +298,7 @@ def _train_epoch(run: _Run, epoch: int, progress: TrainProgress | None) -> dict[
     )  # fmt: skip
 
 
-def _run_epochs(run: _Run, *, callbacks: Sequence[Callback], ckpt_path: Path | None, checkpoint_epochs: set[int],
+def _run_epochs(run: _Run, *, callbacks: Sequence[Callback], checkpoints: Checkpoints,
                 progress: TrainProgress | None) -> None:
     """The remaining epochs of `run`, each followed by its checkpoint (when due) and the callbacks."""
     for epoch in range(run.start_epoch, run.cfg.schedule.epochs):
@@ -342,18 +306,15 @@ def _run_epochs(run: _Run, *, callbacks: Sequence[Callback], ckpt_path: Path | N
         run.history.append(metrics)
         if progress is not None:
             progress.on_epoch_end(metrics, None)
-        written = None
-        if ckpt_path is not None and checkpoint_due(run.cfg, epoch + 1, checkpoint_epochs) \
-                and run.status != "diverged":
-            write_checkpoint(ckpt_path, _checkpoint_payload(run, epoch + 1))
-            written = ckpt_path.parent
+        diverged = run.status == "diverged"  # a diverged run keeps its last good checkpoint
+        written = None if diverged else checkpoints.save(epoch + 1, partial(_checkpoint_payload, run, epoch + 1))
         for cb in callbacks:
             cb.on_epoch_end(metrics, written)
         if run.status == "diverged":
             break
 
 
-def _result(run: _Run, *, evaluate_test: bool, ckpt_path: Path | None, wall_start: float) -> TrainResult:
+def _result(run: _Run, *, evaluate_test: bool, checkpoints: Checkpoints, wall_start: float) -> TrainResult:
     """The `TrainResult` of a run whose epochs are done; scores the test split if asked (and not diverged)."""
     test_metrics: dict[str, float] = {}
     if evaluate_test and run.status != "diverged":
@@ -362,7 +323,7 @@ def _result(run: _Run, *, evaluate_test: bool, ckpt_path: Path | None, wall_star
     return TrainResult.of(
         run.history, test_metrics=test_metrics, model_shapes=(tuple(run.splits.in_shape), run.num_outputs),
         status=run.status, model=run.model, controller=run.controller,
-        wall_time_s=time.perf_counter() - wall_start, checkpoint_path=existing(ckpt_path),
+        wall_time_s=time.perf_counter() - wall_start, checkpoint_path=checkpoints.written(),
     )  # fmt: skip
 
 
@@ -403,19 +364,18 @@ def train(
                                 progress=progress)  # fmt: skip
     wall_start = time.perf_counter()
     device = resolve_device(cfg.device)
-    ckpt_path = checkpoint_file(checkpoint_dir)
-    state = resume_state(ckpt_path, resume)
-    run = _start(cfg, device, splits, state, ckpt_path)
+    checkpoints = Checkpoints.of(cfg, checkpoint_dir, checkpoint_epochs)
+    state = checkpoints.resume_state(resume)
+    run = _start(cfg, device, splits, state, checkpoints)
     try:
         if progress is not None:  # only now: bad input (data, checkpoint) stays a one-line error
             progress.start(cfg, device, done_epochs=state["epoch"] if state else 0)
             progress.begin_steps(run.total_steps, run.step)
-        _run_epochs(run, callbacks=callbacks, ckpt_path=ckpt_path, checkpoint_epochs=set(checkpoint_epochs or ()),
-                    progress=progress)
+        _run_epochs(run, callbacks=callbacks, checkpoints=checkpoints, progress=progress)
     finally:
         if progress is not None:
             progress.close()
-    result = _result(run, evaluate_test=evaluate_test, ckpt_path=ckpt_path, wall_start=wall_start)
+    result = _result(run, evaluate_test=evaluate_test, checkpoints=checkpoints, wall_start=wall_start)
     for cb in callbacks:
         cb.on_train_end(result)
     return result

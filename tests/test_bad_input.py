@@ -163,6 +163,11 @@ SPACE_CASES = [
     # Only building the model on the data's images can tell (every trial would fail inside Ray).
     pytest.param([(("base", "model"), {"name": "vit_small", "args": {"patch_size": 3}})],
                  ["base.model.args.patch_size"], id="model-arg-only-the-builder-can-check"),
+    # A layer pattern that matches no layer of the model is a typo: only the built model can tell.
+    pytest.param([(("base", "oialr", "exclude"), ["head*"])], ["base.oialr.exclude", "'head*'"],
+                 id="oialr-exclude-pattern-matching-no-layer"),
+    pytest.param([(("base", "oialr", "include"), "*.attn.*")], ["base.oialr.include"],
+                 id="oialr-include-not-a-list"),
     pytest.param([(("base", "device"), "auto"), (("resources", "gpu"), 1)], ["resources.gpu"],
                  marks=NO_GPU, id="gpu-per-trial-on-a-machine-without-one"),
     pytest.param([(("base", "device"), "cuda"), (("resources", "gpu"), 0.5)], ["resources.gpu"],
@@ -379,6 +384,20 @@ def test_train_checkpoint_of_another_config(tmp_path: Path, rejected: Callable[.
 
 
 @NO_GPU
+def test_train_user_model_that_ignores_the_data_shape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rejected: Callable[..., str]
+) -> None:
+    """The one-example check a sweep runs first: one line naming model.name, not the trainer's 40-line traceback."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # nothing written under tmp_path
+    monkeypatch.setattr(sys, "path", list(sys.path))  # plugins adds the working directory
+    (tmp_path / "fixed_width.py").write_text(
+        "from torch import nn\n\ndef build(in_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(5, num_classes))  # in_shape ignored\n"
+    )
+    config = write_train(tmp_path, edited(TRAIN, (("model",), {"name": "fixed_width:build"})))
+    rejected(["train", str(config)], "model.name", "fixed_width:build")
+
+
 def test_train_cuda_on_a_machine_without_one(tmp_path: Path, rejected: Callable[..., str]) -> None:
     config = write_train(tmp_path, edited(TRAIN, (("device",), "cuda")))
     rejected(["train", str(config), "--checkpoint-dir", str(tmp_path / "ck")], "device")

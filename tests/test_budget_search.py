@@ -12,8 +12,9 @@ import yaml
 from tiny_sweep import SPACE, tiny_sweep_dir
 
 from oialr_tune.errors import UserError
+from oialr_tune.metrics import SIZE_METRIC
 from oialr_tune.results import best_trial, open_results
-from oialr_tune.space import SIZE_METRIC, load_space, space_from_dict
+from oialr_tune.space import load_space, space_from_dict
 from oialr_tune.tuning.search import BudgetedOptunaSearch, searcher
 from oialr_tune.tuning.study import optuna_trials
 
@@ -72,11 +73,15 @@ def test_trials_recreated_from_the_journal_carry_their_constraint() -> None:
 
 
 def test_ray_private_map_of_optuna_trials_is_still_there() -> None:
-    """BudgetedOptunaSearch reaches the Optuna trial through OptunaSearch._ot_trials: fail loudly if Ray changes it."""
+    """BudgetedOptunaSearch reaches the Optuna trial through OptunaSearch._ot_trials
+    (`_internals.optuna_trial`): fail loudly if Ray changes it."""
+    from oialr_tune.tuning._internals import optuna_trial
+
     search = searcher(_quickstart(BUDGET), "oialr", [])
     assert isinstance(search, BudgetedOptunaSearch)
     search.suggest("x")
     assert isinstance(search._ot_trials["x"], optuna.trial.Trial)
+    assert optuna_trial(search, "x") is search._ot_trials["x"] and optuna_trial(search, "y") is None
 
 
 def test_a_bad_budget_names_the_key() -> None:

@@ -188,6 +188,12 @@ def test_the_private_ray_gcs_client_the_auth_check_uses_is_still_there() -> None
     with pytest.raises(RpcError):  # nothing listens there: an RpcError, not another error
         cluster_module._ping_gcs("127.0.0.1:1", timeout_ms=500)
     assert "gcs_address" in inspect.getsource(cluster_module._ping_gcs)
+    # The private module whose logger `_internals.quiet_token_setup_warning` silences is still there.
+    import importlib.util
+
+    from oialr_tune.tuning._internals import TOKEN_SETUP_LOGGER
+
+    assert importlib.util.find_spec(TOKEN_SETUP_LOGGER) is not None
 
 
 @pytest.mark.parametrize(

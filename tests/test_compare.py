@@ -13,7 +13,7 @@ from matplotlib.image import imread
 from tiny_sweep import TINY_BASE
 
 from oialr_tune.cli import main
-from oialr_tune.compare import ARMS, compare, gate_off_space, summarize, untuned_config
+from oialr_tune.compare import ARMS, compare, csv_columns, gate_off_space, summarize, untuned_config, write_comparison
 from oialr_tune.model_io import load_model
 from oialr_tune.space import space_from_dict
 from oialr_tune.stats import welch_interval
@@ -63,6 +63,7 @@ def test_compare_files_agree_with_the_per_seed_results(compared: Path) -> None:
             assert load_model(model_file) is not None
     # Every figure in comparison.md is recomputed here from comparison.csv.
     md = (compared / "comparison.md").read_text()
+    assert list(table.columns) == csv_columns("test_acc")
     ref = table.loc[table["arm"] == "full_rank_tuned", "test_acc"].tolist()
     for arm, label in ARMS:
         accs = table.loc[table["arm"] == arm, "test_acc"].tolist()
@@ -92,3 +93,22 @@ def test_compare_refuses_a_used_folder(compared: Path, capsys) -> None:
     assert sorted(p.name for p in compared.iterdir()) == before
     assert main(["compare", "quickstart", "--seeds", "1", "--out", str(compared / "x")]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_a_regression_comparison_is_by_test_mae_and_lower_is_better(tmp_path: Path) -> None:
+    """The table, the verdict and the plot follow the sweep's objective: test_mae, minimized."""
+    maes = {"full_rank_tuned": [0.50, 0.51, 0.49], "oialr_tuned": [0.40, 0.41, 0.39],
+            "oialr_untuned": [0.60, 0.61, 0.59], "oialr_gate_off": [0.50, 0.52, 0.48]}  # fmt: skip
+    rows = [{"arm": arm, "seed": seed, "status": "finished", "test_mae": v, "val_mae": v, "test_loss": v * v,
+             "trainable_fraction": 1.0 if arm == "full_rank_tuned" else 0.3, "trainable_params": 10,
+             "total_params": 10, "wall_time_s": 1.0, "tuning_wall_time_s": 2.0, "source": "-"}
+            for arm, values in maes.items() for seed, v in enumerate(values)]  # fmt: skip
+    table = pd.DataFrame(rows, columns=csv_columns("test_mae"))
+    verdicts = {s["arm"]: s.get("verdict") for s in summarize(table, "test_mae", "min")}
+    assert verdicts == {"full_rank_tuned": None, "oialr_tuned": "better", "oialr_untuned": "worse",
+                        "oialr_gate_off": "no detectable difference"}  # fmt: skip
+    write_comparison(tmp_path, table, title="t", metric="test_mae", mode="min")
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| test_mae (mean ± std) |" in md and "lower is better" in md
+    assert next(line for line in md.splitlines() if line.startswith("| tuned OIALR |")).endswith("| better |")
+    assert imread(tmp_path / "comparison.png").ndim == 3

@@ -138,3 +138,20 @@ def test_device_resolution() -> None:
         for device in ("cuda", "cuda:1"):
             with pytest.raises(UserError, match=r"^device: "):
                 resolve_device(device)
+
+
+def test_the_oialr_controller_and_the_config_share_their_defaults() -> None:
+    """One set of OIALR defaults: every setting of the config's ``oialr`` section is an argument of the
+    controller with the same default, except `delay` (a fraction of the run in the config, steps in
+    the controller, which knows no run length) and `enabled` (the config's switch)."""
+    import dataclasses
+    import inspect
+
+    from oialr_tune.config import OIALRConfig
+    from oialr_tune.oialr import OIALR
+
+    controller = {k: p.default for k, p in inspect.signature(OIALR).parameters.items()
+                  if p.default is not inspect.Parameter.empty}
+    config = {f.name: getattr(OIALRConfig(), f.name) for f in dataclasses.fields(OIALRConfig)}
+    assert set(controller) == set(config) - {"enabled"}
+    assert {k: v for k, v in controller.items() if k != "delay"} == {k: config[k] for k in controller if k != "delay"}

@@ -7,6 +7,7 @@ examples/custom as the working directory, as a user would, so the import paths r
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import sys
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from oialr_tune import plugins
+from oialr_tune.cli import main
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.errors import UserError
 from oialr_tune.model_io import load_model, read_model_file
@@ -43,7 +45,7 @@ def custom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copytree(EXAMPLES, folder, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.chdir(folder)
     monkeypatch.setattr(sys, "path", list(sys.path))  # plugins adds the working directory
-    for name in ("my_models", "my_data", "my_loop"):
+    for name in ("my_models", "my_data", "my_loop", "my_metrics"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     return folder
 
@@ -62,18 +64,28 @@ def _test_split(folder: Path, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("file", "data_fn", "metric"), [
-    ("classification.yaml", "breast_cancer", "test_acc"),
+    ("classification.yaml", "breast_cancer", "test_f1"),  # a user metric, val_f1, is the objective
     ("regression.yaml", "diabetes", "test_mae"),
 ])
 def test_own_model_and_data_sweep_best_retrain_load(custom: Path, ray_session: Any, file: str, data_fn: str,
                                                      metric: str) -> None:
-    space = _tiny_space(custom, file, baseline="once")
+    changes: dict[str, Any] = {"baseline": "once"}
+    if metric == "test_f1":
+        base = {**yaml.safe_load((custom / file).read_text())["base"], "metrics": {"f1": "my_metrics:f1"}}
+        changes.update(base=base, objective={"metric": "val_f1", "mode": "max"})
+    space = _tiny_space(custom, file, **changes)
     result = sweep(space, results_dir=custom / "results", name="s", verbose=0)
     best = best_trial(result.path)
     assert best.trial.config["model"]["name"] == "my_models:mlp"
     summary = retrain(result.path, seeds=[1000], log=lambda _: None)
     assert summary["test_metric"] == metric
     assert set(summary["arms"]) == {"oialr", "baseline"}
+    # The sweep's objective on the test split is in every file retrain writes, for every arm.
+    rows = list(csv.DictReader((Path(summary["out"]) / "metrics.csv").open()))
+    assert {r["arm"] for r in rows if r[metric] and r[f"reloaded_{metric}"] == r[metric]} == {"oialr", "baseline"}
+    on_disk = json.loads((Path(summary["out"]) / "summary.json").read_text())
+    assert on_disk["arms"]["oialr"][metric]["mean"] == pytest.approx(float(rows[0][metric]))
+    assert on_disk["comparison"]["metric"] == metric
 
     # The model file rebuilds the user's model from its import path and scores what retrain reported.
     path = Path(summary["out"]) / "oialr" / "seed_1000" / "model.pt"
@@ -83,8 +95,10 @@ def test_own_model_and_data_sweep_best_retrain_load(custom: Path, ray_session: A
     with torch.no_grad():
         out = model(x)
     reported = summary["arms"]["oialr"][metric]["mean"]
-    if metric == "test_acc":
-        assert (out.argmax(1) == y).float().mean().item() == pytest.approx(reported, abs=1e-6)
+    if metric == "test_f1":
+        import my_metrics
+
+        assert my_metrics.f1(out, y) == pytest.approx(reported, abs=1e-6)
     else:
         assert (out.squeeze(1) - y).abs().mean().item() == pytest.approx(reported, rel=1e-4)
 
@@ -105,6 +119,10 @@ def test_own_training_loop_end_to_end(custom: Path, ray_session: Any) -> None:
     assert set(df["arm"]) == {"oialr", "baseline"}
     assert (df["trainer_status"].isin(["finished", "running"])).all(), df[["trainer_status", "error"]]
     assert df.loc[df["arm"] == "baseline", "trainable_fraction"].eq(1.0).all()  # trial.oialr: a no-op there
+    # The loop loads its own data: train+val cannot be merged for it, so it is refused while planning.
+    with pytest.raises(UserError, match=r"^--train-on: train\+val needs the built-in trainer"):
+        retrain(result.path, seeds=[1000], train_on="train+val", out=custom / "tv", log=lambda _: None)
+    assert not (custom / "tv").exists()
     summary = retrain(result.path, seeds=[1000], log=lambda _: None)
     for arm in ("oialr", "baseline"):
         mae = summary["arms"][arm]["test_mae"]["values"][0]
@@ -113,6 +131,24 @@ def test_own_training_loop_end_to_end(custom: Path, ray_session: Any) -> None:
     assert model(torch.zeros(3, 10)).shape == (3, 1)
     report = write_report(result.path).read_text()
     assert "Final retraining" in report and "test_mae" in report
+
+
+def test_a_loop_that_never_reports_stops_the_sweep_at_its_first_trial(
+    custom: Path, ray_session: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (custom / "silent_loop.py").write_text("def train(config, trial):\n    pass  # forgot trial.report\n")
+    doc = yaml.safe_load((custom / "own_loop.yaml").read_text())
+    doc["base"]["trainable"] = "silent_loop:train"
+    doc.update(TINY, budget={**TINY["budget"], "num_samples": 3, "max_concurrent": 1})
+    (custom / "space.yaml").write_text(yaml.safe_dump(doc))
+    capsys.readouterr()
+    assert main(["sweep", "space.yaml", "--results-dir", "results", "--name", "s"]) == 2
+    out, err = capsys.readouterr()
+    (line,) = err.splitlines()
+    assert "silent_loop:train returned without calling trial.report" in line and "first trial" in line, line
+    assert "traceback: " in line and len([x for x in out.splitlines() if " ERROR " in x]) == 1, out
+    ends = [x for x in (custom / "results" / "s" / "journal-oialr.jsonl").read_text().splitlines() if '"end"' in x]
+    assert len(ends) == 1 and not (custom / "results" / "s" / "baseline").exists()
 
 
 # --- the Python API: callables defined here, shipped to Ray's workers ------------------------------------
@@ -222,3 +258,125 @@ def test_registered_callables_resolve_by_name() -> None:
     name = plugins.register(_net)
     assert name == "test_custom:_net" and plugins.resolve(name, "model.name") is _net
     assert json.dumps(name)  # a plain string in every config
+
+
+# --- the README's own-loop snippet, in both arms --------------------------------------------------------------
+
+
+def _readme_loop() -> str:
+    """The README's `train(config, trial)` snippet (section "Your own model and data"), as written there."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("```python\ndef train(config, trial):")
+    return readme[start + len("```python\n"): readme.index("```", start + 10)]
+
+
+@pytest.mark.parametrize("oialr_on", [True, False])
+def test_the_readme_loop_runs_in_both_arms(tmp_path: Path, oialr_on: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """It logs and saves what the OIALR controller offers; the full-rank arm's FullRank offers it all too."""
+    import logging
+
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 10, generator=g)
+    y = x @ torch.randn(10, generator=g)
+    parts = {"train": (x[:96], y[:96]), "val": (x[96:128], y[96:128]), "test": (x[128:], y[128:])}
+
+    def score(model: nn.Module, split: str) -> dict[str, float]:
+        xs, ys = parts[split]
+        with torch.no_grad():
+            out = model(xs).squeeze(1)
+        return {f"{split}_loss": F.mse_loss(out, ys).item(), f"{split}_mae": (out - ys).abs().mean().item()}
+
+    namespace = {"__name__": "readme_loop", "torch": torch, "F": F, "score": score,
+                 "loader": DataLoader(TensorDataset(*parts["train"]), batch_size=16), "log": logging.getLogger("loop")}
+    exec(_readme_loop(), namespace)  # the README's code, run as written
+    cfg = {"device": "cpu", "trainable": plugins.register(namespace["train"]), "task": "regression",
+           "model": {"name": "mlp", "args": {"hidden": [32, 32]}}, "schedule": {"epochs": 2},
+           "oialr": {"enabled": oialr_on, "delay": 4, "stability_frequency": 2}}  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="loop"):
+        result = train(train_config_from_dict(cfg), checkpoint_dir=tmp_path, evaluate_test=True)
+        assert result.status == "finished" and result.test_metrics["test_mae"] > 0
+        cfg["schedule"]["epochs"] = 3  # resume: the controller's state comes back, steps go on counting
+        train(train_config_from_dict(cfg), checkpoint_dir=tmp_path, evaluate_test=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert lines[-1].endswith("step 18")  # 6 batches per epoch, counted across the resume
+    fractions = [float(line.split(": ")[1].split("%")[0]) for line in lines]
+    assert (fractions[-1] < 100.0) if oialr_on else fractions == [100.0] * 3
+    assert ("ranks {}" in lines[-1]) != oialr_on
+
+
+def test_full_rank_has_every_attribute_and_method_of_the_oialr_controller() -> None:
+    from oialr_tune.oialr import FullRank
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    oialr, full = OIALR(model, optimizer, delay=5), FullRank(model, optimizer, delay=5)
+    public = {n for n in dir(oialr) if not n.startswith("_")}
+    assert public <= set(dir(full)), public - set(dir(full))
+    for name in public:  # the same kind of thing: a method where OIALR has one, a value where it has one
+        assert callable(getattr(full, name)) == callable(getattr(oialr, name)), name
+    assert (full.delay, full.preset, full.trainable_fraction, full.history) == (5, "oialr-tune", 1.0, [])
+    full.step()
+    again = FullRank(model, optimizer)
+    again.load_state_dict(full.state_dict())
+    assert again.step_count == 1 and set(full.state_dict()) == set(oialr.state_dict())
+
+
+# --- a user loop's checkpoint: numpy arrays and RNG states, read back safely --------------------------------------
+
+_CRASH_AFTER: list[int] = []  # the epoch after whose report `_random_loop` dies (empty: never)
+
+
+def _random_loop(config: Any, trial: Any) -> None:
+    """Draws from every RNG (torch, numpy, Python, a DataLoader's shuffle) and reports what it drew."""
+    import random
+
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    model = trial.build_model(in_shape=(4,), num_outputs=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    trial.oialr(model, optimizer)
+    order = torch.Generator().manual_seed(trial.seed)
+    loader = DataLoader(TensorDataset(torch.arange(8.0)), batch_size=8, shuffle=True, generator=order)
+    if trial.checkpoint is not None:
+        assert trial.checkpoint["seen"].dtype == np.int64  # a numpy array came back as one
+        trial.restore_rng_state(trial.checkpoint["rng"], order)
+    for epoch in range(trial.start_epoch + 1, config.schedule.epochs + 1):
+        (batch,) = next(iter(loader))
+        drawn = {"val_loss": float(torch.rand(())), "val_numpy": float(np.random.rand()),
+                 "val_python": random.random(), "val_order": float(batch[:4] @ torch.arange(4.0))}  # fmt: skip
+        trial.report(epoch=epoch, checkpoint={"rng": trial.rng_state(order), "seen": np.arange(epoch)}, **drawn)
+        if epoch in _CRASH_AFTER:
+            raise RuntimeError("killed")
+
+
+def test_a_resumed_loop_continues_the_same_random_sequence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = train_config_from_dict({"device": "cpu", "trainable": plugins.register(_random_loop), "task": "regression",
+                                  "model": {"name": "mlp", "args": {"hidden": [4]}}, "schedule": {"epochs": 3},
+                                  "oialr": {"enabled": False}})  # fmt: skip
+    whole = train(cfg, checkpoint_dir=tmp_path / "whole").history
+    monkeypatch.setattr(sys.modules[__name__], "_CRASH_AFTER", [2])
+    with pytest.raises(UserError, match="killed"):
+        train(cfg, checkpoint_dir=tmp_path / "cut")
+    monkeypatch.setattr(sys.modules[__name__], "_CRASH_AFTER", [])
+    resumed = train(cfg, checkpoint_dir=tmp_path / "cut").history
+    keys = ("val_loss", "val_numpy", "val_python", "val_order")
+    assert [{k: e[k] for k in keys} for e in resumed] == [{k: e[k] for k in keys} for e in whole]
+    assert len({e["val_order"] for e in whole}) > 1  # the data order does change from epoch to epoch
+
+
+def test_a_checkpoint_holding_an_arbitrary_object_is_refused_by_name(tmp_path: Path) -> None:
+    from oialr_tune.run_record import read_checkpoint
+
+    torch.save({"format": "x", "user": {"obj": _Opaque()}}, tmp_path / "c.pt")
+    with pytest.raises(UserError, match=r"holds test_custom\._Opaque, not on the allow-list") as e:
+        read_checkpoint(tmp_path / "c.pt")
+    assert "\n" not in str(e.value)
+
+
+class _Opaque:
+    """A class nothing allows a checkpoint to unpickle."""

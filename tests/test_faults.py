@@ -13,9 +13,11 @@ tests/test_trainer.py::test_same_seed_same_metrics_other_seed_differs (see tests
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from tiny_sweep import tiny_space
 
 from oialr_tune.cli import main
 from oialr_tune.config import train_config_from_dict
+from oialr_tune.errors import UserError
 from oialr_tune.run_record import read_checkpoint
 from oialr_tune.sweep_state import CHECKPOINT_FILE
 from oialr_tune.trainer import train
@@ -67,13 +70,20 @@ FAILING_SPACE: dict[str, Any] = {
 }
 
 
+# What the failing sweep printed (its progress lines), for the tests of its output.
+PRINTED: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def failing_sweep(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The results folder of FAILING_SPACE, swept once through the CLI on the session's Ray."""
     root = tmp_path_factory.mktemp("failing")
     (root / "space.yaml").write_text(yaml.safe_dump(FAILING_SPACE))
-    code = main(["sweep", str(root / "space.yaml"), "--results-dir", str(root), "--name", "f", "-q"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["sweep", str(root / "space.yaml"), "--results-dir", str(root), "--name", "f"])
     assert code == 0, "a sweep whose trials fail or diverge still completes"
+    PRINTED["out"] = out.getvalue()
     return root / "f"
 
 
@@ -102,6 +112,34 @@ def test_failing_and_diverging_trials_are_recorded_and_the_sweep_goes_on(failing
             assert row["training_iteration"] == 2 and row["val_acc"] > 0.1 and pd.isna(row["error"])
 
 
+def test_each_ended_trial_is_one_line_an_error_with_its_traceback_file(failing_sweep: Path) -> None:
+    """Said once: an errored trial's line is its error and the path of its traceback; a diverged one's says so."""
+    df = pd.read_csv(failing_sweep / "trials.csv")
+    lines = PRINTED["out"].splitlines()
+    for (_, row), kind in zip(df.iterrows(), df.apply(_kind, axis=1), strict=True):
+        (line,) = [line for line in lines if line.startswith("[oialr] ") and row["trial_id"] in line]
+        if kind == "error":
+            match = re.search(r" ERROR (.*) \(traceback: (.*)\)$", line)
+            assert match and "model.args.patch_size" in match[1] and "UserError" not in match[1], line
+            full = Path(match[2]).read_text()  # Ray's traceback, stack frames and all
+            assert 'File "' in full and "model.args.patch_size" in full, full
+        else:
+            assert (" diverged " in line) == (kind == "diverged") and (" done " in line) == (kind == "finished"), line
+
+
+def test_a_sweep_of_only_diverged_trials_points_at_no_error_files(failing_sweep: Path) -> None:
+    from oialr_tune.results import open_results
+    from oialr_tune.tuning.driver import _check_every_arm_finished
+    from oialr_tune.tuning.storage import Store
+
+    res = open_results(failing_sweep)
+    res.trials = res.trials[res.trials.apply(_kind, axis=1) == "diverged"]
+    res.summary = {"best": {}}
+    with pytest.raises(UserError, match="no trial finished") as e:
+        _check_every_arm_finished(res, Store(str(failing_sweep)))
+    assert "0 of" in str(e.value) and "error.txt" not in str(e.value) and "non-finite" in str(e.value)
+
+
 def test_best_ignores_failed_and_diverged_trials(failing_sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
     df = pd.read_csv(failing_sweep / "trials.csv")
     kinds = df.apply(_kind, axis=1)
@@ -116,17 +154,18 @@ def test_best_ignores_failed_and_diverged_trials(failing_sweep: Path, capsys: py
 
 
 def test_a_sweep_whose_trials_all_fail_exits_2_and_says_where_the_errors_are(
-    ray_session: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_session: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """The base passes the pre-flight (patch_size 4), but every trial draws patch_size 3 and fails inside Ray."""
     space = {**FAILING_SPACE, "search": {"model.args.patch_size": {"type": "categorical", "choices": [3]}},
              "budget": {"num_samples": 2, "max_epochs": 1, "max_concurrent": 2}}  # fmt: skip
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    capsys.readouterr()
-    code = main(["sweep", str(tmp_path / "space.yaml"), "--results-dir", str(tmp_path), "--name", "f", "-q"])
-    err = capsys.readouterr().err
+    capfd.readouterr()
+    code = main(["sweep", str(tmp_path / "space.yaml"), "--results-dir", str(tmp_path), "--name", "f"])
+    out, err = capfd.readouterr()
     assert code == 2, err
-    assert len(err.splitlines()) == 1, err
+    assert len(err.splitlines()) == 1, err  # Ray's traceback per trial is in error.txt only (-v shows it)
+    assert len([line for line in out.splitlines() if " ERROR " in line]) == 2, out
     line = err.splitlines()[0]
     assert line.startswith("oialr-tune: error: ") and "no trial finished" in line, err
     assert "arm oialr: 2 of 2 trials errored" in line and str(tmp_path / "f" / "trials.csv") in line, line

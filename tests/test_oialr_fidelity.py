@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oialr_tune.config import TrainConfig, train_config_from_dict
-from oialr_tune.oialr import OIALR, PRESETS, export_dense
+from oialr_tune.oialr import OIALR, PRESETS, apply_low_rank_structure, export_dense, low_rank_structure
 from oialr_tune.trainer import train
 
 
@@ -151,6 +151,10 @@ def test_presets_differ_in_every_documented_rule() -> None:
     assert (authors.check_at_factorization, authors.max_cut_fraction, authors.min_rank_fraction) == (True, 0.5, 0.01)
     assert (authors.layer_schedule, authors.optimizer_state, authors.dense_last) == ("check", "slice", "last_replaced")
     assert (authors.stability_gate, authors.layer_step_fraction) == (False, 0.1)
+    assert (authors.dense_first, authors.conv_filter, authors.grouped_convs, authors.freeze_factorized_bias) == (
+        "first_replaced", "one_sided", True, True)
+    assert (ours.dense_first, ours.conv_filter, ours.grouped_convs, ours.freeze_factorized_bias) == (
+        "input", "two_sided", False, False)
     assert (ours.check_at_factorization, ours.max_cut_fraction, ours.min_rank_fraction) == (False, 1.0, 0.0)
     assert (ours.layer_schedule, ours.optimizer_state, ours.dense_last) == ("factorize", "rotate", "classifier")
     assert (ours.stability_gate, ours.layer_step_fraction) == (True, 1.0)
@@ -173,12 +177,118 @@ def test_first_check_and_cut_size(preset: str) -> None:
         assert [(e.old_rank, e.new_rank) for e in ctl.step() if e.kind == "cut" and e.layer == "0"] == [(256, 2)]
 
 
-def test_authors_rank_floor_is_one_percent_of_the_input_dimension() -> None:
-    model = _with_head(_low_rank_target(400, 400, 1))
+def _low_rank_conv(out_ch: int, in_ch: int, k: int) -> nn.Conv2d:
+    """A k×k Conv2d whose kernel, viewed as out × in·k², has rank 1 (a rank cut goes to the floor)."""
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(in_ch, out_ch, k)
+    with torch.no_grad():
+        conv.weight.copy_((torch.randn(out_ch, 1, generator=g) @ torch.randn(1, in_ch * k * k, generator=g))
+                          .view_as(conv.weight))
+    return conv
+
+
+@pytest.mark.parametrize(("kind", "floor"), [("wide linear", 2), ("tall linear", 2), ("3x3 conv", 1)])
+def test_authors_rank_floor_is_one_percent_of_the_smaller_dimension(kind: str, floor: int) -> None:
+    """int(0.01 · min(m, n)): 200 × 800 → 2 (1 % of the input dimension would be 8), 800 × 200 → 2,
+    a 3×3 conv 128 × 1152 → 1 (not 11). Every check halves the rank until the floor stops it."""
+    if kind == "3x3 conv":
+        layer: nn.Module = _low_rank_conv(128, 128, 3)
+        model = nn.Sequential(layer, nn.Conv2d(128, 128, 3), nn.Linear(128, 2))
+    else:
+        m, n = (200, 800) if kind == "wide linear" else (800, 200)
+        model = _with_head(_low_rank_target(m, n, 1))
     ctl, _ = _controller(model, "authors")
-    for _ in range(1 + 2 * 10):
+    for _ in range(1 + 2 * 9):
         ctl.step()
-    assert ctl.layer_ranks()["0"] == 4  # int(0.01 * 400); ours would stop at 1
+    assert ctl.layer_ranks()["0"] == floor
+
+
+def test_authors_freeze_the_biases_of_factorized_layers() -> None:
+    """Their layer builds a new bias that the optimizer never sees: it keeps its value from `delay` on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctl = OIALR(model, opt, delay=2, stability_frequency=5, sigma_cutoff_fraction=0.0, preset="authors")
+    x, y = torch.randn(64, 16), torch.randint(0, 2, (64,))
+    _steps(model, opt, ctl, x, y, 2)
+    assert list(ctl.layer_ranks()) == ["0", "2"]  # "4" is the last replaced layer, kept dense
+    frozen = {name: model[int(name)].bias.detach().clone() for name in ("0", "2")}
+    dense_bias = model[4].bias.detach().clone()
+    _steps(model, opt, ctl, x, y, 10)
+    for name, before in frozen.items():
+        assert torch.equal(model[int(name)].bias, before) and not model[int(name)].bias.requires_grad
+    assert (model[4].bias - dense_bias).abs().max() > 0  # a dense layer's bias trains on
+    assert {id(p) for p in model.parameters() if p.requires_grad} == _optimizer_params(opt)
+    # A checkpoint restores into a fresh model and optimizer (same parameter groups, biases frozen again).
+    torch.manual_seed(1)
+    fresh = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 2))
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    fresh_ctl = OIALR(fresh, fresh_opt, delay=2, stability_frequency=5, sigma_cutoff_fraction=0.0, preset="authors")
+    fresh_ctl.load_state_dict(ctl.state_dict())
+    fresh.load_state_dict(model.state_dict())
+    fresh_opt.load_state_dict(opt.state_dict())
+    assert not fresh[0].bias.requires_grad and fresh_ctl.trainable_parameters() == ctl.trainable_parameters()
+
+
+@pytest.mark.parametrize("preset", ["oialr-tune", "authors"])
+def test_keep_first_layer_keeps_the_first_layer_that_passes_the_size_filter(preset: str) -> None:
+    """A thin input layer (256 → 16) is skipped by the size filter anyway; the authors then keep the
+    next one (16 → 64) dense. Ours keeps the input layer, whatever its shape."""
+    model = nn.Sequential(nn.Linear(256, 16), nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 64),
+                          nn.Linear(64, 2))
+    ctl, _ = _controller(model, preset, keep_first_layer=True)
+    expected = ["2"] if preset == "authors" else ["1", "2", "3"]
+    assert list(ctl.layer_ranks()) == expected
+    if preset == "authors":
+        assert "keep_first_layer" in ctl.dense_layers()["1"] and "keep_last_layer" in ctl.dense_layers()["3"]
+        assert "too thin" in ctl.dense_layers()["0"]
+
+
+def _conv_net() -> nn.Sequential:
+    """Convs of four kinds on 8×8 inputs: plain 3 → 32, depthwise 32 (32 × 9), grouped 32 → 64 in 4
+    groups (64 × 72), wide 64 → 8 (8 × 576: few filters, many inputs); then Linear 512 → 64 → 2."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1, groups=32),
+        nn.Conv2d(32, 64, 3, padding=1, groups=4), nn.Conv2d(64, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 2),
+    )
+
+
+@pytest.mark.parametrize("preset", ["oialr-tune", "authors"])
+def test_which_convs_are_factorized(preset: str) -> None:
+    """Authors: a one-sided conv filter (only in·k² < out/10 is skipped, so the wide conv is taken) and
+    grouped/depthwise kernels factorized as a parametrized U S Vᵀ, rebuilt every forward, exact.
+    Ours: the two-sided filter skips the wide conv; grouped convs stay dense."""
+    torch.manual_seed(0)
+    model = _conv_net()
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 2, (4,))
+    before = model(x).detach()
+    ctl, opt = _controller(model, preset, delay=2, sigma_cutoff_fraction=0.0)  # no cut at delay: exact
+    ctl.step()
+    assert ctl.step()  # factorized at step 2
+    if preset == "oialr-tune":
+        assert list(ctl.layer_ranks()) == ["0", "6"]
+        assert "grouped" in ctl.dense_layers()["2"] and "too thin" in ctl.dense_layers()["3"]
+        return
+    assert list(ctl.layer_ranks()) == ["0", "1", "2", "3"]  # "6" is the last replaced layer, kept dense
+    assert ctl.layer_ranks()["1"] <= 9 and ctl.layer_ranks()["2"] <= 64
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+    ctl.sigma_cutoff_fraction = 0.3
+    _steps(model, opt, ctl, x, y, 4)  # trains the S of the grouped kernels; the checks cut them
+    assert "2" in {e.layer for e in ctl.history if e.kind == "cut"}
+    F.cross_entropy(model(x), y).backward()
+    assert model[2].parametrizations.weight.original.grad.abs().sum() > 0  # S of a grouped kernel trains
+    assert {id(p) for p in model.parameters() if p.requires_grad} == _optimizer_params(opt)
+    dense = export_dense(model)
+    assert type(dense[1]) is nn.Conv2d and dense[1].groups == 32 and dense[2].groups == 4
+    torch.testing.assert_close(dense(x), model(x))
+    # A checkpoint's low-rank structure (grouped kernels included) rebuilds in a fresh model.
+    fresh = _conv_net()
+    apply_low_rank_structure(fresh, low_rank_structure(model))
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), model(x))
 
 
 def test_authors_factorize_everything_then_grow_the_checked_set() -> None:

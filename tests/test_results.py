@@ -188,9 +188,10 @@ def test_a_bare_name_is_found_under_results(sweep_dir: Path, tmp_path: Path, mon
     assert "no-such-sweep: no such results directory" in capsys.readouterr().err
 
 
-def _journal_sweep(folder: Path, trials: list[tuple[str, float, float | None]], budget: float | None) -> Path:
+def _journal_sweep(folder: Path, trials: list[tuple[Any, ...]], budget: float | None) -> Path:
     """A sweep folder as a sweep leaves it before its final writes: sweep.yaml and the OIALR arm's
-    journal, one ended trial per (id, val_acc, trainable fraction or None when never reported)."""
+    journal, one ended trial per (id, val_acc, trainable fraction or None when never reported[, the
+    epochs it ran: 2 of 2 unless given, fewer when ASHA stopped it])."""
     from helpers import journal_path
     from tiny_sweep import TINY_BASE
 
@@ -205,8 +206,9 @@ def _journal_sweep(folder: Path, trials: list[tuple[str, float, float | None]], 
     folder.mkdir()
     (folder / "sweep.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
     lines = []
-    for i, (trial_id, acc, fraction) in enumerate(trials):
-        result = {"val_acc": acc, "training_iteration": 2, "run_status": "finished"}
+    for i, (trial_id, acc, fraction, *ran) in enumerate(trials):
+        epochs = ran[0] if ran else 2
+        result = {"val_acc": acc, "training_iteration": epochs, "run_status": "finished" if epochs == 2 else "running"}
         if fraction is not None:
             result["trainable_fraction"] = fraction
         lines.append({"kind": "end", "trial_id": trial_id, "status": "TERMINATED", "result": result,
@@ -243,9 +245,10 @@ def test_the_sweep_summary_and_best_agree_on_ties_and_missing_fractions(
 def test_the_checkpoint_file_name_is_the_trainers() -> None:
     """results reads without torch, so it reads the trainer's file name from sweep_state, as the run record does."""
     from oialr_tune import results
-    from oialr_tune.run_record import checkpoint_file
+    from oialr_tune.config import TrainConfig
+    from oialr_tune.run_record import Checkpoints
 
-    assert checkpoint_file("ckpt") == Path("ckpt") / results.CHECKPOINT_FILE
+    assert Checkpoints.of(TrainConfig(), "ckpt").path == Path("ckpt") / results.CHECKPOINT_FILE
 
 
 def test_a_sweep_with_no_trial_under_its_budget_says_so_and_is_not_an_error(tmp_path: Path) -> None:
@@ -260,3 +263,44 @@ def test_a_sweep_with_no_trial_under_its_budget_says_so_and_is_not_an_error(tmp_
     assert "oialr" not in res.summary["best"]
     assert summary_line(res) == "best OIALR: no finished trial at or under trainable fraction 0.1"
     _check_every_arm_finished(res, Store(str(folder)))  # raises for an arm with no finished trial at all
+
+
+@pytest.mark.parametrize(("trials", "expected"), [
+    # The most accurate trial was stopped by ASHA after epoch 1, before any cut: not a candidate.
+    ([("a", 0.99, 1.0, 1), ("b", 0.90, 0.4), ("c", 0.92, 0.3)], "c"),
+    # Only when no trial ran every epoch does the pick fall back to the stopped ones.
+    ([("a", 0.99, 1.0, 1), ("b", 0.90, 0.4, 1)], "a"),
+])
+def test_best_picks_among_trials_that_ran_every_epoch(tmp_path: Path, trials: list[tuple[Any, ...]],
+                                                      expected: str) -> None:
+    from oialr_tune.best_format import format_best
+    from oialr_tune.tuning.collect import rebuild_results
+
+    folder = _journal_sweep(tmp_path / "s", trials, None)
+    rebuild_results(folder)
+    best = best_trial(folder)
+    assert best.trial.trial_id == json.loads((folder / "summary.json").read_text())["best"]["oialr"]["trial_id"]
+    assert best.trial.trial_id == expected
+    assert (best.finished_trials, best.completed_trials) == (len(trials), sum(len(t) == 3 for t in trials))
+    assert ("stopped early by ASHA" in format_best(best)) == (expected == "c")
+
+
+def test_the_summary_line_says_better_or_worse_for_a_minimized_metric(tmp_path: Path) -> None:
+    """val_mae 0.4990 vs 0.4950 used to print as "OIALR +0.00": now worse, by 0.004."""
+    from tiny_sweep import TINY_BASE
+
+    from oialr_tune.results import SweepResults
+    from oialr_tune.space import space_from_dict
+    from oialr_tune.tuning.driver import summary_line
+
+    space = space_from_dict({
+        "name": "mae", "base": {**TINY_BASE, "task": "regression", "data": {"name": "synthetic"}},
+        "search": {"optimizer.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+        "objective": {"metric": "val_mae", "mode": "min"}, "budget": {"num_samples": 2, "max_epochs": 2},
+    })  # fmt: skip
+    best = {"oialr": {"trial_id": "o", "val_mae": 0.4990, "trainable_fraction": 0.3},
+            "baseline": {"trial_id": "f", "val_mae": 0.4950, "trainable_fraction": 1.0}}  # fmt: skip
+    line = summary_line(SweepResults(tmp_path, space, pd.DataFrame(), {"best": best}))
+    assert line.endswith("OIALR worse by 0.004 with 30.0% of the trainable parameters"), line
+    best["oialr"]["val_mae"] = 0.4900
+    assert "OIALR better by 0.005 " in summary_line(SweepResults(tmp_path, space, pd.DataFrame(), {"best": best}))

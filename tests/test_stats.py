@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from oialr_tune.stats import verdict, welch_interval
+from oialr_tune.stats import in_words, verdict, welch_interval
 
 
 def test_welch_interval_matches_hand_computation() -> None:
@@ -33,3 +33,13 @@ def test_zero_variance_and_too_few_values() -> None:
     assert math.isinf(iv.dof)
     with pytest.raises(ValueError, match=">= 2 values"):
         welch_interval([0.5], [0.4, 0.3])
+
+
+def test_a_minimized_metric_is_better_when_lower_in_verdicts_and_words() -> None:
+    """MAE 0.40 against 0.50: a negative difference, and better; 0.4990 vs 0.4950 is not '+0.00'."""
+    iv = welch_interval([0.40, 0.41, 0.39], [0.50, 0.51, 0.49])
+    assert verdict(iv, "min") == "better" and verdict(iv, "max") == "worse"
+    assert verdict(welch_interval([0.50, 0.51, 0.49], [0.40, 0.41, 0.39]), "min") == "worse"
+    assert in_words(0.4990, 0.4950, "min") == "worse by 0.004"
+    assert in_words(0.9740, 0.9703, "max", 100, " points") == "better by 0.37 points"
+    assert in_words(0.5, 0.5, "min") == "the same"

@@ -30,8 +30,6 @@ from tiny_sweep import tiny_sweep_dir
 
 from oialr_tune import sweep_state
 from oialr_tune.cli import main
-from oialr_tune.errors import SweepInterrupted
-from oialr_tune.space import space_from_dict
 from oialr_tune.tuning import sweep
 
 # Two arms of 2 trials x 2 epochs (ASHA may stop a trial after epoch 1).
@@ -119,9 +117,13 @@ def test_full_disk_stops_the_sweep_and_resume_completes_it(
         append(self, record, durable)
 
     monkeypatch.setattr(sweep_state.Journal, "append", filling)
-    with pytest.raises(SweepInterrupted, match="No space left on device"):
-        sweep(space_from_dict(SPACE), name="d", results_dir=tmp_path, verbose=1)
-    printed = capsys.readouterr().out
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    # Its own exit status and message: not 130, as if Ctrl-C had been pressed.
+    assert main(["sweep", str(tmp_path / "space.yaml"), "--name", "d", "--results-dir", str(tmp_path)]) == 74
+    printed, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("oialr-tune: sweep stopped: disk full (No space left on device)"), err
+    assert f"--resume {tmp_path / 'd'}" in err
     assert len(DONE.findall(printed)) == 1
     arm = tmp_path / "d" / "oialr"
     for f in arm.glob("experiment_state-*.json"):
@@ -131,6 +133,16 @@ def test_full_disk_stops_the_sweep_and_resume_completes_it(
     monkeypatch.setattr(sweep_state.Journal, "append", append)
     sweep(resume=tmp_path / "d", verbose=0)
     _assert_done_trials_kept(tmp_path / "d", printed)
+
+
+def test_rays_experiment_state_lists_the_ended_trials_of_the_journal(sweep_copy: Path) -> None:
+    """`_internals.ended_trial_ids` reads the layout of Ray's experiment state, a private format: when a
+    Ray upgrade changes it, this fails (a resume would otherwise quietly rebuild every arm)."""
+    from oialr_tune.sweep_state import ended_trials
+    from oialr_tune.tuning._internals import ended_trial_ids
+
+    (state,) = sorted((sweep_copy / "oialr").glob("experiment_state-*.json"))[-1:]
+    assert ended_trial_ids(state.read_text()) == set(ended_trials(journal_path(sweep_copy, "oialr"), key=None))
 
 
 @pytest.fixture
@@ -284,7 +296,7 @@ def test_a_search_rebuilt_from_the_journal_repeats_no_finished_trials_settings(
 ) -> None:
     """Two of the three OIALR trials' ends are cut from the journal and Ray's state is gone, so the arm is
     rebuilt with one trial told: the seeded sampler must not draw that trial's settings again."""
-    journal = sweep_state.journal_path(sweep_copy, "oialr")
+    journal = journal_path(sweep_copy, "oialr")
     lines = journal.read_text().splitlines(keepends=True)
     ends = [i for i, line in enumerate(lines) if '"kind": "end"' in line]
     journal.write_text("".join(line for i, line in enumerate(lines) if i not in ends[1:]))
@@ -305,9 +317,10 @@ def _files(root: Path) -> dict[str, int]:
 
 
 def test_a_sweep_killed_mid_run_then_moved_and_copied_resumes_inside_the_copy(ray_session: Any, tmp_path: Path) -> None:
-    """Ray's saved state names the folder it was written in: restored as is, a copy's new trials went to
-    the original (and a moved folder's failed). The resumed copy must write only inside itself."""
-    proc = _driver(tmp_path, "k", "epoch:oialr:3")
+    """Ray's saved state names the folder it was written in: restored as is (killed at the first epoch,
+    Ray's state agrees with the journal, so it is restorable), the unfinished trial failed ("Unable to set
+    up cluster storage") or wrote into the original. The resumed copy must write only inside itself."""
+    proc = _driver(tmp_path, "k", "epoch:oialr:1")
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
     moved = (tmp_path / "r" / "k").rename(tmp_path / "moved")

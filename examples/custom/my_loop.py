@@ -17,8 +17,8 @@ def train(config, trial) -> None:
     data_train, _, data_test = diabetes()
     generator = torch.Generator().manual_seed(config.data.split_seed)  # the same val examples every trial
     data_train, data_val = random_split(data_train, [0.85, 0.15], generator=generator)
-    loader = DataLoader(data_train, batch_size=config.schedule.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(trial.seed))
+    order = torch.Generator().manual_seed(trial.seed)  # the data order: saved and restored with the checkpoint
+    loader = DataLoader(data_train, batch_size=config.schedule.batch_size, shuffle=True, generator=order)
     epochs = config.schedule.epochs
 
     model = trial.build_model(in_shape=(10,), num_outputs=1)  # config.model, saved by retrain
@@ -28,6 +28,7 @@ def train(config, trial) -> None:
     if trial.checkpoint is not None:  # a resumed trial: after trial.oialr, which restores the ranks
         model.load_state_dict(trial.checkpoint["model"])
         optimizer.load_state_dict(trial.checkpoint["optimizer"])
+        trial.restore_rng_state(trial.checkpoint["rng"], order)  # the same random draws and batches as unbroken
 
     def score(dataset) -> dict[str, float]:
         x, y = (torch.stack(t) for t in zip(*(dataset[i] for i in range(len(dataset))), strict=True))
@@ -49,5 +50,5 @@ def train(config, trial) -> None:
         metrics = {f"val_{k}": v for k, v in score(data_val).items()}
         if trial.evaluate_test and epoch == epochs:  # retrain: the test split, never used for tuning
             metrics.update({f"test_{k}": v for k, v in score(data_test).items()})
-        trial.report(epoch=epoch, train_loss=total / len(loader),
-                     checkpoint={"model": model.state_dict(), "optimizer": optimizer.state_dict()}, **metrics)
+        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": trial.rng_state(order)}
+        trial.report(epoch=epoch, train_loss=total / len(loader), checkpoint=checkpoint, **metrics)

@@ -16,11 +16,13 @@ from .controller import (
     low_rank_structure,
 )
 from .export import export_dense
+from .full_rank import FullRank
 from .lowrank import LowRankLayer, LowRankWeight, factorized_is_cheaper
 
 __all__ = [
     "OIALR",
     "PRESETS",
+    "FullRank",
     "LowRankLayer",
     "LowRankWeight",
     "RankEvent",

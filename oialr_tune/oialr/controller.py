@@ -11,9 +11,10 @@ Usage, in your own loop::
 What happens at each ``step()`` (counted in optimizer steps):
 
 * ``step == delay``: eligible layers (Linear, Conv1d/2d with ``groups == 1``, the projections of
-  ``nn.MultiheadAttention``) are factorized exactly, W = U Σ Vᵀ, into frozen U, Vᵀ and a trainable
-  k × k matrix S (initially Σ, free to fill in). With ``layer_step_fraction < 1`` only the last
-  fraction of layers converts now and the next fraction at each later check (last layers first).
+  ``nn.MultiheadAttention``; under the authors' preset also grouped and depthwise convs) are
+  factorized exactly, W = U Σ Vᵀ, into frozen U, Vᵀ and a trainable k × k matrix S (initially
+  Σ, free to fill in). With ``layer_step_fraction < 1`` only the last fraction of layers converts
+  now and the next fraction at each later check (last layers first).
 * every ``stability_frequency`` steps after that, for each low-rank layer: S = Uₛ Σₛ Vₛᵀ; the
   bases rotate (U ← U Uₛ, Vᵀ ← Vₛᵀ Vᵀ, S ← Σₛ), which leaves W unchanged. **Basis stability**
   is the σ-weighted mean |cosine| between each new singular vector and the one at the same index
@@ -50,15 +51,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .lowrank import LowRankLayer, LowRankWeight, matrix_shape
+from .presets import PRESETS, Rules
+from .selection import check_patterns, is_gpt2_conv1d, left_dense
 
 __all__ = ["OIALR", "PRESETS", "RankEvent", "Rules"]
 
@@ -66,50 +69,6 @@ _TRANSFORMABLE_STATE = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "mome
 _SECOND_MOMENTS = {"exp_avg_sq", "max_exp_avg_sq"}
 # Maps one optimizer-state entry (its key and matrix) of the replaced tensor to the new tensor's.
 StateCarry = Callable[[str, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Rules:
-    """The discrete rules where oialr-tune and the authors' final code differ (README table).
-
-    Attributes:
-        check_at_factorization: run the first check (and cut) at ``delay`` itself, right after
-            factorizing (authors), instead of one ``stability_frequency`` later (ours).
-        max_cut_fraction: the share of a layer's current rank one check may drop; 0.5 means the
-            rank at most halves per check (authors); 1.0 bounds nothing (ours).
-        min_rank_fraction: a rank floor as a share of the layer's input dimension n,
-            ``int(min_rank_fraction · n)`` (authors: 0.01); ``min_rank`` still applies.
-        layer_schedule: what ``layer_step_fraction`` grows, last layers first. ``"factorize"``
-            (ours): the set of factorized layers, one chunk per check. ``"check"`` (authors): every
-            layer is factorized at ``delay``; the set of *checked* layers grows by
-            ``int((n − 1) · layer_step_fraction)`` per check, and when that is 0 (n ≤ 10 at 0.1)
-            every layer is checked from the start, as in the authors' slicing.
-        optimizer_state: ``"rotate"`` or ``"slice"``, see the module docstring.
-        dense_last: which layer ``keep_last_layer`` keeps dense: ``"classifier"`` (ours: the model's
-            last eligible weight, before the size filter) or ``"last_replaced"`` (authors: the last
-            layer that would otherwise be factorized, after the size filter).
-        stability_gate: whether ``stability_threshold`` gates cuts; the authors' final code treats
-            every layer as stable (no gate).
-        layer_step_fraction: the default for the controller's ``layer_step_fraction``.
-    """
-
-    check_at_factorization: bool = False
-    max_cut_fraction: float = 1.0
-    min_rank_fraction: float = 0.0
-    layer_schedule: Literal["factorize", "check"] = "factorize"
-    optimizer_state: Literal["rotate", "slice"] = "rotate"
-    dense_last: Literal["classifier", "last_replaced"] = "classifier"
-    stability_gate: bool = True
-    layer_step_fraction: float = 1.0
-
-
-PRESETS: dict[str, Rules] = {
-    "oialr-tune": Rules(),
-    "authors": Rules(
-        check_at_factorization=True, max_cut_fraction=0.5, min_rank_fraction=0.01, layer_schedule="check",
-        optimizer_state="slice", dense_last="last_replaced", stability_gate=False, layer_step_fraction=0.1,
-    ),
-}
 
 
 @dataclass
@@ -146,8 +105,9 @@ def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 class _Slot:
     """One eligible weight and how to swap it: replace the module, or parametrize the tensor."""
 
-    def __init__(self, name: str, parent: nn.Module, attr: str, parametrized: bool) -> None:
+    def __init__(self, name: str, parent: nn.Module, attr: str, parametrized: bool, conv: bool = False) -> None:
         self.name, self.parent, self.attr, self.parametrized = name, parent, attr, parametrized
+        self.conv = conv  # a conv kernel (the authors' size filter treats it differently)
         self.stability: float | None = None
 
     # The dense weight (before factorization) and the trainable tensor (S after it).
@@ -158,7 +118,7 @@ class _Slot:
     @property
     def low_rank(self) -> bool:
         if self.parametrized:
-            return parametrize.is_parametrized(self.parent, self.attr)
+            return _low_rank_parametrized(self.parent, self.attr)
         return isinstance(self.dense_module, LowRankLayer)
 
     @property
@@ -174,6 +134,14 @@ class _Slot:
     def dense_weight(self) -> nn.Parameter:
         return getattr(self.parent, self.attr) if self.parametrized else self.dense_module.weight
 
+    def bias(self) -> nn.Parameter | None:
+        """The bias added to this weight's output (MHA: the packed in-projection bias for q/k/v)."""
+        if not self.parametrized:
+            return self.dense_module.bias
+        if self.attr == "weight":
+            return self.parent.bias
+        return self.parent.in_proj_bias
+
     def factors(self) -> tuple[torch.Tensor, nn.Parameter, torch.Tensor]:
         if self.parametrized:
             plist = self.parent.parametrizations[self.attr]
@@ -188,7 +156,8 @@ class _Slot:
     def factorize(self, U: torch.Tensor, S: torch.Tensor, Vt: torch.Tensor) -> nn.Parameter:
         """Swap the dense weight for factors; returns the new trainable S."""
         if self.parametrized:
-            parametrize.register_parametrization(self.parent, self.attr, LowRankWeight(U, Vt), unsafe=True)
+            shape = tuple(getattr(self.parent, self.attr).shape)
+            parametrize.register_parametrization(self.parent, self.attr, LowRankWeight(U, Vt, shape), unsafe=True)
             plist = self.parent.parametrizations[self.attr]
             plist.original = nn.Parameter(S.detach().clone())
             return plist.original
@@ -205,8 +174,18 @@ class _Slot:
         return self.dense_module.set_factors(U, S, Vt)
 
 
-def _find_slots(model: nn.Module) -> list[_Slot]:
-    """Eligible weights in module order (so the first slot is the input layer, the last the head)."""
+def _low_rank_parametrized(module: nn.Module, attr: str) -> bool:
+    """Whether `module.attr` is parametrized as U S Vᵀ (by this package, not e.g. weight norm)."""
+    return parametrize.is_parametrized(module, attr) and isinstance(module.parametrizations[attr][0], LowRankWeight)
+
+
+def _find_slots(model: nn.Module, grouped_convs: bool = True) -> list[_Slot]:
+    """Eligible weights in module order (so the first slot is the input layer, the last the head).
+
+    `grouped_convs` adds the convs a `LowRankLayer` cannot express (grouped, depthwise, non-zero
+    padding mode) as parametrized kernels (`Rules.grouped_convs`); one already parametrized is
+    always found, so a checkpoint's structure can be read and rebuilt without knowing the preset.
+    """
     slots: list[_Slot] = []
     handled: set[int] = set()
     for name, module in model.named_modules():
@@ -222,16 +201,21 @@ def _find_slots(model: nn.Module) -> list[_Slot]:
             slots.append(_Slot(f"{name}.out_proj.weight", module.out_proj, "weight", True))
             handled.add(id(module.out_proj))
             continue
-        eligible = isinstance(module, nn.Linear | LowRankLayer) or (
-            isinstance(module, nn.Conv1d | nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-        )
-        if eligible and name:
+        if name and is_gpt2_conv1d(module):  # its weight is [in, out]: parametrized, like MHA's
+            slots.append(_Slot(name, module, "weight", True))
+            continue
+        conv = isinstance(module, nn.Conv1d | nn.Conv2d)
+        plain_conv = conv and module.groups == 1 and module.padding_mode == "zeros"
+        if conv and not plain_conv and name and (grouped_convs or _low_rank_parametrized(module, "weight")):
+            slots.append(_Slot(name, module, "weight", True, conv=True))
+        elif (isinstance(module, nn.Linear | LowRankLayer) or plain_conv) and name:
             parent_name, _, attr = name.rpartition(".")
-            slots.append(_Slot(name, model.get_submodule(parent_name), attr, False))
+            is_conv = conv or (isinstance(module, LowRankLayer) and module.conv is not None)
+            slots.append(_Slot(name, model.get_submodule(parent_name), attr, False, conv=is_conv))
     return slots
 
 
-def _dense_reasons(model: nn.Module, slots: list[_Slot], chosen: list[_Slot], skip_ratio: float,
+def _dense_reasons(model: nn.Module, slots: list[_Slot], chosen: list[_Slot], thin: Callable[[_Slot], str],
                    kept_first: str | None, kept_last: str | None) -> dict[str, str]:
     """Why each weight layer outside `chosen` stays dense (see `OIALR.dense_layers`)."""
     chosen_names = {s.name for s in chosen}
@@ -239,13 +223,12 @@ def _dense_reasons(model: nn.Module, slots: list[_Slot], chosen: list[_Slot], sk
     for s in slots:
         if s.name in chosen_names:
             continue
-        m, n = s.shape
         if s.name == kept_first:
             out[s.name] = "first layer kept dense (keep_first_layer)"
         elif s.name == kept_last:
             out[s.name] = "last layer kept dense (keep_last_layer)"
         else:
-            out[s.name] = f"too thin to gain: min({m}, {n}) <= skip_ratio {skip_ratio} x max"
+            out[s.name] = thin(s)
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd) and name not in out and name not in chosen_names:
             if module.groups > 1:
@@ -261,9 +244,15 @@ def _dense_reasons(model: nn.Module, slots: list[_Slot], chosen: list[_Slot], sk
 class OIALR:
     """Orthogonality-informed adaptive low-rank training for any model and torch optimizer.
 
+    The defaults are the trainer config's (`oialr_tune.config.OIALRConfig`, where they were measured;
+    tests/test_config.py pins the two together), except `delay`: the config's is a fraction of the
+    run (0.25), which the controller, knowing no run length, takes in steps.
+
     Args:
         model: the network; eligible layers are replaced inside it in place.
-        optimizer: its parameter lists are updated in place when weights become U S Vᵀ.
+        optimizer: its parameter lists are updated in place when weights become U S Vᵀ; a list of
+            optimizers (e.g. one per parameter group of a GAN or of an encoder and a head) works too:
+            each weight's S goes to the optimizer that held the weight, with its state.
         delay: optimizer steps of full-rank warm-up before the first factorization (≥ 1).
         stability_frequency: optimizer steps between stability checks (≥ 1).
         stability_threshold: basis stability in (0, 1] a layer needs before its rank is cut;
@@ -272,11 +261,20 @@ class OIALR:
         sigma_cutoff_fraction: at a cut, drop σ < this × σ_max (in [0, 1)).
         min_rank: a layer's rank never goes below this (≥ 1).
         keep_first_layer / keep_last_layer: keep the input layer / the last layer dense (which
-            "last" layer: ``Rules.dense_last``).
+            layer: ``Rules.dense_first`` / ``Rules.dense_last``).
         layer_step_fraction: fraction of eligible layers taken on per check, last layers first
             (what it schedules: ``Rules.layer_schedule``); ``None`` takes the preset's.
-        skip_ratio: skip layers with min(m, n) ≤ skip_ratio × max(m, n): they gain nothing.
+        skip_ratio: skip layers with min(m, n) ≤ skip_ratio × max(m, n): they gain nothing (convs
+            under the authors' preset: only in·k² < skip_ratio × out, ``Rules.conv_filter``).
         preset: ``"oialr-tune"`` (default) or ``"authors"``: the :class:`Rules` to follow.
+        include / exclude: glob patterns (``fnmatch``) on layer names, e.g. ``["*.attn.*"]``,
+            ``["head"]``: only layers matching an `include` pattern (default: all) and none of the
+            `exclude` patterns are factorized. A pattern matching no eligible layer is refused.
+
+    Eligible weights that stay dense whatever the knobs, with the reason in `dense_layers`: frozen
+    ones (``requires_grad=False``) and ones in no optimizer (their S would never train and would
+    only inflate the trainable fraction), and tied ones (one tensor used by two modules, e.g. an
+    embedding and a language-model head: factorizing one would untie them).
     """
 
     def __init__(
@@ -285,15 +283,17 @@ class OIALR:
         optimizer: torch.optim.Optimizer,
         *,
         delay: int = 1000,
-        stability_frequency: int = 100,
+        stability_frequency: int = 20,
         stability_threshold: float | None = 0.9,
-        sigma_cutoff_fraction: float = 0.1,
+        sigma_cutoff_fraction: float = 0.2,
         min_rank: int = 1,
         keep_first_layer: bool = False,
         keep_last_layer: bool = True,
         layer_step_fraction: float | None = None,
         skip_ratio: float = 0.1,
         preset: str = "oialr-tune",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
     ) -> None:
         _check(preset in PRESETS, "preset", f"one of {sorted(PRESETS)}", preset)
         rules = PRESETS[preset]
@@ -308,29 +308,51 @@ class OIALR:
         _check(isinstance(min_rank, int) and min_rank >= 1, "min_rank", "an int >= 1", min_rank)
         _check(0.0 < layer_step_fraction <= 1.0, "layer_step_fraction", "in (0, 1]", layer_step_fraction)
         _check(0.0 <= skip_ratio < 1.0, "skip_ratio", "in [0, 1)", skip_ratio)
+        optimizers = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+        _check(bool(optimizers) and all(isinstance(o, torch.optim.Optimizer) for o in optimizers),
+               "optimizer", "a torch.optim.Optimizer or a list of them", optimizer)
+        for key, patterns in (("include", include or []), ("exclude", exclude)):
+            _check(isinstance(patterns, list | tuple) and all(isinstance(p, str) for p in patterns),
+                   key, "a list of glob patterns", patterns)
         self.model, self.optimizer, self.preset, self.rules = model, optimizer, preset, rules
+        self.optimizers = optimizers
+        self.include, self.exclude = (None if include is None else list(include)), list(exclude)
         self.delay, self.stability_frequency = delay, stability_frequency
         self.stability_threshold = stability_threshold if rules.stability_gate else None
         self.sigma_cutoff_fraction = sigma_cutoff_fraction
         self.min_rank, self.layer_step_fraction, self.skip_ratio = min_rank, layer_step_fraction, skip_ratio
 
-        slots = _find_slots(model)
+        slots = _find_slots(model, rules.grouped_convs)
         if not slots:
             raise ValueError("OIALR: the model has no Linear, Conv1d/Conv2d or MultiheadAttention layer")
-        first = slots[0].name
-        big_enough = [s for s in slots if min(s.shape) > skip_ratio * max(s.shape)]
-        last = (slots if rules.dense_last == "classifier" else big_enough or slots)[-1].name
-        self._slots = [
-            s for s in big_enough
-            if not (keep_first_layer and s.name == first) and not (keep_last_layer and s.name == last)
-        ]
-        self._dense = _dense_reasons(model, slots, self._slots, skip_ratio, first if keep_first_layer else None,
-                                     last if keep_last_layer else None)
+        big_enough = [s for s in slots if self._too_thin(s) is None]
+        first = (slots if rules.dense_first == "input" else big_enough or slots)[0].name
+        check_patterns(slots, self.include, self.exclude)
+        # The authors' "last replaced" layer is the last one they replace: the kept first one is not.
+        replaced = [s for s in big_enough if not (keep_first_layer and s.name == first)]
+        last = (slots if rules.dense_last == "classifier" else replaced or big_enough or slots)[-1].name
+        self._slots = [s for s in replaced if not (keep_last_layer and s.name == last)]
+        left_out = left_dense(model, self._slots, optimizers, self.include, self.exclude)
+        self._slots = [s for s in self._slots if s.name not in left_out]
+        self._dense = _dense_reasons(model, slots, self._slots, lambda s: self._too_thin(s) or "",
+                                     first if keep_first_layer else None, last if keep_last_layer else None)
+        self._dense.update(left_out)
         self.full_rank_parameters = count_trainable(model)
         self.history: list[RankEvent] = []
         self._step = 0
         self._converted = 0  # how many slots (counted from the last) are low-rank
         self._checked = 0  # "check" schedule: how many slots (from the last) are checked; 0 = all
+
+    def _too_thin(self, slot: _Slot) -> str | None:
+        """Why the size filter skips `slot` (it gains nothing from U S Vᵀ), or None if it passes."""
+        m, n = slot.shape
+        if slot.conv and self.rules.conv_filter == "one_sided":
+            if n < self.skip_ratio * m:
+                return f"too few inputs to gain: in·k² {n} < skip_ratio {self.skip_ratio} x out {m}"
+            return None
+        if min(m, n) <= self.skip_ratio * max(m, n):
+            return f"too thin to gain: min({m}, {n}) <= skip_ratio {self.skip_ratio} x max"
+        return None
 
     # --- public read-outs ----------------------------------------------------------------------
 
@@ -404,15 +426,19 @@ class OIALR:
             dtype = W.dtype
             S = slot.factorize(U.to(dtype), torch.diag(s).to(dtype), Vt.to(dtype))
             self._swap_param(W, S, state_at_factorization(self.rules.optimizer_state, S))
+            self._freeze_bias(slot)
             self._converted += 1
             events.append(RankEvent(self._step, slot.name, "factorize", k, k, None))
         return events
 
-    def _new_rank(self, s: torch.Tensor, old: int, n: int) -> int:
-        """The rank after a cut: σ ≥ cutoff·σ_max kept, bounded below by the preset's floors."""
+    def _new_rank(self, s: torch.Tensor, old: int, dim: int) -> int:
+        """The rank after a cut: σ ≥ cutoff·σ_max kept, bounded below by the preset's floors.
+
+        `dim` is min(m, n) of the layer's weight matrix (what the rank floor is a share of).
+        """
         keep = int((s >= self.sigma_cutoff_fraction * s[0]).sum())
         halving_floor = int(old * (1.0 - self.rules.max_cut_fraction))
-        size_floor = int(self.rules.min_rank_fraction * n)
+        size_floor = int(self.rules.min_rank_fraction * dim)
         return min(old, max(keep, halving_floor, size_floor, self.min_rank))
 
     def _check_and_cut(self, slot: _Slot) -> list[RankEvent]:
@@ -429,7 +455,7 @@ class OIALR:
         old = S.shape[0]
         new = old
         if self.stability_threshold is None or stability >= self.stability_threshold:
-            new = self._new_rank(s, old, Vt.shape[1])
+            new = self._new_rank(s, old, min(U.shape[0], Vt.shape[1]))
         dtype = S.dtype
         Ru, Rv = Us[:, :new].to(dtype), Vs[:, :new].to(dtype)
         new_S = slot.set_factors(U @ Ru, torch.diag(s[:new]).to(dtype), Rv.T @ Vt)
@@ -440,28 +466,41 @@ class OIALR:
 
     # --- optimizer bookkeeping -----------------------------------------------------------------
 
+    def _freeze_bias(self, slot: _Slot) -> None:
+        """``Rules.freeze_factorized_bias``: the factorized layer's bias leaves the optimizer for good."""
+        bias = slot.bias()
+        if not self.rules.freeze_factorized_bias or bias is None or not bias.requires_grad:
+            return
+        bias.requires_grad_(False)
+        bias.grad = None
+        for group in self.optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if p is not bias]
+        self.optimizer.state.pop(bias, None)
+
     def _swap_param(self, old: nn.Parameter, new: nn.Parameter, carry: StateCarry | None) -> None:
         """Put ``new`` where ``old`` was in the optimizer; `carry` maps old's matrix state to new's.
 
         ``step`` and other non-matrix state are kept as they are; ``carry=None`` drops all state.
+        Every optimizer that holds `old` gets `new` (normally one of `optimizers`).
         """
-        for group in self.optimizer.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p is old:
-                    group["params"][i] = new
-        state = self.optimizer.state.pop(old, None)
-        if not state or carry is None:
-            return
-        if not set(state) <= _TRANSFORMABLE_STATE:
-            warnings.warn(
-                f"OIALR: {type(self.optimizer).__name__} state {sorted(state)} cannot follow a rank cut; "
-                "it is reset for the cut layer", stacklevel=4,
-            )
-            return
-        self.optimizer.state[new] = {
-            key: carry(key, value) if torch.is_tensor(value) and value.dim() >= 2 else value
-            for key, value in state.items()
-        }
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                for i, p in enumerate(group["params"]):
+                    if p is old:
+                        group["params"][i] = new
+            state = optimizer.state.pop(old, None)
+            if not state or carry is None:
+                continue
+            if not set(state) <= _TRANSFORMABLE_STATE:
+                warnings.warn(
+                    f"OIALR: {type(optimizer).__name__} state {sorted(state)} cannot follow a rank cut; "
+                    "it is reset for the cut layer", stacklevel=4,
+                )
+                continue
+            optimizer.state[new] = {
+                key: carry(key, value) if torch.is_tensor(value) and value.dim() >= 2 else value
+                for key, value in state.items()
+            }
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -486,6 +525,9 @@ class OIALR:
         for old, new in apply_low_rank_structure(self.model, state["ranks"]):
             self._swap_param(old, new, carry=None)
         by_name = {s.name: s for s in self._slots}
+        for name in state["ranks"]:
+            if name in by_name:
+                self._freeze_bias(by_name[name])
         for name, value in state["stability"].items():
             if name in by_name:
                 by_name[name].stability = value

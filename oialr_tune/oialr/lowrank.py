@@ -8,7 +8,8 @@ Two kinds of layer carry the factorization:
   and otherwise rebuilds W and runs the dense op. Both paths compute the same function.
 * :class:`LowRankWeight` is a ``torch.nn.utils.parametrize`` parametrization for weights that a
   module uses directly rather than through a sub-module call (the projections of
-  ``nn.MultiheadAttention``, whose fused kernel wants the dense matrix). It always rebuilds W.
+  ``nn.MultiheadAttention``, whose fused kernel wants the dense matrix; under the authors' preset
+  also grouped and depthwise conv kernels). It always rebuilds W.
 
 Conv kernels are viewed as matrices ``[out, in·kh·kw]`` (m = out, n = in·kh·kw).
 """
@@ -173,24 +174,27 @@ class LowRankLayer(nn.Module):
 class LowRankWeight(nn.Module):
     """Parametrization ``S ↦ U S Vᵀ`` for a weight its module uses directly (MHA projections).
 
-    Registered with ``parametrize.register_parametrization(module, name, LowRankWeight(U, Vt),
-    unsafe=True)``; the trainable S is ``module.parametrizations[name].original``.
+    Registered with ``parametrize.register_parametrization(module, name, LowRankWeight(U, Vt,
+    shape), unsafe=True)``; the trainable S is ``module.parametrizations[name].original``. `shape`
+    is the weight's own shape when it is not the (m × n) matrix, e.g. the ``[out, in/groups, kh,
+    kw]`` kernel of a grouped conv (the authors' preset rebuilds such kernels every forward).
     """
 
     U: torch.Tensor
     Vt: torch.Tensor
 
-    def __init__(self, U: torch.Tensor, Vt: torch.Tensor) -> None:
+    def __init__(self, U: torch.Tensor, Vt: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.register_buffer("U", U.detach().clone())
         self.register_buffer("Vt", Vt.detach().clone())
+        self.shape = tuple(shape) if shape is not None else (U.shape[0], Vt.shape[1])
 
     def forward(self, S: torch.Tensor) -> torch.Tensor:
-        return (self.U @ S) @ self.Vt
+        return ((self.U @ S) @ self.Vt).view(self.shape)
 
     def right_inverse(self, W: torch.Tensor) -> torch.Tensor:
         # The projection of W onto the bases: exact when W = U S Vᵀ, as at registration.
-        return self.U.T @ W @ self.Vt.T
+        return self.U.T @ W.reshape(self.U.shape[0], -1) @ self.Vt.T
 
 
 def matrix_shape(layer: nn.Module) -> tuple[int, int]:

@@ -2,19 +2,21 @@
 
 An arm's Ray state is restored only when it can be trusted (signed by this user, whole, and
 agreeing with the arm's journal); otherwise the arm is rebuilt from its journal: a new Tuner
-whose searcher is told the trials that already ended, for the trials left (see :mod:`state`).
+whose searcher is told the trials that already ended, for the trials left (see `oialr_tune.sweep_state`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
-import json
 import logging
 import math
+import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -22,9 +24,10 @@ from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
 from oialr_tune import sweep_state as state
-from oialr_tune.errors import SweepInterrupted
+from oialr_tune.errors import DiskFull, SweepInterrupted, UserError
 from oialr_tune.space import SearchSpace
 from oialr_tune.tuning import hooks
+from oialr_tune.tuning._internals import ended_trial_ids
 from oialr_tune.tuning.cluster import slots
 from oialr_tune.tuning.collect import rows_of
 from oialr_tune.tuning.search import scheduler, searcher
@@ -33,17 +36,20 @@ from oialr_tune.tuning.worker import make_trainable
 
 __all__ = ["run_arm"]
 
+MLFLOW_FILE = "mlflow.db"  # `sweep --log mlflow`: the MLflow tracking store in the results folder
+
 
 class TensorBoardAtTrialEnd(TBXLoggerCallback):
-    """Ray's TensorBoard logger, but each trial's events are written once, when the trial ends.
+    """TensorBoard events of each trial, written once, when the trial ends.
 
-    Ray's own (``TBXLoggerCallback``) writes and flushes (an fsync) the event file after every
+    Ray's own logger (``TBXLoggerCallback``) writes and flushes (an fsync) the event file after every
     result, in the driver, on the path between a trial's ``tune.report`` and its next epoch: a
     cost per epoch that small trials feel (benchmarks/sweep_efficiency.py). Here results are kept
     in memory while a trial runs and written in one go at its end, under the same tags
     (``ray/tune/<key>``, step = epoch) with the trial's hyperparameters, so TensorBoard shows the
-    same thing. Being a subclass of Ray's, it stops Ray from adding its own. A driver killed
-    mid-trial leaves the running trials' epochs so far out of TensorBoard (result.json keeps them).
+    same thing. Being a subclass of Ray's, it stops Ray from adding its own; it overrides every
+    hook and writes through tensorboardX's public API only. A driver killed mid-trial leaves the
+    running trials' epochs so far out of TensorBoard (result.json keeps them).
     """
 
     def __init__(self) -> None:
@@ -58,23 +64,33 @@ class TensorBoardAtTrialEnd(TBXLoggerCallback):
 
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
         results = self._pending.pop(trial, [])
-        if not results:
-            return
-        trial.init_local_path()
-        writer = self._trial_writer[trial] = self._summary_writer_cls(trial.local_path, flush_secs=3600)
-        last: dict[str, Any] = {}
-        for result in results:
-            step = result.get("training_iteration", 0)
-            for key, value in result.items():
-                if key in _NOT_TENSORBOARD or isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
-                if math.isfinite(value):
-                    last[f"ray/tune/{key}"] = value
-                    writer.add_scalar(f"ray/tune/{key}", value, global_step=step)
-        if trial.evaluated_params and last:
-            self._try_log_hparams(trial, last)
-        writer.close()
-        del self._trial_writer[trial]
+        if results:
+            trial.init_local_path()
+            _write_events(trial.local_path, results, trial.evaluated_params)
+
+
+def _write_events(folder: str, results: list[dict[str, Any]], params: dict[str, Any]) -> None:
+    """One TensorBoard event file in `folder`: each numeric result per epoch, then the hyperparameters
+    against the last values (TensorBoard's HParams view)."""
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams
+
+    writer = SummaryWriter(folder, flush_secs=3600)
+    last: dict[str, Any] = {}
+    for result in results:
+        step = result.get("training_iteration", 0)
+        for key, value in result.items():
+            if key in _NOT_TENSORBOARD or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(value):
+                last[f"ray/tune/{key}"] = value
+                writer.add_scalar(f"ray/tune/{key}", value, global_step=step)
+    # TensorBoard's hparams take numbers, strings and booleans (a null choice is left out).
+    shown = {k: v for k, v in params.items() if isinstance(v, (str, bool, int, float))}
+    if shown and last:
+        for summary in hparams(hparam_dict=shown, metric_dict=last):
+            writer.file_writer.add_summary(summary)
+    writer.close()
 
 
 # Result keys Ray's TensorBoard logger leaves out too (plus our own bookkeeping: wall clock, process).
@@ -86,7 +102,8 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[str, Any]], verbose: int) -> Any:
+def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[str, Any]], verbose: int,
+           log: Sequence[str] = ()) -> Any:
     """The restored Tuner when Ray's saved state of the arm can be trusted, else a new one.
 
     A new Tuner's searcher starts with the journal's ended trials and runs only the trials left;
@@ -126,9 +143,26 @@ def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[
         checkpoint_config=tune.CheckpointConfig(num_to_keep=space.checkpoint.num_to_keep),
         failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
         verbose=1 if verbose >= 2 else 0,
-        callbacks=[hooks.SweepCallback(), TensorBoardAtTrialEnd()],
+        callbacks=[hooks.SweepCallback(), TensorBoardAtTrialEnd(), *_trackers(space, arm, store, log)],
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _trackers(space: SearchSpace, arm: str, store: Store, log: Sequence[str]) -> list[Any]:
+    """Ray's own logger callbacks for the trackers the sweep was asked to log to (``--log``).
+
+    MLflow: a local SQLite store ``mlflow.db`` in the results folder (MLflow 3 refuses its plain
+    ``mlruns/`` file store unless told to; SQLite is its supported local, offline backend), one
+    experiment per sweep (named after it), one run per trial with the searched values as
+    parameters, the per-epoch numbers as metrics and the arm as a tag; no artifacts (checkpoints
+    stay in Ray's folders).
+    """
+    if "mlflow" not in log:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    uri = f"sqlite:///{Path(store.join(MLFLOW_FILE))}"
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=space.name, tags={"arm": arm}, save_artifact=False)]
 
 
 @contextlib.contextmanager
@@ -144,12 +178,23 @@ def _ray_output_hidden() -> Iterator[None]:
     tune_logger = logging.getLogger("ray.tune.tune")
     level = tune_logger.level
     tune_logger.setLevel(logging.CRITICAL)
+    # Ray logs each failed trial's traceback (per attempt) on stderr; our ERROR line says it once, with
+    # the path of that traceback in the trial's error.txt. Read when `fit` builds its controller.
+    printed_errors = os.environ.get(_PRINT_ERRORS)
+    os.environ[_PRINT_ERRORS] = "0"
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The reported value is ignored because this `step")
             yield
     finally:
         tune_logger.setLevel(level)
+        if printed_errors is None:
+            os.environ.pop(_PRINT_ERRORS, None)
+        else:
+            os.environ[_PRINT_ERRORS] = printed_errors
+
+
+_PRINT_ERRORS = "TUNE_PRINT_ALL_TRIAL_ERRORS"
 
 
 def _why_not_restore(store: Store, arm: str, ended: Mapping[str, dict[str, Any]]) -> str | None:
@@ -169,9 +214,7 @@ def _why_not_restore(store: Store, arm: str, ended: Mapping[str, dict[str, Any]]
     if signature is not None and signature.unsigned_in(arm):
         return f"{', '.join(signature.unsigned_in(arm))} not signed as it is"
     try:
-        state = json.loads(store.read_text(f"{arm}/{states[-1]}"))
-        trials = [json.loads(t[0]) for t in state["trial_data"]]
-        ray_ended = {t["trial_id"] for t in trials if t.get("status") in ("TERMINATED", "ERROR")}
+        ray_ended = ended_trial_ids(store.read_text(f"{arm}/{states[-1]}"))
     except (ValueError, KeyError, IndexError, TypeError):
         return f"{states[-1]} is incomplete"
     if ray_ended != set(ended):
@@ -194,7 +237,7 @@ def _describe_arm(space: SearchSpace, arm: str) -> str:
     )
 
 
-def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int) -> None:
+def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int, log: Sequence[str] = ()) -> None:
     """Run (or finish) one arm; raises SweepInterrupted if Ray stopped before every trial ended."""
     if verbose:
         print(_describe_arm(space, arm), flush=True)
@@ -209,7 +252,7 @@ def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int) -> None:
     hooks.ACTIVE = run
     try:
         if len(ended) < total:
-            tuner = _tuner(space, arm, store, ended, verbose)
+            tuner = _tuner(space, arm, store, ended, verbose, log)
             if signature is not None:
                 signature.refresh(arm)  # tuner.pkl, written by the Tuner itself
             state.kill_point("arm-start", arm)
@@ -217,14 +260,21 @@ def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int) -> None:
                 with _ray_output_hidden() if verbose < 2 else contextlib.nullcontext():
                     tuner.fit()
             except Exception:
-                if run.error is None:
+                if run.error is None and run.fatal is None:
                     raise
             if run.error is None and signature is not None:
                 signature.refresh(arm)  # Ray's last snapshot
     finally:
         hooks.ACTIVE = None
         journal.close()
+    if run.fatal is not None:
+        raise UserError(f"arm {arm}: {run.fatal}")
     if run.error is not None:
+        if run.error.errno == errno.ENOSPC:
+            raise DiskFull(
+                f"disk full ({run.error.strerror or run.error}) recording arm {arm}'s trials in {store.root}; free "
+                f"some space and continue with: oialr-tune sweep --resume {store.root}"
+            )
         raise SweepInterrupted(
             f"arm {arm}: cannot record trials ({run.error.strerror or run.error}); free the space and "
             f"continue with: oialr-tune sweep --resume {store.root}"

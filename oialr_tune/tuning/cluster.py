@@ -5,9 +5,9 @@ minutes: nothing listening, a service that is not Ray, a cluster that refuses th
 authentication token. Then the cluster must have the per-trial CPUs/GPUs, or trials would wait
 forever.
 
-The authentication check calls Ray's GCS with ``ray._raylet.InnerGcsClient``, the one private Ray
-name used here (Ray has no public call that checks credentials without ``ray.init``'s retry loop);
-``tests/test_cluster.py`` fails loudly when Ray changes it.
+The authentication check calls Ray's GCS through Ray's private client
+(`oialr_tune.tuning._internals.ping_gcs`): Ray has no public call that checks credentials without
+``ray.init``'s retry loop.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ray.exceptions import AuthenticationError, RpcError
 
 from oialr_tune.errors import UserError
 from oialr_tune.space import Resources
+from oialr_tune.tuning._internals import ping_gcs, quiet_token_setup_warning
 
 __all__ = ["check_address", "check_cluster_fits", "slots", "start_ray", "stop_ray"]
 
@@ -98,10 +99,8 @@ def _check_auth(address: str, gcs_address: str) -> None:
 def _ping_gcs(gcs_address: str, timeout_ms: int) -> None:
     """One call to the GCS at `gcs_address` with this process's credentials (Ray's private client:
     see the module notes). Raises AuthenticationError when refused, RpcError when no GCS answers."""
-    from ray._raylet import InnerGcsClient  # private: imported here so only this call breaks if it goes
-
     with _stderr_silenced():  # Ray's C++ client logs the refusal on fd 2 itself
-        InnerGcsClient.standalone(gcs_address, None, timeout_ms)
+        ping_gcs(gcs_address, timeout_ms)
 
 
 @contextlib.contextmanager
@@ -138,7 +137,7 @@ def start_ray(address: str | None, verbose: int) -> bool:
         if verbose < 2:
             # Ray logs a warning about its token authentication on every local start; for a private
             # instance that this command starts and stops itself, it is noise.
-            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+            quiet_token_setup_warning()
         # "local": always a fresh instance, never a cluster some other process started with `ray start`.
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
         return True

@@ -20,8 +20,9 @@ import pandas as pd
 
 from oialr_tune import sweep_state as state
 from oialr_tune.errors import UserError
+from oialr_tune.metrics import SIZE_METRIC
 from oialr_tune.results import SweepResults, find_results_dir, incomplete, summarize
-from oialr_tune.space import SIZE_METRIC, SearchSpace
+from oialr_tune.space import SearchSpace
 from oialr_tune.sweep_state import SUMMARY_FILE, TRIALS_FILE
 from oialr_tune.tuning.storage import Store, open_sweep
 from oialr_tune.tuning.study import is_finite_number, stopped_early, write_studies

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import importlib.util
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 import yaml
 
 from oialr_tune import sweep_state as state
-from oialr_tune.errors import SweepInterrupted, UserError
+from oialr_tune.errors import DiskFull, SweepInterrupted, UserError
 from oialr_tune.files import remove_empty, writable_folder
 from oialr_tune.results import SweepResults
 from oialr_tune.space import (
@@ -34,10 +36,14 @@ from oialr_tune.space import (
     with_settings,
     with_user_code,
 )
+from oialr_tune.stats import in_words
 from oialr_tune.sweep_state import SWEEP_FILE, TRIALS_FILE
 from oialr_tune.tuning.storage import Store, drop_moved_state, open_sweep, read_state, write_state
 
-__all__ = ["summary_line", "sweep"]
+__all__ = ["LOGGERS", "summary_line", "sweep"]
+
+# Trackers a sweep can also log to (``--log``), each through Ray Tune's own logger callback.
+LOGGERS = ("mlflow",)
 
 # Ray snapshots the experiment (trial list + pickled searcher) at most this often, in seconds. Its
 # "auto" default is >= 10 s, during which a killed driver could lose trials that already finished.
@@ -59,6 +65,7 @@ def sweep(
     num_samples: int | None = None,
     max_epochs: int | None = None,
     overrides: Mapping[str, Any] | None = None,
+    log: Sequence[str] = (),
 ) -> SweepResults:
     """Run a tuning sweep: the OIALR arm, then the full-rank baseline arm; return the results.
 
@@ -78,6 +85,10 @@ def sweep(
         num_samples, max_epochs, overrides: run the space with another number of trials per arm,
             another epoch budget, or other values by dotted key (see `oialr_tune.space.with_settings`);
             the stored sweep.yaml holds the space as run.
+        log: also send every trial's parameters and per-epoch metrics to these trackers, through
+            Ray's own logger callbacks: ``mlflow`` writes one MLflow run per trial (tagged with its
+            arm) into an experiment named after the sweep, in a local SQLite store ``mlflow.db`` in
+            the results folder (offline; ``mlflow ui --backend-store-uri sqlite:///<folder>/mlflow.db``).
 
     Raises UserError (before Ray starts, nothing written) for a bad space, folder or address, a
     folder another sweep holds, or (resume) an unsigned or edited folder; SweepInterrupted when
@@ -102,6 +113,7 @@ def sweep(
         if resume and baseline != space.baseline:
             raise UserError(f"--baseline: a resumed sweep keeps its baseline ({space.baseline})")
         space = dataclasses.replace(space, baseline=baseline)
+    _check_loggers(log, store)
     from oialr_tune.checks import preflight  # torch: only for a space that passed validation
 
     space = preflight(space, local=address is None)
@@ -121,11 +133,24 @@ def sweep(
             lock.acquire()
             if not resume and set(os.listdir(store.root)) != {state.LOCK_FILE}:
                 raise UserError(f"{store.root}: another sweep started in it; choose another --name")
-        return _run_sweep(space, store, bool(resume), arms_done, address, verbose, t0, moved_from)
+        return _run_sweep(space, store, bool(resume), arms_done, address, verbose, t0, moved_from, tuple(log))
     finally:
         if lock is not None:
             lock.release()
         remove_empty(created)  # only folders left empty: a sweep refused before it wrote anything
+
+
+def _check_loggers(log: Sequence[str], store: Store) -> None:
+    """``--log`` names trackers this sweep can write to: known, installed, and a local results folder."""
+    for tracker in log:
+        if tracker not in LOGGERS:
+            raise UserError(f"--log: expected one of {', '.join(LOGGERS)}, got {tracker!r}")
+        if importlib.util.find_spec(tracker) is None:
+            raise UserError(f"--log {tracker}: the {tracker} package is not installed "
+                            f"(pip install 'oialr-tune[{tracker}]')")  # fmt: skip
+        if not store.is_local:
+            raise UserError(f"--log {tracker}: its file store goes into the results folder, which must be local "
+                            f"(got {store.root})")  # fmt: skip
 
 
 def _resumed_folder(
@@ -172,6 +197,7 @@ def _run_sweep(
     verbose: int,
     t0: float,
     moved_from: str | None = None,
+    log: tuple[str, ...] = (),
 ) -> SweepResults:
     """The sweep proper, in a folder this process holds (see `sweep`); `moved_from`: where a resumed
     folder was when Ray last wrote its state, if it has moved or been copied since."""
@@ -212,7 +238,7 @@ def _run_sweep(
                         if verbose:
                             print(f"[{arm}] already finished", flush=True)
                         continue
-                    run_arm(space, arm, store, verbose)
+                    run_arm(space, arm, store, verbose, log)
                     arms_done.append(arm)
                     write_state(store, arms_done)
                 res, studies = collect(space, store, pool)
@@ -220,9 +246,16 @@ def _run_sweep(
                 raise SweepInterrupted(
                     f"stopped; continue with: oialr-tune sweep --resume {store.root}", stopped_by[0]
                 ) from None
+            except DiskFull:
+                raise
             except SweepInterrupted as e:
                 e.signum = stopped_by[0]
                 raise
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise DiskFull(f"disk full ({e.strerror}) writing {e.filename or store.root}; free some space and "
+                               f"continue with: oialr-tune sweep --resume {store.root}") from None
     finally:
         if started:
             cluster.stop_ray()
@@ -270,17 +303,21 @@ def _check_every_arm_finished(res: SweepResults, store: Store) -> None:
     """
     parts = []
     df = res.trials
+    errors = 0
     for arm in res.space.arms():
         if arm not in res.summary["best"] and res.usable(arm).empty:  # (not merely none under the size budget)
             rows = df[df["arm"] == arm]
             errored = int((rows["status"] == "ERROR").sum())
             diverged = int((rows["trainer_status"] == "diverged").sum())
+            errors += errored
             parts.append(f"arm {arm}: {errored} of {len(rows)} trials errored, {diverged} diverged")
     if parts:
-        raise UserError(
-            f"{store.root}: no trial finished ({'; '.join(parts)}); the errors are in the error column of "
-            f"{store.join(TRIALS_FILE)} and in full in {store.join('<arm>', 'trial_*', 'error.txt')}"
-        )
+        # Only errored trials have an error.txt; a diverged one ended normally with a non-finite loss.
+        where = (f"; the errors are in the error column of {store.join(TRIALS_FILE)} and in full in "
+                 f"{store.join('<arm>', 'trial_*', 'error.txt')}") if errors else (
+                 f"; every trial's loss became non-finite (see trainer_status in {store.join(TRIALS_FILE)}): "
+                 f"lower the learning rate range")
+        raise UserError(f"{store.root}: no trial finished ({'; '.join(parts)}){where}")
 
 
 def summary_line(res: SweepResults) -> str:
@@ -300,10 +337,10 @@ def summary_line(res: SweepResults) -> str:
         line += " vs " + part("baseline", "best full-rank")
         o, f = best.get("oialr"), best.get("baseline")
         if o and f:
-            diff = (o[m] - f[m]) * (100 if m == "val_acc" else 1)
-            unit = " points" if m == "val_acc" else ""
+            points = (100, " points") if m == "val_acc" else (1, "")  # accuracy gaps read best in points
+            gap = in_words(o[m], f[m], res.space.objective.direction, *points)
             share = _fraction(o) / max(_fraction(f), 1e-12)
-            line += f": OIALR {diff:+.2f}{unit} with {share:.1%} of the trainable parameters"
+            line += f": OIALR {gap} with {share:.1%} of the trainable parameters"
     return line
 
 

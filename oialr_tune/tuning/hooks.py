@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from ray import tune
 
-from oialr_tune.space import SIZE_METRIC
+from oialr_tune.metrics import SIZE_METRIC
 from oialr_tune.sweep_state import Journal, Signature, kill_point
 
 # Last-result keys an end record keeps (what trials.csv shows of a trial).
@@ -41,6 +41,8 @@ class ArmRun:
     out: TextIO | None = None
     epochs_seen: int = 0
     error: OSError | None = None
+    # A trial error that every trial would repeat (a loop that never reports): the sweep stops at it.
+    fatal: str | None = None
 
 
 ACTIVE: ArmRun | None = None
@@ -74,12 +76,20 @@ class SweepCallback(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trial, "ERROR")
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A failed trial Ray will retry: a retry of a loop that never reports fails the same way, so stop."""
+        run = ACTIVE
+        if run is not None and run.fatal is None and _never_reports(_error_text(trial)):
+            self._ended(trial, "ERROR")
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         run = ACTIVE
         if run is None:
             return
         if run.error is not None:
             raise run.error  # ends fit(); the driver reports it and the sweep can be resumed
+        if run.fatal is not None:
+            raise StopSweep(run.fatal)  # ends fit(); run_arm raises it as bad input
         if run.signature is not None:
             try:
                 run.signature.refresh(run.arm)
@@ -88,7 +98,7 @@ class SweepCallback(tune.Callback):
 
     def _ended(self, trial: Any, status: str) -> None:
         run = ACTIVE
-        if run is None or run.error is not None:
+        if run is None or run.error is not None or run.fatal is not None:  # (fatal: the sweep is stopping)
             return
         last = trial.last_result or {}
         checkpoint = trial.checkpoint
@@ -108,18 +118,44 @@ class SweepCallback(tune.Callback):
             run.error = e
             return
         run.ended.add(trial.trial_id)
+        traceback_file = str(Path(trial.path, "error.txt"))
+        if status == "ERROR" and _never_reports(record["error"]):
+            run.fatal = f"{_message(record['error'])} (stopped at the first trial; traceback: {traceback_file})"
         if run.print_progress:
-            r = record["result"]
-            params = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(trial.config.items()))
-            what = "done " if status == "TERMINATED" else "ERROR"
-            metric = run.metrics[0]
-            print(
-                f"[{run.arm}] {len(run.ended)}/{run.total} {trial.trial_id} {what} epochs={last.get('epoch', 0)} "
-                f"{metric}={_fmt(r.get(metric))} frac={_fmt(r.get(SIZE_METRIC))} {params}",
-                file=run.out or sys.stdout,
-                flush=True,
-            )
+            print(_progress_line(run, trial, record, traceback_file), file=run.out or sys.stdout, flush=True)
         kill_point("done", run.arm, len(run.ended))
+
+
+class StopSweep(Exception):
+    """Raised from the callback to end the arm's ``fit`` at an error every trial would repeat."""
+
+
+def _progress_line(run: ArmRun, trial: Any, record: dict[str, Any], traceback_file: str) -> str:
+    """The one line printed per ended trial: done (or diverged) with its metrics, or its error and traceback file."""
+    r, last = record["result"], trial.last_result or {}
+    head = f"[{run.arm}] {len(run.ended)}/{run.total} {trial.trial_id}"
+    if record["status"] == "ERROR":  # once, in one line; Ray's traceback is in the file (-v shows it too)
+        return f"{head} ERROR {_message(record['error'])} (traceback: {traceback_file})"
+    params = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(trial.config.items()))
+    what = "diverged" if r.get("run_status") == "diverged" else "done "
+    metric = run.metrics[0]
+    return (f"{head} {what} epochs={last.get('epoch', 0)} {metric}={_fmt(r.get(metric))} "
+            f"frac={_fmt(r.get(SIZE_METRIC))} {params}")
+
+
+_NO_REPORT = "returned without calling trial.report"
+
+
+def _never_reports(error: str | None) -> bool:
+    """Whether a trial's error is a user loop that never called ``trial.report`` (see `oialr_tune.loop`)."""
+    return error is not None and _NO_REPORT in error
+
+
+def _message(error: str | None) -> str:
+    """A trial's error line without its exception class prefix (``oialr_tune.errors.UserError: ``)."""
+    text = error or "error"
+    head, sep, rest = text.partition(": ")
+    return rest if sep and head.replace(".", "").replace("_", "").isalnum() and " " not in head else text
 
 
 def _json_number(v: Any) -> Any:

@@ -16,9 +16,8 @@ apart from feasible ones, so the search spends its trials under the budget inste
 after the sweep that few of them are. The value must be on the Optuna trial before the trial is
 told: :class:`BudgetedOptunaSearch` sets it just before Ray's OptunaSearch tells the study.
 
-Ray's ``OptunaSearch._ot_trials`` (Ray trial id → Optuna trial) and ``_completed_trials`` are the
-private names used here, to reach the trial being told; ``tests/test_budget_search.py`` and
-``tests/test_search.py`` fail loudly if Ray changes them.
+The trial being told, and whether it was told already, are read through Ray's private records of
+them (`oialr_tune.tuning._internals`).
 """
 
 from __future__ import annotations
@@ -33,7 +32,9 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from oialr_tune.space import SIZE_METRIC, SearchSpace
+from oialr_tune.metrics import SIZE_METRIC
+from oialr_tune.space import SearchSpace
+from oialr_tune.tuning._internals import optuna_trial, told
 from oialr_tune.tuning.study import (
     directions,
     optuna_distribution,
@@ -60,12 +61,12 @@ class BudgetedOptunaSearch(OptunaSearch):
         self.max_trainable_fraction = max_trainable_fraction
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        ot_trial = self._ot_trials.get(trial_id) if self.max_trainable_fraction is not None else None
+        ot_trial = optuna_trial(self, trial_id) if self.max_trainable_fraction is not None else None
         if ot_trial is not None:
             fraction = (result or {}).get(SIZE_METRIC)
             for key, value in size_constraint(fraction, self.max_trainable_fraction).items():
                 ot_trial.set_constraint(key, value)
-        if not error and result and trial_id not in self._completed_trials:
+        if not error and result and not told(self, trial_id):
             self._report_last_epoch(trial_id, result)
             if stopped_early(result):
                 # OptunaSearch tells a trial without a result as PRUNED; Optuna then takes its

@@ -5,17 +5,13 @@ is derived from the journals afterwards, so it can always be rebuilt. Writing an
 both here, so this module (with the rest of :mod:`oialr_tune.tuning`) is the only one that talks
 to Optuna.
 
-Writing stores the trials through Optuna's own table models (``optuna.storages._rdb.models``) and
-a study's private ``_study_id``, the private Optuna names used here: ``study.add_trials`` spends
-20-30 ms per trial (seconds on a big sweep) where one ORM session spends about 1 ms.
-``tests/test_sweep.py::test_study_db_holds_what_optuna_add_trials_stores`` fails loudly when an
-Optuna upgrade changes them.
+Writing stores the trials in one ORM session (`oialr_tune.tuning._internals.add_finished_trials`,
+through Optuna's private table models): ``study.add_trials`` spends 20-30 ms per trial.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sqlite3
 import warnings
@@ -29,8 +25,10 @@ from optuna.trial import TrialState
 
 from oialr_tune.errors import UserError
 from oialr_tune.files import replacing
-from oialr_tune.space import SIZE_METRIC, Param, SearchSpace
+from oialr_tune.metrics import SIZE_METRIC
+from oialr_tune.space import Param, SearchSpace
 from oialr_tune.sweep_state import STUDY_FILE
+from oialr_tune.tuning._internals import add_finished_trials
 from oialr_tune.tuning.storage import Store
 
 __all__ = ["importances", "optuna_distribution", "optuna_trials", "size_constraint", "stopped_early", "write_studies"]
@@ -134,7 +132,7 @@ def write_studies(space: SearchSpace, rows_by_arm: Mapping[str, Sequence[dict[st
     """(Re)write ``study.db``: one Optuna study per arm (named after it), from its trial rows (see `optuna_trials`).
 
     The file is rebuilt from scratch, so re-running this after a resume cannot duplicate trials.
-    Optuna creates the database and the studies; the trials go in with `_add_trials`, in one
+    Optuna creates the database and the studies; the trials go in with `_internals.add_finished_trials`, in one
     transaction of an in-memory SQLite database that SQLite's backup API then copies to the file
     (written beside it, then renamed over it). ``study.add_trials`` costs 20-30 ms per trial (a
     dozen ORM queries and a commit each); this, about 1 ms. The file is the same Optuna SQLite
@@ -148,50 +146,11 @@ def write_studies(space: SearchSpace, rows_by_arm: Mapping[str, Sequence[dict[st
         for arm, rows in rows_by_arm.items():
             study = optuna.create_study(storage=storage, study_name=arm, directions=directions(space, arm))
             study.set_user_attr("space", space.name)
-            _add_trials(storage, study._study_id, optuna_trials(space, arm, rows))
+            add_finished_trials(storage, study, optuna_trials(space, arm, rows))
         with store.local_file(STUDY_FILE) as db, replacing(db) as tmp, contextlib.closing(sqlite3.connect(tmp)) as out:
             storage.engine.raw_connection().driver_connection.backup(out)
     finally:
         storage.engine.dispose()
-
-
-def _add_trials(storage: Any, study_id: int, trials: Sequence[Any]) -> None:
-    """Store finished trials in a new study, as ``study.add_trials`` would, in one ORM session.
-
-    Uses Optuna's own table models (``optuna.storages._rdb.models``) and stored forms, as its
-    ``RDBStorage._get_prepared_new_trial`` does for a template trial; tests/test_sweep.py checks
-    that ``optuna.load_study`` reads back the trials `optuna_trials` made.
-    """
-    from optuna.distributions import distribution_to_json
-    from optuna.storages._rdb import models
-    from sqlalchemy.orm import Session
-
-    with Session(storage.engine) as session:
-        for number, t in enumerate(trials):
-            trial = models.TrialModel(
-                study_id=study_id, number=number, state=t.state,
-                datetime_start=t.datetime_start, datetime_complete=t.datetime_complete,
-            )  # fmt: skip
-            for objective, value in enumerate(t.values or ()):
-                stored, kind = models.TrialValueModel.value_to_stored_repr(value)
-                trial.values.append(models.TrialValueModel(objective=objective, value=stored, value_type=kind))
-            for name, value in t.params.items():
-                dist = t.distributions[name]
-                trial.params.append(models.TrialParamModel(
-                    param_name=name, param_value=dist.to_internal_repr(value),
-                    distribution_json=distribution_to_json(dist),
-                ))  # fmt: skip
-            for key, value in t.user_attrs.items():
-                trial.user_attributes.append(models.TrialUserAttributeModel(key=key, value_json=json.dumps(value)))
-            for key, value in t.system_attrs.items():
-                trial.system_attributes.append(models.TrialSystemAttributeModel(key=key, value_json=json.dumps(value)))
-            for step, value in t.intermediate_values.items():
-                stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
-                trial.intermediate_values.append(models.TrialIntermediateValueModel(
-                    step=step, intermediate_value=stored, intermediate_value_type=kind,
-                ))  # fmt: skip
-            session.add(trial)
-        session.commit()
 
 
 def _check_study_file(path: Path) -> None:

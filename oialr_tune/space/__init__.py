@@ -31,11 +31,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import resources as importlib_resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -44,38 +47,219 @@ from oialr_tune.config import (
     TrainConfig,
     check_seed,
     parse_yaml,
-    reported_metrics,
     train_config_from_dict,
     train_config_to_dict,
     with_overrides,
 )
 from oialr_tune.errors import UserError
 from oialr_tune.files import read_text
-from oialr_tune.schema import convert_value, dataclass_from_dict
-from oialr_tune.space_types import (
-    ARMS,
-    BASELINES,
-    METRIC_DIRECTIONS,
-    NAME_RE,
-    OIALR_ONLY_KEYS,
-    PARAM_TYPES,
-    SIZE_METRIC,
-    UNSEARCHABLE,
-    Budget,
-    CheckpointPolicy,
-    Objective,
-    Param,
-    Resources,
-    SearchSpace,
-    Strategy,
-)
+from oialr_tune.metrics import METRIC_DIRECTIONS, SIZE_METRIC, main_metric, reported_metrics
+from oialr_tune.schema import convert_value, dataclass_from_dict, ge, gt, rule
+from oialr_tune.space._distributions import Param, categorical_choices, distribution_type, range_bounds
 
-# The parts of a space live in `space_types` (plain data); this module builds them from YAML.
-__all__ = [
-    "ARMS", "BASELINES", "METRIC_DIRECTIONS", "NAME_RE", "OIALR_ONLY_KEYS", "PARAM_TYPES", "SIZE_METRIC",
-    "UNSEARCHABLE", "Budget", "CheckpointPolicy", "Objective", "Param", "Resources", "SearchSpace", "Strategy",
-    "dump_space", "load_space", "packaged_spaces", "space_from_dict", "with_settings", "with_user_code",
-]  # fmt: skip
+BASELINES = ("same-budget", "once", "none")
+ARMS = ("oialr", "baseline")
+# Schedule keys that only act after an OIALR rank event: the full-rank baseline does not search them.
+OIALR_ONLY_KEYS = ("schedule.rewarm_steps", "schedule.rewarm_start")
+# Keys the sweep itself decides, so searching them would silently fight the sweep.
+UNSEARCHABLE = {
+    "schedule.epochs": "set budget.max_epochs instead",
+    "oialr.enabled": "the sweep runs the OIALR arm with it on and the baseline arm with it off",
+    "checkpoint_every": "set checkpoint.every instead",
+}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# --- the parts of a space ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a trial is judged by: one metric, or (``multi``) that metric and the trainable fraction.
+
+    `metric` is one the trials report: val_loss, val_acc (classification), val_mae (regression) or
+    val_<name> of a user metric (whose direction is `mode`). Default: the task's own metric.
+
+    `max_trainable_fraction` is a size budget inside the search: the OIALR arm's sampler treats a
+    trial whose final trainable fraction is above it as infeasible (Optuna's constrained TPE), and
+    ``best`` picks among the trials under it. A trial ASHA stops early counts with the fraction of
+    its last reported epoch: one stopped before its cuts is infeasible, which is what it is as a
+    candidate model.
+    """
+
+    metric: str = "val_acc"
+    mode: Literal["max", "min", "multi"] = "max"
+    max_trainable_fraction: float | None = None
+
+    @property
+    def is_multi(self) -> bool:
+        return self.mode == "multi"
+
+    @property
+    def direction(self) -> str:
+        """'max' or 'min' for the main metric (in multi mode too)."""
+        return METRIC_DIRECTIONS.get(self.metric, self.mode)
+
+    @property
+    def test_metric(self) -> str:
+        """The metric on the test split (val_mae -> test_mae, val_f1 -> test_f1): what retrain and
+        compare report, so the final numbers measure what the search optimized."""
+        return "test_" + self.metric.removeprefix("val_")
+
+    def metrics(self, arm: str = "oialr") -> list[str]:
+        """Metric names handed to the searcher; the baseline arm is always single-objective
+        (its trainable fraction is 1 by construction)."""
+        return [self.metric, SIZE_METRIC] if self.is_multi and arm == "oialr" else [self.metric]
+
+    def modes(self, arm: str = "oialr") -> list[str]:
+        return [self.direction, "min"] if self.is_multi and arm == "oialr" else [self.direction]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much to spend per arm. `max_epochs` is the trainer's ``schedule.epochs``; ASHA's rungs are
+    at ``grace_period * reduction_factor**i`` epochs. `max_concurrent` None lets the per-trial
+    resources decide; `max_failures` is how often a failing trial is retried (from its checkpoint)."""
+
+    num_samples: int = rule(ge(1), 16)
+    max_epochs: int = rule(ge(1), 10)
+    grace_period: int = 1  # in [1, max_epochs]: checked with the epochs (`_budget_epochs`)
+    reduction_factor: float = rule(gt(1), 2.0)
+    max_concurrent: int | None = rule(ge(1), None)
+    max_failures: int = rule(ge(0), 0)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-trial resources for Ray. Fractions of a GPU pack several trials onto one device."""
+
+    cpu: float = rule(gt(0), 1.0)
+    gpu: float = rule(ge(0), 0.0)
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When trials save state. Besides every `every` epochs (0 = no periodic checkpoints), a trial
+    always checkpoints at the ASHA rungs (where it may be stopped) and at its last epoch, which is
+    what resuming and retrieving the best model need; more would only cost time and disk.
+
+    `num_to_keep` None (the default) keeps every checkpoint while an arm runs and only each trial's
+    last one once the arm is over. That is what makes a killed sweep resumable: Ray deletes a
+    trial's older checkpoints a moment before it saves the experiment state that stops naming
+    them, so a driver killed in between leaves a state naming a deleted checkpoint and that trial
+    cannot resume. A number bounds the disk during the run at that risk.
+    """
+
+    every: int = rule(ge(0), 0)  # 0: only at the ASHA rungs and the end
+    num_to_keep: int | None = rule(ge(1), None)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Which sampler proposes configs and which scheduler stops trials early.
+
+    ``scheduler: auto`` is ASHA for a single objective and FIFO (every trial runs to `max_epochs`)
+    for ``mode: multi``: ASHA ranks trials by one metric only, and stopping on accuracy alone would
+    cut the small-but-slower-to-converge trials the Pareto front is about. ``asha`` with multi
+    stops on the accuracy metric anyway, if asked. ``random`` exists for the efficiency benchmark.
+    """
+
+    sampler: Literal["tpe", "random"] = "tpe"
+    scheduler: Literal["auto", "asha", "fifo"] = "auto"
+    # Random trials before TPE starts modelling; null = a quarter of num_samples, within [4, 10]
+    # (Optuna's own default, 10, would leave little to TPE in a 16-trial sweep).
+    startup_trials: int | None = rule(ge(1), None)
+
+
+@dataclass
+class SearchSpace:
+    """A validated search space. Build it with :func:`load_space` or :func:`space_from_dict`.
+
+    `base` is the full, normalized trainer config (every default filled in, ``schedule.epochs`` =
+    ``budget.max_epochs``), so a sweep stored as ``sweep.yaml`` reruns identically even if defaults
+    change later.
+    """
+
+    name: str
+    base: dict[str, Any]
+    search: tuple[Param, ...]
+    objective: Objective = field(default_factory=Objective)
+    budget: Budget = field(default_factory=Budget)
+    resources: Resources = field(default_factory=Resources)
+    baseline: Literal["same-budget", "once", "none"] = "same-budget"
+    seed: int = 0
+    checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    strategy: Strategy = field(default_factory=Strategy)
+    description: str = ""
+
+    # -- per arm --
+
+    def arms(self) -> list[str]:
+        """The arms this sweep runs, in order: always ``oialr``, plus ``baseline`` unless disabled."""
+        return ["oialr"] if self.baseline == "none" else ["oialr", "baseline"]
+
+    def arm_base(self, arm: str) -> dict[str, Any]:
+        """The base trainer config of an arm: the baseline arm is the same run with OIALR off."""
+        base = copy.deepcopy(self.base)
+        if arm == "baseline":
+            base["oialr"]["enabled"] = False
+        return base
+
+    def arm_params(self, arm: str) -> tuple[Param, ...]:
+        """Searched keys of an arm. The baseline searches the same non-OIALR ranges (LR, schedule,
+        ...) under the same budget with ``baseline: same-budget``, and nothing with ``once``. Keys that
+        only act on OIALR events (``oialr.*``, the re-warm after a rank cut) are left out."""
+        if arm == "oialr":
+            return self.search
+        if self.baseline == "once":
+            return ()
+        return tuple(p for p in self.search if not (p.key.startswith("oialr.") or p.key in OIALR_ONLY_KEYS))
+
+    def arm_num_samples(self, arm: str) -> int:
+        """Trials in an arm: the budget's, or 1 where there is nothing to search."""
+        return self.budget.num_samples if self.arm_params(arm) else 1
+
+    def scheduler(self) -> str:
+        """'asha' or 'fifo', with ``auto`` resolved (see :class:`Strategy`)."""
+        if self.strategy.scheduler != "auto":
+            return self.strategy.scheduler
+        return "fifo" if self.objective.is_multi else "asha"
+
+    def rungs(self) -> list[int]:
+        """Epochs at which ASHA may stop a trial (empty under FIFO), as Ray computes them:
+        ``grace_period * reduction_factor**k`` below ``max_epochs``, rounded up to whole epochs."""
+        if self.scheduler() != "asha":
+            return []
+        b = self.budget
+        count = int(math.log(b.max_epochs / b.grace_period) / math.log(b.reduction_factor) + 1)
+        return sorted({math.ceil(b.grace_period * b.reduction_factor**k) for k in range(count)})
+
+    def checkpoint_epochs(self) -> list[int]:
+        """1-based epochs at which a trial saves a checkpoint: every `checkpoint.every`, the ASHA
+        rungs and the last epoch."""
+        last = self.budget.max_epochs
+        every = self.checkpoint.every
+        epochs = {e for e in self.rungs() if e <= last} | {last}
+        if every:
+            epochs |= set(range(every, last + 1, every))
+        return sorted(epochs)
+
+    def trial_config(self, arm: str, params: Mapping[str, Any]) -> TrainConfig:
+        """The validated trainer config of one trial: the arm's base with the sampled values."""
+        base = train_config_from_dict(self.arm_base(arm))
+        return with_overrides(base, dict(params)) if params else base
+
+    # -- (de)serialization --
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that :func:`space_from_dict` reads back to an equal space (``sweep.yaml``)."""
+        out: dict[str, Any] = {"name": self.name, **({"description": self.description} if self.description else {}),
+                               "base": copy.deepcopy(self.base), "search": {p.key: p.to_dict() for p in self.search}}
+        out.update({k: dataclasses.asdict(getattr(self, k)) for k in ("objective", "budget", "resources")})
+        out.update(baseline=self.baseline, seed=self.seed, checkpoint=dataclasses.asdict(self.checkpoint),
+                   strategy=dataclasses.asdict(self.strategy))
+        return out
+
 
 # --- parsing -----------------------------------------------------------------------------------
 
@@ -106,10 +290,11 @@ def _parse_param(key: str, spec: Any, trainer_keys: list[str]) -> Param:
     """One ``search`` entry; checks the key names a trainer setting and the distribution is sound."""
     where = f"search.{key}"
     _check_param_key(key, where, trainer_keys)
-    kind = _param_type(spec, where)
+    kind = distribution_type(spec, where)
     if kind == "categorical":
-        return _categorical_param(key, spec, where)
-    return _range_param(key, kind, spec, where)
+        return Param(key, "categorical", choices=categorical_choices(spec, where))
+    low, high, step, log = range_bounds(kind, spec, where)
+    return Param(key, kind, low=low, high=high, step=step, log=log)
 
 
 def _check_param_key(key: Any, where: str, trainer_keys: list[str]) -> None:
@@ -120,70 +305,6 @@ def _check_param_key(key: Any, where: str, trainer_keys: list[str]) -> None:
         raise UserError(f"{where}: cannot be searched ({UNSEARCHABLE[key]})")
     if key not in trainer_keys and not key.startswith(("model.args.", "data.args.")):
         raise UserError(f"{where}: not a trainer config key{_suggest(key, trainer_keys)}")
-
-
-def _param_type(spec: Any, where: str) -> str:
-    """The distribution's type, once `spec` is a mapping of a known type with only the keys that type uses."""
-    if not isinstance(spec, Mapping):
-        raise UserError(f"{where}: expected a mapping like {{type: uniform, low: 0, high: 1}}, got {spec!r}")
-    kind = spec.get("type")
-    if kind not in PARAM_TYPES:
-        raise UserError(f"{where}.type: expected one of {', '.join(PARAM_TYPES)}, got {kind!r}")
-    allowed = {"categorical": {"type", "choices"}}.get(kind, {"type", "low", "high", "step", "log"})
-    if kind == "loguniform":
-        allowed = {"type", "low", "high"}
-    for k in spec:
-        if k not in allowed:
-            raise UserError(f"{where}.{k}: not used by type {kind} (allowed: {', '.join(sorted(allowed))})")
-    return kind
-
-
-def _categorical_param(key: str, spec: Mapping[str, Any], where: str) -> Param:
-    """A categorical entry: a non-empty list of distinct JSON scalars."""
-    choices = spec.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise UserError(f"{where}.choices: expected a non-empty list, got {choices!r}")
-    for i, c in enumerate(choices):
-        # Optuna stores categorical choices as JSON scalars; anything else cannot be persisted.
-        if c is not None and not isinstance(c, (bool, int, float, str)):
-            raise UserError(f"{where}.choices[{i}]: must be a number, string, boolean or null, got {c!r}")
-    if len({repr(c) for c in choices}) != len(choices):
-        raise UserError(f"{where}.choices: has duplicates: {choices!r}")
-    return Param(key, "categorical", choices=tuple(choices))
-
-
-def _range_param(key: str, kind: str, spec: Mapping[str, Any], where: str) -> Param:
-    """An int, uniform or loguniform entry: low <= high, positive when logarithmic, an optional step."""
-    for k in ("low", "high"):
-        if k not in spec:
-            raise UserError(f"{where}.{k}: required for type {kind}")
-    tp: Any = int if kind == "int" else float
-    low = convert_value(spec["low"], tp, f"{where}.low")
-    high = convert_value(spec["high"], tp, f"{where}.high")
-    if low > high:
-        raise UserError(f"{where}.low: must be <= high, got low={low} > high={high}")
-    if kind == "loguniform" and low <= 0:
-        raise UserError(f"{where}.low: loguniform needs low > 0, got {low}")
-    log = convert_value(spec.get("log", False), bool, f"{where}.log")
-    if log and low <= 0:
-        raise UserError(f"{where}.low: log: true needs low > 0, got {low}")
-    step = spec.get("step")
-    if step is not None:
-        step = _range_step(step, tp, low, high, log, where)
-    return Param(key, kind, low=low, high=high, step=step, log=log)
-
-
-def _range_step(step: Any, tp: Any, low: float, high: float, log: bool, where: str) -> float:
-    """A range's step: positive, not with log (Optuna cannot), dividing high - low."""
-    step = convert_value(step, tp, f"{where}.step")
-    if step <= 0:
-        raise UserError(f"{where}.step: must be > 0, got {step}")
-    if log:
-        raise UserError(f"{where}.step: cannot be combined with log: true (Optuna does not support it)")
-    span = (high - low) / step
-    if abs(span - round(span)) > 1e-9 * max(1.0, abs(span)):
-        raise UserError(f"{where}.step: high - low ({high - low}) must be a multiple of step ({step})")
-    return step
 
 
 def _check_endpoints(param: Param, base: TrainConfig) -> None:
@@ -221,7 +342,8 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     if baseline not in BASELINES:
         raise UserError(f"baseline: expected one of {', '.join(BASELINES)}, got {baseline!r}")
     seed = check_seed(convert_value(data.get("seed", 0), int, "seed"), "seed")
-    checkpoint, strategy = _parse_checkpoint(data.get("checkpoint")), _parse_strategy(data.get("strategy"))
+    checkpoint = dataclass_from_dict(CheckpointPolicy, data.get("checkpoint"), "checkpoint")
+    strategy = dataclass_from_dict(Strategy, data.get("strategy"), "strategy")
     return SearchSpace(
         name=name, base=base, search=params, objective=objective, budget=budget, resources=resources,
         baseline=baseline, seed=seed, checkpoint=checkpoint, strategy=strategy, description=description,
@@ -243,20 +365,10 @@ def _check_top_level(data: Any, source: str) -> None:
 def _parse_budget(raw: Any) -> Budget:
     """The ``budget`` section: trials, epochs and the ASHA settings, each in range."""
     budget = dataclass_from_dict(Budget, raw, "budget")
-    if budget.num_samples < 1:
-        raise UserError(f"budget.num_samples: must be >= 1, got {budget.num_samples}")
-    if budget.max_epochs < 1:
-        raise UserError(f"budget.max_epochs: must be >= 1, got {budget.max_epochs}")
     if not 1 <= budget.grace_period <= budget.max_epochs:
         raise UserError(
             f"budget.grace_period: must be in [1, max_epochs={budget.max_epochs}], got {budget.grace_period}"
         )
-    if budget.reduction_factor <= 1:
-        raise UserError(f"budget.reduction_factor: must be > 1, got {budget.reduction_factor}")
-    if budget.max_concurrent is not None and budget.max_concurrent < 1:
-        raise UserError(f"budget.max_concurrent: must be >= 1 or null, got {budget.max_concurrent}")
-    if budget.max_failures < 0:
-        raise UserError(f"budget.max_failures: must be >= 0, got {budget.max_failures}")
     return budget
 
 
@@ -311,12 +423,14 @@ def _parse_search(search_data: Any, base: dict[str, Any], base_cfg: TrainConfig)
 
 
 def _parse_objective(raw_objective: Any, base_cfg: TrainConfig) -> Objective:
-    """The ``objective`` section: a metric the task reports (val_mae by default for regression), a
+    """The ``objective`` section: a metric the task reports (by default the task's own score), a
     mode that fits its direction, and an optional size budget."""
     objective = dataclass_from_dict(Objective, raw_objective, "objective")
     reported = reported_metrics(base_cfg.task, base_cfg.metrics)
-    if base_cfg.task == "regression" and "metric" not in (raw_objective or {}):
-        objective = dataclasses.replace(objective, metric="val_mae", mode="multi" if objective.is_multi else "min")
+    task_metric = f"val_{main_metric(base_cfg.task)}"  # the default: the task's own score
+    if "metric" not in (raw_objective or {}) and objective.metric != task_metric:
+        mode = "multi" if objective.is_multi else METRIC_DIRECTIONS[task_metric]
+        objective = dataclasses.replace(objective, metric=task_metric, mode=mode)
     if objective.metric not in reported and base_cfg.trainable is None:  # a user's loop reports its own
         raise UserError(
             f"objective.metric: {objective.metric} is not reported by task {base_cfg.task} "
@@ -341,10 +455,6 @@ def _parse_objective(raw_objective: Any, base_cfg: TrainConfig) -> Objective:
 def _parse_resources(raw: Any, base: dict[str, Any]) -> Resources:
     """The ``resources`` per trial, consistent with the base's device (a GPU trial needs a GPU device)."""
     resources = dataclass_from_dict(Resources, raw, "resources")
-    if resources.cpu <= 0:
-        raise UserError(f"resources.cpu: must be > 0, got {resources.cpu}")
-    if resources.gpu < 0:
-        raise UserError(f"resources.gpu: must be >= 0, got {resources.gpu}")
     if resources.gpu > 1 and resources.gpu != int(resources.gpu):
         raise UserError(f"resources.gpu: above 1 it must be a whole number of GPUs, got {resources.gpu}")
     if resources.gpu == 0 and base["device"].startswith("cuda"):
@@ -354,24 +464,6 @@ def _parse_resources(raw: Any, base: dict[str, Any]) -> Resources:
     if resources.gpu > 0 and base["device"] == "cpu":
         raise UserError("resources.gpu: trials would run on base.device 'cpu'; set base.device to auto or cuda")
     return resources
-
-
-def _parse_checkpoint(raw: Any) -> CheckpointPolicy:
-    """The ``checkpoint`` policy: every >= 0, num_to_keep >= 1 or null."""
-    checkpoint = dataclass_from_dict(CheckpointPolicy, raw, "checkpoint")
-    if checkpoint.every < 0:
-        raise UserError(f"checkpoint.every: must be >= 0 (0 = only at ASHA rungs and the end), got {checkpoint.every}")
-    if checkpoint.num_to_keep is not None and checkpoint.num_to_keep < 1:
-        raise UserError(f"checkpoint.num_to_keep: must be >= 1 or null, got {checkpoint.num_to_keep}")
-    return checkpoint
-
-
-def _parse_strategy(raw: Any) -> Strategy:
-    """The ``strategy`` section: the sampler and its settings."""
-    strategy = dataclass_from_dict(Strategy, raw, "strategy")
-    if strategy.startup_trials is not None and strategy.startup_trials < 1:
-        raise UserError(f"strategy.startup_trials: must be >= 1 or null, got {strategy.startup_trials}")
-    return strategy
 
 
 # --- files -------------------------------------------------------------------------------------
