@@ -459,6 +459,31 @@ def write_md(res: dict[str, Any], chk: dict[str, Any], path: Path, horizon: floa
     path.write_text("\n".join(L) + "\n")
 
 
+def sweep_check(table: Table, runs_paths: list[str], sweeps: list[str]) -> list[str]:
+    """Real sweeps against the replay: the truth of the cell nearest to each sweep's best trial (as
+    ``oialr-tune best`` picks it, within the size budget) next to the replay's band (2.5-97.5 % over
+    repeats) of the incumbent's truth after as many ended trials, for the sweep's strategy."""
+    from oialr_tune.results import best_trial
+
+    traces = _traces(runs_paths)
+    truth = _truth_of(table, BUDGET)
+    lines = []
+    for spec in sweeps:
+        strategy, path = spec.split("=", 1)
+        best = best_trial(path)
+        n = best.finished_trials
+        cell = table.nearest(best.trial.params)
+        band = [truth[int(tr[min(n, len(tr)) - 1, 2])] for (s, o, _), tr in traces.items()
+                if s == strategy and o == "budget"]
+        lo, mid, hi = np.percentile(band, [2.5, 50, 97.5])
+        verdict = "inside" if lo <= table.truth[cell] <= hi else "OUTSIDE"
+        lines.append(f"- {strategy} sweep `{path}` ({n} trials): best trial val_acc "
+                     f"{best.trial.metrics.get('val_acc'):.4f} at {best.trial.trainable_fraction:.3f} trainable; "
+                     f"nearest cell's truth {table.truth[cell]:.4f}; replay after {n} trials: median {mid:.4f}, "
+                     f"band [{lo:.4f}, {hi:.4f}]: {verdict}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--table", default="results/benchmarks/search_table.csv.gz")
@@ -471,6 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--report-only", action="store_true", help="write the report from an existing --out")
+    ap.add_argument("--check-sweep", action="append", default=[], metavar="STRATEGY=DIR",
+                    help="with --report-only: print where a real sweep's best lands against the replay's band")
     ap.add_argument("--header", default="# Search quality on the digits OIALR table", help="the report's opening text")
     args = ap.parse_args(argv)
     rows = read_table(args.table)
@@ -493,6 +520,9 @@ def main(argv: list[str] | None = None) -> None:
                 if i % 20 == 0:
                     print(f"{i}/{len(jobs)} replays, {time.time() - start:.0f} s", file=sys.stderr)
         print(f"done: {len(jobs)} replays in {time.time() - start:.0f} s -> {args.out}", file=sys.stderr)
+    if args.check_sweep:
+        print("\n".join(sweep_check(table, args.out.split(","), args.check_sweep)))
+        return
     res = analyse(table, args.out.split(","), horizon)
     md = Path(args.md)
     header = (f"{args.header}\n\nTable: {len(table.ids)} cells; budget {horizon:.1f} simulated s = {FULL_TRIALS} full "
