@@ -47,7 +47,8 @@ STRATEGIES = {  # name -> (sampler, scheduler: fifo / asha / hyperband)
     "random+ASHA": ("random", "asha"),
     "TPE": ("tpe", "fifo"),
     "TPE+ASHA": ("tpe", "asha"),  # the tool's default
-    "TPE-mv-CL+ASHA": ("tpe-mv-cl", "asha"),
+    "TPE-mv-CL+ASHA": ("tpe-mv-cl", "asha"),  # Optuna 5.1's TPE default (single objective), made explicit
+    "TPE-indep+ASHA": ("tpe-indep", "asha"),  # the pre-5.0 default: independent TPE, no constant liar
     "TPE+Hyperband": ("tpe", "hyperband"),
     "GP": ("gp", "fifo"),
     "CMA-ES": ("cmaes", "fifo"),
@@ -124,6 +125,8 @@ def _sampler(kind: str, space: Any) -> Any:
     n0 = startup_trials(space)
     if kind == "tpe-mv-cl":
         return optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=n0, multivariate=True, constant_liar=True)
+    if kind == "tpe-indep":
+        return optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=n0, multivariate=False, constant_liar=False)
     if kind == "gp":
         return optuna.samplers.GPSampler(seed=space.seed, n_startup_trials=n0)
     if kind == "cmaes":
@@ -263,17 +266,21 @@ def _boot_ci(values: np.ndarray, stat: Any) -> tuple[float, float]:
     return float(np.nanpercentile(stats, 2.5)), float(np.nanpercentile(stats, 97.5))
 
 
-def _traces(runs_path: str) -> dict[tuple[str, str, int], np.ndarray]:
-    """(strategy, objective, repeat) -> rows of (time, epochs, incumbent cell) at each trial end."""
-    out: dict[tuple[str, str, int], list[tuple[float, float, int]]] = {}
+def _read_runs(path: str) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     try:
-        with gzip.open(runs_path, "rt", newline="") as f:
+        with gzip.open(path, "rt", newline="") as f:
             rows.extend(csv.DictReader(f))
     except EOFError:  # a cut-short replay: its last job may be partly written, so it is dropped
         last = [rows[-1][k] for k in ("strategy", "objective", "repeat")] if rows else None
         rows = [r for r in rows if [r["strategy"], r["objective"], r["repeat"]] != last]
-    for r in rows:
+    return rows
+
+
+def _traces(runs_paths: list[str]) -> dict[tuple[str, str, int], np.ndarray]:
+    """(strategy, objective, repeat) -> rows of (time, epochs, incumbent cell) at each trial end."""
+    out: dict[tuple[str, str, int], list[tuple[float, float, int]]] = {}
+    for r in (row for path in runs_paths for row in _read_runs(path)):
         key = (r["strategy"], r["objective"], int(r["repeat"]))
         out.setdefault(key, []).append((float(r["time"]), float(r["epochs"]), int(r["incumbent_cell"])))
     return {k: np.array(sorted(v)) for k, v in out.items()}
@@ -299,9 +306,9 @@ def _time_to(trace: np.ndarray, truth: dict[int, float], target: float) -> float
     return hit[0] if hit else math.inf
 
 
-def analyse(table: Table, runs_path: str, horizon: float) -> dict[str, Any]:
+def analyse(table: Table, runs_paths: list[str], horizon: float) -> dict[str, Any]:
     """Regret curves (IQM and 95 % CI), speedups over random and the pairwise table, per objective."""
-    traces = _traces(runs_path)
+    traces = _traces(runs_paths)
     strategies = [s for s in STRATEGIES if any(k[0] == s for k in traces)]
     tgrid = np.linspace(0, horizon, 41)[1:]
     egrid = np.linspace(0, FULL_TRIALS * EPOCHS, 41)[1:]
@@ -326,6 +333,14 @@ def analyse(table: Table, runs_path: str, horizon: float) -> dict[str, Any]:
             ci = _boot_ci(times, lambda t, axis: horizon / np.median(t, axis=axis))
             reached = float(np.isfinite(times).mean())
             o["speed"][s] = {"median_t": med, "speedup": horizon / med, "ci": ci, "reached": reached}
+            # Against random's own time to the same quality, on the paired repeats both have.
+            common = [r for r in reps[s] if r in reps.get("random", [])]
+            pair = np.array([[_time_to(traces[("random", obj, r)], truth, target),
+                              _time_to(traces[(s, obj, r)], truth, target)] for r in common])
+            if len(pair):
+                ratio = lambda t, axis: np.median(t[..., 0], axis=axis) / np.median(t[..., 1], axis=axis)  # noqa: E731
+                o["speed"][s]["vs_random"] = float(ratio(pair[None], 1)[0])
+                o["speed"][s]["vs_random_ci"] = _boot_ci(pair, ratio)
         for a in strategies:
             for b in strategies:
                 common = sorted(set(reps[a]) & set(reps[b]))
@@ -427,11 +442,14 @@ def write_md(res: dict[str, Any], chk: dict[str, Any], path: Path, horizon: floa
         L += ["", "(regret in val_acc percentage points)", "",
               "Time to reach random search's median final quality; speedup = budget ÷ median time "
               "(∞ time if never reached), 95 % bootstrap interval over repeats:", "",
-              "| strategy | median time (s) | share of repeats that reach it | speedup over random's budget |",
-              "| --- | --- | --- | --- |"]
+              "| strategy | median time (s) | share of repeats that reach it | budget ÷ median time | "
+              "random's median time ÷ this one's (paired) |",
+              "| --- | --- | --- | --- | --- |"]
         for s in strat:
             sp = o["speed"][s]
-            L.append(f"| {s} | {sp['median_t']:.1f} | {sp['reached']:.0%} | {_fmt_ci(sp['speedup'], sp['ci'])} |")
+            vs = _fmt_ci(sp["vs_random"], sp["vs_random_ci"], 2) if "vs_random" in sp else ""
+            row = f"| {s} | {sp['median_t']:.1f} | {sp['reached']:.0%} | {_fmt_ci(sp['speedup'], sp['ci'])}"
+            L.append(f"{row} | {vs} |")
         L += ["", "Pairwise: share of paired repeats in which the row ends with lower regret than the column "
               "(ties ½):", "",
               "| | " + " | ".join(strat) + " |", "| --- |" + " --- |" * len(strat)]
@@ -441,16 +459,45 @@ def write_md(res: dict[str, Any], chk: dict[str, Any], path: Path, horizon: floa
     path.write_text("\n".join(L) + "\n")
 
 
+def sweep_check(table: Table, runs_paths: list[str], sweeps: list[str]) -> list[str]:
+    """Real sweeps against the replay: the truth of the cell nearest to each sweep's best trial (as
+    ``oialr-tune best`` picks it, within the size budget) next to the replay's band (2.5-97.5 % over
+    repeats) of the incumbent's truth after as many ended trials, for the sweep's strategy."""
+    from oialr_tune.results import best_trial
+
+    traces = _traces(runs_paths)
+    truth = _truth_of(table, BUDGET)
+    lines = []
+    for spec in sweeps:
+        strategy, path = spec.split("=", 1)
+        best = best_trial(path)
+        n = best.finished_trials
+        cell = table.nearest(best.trial.params)
+        band = [truth[int(tr[min(n, len(tr)) - 1, 2])] for (s, o, _), tr in traces.items()
+                if s == strategy and o == "budget"]
+        lo, mid, hi = np.percentile(band, [2.5, 50, 97.5])
+        verdict = "inside" if lo <= table.truth[cell] <= hi else "OUTSIDE"
+        lines.append(f"- {strategy} sweep `{path}` ({n} trials): best trial val_acc "
+                     f"{best.trial.metrics.get('val_acc'):.4f} at {best.trial.trainable_fraction:.3f} trainable; "
+                     f"nearest cell's truth {table.truth[cell]:.4f}; replay after {n} trials: median {mid:.4f}, "
+                     f"band [{lo:.4f}, {hi:.4f}]: {verdict}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--table", default="results/benchmarks/search_table.csv.gz")
-    ap.add_argument("--out", default="results/benchmarks/search_quality_runs.csv.gz")
+    ap.add_argument("--out", default="results/benchmarks/search_quality_runs.csv.gz",
+                    help="the replays' traces; several files, comma-separated, are read together with --report-only")
     ap.add_argument("--md", default="results/benchmarks/search_quality.md")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--repeats-slow", type=int, default=None, help="repeats for GP, the slow one (default: --repeats)")
+    ap.add_argument("--first-repeat", type=int, default=0, help="start at this repeat (more repeats, another file)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--report-only", action="store_true", help="write the report from an existing --out")
+    ap.add_argument("--check-sweep", action="append", default=[], metavar="STRATEGY=DIR",
+                    help="with --report-only: print where a real sweep's best lands against the replay's band")
     ap.add_argument("--header", default="# Search quality on the digits OIALR table", help="the report's opening text")
     args = ap.parse_args(argv)
     rows = read_table(args.table)
@@ -459,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(table.ids)} cells, horizon {horizon:.1f} simulated s", file=sys.stderr)
     if not args.report_only:
         slow = args.repeats_slow if args.repeats_slow is not None else args.repeats
-        jobs = [(args.table, s, o, r, horizon) for r in range(max(args.repeats, slow))
+        jobs = [(args.table, s, o, r, horizon) for r in range(args.first_repeat, max(args.repeats, slow))
                 for s in args.strategies.split(",") for o in OBJECTIVES
                 if r < (slow if STRATEGIES[s][0] == "gp" else args.repeats)]
         jobs.sort(key=lambda j: STRATEGIES[j[1]][0] == "gp")  # the slow GP last: the rest is written first
@@ -473,7 +520,10 @@ def main(argv: list[str] | None = None) -> None:
                 if i % 20 == 0:
                     print(f"{i}/{len(jobs)} replays, {time.time() - start:.0f} s", file=sys.stderr)
         print(f"done: {len(jobs)} replays in {time.time() - start:.0f} s -> {args.out}", file=sys.stderr)
-    res = analyse(table, args.out, horizon)
+    if args.check_sweep:
+        print("\n".join(sweep_check(table, args.out.split(","), args.check_sweep)))
+        return
+    res = analyse(table, args.out.split(","), horizon)
     md = Path(args.md)
     header = (f"{args.header}\n\nTable: {len(table.ids)} cells; budget {horizon:.1f} simulated s = {FULL_TRIALS} full "
               f"trials on {WORKERS} workers; per-trial overhead {OVERHEAD_S} s; an epoch's simulated seconds "
