@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 try:
@@ -57,6 +59,8 @@ class OIALRCallback(pl.Callback):
         self._last_step = 0
         self._version = 0  # the controller's parameters_version the strategy's DDP wrapper holds
         self._resume: dict[str, Any] | None = None  # the controller state of the checkpoint being resumed
+        self._resume_order: list[list[str]] = []  # and the names of its optimizer's parameters, group by group
+        self._fitted: tuple[pl.LightningModule, torch.optim.Optimizer] | None = None  # what the controller manages
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # The module's own hook runs before Lightning loads its weights (the callbacks' hooks run
@@ -84,6 +88,7 @@ class OIALRCallback(pl.Callback):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"OIALRCallback: needs exactly one optimizer, the module has {len(trainer.optimizers)}")
         optimizer = trainer.optimizers[0]
+        self._fitted = pl_module, optimizer
         total = int(trainer.estimated_stepping_batches)
         self.controller = make_controller(pl_module, optimizer, self.settings, total) or FullRank(pl_module, optimizer)
         if self._resume is not None:
@@ -92,6 +97,7 @@ class OIALRCallback(pl.Callback):
             weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
             self.controller.load_state_dict(self._resume)
             pl_module.load_state_dict(weights)
+            _reorder(optimizer, pl_module, self._resume_order)
             self._resume = None
             self._sync_wrapper(trainer)
         self._last_step = trainer.global_step
@@ -103,12 +109,18 @@ class OIALRCallback(pl.Callback):
             _rewrap(trainer.strategy)
 
     def state_dict(self) -> dict[str, Any]:
-        """The controller's state (schedule position, layer ranks, history), saved in Lightning's checkpoint."""
-        return {"controller": self.controller.state_dict() if self.controller is not None else None}
+        """The controller's state (schedule position, layer ranks, history) and its optimizer's parameter
+        order by name, saved in Lightning's checkpoint."""
+        if self.controller is None or self._fitted is None:
+            return {"controller": None, "optimizer_order": []}
+        module, optimizer = self._fitted
+        names = {id(p): n for n, p in module.named_parameters()}
+        order = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+        return {"controller": self.controller.state_dict(), "optimizer_order": order}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the checkpoint's controller state for `on_fit_start`, where the controller is built."""
-        self._resume = state_dict["controller"]
+        """Keep the checkpoint's state for `on_fit_start`, where the controller is built."""
+        self._resume, self._resume_order = state_dict["controller"], state_dict["optimizer_order"]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -121,6 +133,20 @@ class OIALRCallback(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.controller is not None:
             pl_module.log("trainable_fraction", self.controller.trainable_fraction)
+
+
+def _reorder(optimizer: torch.optim.Optimizer, module: nn.Module, order: list[list[str]]) -> None:
+    """Put the optimizer's parameters in the checkpoint's `order` (names), which its saved state follows.
+
+    The resumed module's optimizer is built over the rebuilt low-rank layers, and a parametrized
+    weight's factor is listed after the module's other parameters, whereas the controller put it
+    where the dense weight was: without this, Lightning would give it another tensor's state.
+    """
+    params = dict(module.named_parameters())
+    for group, names in zip(optimizer.param_groups, order, strict=True):
+        if {id(p) for p in group["params"]} != {id(params[n]) for n in names}:
+            raise ValueError("OIALRCallback: the optimizer's parameters are not those of the checkpoint being resumed")
+        group["params"] = [params[n] for n in names]
 
 
 def _rewrap(strategy: Any) -> None:
