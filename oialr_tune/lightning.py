@@ -10,8 +10,9 @@ Resume (``trainer.fit(..., ckpt_path=...)``): the callback's `state_dict` is the
 in Lightning's checkpoint. Lightning loads the module's weights before any callback sees its state,
 and the low-rank weights only fit low-rank layers; so the callback rebuilds the low-rank layers from
 the checkpoint in the module's ``on_load_checkpoint`` hook, which Lightning calls with the checkpoint
-just before it loads the weights. The optimizer, built afterwards over the rebuilt module, then gets
-its state from the checkpoint, and the controller continues its schedule.
+just before it loads the weights. The optimizer, built afterwards over the rebuilt module, has its
+parameters put in the checkpoint's order (by name) and then gets its state from the checkpoint, and
+the controller continues its schedule.
 
 Under Lightning's DDP strategy (``strategy="ddp"``: NCCL on GPUs, gloo on CPUs) the controller splits
 its SVDs across the ranks and keeps them bit-identical (:mod:`oialr_tune.oialr.distributed`).
