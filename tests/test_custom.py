@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 from oialr_tune import plugins
 from oialr_tune.cli import main
-from oialr_tune.config import train_config_from_dict
+from oialr_tune.config import train_config_from_dict, train_config_to_dict
 from oialr_tune.errors import UserError
 from oialr_tune.model_io import load_model, read_model_file
 from oialr_tune.models import build_model
@@ -222,14 +222,27 @@ def test_timm_vit_example_trains_and_factorizes_its_qkv() -> None:
 # --- Lightning --------------------------------------------------------------------------------------------
 
 
-def test_lightning_callback_cuts_a_lightning_module() -> None:
-    pl = pytest.importorskip("lightning.pytorch", reason="Lightning is an optional extra")
-    from oialr_tune.lightning import OIALRCallback
+class _AttentionNet(nn.Module):
+    """`_blobs` through an `nn.MultiheadAttention`, whose packed projection OIALR parametrizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.head = nn.Linear(6, 32), nn.Linear(32, 3)
+        self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x).unsqueeze(1)
+        return self.head(self.attn(h, h, h)[0][:, 0])
+
+
+def _lightning_module(attention: bool = False) -> Any:
+    """A tiny LightningModule (the `_net` MLP or `_AttentionNet` on `_blobs`, AdamW) that knows nothing of OIALR."""
+    import lightning.pytorch as pl
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = _net((6,), 3, hidden=48)
+            self.net = _AttentionNet() if attention else _net((6,), 3, hidden=48)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
@@ -238,12 +251,26 @@ def test_lightning_callback_cuts_a_lightning_module() -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
+    return Module()
+
+
+def _lightning_trainer(max_epochs: int, callbacks: list[Any], **kwargs: Any) -> Any:
+    import lightning.pytorch as pl
+
+    kwargs = {"logger": False, "enable_checkpointing": False, **kwargs}
+    return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", **kwargs)
+
+
+def test_lightning_callback_cuts_a_lightning_module() -> None:
+    pytest.importorskip("lightning.pytorch", reason="Lightning is an optional extra")
+    from oialr_tune.lightning import OIALRCallback
+
     train_set, _, _ = _blobs()
     loader = torch.utils.data.DataLoader(train_set, batch_size=16, shuffle=True)
     callback = OIALRCallback(delay=0.3, stability_frequency=5, stability_threshold=None, sigma_cutoff_fraction=0.3)
-    trainer = pl.Trainer(max_epochs=3, callbacks=[callback], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    module = Module()
+    trainer = _lightning_trainer(3, [callback])
+    module = _lightning_module()
     trainer.fit(module, loader)
     controller = callback.controller
     assert controller is not None and controller.history, "no factorization or cut happened"
@@ -252,6 +279,71 @@ def test_lightning_callback_cuts_a_lightning_module() -> None:
     assert trainer.callback_metrics["trainable_fraction"] == pytest.approx(controller.trainable_fraction)
     x, y = train_set.tensors
     assert (module.net(x).argmax(1) == y).float().mean() > 0.8  # it still learns through the low-rank layers
+
+
+def test_lightning_callback_takes_the_sweeps_oialr_section() -> None:
+    """``OIALRCallback(**best["oialr"])``: the config's keys and checks; ``enabled: false`` is full rank."""
+    pytest.importorskip("lightning.pytorch", reason="Lightning is an optional extra")
+    from oialr_tune.lightning import OIALRCallback
+
+    section = train_config_to_dict(train_config_from_dict({"oialr": {"delay": 0.3, "stability_frequency": 5,
+                                                                       "exclude": ["net.2"]}}))["oialr"]
+    loader = torch.utils.data.DataLoader(_blobs()[0], batch_size=16)
+    callback = OIALRCallback(**section)
+    _lightning_trainer(2, [callback]).fit(_lightning_module(), loader)
+    assert "net.0" in callback.controller.layer_ranks() and "net.2" not in callback.controller.layer_ranks()
+
+    off = OIALRCallback(**{**section, "enabled": False})
+    trainer = _lightning_trainer(1, [off])
+    module = _lightning_module()
+    before = [p.shape for p in module.parameters()]
+    trainer.fit(module, loader)
+    assert trainer.callback_metrics["trainable_fraction"] == 1.0
+    assert off.controller.step_count == len(loader) and [p.shape for p in module.parameters()] == before
+
+    with pytest.raises(UserError, match=r"^oialr\.bogus"):
+        OIALRCallback(bogus=1)
+    with pytest.raises(UserError, match=r"^oialr\.delay"):
+        OIALRCallback(delay=1.5)
+
+
+@pytest.mark.parametrize("attention", [False, True], ids=["linear", "parametrized_mha"])
+def test_lightning_resume_restores_the_low_rank_layers(tmp_path: Path, attention: bool) -> None:
+    """A fit resumed (``ckpt_path=``) after the first factorization ends where an uninterrupted one does.
+
+    Low-rank Linear layers replace the module; MultiheadAttention's weight is parametrized, so the
+    rebuilt module lists its factor elsewhere and the optimizer's state must follow it by name.
+    """
+    pytest.importorskip("lightning.pytorch", reason="Lightning is an optional extra")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from oialr_tune.lightning import OIALRCallback
+
+    # Step counts, not fractions: the 2-epoch and 4-epoch fits then share one schedule. 15 steps an
+    # epoch: factorized at step 10, checked every 5 steps, so the checkpoint (step 30) is low rank
+    # and the resumed epochs cut ranks again. No shuffling: both runs see the same batches.
+    knobs = {"delay": 10, "stability_frequency": 5, "stability_threshold": None, "sigma_cutoff_fraction": 0.3}
+    loader = torch.utils.data.DataLoader(_blobs()[0], batch_size=16)
+
+    def fit(max_epochs: int, ckpt_path: Path | None = None, save: bool = False) -> tuple[Any, Any]:
+        torch.manual_seed(0)
+        module, callback = _lightning_module(attention), OIALRCallback(**knobs)
+        callbacks = [callback, ModelCheckpoint(dirpath=tmp_path, save_last=True)] if save else [callback]
+        _lightning_trainer(max_epochs, callbacks, enable_checkpointing=save).fit(module, loader, ckpt_path=ckpt_path)
+        return module, callback.controller
+
+    _, first = fit(2, save=True)
+    assert low_rank_structure(first.model), "the checkpoint must be taken after the first factorization"
+    resumed, resumed_controller = fit(4, ckpt_path=tmp_path / "last.ckpt")
+    straight, straight_controller = fit(4)
+    assert resumed_controller.step_count == straight_controller.step_count == 4 * len(loader)
+    assert resumed_controller.history == straight_controller.history
+    assert low_rank_structure(resumed) == low_rank_structure(straight)
+    if not attention:  # the MLP's ranks are cut again after the resume (the attention net's stay)
+        assert low_rank_structure(resumed) != low_rank_structure(first.model)
+    # Same batches, same restored optimizer state: only float rounding may differ.
+    for (name, a), (_, b) in zip(resumed.state_dict().items(), straight.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_registered_callables_resolve_by_name() -> None:
