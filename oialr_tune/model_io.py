@@ -39,7 +39,7 @@ from oialr_tune.files import write_atomic
 from oialr_tune.models import MODELS, build_model
 from oialr_tune.oialr import apply_low_rank_structure, export_dense, low_rank_structure
 from oialr_tune.run_record import CHECKPOINT_FORMAT
-from oialr_tune.safe_load import allowed_globals
+from oialr_tune.safe_load import unpickle
 
 __all__ = ["FORMAT", "ModelFile", "check_trusted_model", "load_model", "read_model_file", "save_model"]
 
@@ -158,8 +158,7 @@ def read_model_file(path: str | Path) -> ModelFile:
     """
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(allowed_globals()):  # a user loop's checkpoint may hold numpy arrays
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = unpickle(path)  # the allow-list: a user loop's checkpoint may hold numpy arrays
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such model file") from None
     except Exception as e:  # a crafted pickle weights_only refuses, a truncated file

@@ -19,7 +19,7 @@ import torch
 
 from oialr_tune.errors import UserError
 
-__all__ = ["allowed_globals", "load"]
+__all__ = ["allowed_globals", "load", "unpickle"]
 
 
 def allowed_globals() -> list[Any]:
@@ -32,12 +32,17 @@ def allowed_globals() -> list[Any]:
     return [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar, *dtypes]
 
 
+def unpickle(path: str | Path) -> Any:
+    """``torch.load`` of `path` onto the CPU with the allow-list; torch's own errors pass through."""
+    with torch.serialization.safe_globals(allowed_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load(path: str | Path) -> Any:
-    """``torch.load`` of `path` onto the CPU with the allow-list. Raises UserError naming the path."""
+    """`unpickle` for a checkpoint: every failure a UserError naming the path."""
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return unpickle(path)
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except pickle.UnpicklingError:
