@@ -26,30 +26,34 @@ from oialr_tune.errors import UserError
 from oialr_tune.models import MODELS, build_model
 from oialr_tune.oialr import OIALR
 from oialr_tune.space import SearchSpace
-from oialr_tune.splits import Splits
+from oialr_tune.splits import Splits, to_device
+from oialr_tune.tasks import model_outputs
 
 
 def check_model_output(model: nn.Module, splits: Splits, task: str, name: str) -> None:
     """One forward pass on one training example: the output must be (1, num_outputs).
 
     Run in eval mode (BatchNorm cannot train on one example) without gradients, on the model's
-    device; the model's mode is restored.
+    device; the model's mode is restored. Named inputs (dict examples) are passed as ``model(**x)``
+    and an output's ``.logits`` are its outputs, as in training (`model_outputs`).
     """
-    x, _ = next(iter(splits.loader("train", 1)))
+    x, y = next(iter(splits.loader("train", 1)))
     expected = splits.num_outputs(task)
     was_training = model.training
     model.eval()
+    device = next(model.parameters(), y).device
     try:
         with torch.no_grad():
-            out = plugins.call(model, name, "model.name", x.to(next(model.parameters(), x).device))
+            out = plugins.call(model_outputs, name, "model.name", model, to_device(x, device))
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor):
         raise UserError(f"model.name: {name} returned a {type(out).__name__} from forward, not a tensor")
     if out.ndim < 2 or out.shape[0] != 1 or out[0].numel() != expected:
         what = "classes" if task == "classification" else "target values"
+        shape = {k: tuple(v.shape[1:]) for k, v in x.items()} if isinstance(x, dict) else tuple(x.shape[1:])
         raise UserError(
-            f"model.name: {name} outputs shape {tuple(out.shape)} for one example of shape {tuple(x.shape[1:])}, "
+            f"model.name: {name} outputs shape {tuple(out.shape)} for one example of shape {shape}, "
             f"but the data has {expected} {what} (expected (1, {expected}))"
         )
 
@@ -85,6 +89,9 @@ def check_user_code(cfg: TrainConfig) -> None:
             f"task: classification needs integer class labels (at least 2 classes) but data.name {cfg.data.name}'s "
             f"targets are not; use task: regression for numeric targets"
         )
+    if cfg.mixup.enabled and splits.collate_fn is not None:
+        raise UserError(f"mixup: mixup/cutmix mixes image tensors; data.name {cfg.data.name}'s batches "
+                        f"come from a collate_fn")  # fmt: skip
     model = build_model(cfg.model.name, splits.in_shape, splits.num_outputs(cfg.task), **cfg.model.args)
     check_model_output(model, splits, cfg.task, cfg.model.name)
     check_layer_patterns(cfg, model)

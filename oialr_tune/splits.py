@@ -4,13 +4,17 @@ Built by `oialr_tune.data` (the built-in datasets) and `oialr_tune.user_data` (a
 function), and read by the trainer. Small datasets are `TensorData` held on the training device,
 batched by a `TensorLoader` (shuffling and augmentation on the device, no worker process); larger
 ones stay torch Datasets and go through a `DeviceLoader` (DataLoader workers, pinned memory).
+
+A batch is ``(inputs, targets)``. The inputs are a tensor, or for a user's dict examples (Hugging
+Face style, batched by the data's `collate_fn`) a dict of named input tensors: the collated batch
+without its ``labels`` entry, which holds the targets (`LABELS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +24,27 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from oialr_tune.errors import UserError
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Inputs = torch.Tensor | dict[str, torch.Tensor]  # a tensor, or named inputs (the model is called with **inputs)
+Batch = tuple[Inputs, torch.Tensor]
+LABELS = "labels"  # the entry of a dict batch holding the targets (Hugging Face's name)
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a collated batch: a dict's `LABELS` entry and the rest, or a pair as it is.
+
+    Raises KeyError for a dict without `LABELS` and ValueError for anything but a dict or a pair.
+    """
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k != LABELS}, batch[LABELS]
+    x, y = batch
+    return x, y
+
+
+def to_device(x: Inputs, device: torch.device, non_blocking: bool = False) -> Inputs:
+    """Batch inputs (a tensor or a dict of tensors) on `device`."""
+    if isinstance(x, Mapping):
+        return {k: v.to(device, non_blocking=non_blocking) for k, v in x.items()}
+    return x.to(device, non_blocking=non_blocking)
 
 
 @dataclass
@@ -114,17 +138,20 @@ class TensorLoader:
 class DeviceLoader:
     """A DataLoader (workers, pinned memory) whose batches are moved to `device`.
 
-    With `generator` set, the shuffle order and the workers' seeds are drawn from it each epoch, so
-    its state reproduces an epoch (workers are not persistent for that reason).
+    `collate_fn` batches a list of examples (None: torch's default); a collated dict is split into
+    named inputs and its `LABELS` (`split_batch`). With `generator` set, the shuffle order and the
+    workers' seeds are drawn from it each epoch, so its state reproduces an epoch (workers are not
+    persistent for that reason).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, device: torch.device, shuffle: bool = False,
                  drop_last: bool = False, generator: torch.Generator | None = None, num_workers: int = 2,
-                 memory_format: torch.memory_format = torch.contiguous_format, sampler: Sampler | None = None):
+                 memory_format: torch.memory_format = torch.contiguous_format, sampler: Sampler | None = None,
+                 collate_fn: Callable[[list[Any]], Any] | None = None):
         self.device, self.memory_format, self.generator = device, memory_format, generator
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                                  generator=generator, num_workers=num_workers, sampler=sampler,
-                                 pin_memory=device.type == "cuda")
+                                 pin_memory=device.type == "cuda", collate_fn=collate_fn)
         self.batch_size, self.drop_last = batch_size, drop_last
 
     @property
@@ -137,8 +164,12 @@ class DeviceLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        for x, y in self.loader:
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        for batch in self.loader:
+            x, y = split_batch(batch)
+            if isinstance(x, Mapping):
+                x = to_device(x, self.device, non_blocking=True)
+            else:
+                x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             yield x, y.to(self.device, non_blocking=True)
 
 
@@ -177,6 +208,7 @@ class Splits:
     device: torch.device
     num_workers: int = 0
     target_width: int | None = None  # a user's data: width of a target as a regression sees it
+    collate_fn: Callable[[list[Any]], Any] | None = None  # a user's data: batches its Dataset examples
 
     def num_outputs(self, task: str) -> int:
         """What the model must output for `task`: one score per class, or one value per target entry."""
@@ -220,9 +252,9 @@ class Splits:
         if workers > 1:  # training: each global batch's share, drawn from the shared order
             sampler = GlobalBatchShard(len(ds), batch_size, shard, g)  # type: ignore[arg-type]
             return DeviceLoader(ds, batch_size // workers, device=self.device, sampler=sampler, generator=g,
-                                num_workers=self.num_workers, memory_format=memory_format)
-        return DeviceLoader(ds, batch_size, device=self.device, shuffle=train, drop_last=drop_last,
-                            generator=g, num_workers=self.num_workers, memory_format=memory_format)
+                                num_workers=self.num_workers, memory_format=memory_format, collate_fn=self.collate_fn)
+        return DeviceLoader(ds, batch_size, device=self.device, shuffle=train, drop_last=drop_last, generator=g,
+                            num_workers=self.num_workers, memory_format=memory_format, collate_fn=self.collate_fn)
 
 
 class TwoViews(Dataset):

@@ -10,6 +10,9 @@
   ``fn(outputs, targets) -> float`` on the whole split's outputs — are reported as ``val_<name>``
   (``test_<name>`` on the test split).
 
+A batch's inputs are a tensor or, for a user's dict examples (Hugging Face style), named inputs:
+`model_outputs` calls the model as ``model(x)`` or ``model(**x)`` and takes an output's ``.logits``.
+
 The names a config reports are `oialr_tune.metrics.reported_metrics`; the search space checks its
 objective against them before a sweep starts.
 """
@@ -17,7 +20,7 @@ objective against them before a sweep starts.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +46,17 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()  # cheaper per step than a disabled autocast
     return torch.autocast(device.type, dtype=_AMP_DTYPES[precision])
+
+
+def model_outputs(model: Callable[..., Any], x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """What the model outputs for a batch's inputs `x`: the logits (classes) or values (regression).
+
+    A tensor is passed as it is; named inputs (a dict: a Hugging Face batch without its labels, so the
+    model computes no loss of its own) as ``model(**x)``. An output that is not a tensor but has
+    ``.logits`` (a Hugging Face ``ModelOutput``) gives them.
+    """
+    out = model(**x) if isinstance(x, Mapping) else model(x)
+    return out if isinstance(out, torch.Tensor) else getattr(out, "logits", out)
 
 
 def _regression_targets(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -120,7 +134,7 @@ class Task:
         return loss, main
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+    def evaluate(self, model: nn.Module, loader: Iterable[tuple[Any, torch.Tensor]], *,
                  precision: str = "fp32", prefix: str = "val",
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         """``{prefix_loss, prefix_acc | prefix_mae, prefix_<user metric>...}`` of `model` over `loader`.
@@ -136,8 +150,8 @@ class Task:
         outputs, targets = [], []
         n = 0
         for x, y in loader:
-            with autocast(x.device, precision):
-                out = model(x)
+            with autocast(y.device, precision):  # y: also for named inputs (a dict of tensors)
+                out = model_outputs(model, x)
             loss, main = self._sums(out, y)
             loss_sum = loss if loss_sum is None else loss_sum + loss
             main_sum = main if main_sum is None else main_sum + main

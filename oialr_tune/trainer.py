@@ -47,8 +47,8 @@ from oialr_tune.run_record import (
     epoch_row,
     make_controller,
 )
-from oialr_tune.splits import Loader, Splits
-from oialr_tune.tasks import Task, task_for
+from oialr_tune.splits import Inputs, Loader, Splits
+from oialr_tune.tasks import Task, model_outputs, task_for
 from oialr_tune.tasks import autocast as _autocast
 
 if TYPE_CHECKING:
@@ -105,9 +105,9 @@ class _Run:
     total_steps: int
     warmup_steps: int
     meter: OIALR | FullRank  # what the metrics rows read parameter counts and ranks from
-    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, or its torch.compile wrapper
+    forward: Callable[..., Any]  # the model, or its torch.compile wrapper
     workers: distributed.Workers | None = None  # one of several data-parallel workers (see `distributed`)
-    train_forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # under DDP: the DDP wrapper
+    train_forward: Callable[..., Any] | None = None  # under DDP: the DDP wrapper
     wrapped_version: int = -1  # the controller's parameters_version the DDP wrapper was built for
     eval_shard: tuple[int, int] = (0, 1)  # (rank, workers): this worker's share of an evaluation split
     step: int = 0  # optimizer steps done
@@ -243,14 +243,17 @@ def _checkpoint_payload(run: _Run, epoch: int) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def _optimizer_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
-    """One training step on the batch (x, y) at learning rate `lr`; returns the (undetached) loss."""
+def _optimizer_step(run: _Run, x: Inputs, y: torch.Tensor, lr: float) -> torch.Tensor:
+    """One training step on the batch (x, y) at learning rate `lr`; returns the (undetached) loss.
+
+    `x` is an input tensor or named inputs (a dict: the model is called with ``**x``, see `model_outputs`).
+    """
     cfg, optimizer, scaler = run.cfg, run.optimizer, run.scaler
     for group in optimizer.param_groups:
         group["lr"] = lr
     x, y = run.task.mix(x, y, run.step, run.num_outputs)  # mixup/cutmix when configured
     with _autocast(run.device, cfg.precision):
-        loss = run.task.train_loss((run.train_forward or run.forward)(x), y)
+        loss = run.task.train_loss(model_outputs(run.train_forward or run.forward, x), y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if cfg.grad_clip is not None:

@@ -3,47 +3,65 @@
 The function is called with ``data.args`` as keyword arguments and returns ``(train, val, test)``
 ``torch.utils.data.Dataset``\\ s yielding ``(input_tensor, target)``; `val` and `test` may be None.
 
+Or, Hugging Face style, ``(train, val, test, collate_fn)``: `collate_fn` turns a list of examples into
+one batch, a dict of tensors with the targets under ``labels`` (e.g. ``input_ids``,
+``attention_mask``, ``labels``; ``transformers.DataCollatorWithPadding`` is one) or an
+``(inputs, targets)`` pair. Datasets of dict examples without a `collate_fn` are batched by torch's
+default collate. Such data always go through a DataLoader with the `collate_fn` (their examples
+may differ in length, so they are not stacked onto the device); the model is called with the batch's
+other entries as keyword arguments, ``model(**inputs)`` (see `oialr_tune.tasks.model_outputs`). The
+training labels are read once, in one pass of the `collate_fn`, for the outputs and the split below.
+
 * A missing val is carved from train with ``data.split_seed`` and ``data.val_fraction``
   (stratified when the targets are class labels), the same examples in every trial.
 * A missing test leaves an empty test split: retrain says so instead of inventing a score.
-* The input shape comes from the first example, and the outputs from the targets: integer scalar
-  targets are class labels (classes = max + 1), float or vector targets are regression values
-  (width = their size). ``data.args.in_shape`` / ``data.args.num_outputs`` override the inference
-  and are not passed to the function.
-* Small datasets (up to `MAX_ON_DEVICE_BYTES`) are read once into tensors on the training device,
-  like the built-in ones; larger ones stay Datasets and go through a DataLoader with
-  ``data.num_workers`` workers. Examples are given to the model as they are (no normalisation, no
-  augmentation: that is the dataset's business).
+* The input shape comes from the first example (of dict examples: its ``input_ids``, else its
+  first input), and the outputs from the targets: integer scalar targets are class labels
+  (classes = max + 1), float or vector targets are regression values (width = their size).
+  ``data.args.in_shape`` / ``data.args.num_outputs`` override the inference and are not passed to
+  the function.
+* Small datasets of ``(input_tensor, target)`` (up to `MAX_ON_DEVICE_BYTES`) are read once into
+  tensors on the training device, like the built-in ones; larger ones stay Datasets and go through
+  a DataLoader with ``data.num_workers`` workers. Examples are given to the model as they are (no
+  normalisation, no augmentation: that is the dataset's business).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sized
+from collections.abc import Callable, Mapping, Sized
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from oialr_tune import plugins
 from oialr_tune.config import DataConfig
 from oialr_tune.errors import UserError
-from oialr_tune.splits import Splits, TensorData, stratified_split
+from oialr_tune.splits import LABELS, Splits, TensorData, split_batch, stratified_split
 
 MAX_ON_DEVICE_BYTES = 512 * 2**20
 RESERVED_ARGS = ("in_shape", "num_outputs")
 
 
-def _example(ds: Any, name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first example of a split as tensors; a wrong form is one line naming data.name."""
+Collate = Callable[[list[Any]], Any]
+
+
+def _first(ds: Any, name: str, split: str) -> Any:
+    """The first example of a split, as the dataset gives it; not a sized Dataset, empty: one line."""
     if not isinstance(ds, Dataset) or not isinstance(ds, Sized):
         raise UserError(f"data.name: {name} returned a {type(ds).__name__} as {split}, not a sized torch Dataset")
     if len(ds) == 0:
         raise UserError(f"data.name: {name} returned an empty {split} dataset")
     try:
-        item = plugins.call(ds.__getitem__, name, "data.name", 0)
+        return plugins.call(ds.__getitem__, name, "data.name", 0)
     except UserError as e:
         raise UserError(f"{e} (reading {split}[0])") from None
+
+
+def _example(ds: Any, name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first example of a split as tensors; a wrong form is one line naming data.name."""
+    item = _first(ds, name, split)
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise UserError(f"data.name: {name}'s {split}[0] must be (input_tensor, target), got {type(item).__name__}")
     x, y = item
@@ -69,15 +87,47 @@ def _is_labels(y: torch.Tensor) -> bool:
     return y.ndim == 1 and not y.is_floating_point() and not y.is_complex()
 
 
+def _first_batch(ds: Dataset, collate: Collate, name: str, split: str) -> tuple[Any, torch.Tensor]:
+    """The first example of a split collated into a batch of one, as (inputs, targets); a wrong form is one line."""
+    item = _first(ds, name, split)
+    try:
+        batch = plugins.call(collate, name, "data.name", [item])
+    except UserError as e:
+        raise UserError(f"{e} (collating {split}[0])") from None
+    try:
+        x, y = split_batch(batch)
+    except KeyError:
+        raise UserError(f"data.name: {name}'s {split} batches need a {LABELS!r} entry (the targets), got keys "
+                        f"{sorted(batch)}") from None  # fmt: skip
+    except (TypeError, ValueError):
+        raise UserError(f"data.name: {name}'s collate_fn must return a dict with {LABELS!r} or an (inputs, "
+                        f"targets) pair, got {type(batch).__name__}") from None  # fmt: skip
+    inputs = x.values() if isinstance(x, Mapping) else [x]
+    if not inputs or not all(isinstance(v, torch.Tensor) for v in inputs) or not isinstance(y, torch.Tensor):
+        raise UserError(f"data.name: {name}'s {split} batches must hold tensors, got inputs {type(x).__name__} "
+                        f"and targets {type(y).__name__}")  # fmt: skip
+    return x, y
+
+
+def _returned(out: Any, name: str) -> tuple[Any, Any, Any, Collate | None]:
+    """(train, val, test, collate_fn or None) from what the data function returned; another form is one line."""
+    if not isinstance(out, (tuple, list)) or len(out) not in (3, 4):
+        got = f"a tuple of {len(out)}" if isinstance(out, (tuple, list)) else f"a {type(out).__name__}"
+        raise UserError(f"data.name: {name} must return (train, val, test) datasets or (train, val, test, "
+                        f"collate_fn), got {got}")  # fmt: skip
+    collate = out[3] if len(out) == 4 else None
+    if collate is not None and not callable(collate):
+        raise UserError(f"data.name: {name} returned a {type(collate).__name__} as collate_fn, not a function")
+    return out[0], out[1], out[2], collate
+
+
 def load_user_data(cfg: DataConfig, device: torch.device, seed: int) -> Splits:
     """Call the user's data function and turn its datasets into `Splits` (see the module docstring)."""
     args = {k: v for k, v in cfg.args.items() if k not in RESERVED_ARGS}
     fn = plugins.resolve(cfg.name, "data.name")
-    out = plugins.call(fn, cfg.name, "data.name", **args)
-    if not isinstance(out, (tuple, list)) or len(out) != 3:
-        got = f"a tuple of {len(out)}" if isinstance(out, (tuple, list)) else f"a {type(out).__name__}"
-        raise UserError(f"data.name: {cfg.name} must return (train, val, test) datasets, got {got}")
-    train, val, test = out
+    train, val, test, collate = _returned(plugins.call(fn, cfg.name, "data.name", **args), cfg.name)
+    if collate is not None or isinstance(_first(train, cfg.name, "train"), Mapping):
+        return _collated(cfg, device, seed, train, val, test, collate or default_collate)
     x0, _ = _example(train, cfg.name, "train")
     for split, ds in (("val", val), ("test", test)):
         if ds is not None:
@@ -142,3 +192,28 @@ def _through_loader(cfg: DataConfig, device: torch.device, seed: int, train: Dat
     test = test if test is not None else Subset(train, [])
     return Splits(cfg.name, train, val, test, in_shape, classes, device, num_workers=cfg.num_workers,
                   target_width=width)
+
+
+def _collated(cfg: DataConfig, device: torch.device, seed: int, train: Dataset, val: Dataset | None,
+              test: Dataset | None, collate: Collate) -> Splits:
+    """Splits of data batched by `collate` (dict examples, Hugging Face style): Datasets behind a DataLoader."""
+    x0, _ = _first_batch(train, collate, cfg.name, "train")
+    for split, ds in (("val", val), ("test", test)):
+        if ds is not None:
+            _first_batch(ds, collate, cfg.name, split)
+    first_input = x0.get("input_ids", next(iter(x0.values()))) if isinstance(x0, Mapping) else x0
+    in_shape = tuple(cfg.args.get("in_shape") or first_input.shape[1:])
+    loader = DataLoader(train, batch_size=512, collate_fn=collate, num_workers=cfg.num_workers)
+    ys = [torch.as_tensor(split_batch(b)[1]) for b in loader]
+    if ys[0].ndim > 1 and not ys[0].is_floating_point():
+        raise UserError(f"data.name: {cfg.name}'s {LABELS} have shape {tuple(ys[0].shape)} per batch: one class "
+                        f"label per example is supported (sequence classification), not one per token")  # fmt: skip
+    y = torch.cat(ys)
+    classes, width = _outputs(cfg, y)
+    if val is None:
+        labels = y.numpy() if _is_labels(y) else np.zeros(len(y), dtype=np.int64)
+        tr, va = stratified_split(labels, [cfg.val_fraction], seed)
+        train, val = Subset(train, tr.tolist()), Subset(train, va.tolist())
+    test = test if test is not None else Subset(train, [])
+    return Splits(cfg.name, train, val, test, in_shape, classes, device, num_workers=cfg.num_workers,
+                  target_width=width, collate_fn=collate)
