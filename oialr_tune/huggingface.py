@@ -19,6 +19,10 @@ Why ``on_optimizer_step``: the Trainer calls it right after ``optimizer.step()``
 scheduler step and ``zero_grad``, once per optimizer step also with gradient accumulation: where
 ``controller.step()`` belongs.
 
+Saving: the Trainer's checkpoints and ``save_model`` hold the low-rank layers as they are (factors
+U, S, Vᵀ), which ``from_pretrained`` cannot read into a fresh model; fold them back first:
+``export_dense(model).save_pretrained(path)`` (`oialr_tune.oialr.export_dense`) is a plain model again.
+
 Not supported, refused in one line: several processes (``world_size`` > 1: DDP's reducer would keep
 the parameters the controller replaces) and resuming from a Trainer checkpoint (its weights are the
 low-rank layers', which the freshly built model does not have).

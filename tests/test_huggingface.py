@@ -19,14 +19,14 @@ import torch
 import yaml
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 
 from oialr_tune.checks import check_run
 from oialr_tune.cli import main
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.errors import UserError
 from oialr_tune.huggingface import OIALRTrainerCallback
-from oialr_tune.oialr import OIALR, FullRank
+from oialr_tune.oialr import OIALR, FullRank, export_dense
 from oialr_tune.trainer import train
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "custom"
@@ -85,6 +85,14 @@ def test_trainer_callback_factorizes_cuts_and_trains_on_a_tiny_bert(hf_examples:
     prediction = trainer.predict(test_set)
     accuracy = (prediction.predictions.argmax(-1) == prediction.label_ids).mean()
     assert accuracy > 0.8, accuracy
+    # Folded back into dense layers, it is a plain BERT again: save_pretrained / from_pretrained read it.
+    export_dense(model).save_pretrained(tmp_path / "dense")
+    reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "dense")
+    batch = collate([test_set[i] for i in range(8)])
+    del batch["labels"]
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(**batch).logits, model(**batch).logits, atol=1e-5)
 
 
 def test_trainer_callback_takes_the_oialr_section(hf_examples: Path, tmp_path: Path) -> None:
