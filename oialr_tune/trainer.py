@@ -172,7 +172,7 @@ def _start(cfg: TrainConfig, device: torch.device, splits: Splits | None, state:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
     num_outputs = splits.num_outputs(cfg.task)
-    model = build_model(cfg.model.name, splits.in_shape, num_outputs, **cfg.model.args)
+    model = build_model(cfg.model.name, splits.in_shape, num_outputs, weights=cfg.model.weights, **cfg.model.args)
     model = model.to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, cfg)
     batch_size = cfg.schedule.batch_size

@@ -22,7 +22,7 @@ FLOORS = [
     # what a run trains on: models, data, the trainer config, the task, its data-parallel workers
     {"models", "vit", "zoo", "config", "splits", "user_data", "data", "tasks", "lr_schedule", "distributed"},
     # search spaces and the checks run before a sweep
-    {"space", "space._distributions", "checks"},
+    {"space", "space._budget", "space._distributions", "checks"},
     # the records every loop and every sweep writes: the run record and the sweep folder's state
     {"run_record", "sweep_state"},
     # the training loops

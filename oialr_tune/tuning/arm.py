@@ -231,8 +231,9 @@ def _describe_arm(space: SearchSpace, arm: str) -> str:
         b = space.budget
         sched = f"ASHA(grace={b.grace_period}, rf={b.reduction_factor:g}, rungs={space.rungs()})"
     what = "+".join(space.objective.metrics(arm))
+    b = space.budget
     return (
-        f"[{arm}] {n} trials x <= {space.budget.max_epochs} epochs, {space.strategy.sampler.upper()} + {sched}, "
+        f"[{arm}] {n} trials x <= {b.horizon} {b.unit}, {space.strategy.sampler.upper()} + {sched}, "
         f"objective {what}, searching {', '.join(p.key for p in space.arm_params(arm))}"
     )
 

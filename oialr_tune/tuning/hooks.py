@@ -40,6 +40,7 @@ class ArmRun:
     # Where the progress lines go: the real stdout, captured before Ray's own output is silenced.
     out: TextIO | None = None
     epochs_seen: int = 0
+    warned: set[str] = field(default_factory=set)  # the trials' warnings printed so far (each once)
     error: OSError | None = None
     # A trial error that every trial would repeat (a loop that never reports): the sweep stops at it.
     fatal: str | None = None
@@ -68,6 +69,10 @@ class SweepCallback(tune.Callback):
             run.error = e
             return
         run.epochs_seen += 1
+        warning = result.get("warning")  # a user loop's first report: loop settings it never read
+        if warning and warning not in run.warned and run.print_progress:
+            run.warned.add(warning)
+            print(f"[{run.arm}] warning: {warning}", file=run.out or sys.stdout, flush=True)
         kill_point("epoch", run.arm, run.epochs_seen)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -143,12 +148,13 @@ def _progress_line(run: ArmRun, trial: Any, record: dict[str, Any], traceback_fi
             f"frac={_fmt(r.get(SIZE_METRIC))} {params}")
 
 
-_NO_REPORT = "returned without calling trial.report"
+_LOOP_MISTAKE = "LoopMistake: "  # how `oialr_tune.errors.LoopMistake` shows in a trial's error text
 
 
 def _never_reports(error: str | None) -> bool:
-    """Whether a trial's error is a user loop that never called ``trial.report`` (see `oialr_tune.loop`)."""
-    return error is not None and _NO_REPORT in error
+    """Whether a trial's error is a user loop's mistake every trial would repeat: it never called
+    ``trial.report``, or reported without the objective's metric (`oialr_tune.errors.LoopMistake`)."""
+    return error is not None and _LOOP_MISTAKE in error
 
 
 def _message(error: str | None) -> str:
