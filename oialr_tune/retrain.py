@@ -461,7 +461,8 @@ def _write_arm_configs(plans: Sequence[_Plan], seed_list: list[int], out_dir: Pa
         arm_dir = out_dir / p.arm
         arm_dir.mkdir(parents=True, exist_ok=True)
         (arm_dir / "config.yaml").write_text(yaml.safe_dump(train_config_to_dict(p.cfg), sort_keys=False))
-        how = f"fine-tuning from {p.start_from}" if p.start_from else "training from scratch"
+        start = f"from model.weights {p.cfg.model.weights}" if p.cfg.model.weights else "from scratch"
+        how = f"fine-tuning from {p.start_from}" if p.start_from else f"training {start}"
         log(f"{p.arm}: {p.why}; {len(seed_list)} seed(s) {seed_list}, {p.cfg.schedule.epochs} epochs, {how}")
         jobs += seed_jobs(p.arm, p.cfg, seed_list, out_dir, metric=metric, train_on=train_on,
                           start_from=p.start_from)
