@@ -7,6 +7,7 @@ The sweeps are tiny (a few trials of an 8-step loop on a 4-feature problem) on t
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from oialr_tune.trainer import train
 from oialr_tune.tuning import sweep
 
 STEPS = 8  # the step loop's whole run: one long epoch
+_CRASH_AT: list[int] = []  # the step after whose report `_step_loop` dies (empty: never)
 
 
 def _problem() -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +59,8 @@ def _step_loop(config: Any, trial: Any) -> None:
                 if trial.evaluate_test and step == config.schedule.steps:
                     metrics["test_loss"] = F.mse_loss(model(x[192:]).squeeze(1), y[192:]).item()
             trial.report(step=step, checkpoint={"model": model.state_dict()}, **metrics)
+            if step in _CRASH_AT:
+                raise RuntimeError("killed")
 
 
 def _space(**changes: Any) -> dict[str, Any]:
@@ -89,6 +93,24 @@ def test_loop_settings_are_searched_and_rungs_count_steps() -> None:
         space_from_dict(_space(budget={"max_steps": STEPS, "grace_period": 9}))
     with pytest.raises(UserError, match=r"^base\.loop: only for a user's own training loop"):
         space_from_dict(_space(base={"model": {"name": "mlp"}, "loop": {"x": 1}}))
+
+
+def test_a_step_run_resumes_after_its_last_reported_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = {**_space()["base"], "loop": {"lr_scale": 0.1}, "schedule": {"steps": STEPS}}
+    cfg = train_config_from_dict(base)
+    whole = train(cfg, checkpoint_dir=tmp_path / "whole").history
+    assert [r["step"] for r in whole] == [2, 4, 6, 8] and [r["epoch"] for r in whole] == [1, 2, 3, 4]
+    assert [r["status"] for r in whole] == ["running"] * 3 + ["finished"]
+    monkeypatch.setattr(sys.modules[__name__], "_CRASH_AT", [4])
+    with pytest.raises(UserError, match="killed"):
+        train(cfg, checkpoint_dir=tmp_path / "cut")
+    monkeypatch.setattr(sys.modules[__name__], "_CRASH_AT", [])
+    resumed = train(cfg, checkpoint_dir=tmp_path / "cut").history
+    assert [(r["step"], r["val_loss"]) for r in resumed] == [(r["step"], r["val_loss"]) for r in whole]
+    # A run counted in epochs refuses a report by step, in one line.
+    with pytest.raises(LoopMistake, match=r"reports by epoch: trial\.report\(epoch=\.\.\.\); trial\.report\(step"):
+        train(train_config_from_dict({**base, "trainable": plugins.register(_no_metric_loop), "loop": {},
+                                      "schedule": {"epochs": 1}}))
 
 
 def test_a_step_reporting_loop_under_asha_then_best_retrain_report(
@@ -153,7 +175,8 @@ def test_a_model_starts_from_a_local_state_dict(tmp_path: Path) -> None:
         model = build_model("mlp", (4,), 3, weights=str(tmp_path / file), hidden=(8,))
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values(),
                                                      strict=True))
-    with pytest.raises(UserError, match=r"^model\.weights: .*w\.pt does not fit model mlp: missing 5\.weight; .*3\.weight is \(3, 8\)"):
+    with pytest.raises(UserError, match=r"^model\.weights: .*w\.pt does not fit model mlp: missing 5\.weight; "
+                                        r".*3\.weight is \(3, 8\)"):
         build_model("mlp", (4,), 3, weights=str(tmp_path / "w.pt"), hidden=(8, 8))
     with pytest.raises(UserError, match=r"^model\.weights: .*nope\.pt does not exist"):
         build_model("mlp", (4,), 3, weights=str(tmp_path / "nope.pt"))
