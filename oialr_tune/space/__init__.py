@@ -10,7 +10,8 @@ copies in ``oialr_tune/search_spaces/``)::
       oialr.delay: {type: uniform, low: 0.05, high: 0.5}
       oialr.stability_threshold: {type: categorical, choices: [null, 0.9, 0.99]}
     objective: {metric: val_acc, mode: max}      # or mode: multi (+ minimize trainable_fraction)
-    budget: {num_samples: 16, max_epochs: 10, grace_period: 2, reduction_factor: 2}
+    budget: {num_samples: 16, max_epochs: 10, grace_period: 2, reduction_factor: 2}   # or max_steps: a loop
+                                 # reporting by optimizer step (trial.report(step=...)): rungs in steps
     resources: {cpu: 1, gpu: 0}  # per trial; {workers: 4, gpu: 1}: each trial on 4 DDP workers of one GPU
     baseline: same-budget        # same-budget | once | none
     seed: 0
