@@ -125,7 +125,8 @@ class Trial:
     def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callback], checkpoints: run_record.Checkpoints,
                  state: dict[str, Any] | None, evaluate_test: bool) -> None:
         self._cfg = cfg  # what checkpoints record: plain data
-        self.config = dataclasses.replace(cfg, loop=LoopSettings(cfg.loop))
+        self._loop = LoopSettings(cfg.loop)  # records which settings the loop reads
+        self.config = dataclasses.replace(cfg, loop=self._loop)
         self.seed, self.evaluate_test = cfg.seed, evaluate_test
         self._workers = distributed.current()
         self.rank, self.world_size = (self._workers.rank, self._workers.world_size) if self._workers else (0, 1)
@@ -282,13 +283,13 @@ class Trial:
     def _first_report_checks(self, values: Mapping[str, float]) -> str | None:
         """At the first report: the metrics the callbacks need are there (else a `LoopMistake` naming
         them), and a loop setting never read yet is warned about: the one-line warning, or None."""
-        needed = dict.fromkeys(m for cb in self._callbacks for m in getattr(cb, "required_metrics", ()))
+        needed = dict.fromkeys(m for cb in self._callbacks for m in cb.required_metrics)
         missing = [m for m in needed if m not in values]
         if missing:
             reported = ", ".join(sorted(k for k in values if k != "train_loss")) or "none"
             raise LoopMistake(f"trainable: {self._cfg.trainable} reported no {', '.join(missing)}, which the "
                               f"sweep's objective needs (objective.metric); it reported: {reported}")  # fmt: skip
-        unread = [k for k in self.config.loop if k not in self.config.loop.read]  # type: ignore[attr-defined]
+        unread = [k for k in self._loop if k not in self._loop.read]
         if not unread:
             return None
         message = (f"{', '.join(f'loop.{k}' for k in unread)}: set but never read by {self._cfg.trainable} "
