@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "oialr_tune"
 # modules on its own floor or below. A new module must be given a floor here.
 FLOORS = [
     # helpers with no concept of a run, and the OIALR method (torch only)
-    {"oialr_tune", "errors", "files", "stats", "schema", "plugins", "metrics", "safe_load",
+    {"oialr_tune", "errors", "files", "stats", "schema", "plugins", "metrics", "safe_load", "precision",
      "oialr", "oialr.controller", "oialr.distributed", "oialr.export", "oialr.lowrank", "oialr.optimizer_state",
      "oialr.presets", "oialr.full_rank", "oialr.selection"},
     # what a run trains on: models, data, the trainer config, the task, its data-parallel workers
