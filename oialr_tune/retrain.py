@@ -43,6 +43,7 @@ from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_con
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError, one_line
 from oialr_tune.files import writable_folder
+from oialr_tune.metrics import RETRAIN_COLUMNS, retrain_columns
 from oialr_tune.model_io import load_model, read_model_file, save_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.plugins import uses_user_code
@@ -58,14 +59,6 @@ from oialr_tune.tuning.parallel import run_all
 
 __all__ = ["retrain"]
 
-# The first columns of metrics.csv; every other test_*/val_* metric a run reports (test_f1 of a user
-# metric, reloaded_/dense_ of the sweep's test metric) follows them (see `_write_outputs`).
-METRICS_COLUMNS = (
-    "arm", "seed", "status", "test_acc", "test_loss", "reloaded_test_acc", "dense_test_acc", "val_acc",
-    "trainable_fraction",
-    "trainable_params", "total_params", "epochs", "wall_time_s", "model", "model_dense",
-    "test_mae", "reloaded_test_mae", "dense_test_mae", "val_mae",  # regression (empty for classification)
-)  # fmt: skip
 SUMMARY_STATS = ("test_acc", "test_mae", "test_loss", "dense_test_acc", "dense_test_mae", "trainable_fraction",
                  "trainable_params", "wall_time_s")
 TrainOn = Literal["train", "train+val"]
@@ -228,7 +221,7 @@ def _train_seed(cfg: TrainConfig, *, train_on: TrainOn, start_from: Path | None)
 def _metrics_row(arm: str, cfg: TrainConfig, result: TrainResult) -> dict[str, Any]:
     """The seed's ``metrics.csv`` row as training left it (the model files and their scores come later)."""
     final = result.final
-    row: dict[str, Any] = dict.fromkeys(METRICS_COLUMNS)
+    row: dict[str, Any] = dict.fromkeys(RETRAIN_COLUMNS)
     row.update({
         "arm": arm, "seed": cfg.seed, "status": result.status,
         "test_acc": result.test_acc, "test_loss": result.test_loss, "reloaded_test_acc": None, "dense_test_acc": None,
@@ -527,7 +520,7 @@ def _summary(res: SweepResults, out_dir: Path, plans: Sequence[_Plan], rows: lis
 
 def _write_outputs(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """``metrics.csv`` (one row per arm and seed) and ``summary.json``."""
-    columns = list(dict.fromkeys([*METRICS_COLUMNS, *(k for r in rows for k in r)]))
+    columns = retrain_columns(k for r in rows for k in r)
     with open(out_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

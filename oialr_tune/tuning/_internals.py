@@ -70,6 +70,19 @@ def ping_gcs(gcs_address: str, timeout_ms: int) -> None:
     InnerGcsClient.standalone(gcs_address, None, timeout_ms)
 
 
+def restored_callbacks(tuner: Any) -> list[Any]:
+    """The callbacks a Tuner made by ``Tuner.restore`` will run: the list unpickled from its
+    ``tuner.pkl``, which may be changed in place before ``fit``.
+
+    Why: the sweep's journal callback (`oialr_tune.tuning.hooks.SweepCallback`) holds the driver's
+    run (its open journal, stdout), which is never pickled; a restored arm must be given this
+    driver's. Missing public API: ``Tuner.restore`` takes no run config or callbacks, and a Tuner
+    does not show its run config (private ``Tuner._local_tuner``). Pinned by
+    ``tests/test_sweep_state.py::test_a_restored_tuner_runs_the_callbacks_given_after_restore``.
+    """
+    return tuner._local_tuner.get_run_config().callbacks
+
+
 def ended_trial_ids(experiment_state: str) -> set[str]:
     """The ids of the trials Ray's experiment state (the text of ``experiment_state-*.json``) holds as ended.
 
