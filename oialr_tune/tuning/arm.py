@@ -36,8 +36,6 @@ from oialr_tune.tuning.worker import make_trainable
 
 __all__ = ["run_arm"]
 
-MLFLOW_FILE = "mlflow.db"  # `sweep --log mlflow`: the MLflow tracking store in the results folder
-
 
 class TensorBoardAtTrialEnd(TBXLoggerCallback):
     """TensorBoard events of each trial, written once, when the trial ends.
@@ -165,7 +163,7 @@ def _trackers(space: SearchSpace, arm: str, store: Store, log: Sequence[str]) ->
         return []
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    uri = f"sqlite:///{Path(store.join(MLFLOW_FILE))}"
+    uri = f"sqlite:///{Path(store.join(state.MLFLOW_FILE))}"
     return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=space.name, tags={"arm": arm}, save_artifact=False)]
 
 
