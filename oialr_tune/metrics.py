@@ -49,6 +49,9 @@ RETRAIN_COLUMNS = (
     *SIZE_COLUMNS, "epochs", "wall_time_s", "model", "model_dense",
     "test_mae", "reloaded_test_mae", "dense_test_mae", "val_mae",
 )  # fmt: skip
+# The metrics.csv columns retrain's summary.json gives mean ± std of, per arm.
+RETRAIN_SUMMARY_COLUMNS = ("test_acc", "test_mae", "test_loss", "dense_test_acc", "dense_test_mae", SIZE_METRIC,
+                           "trainable_params", "wall_time_s")
 
 
 def trial_columns(metric: str, searched: Iterable[str]) -> list[str]:

@@ -43,7 +43,7 @@ from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_con
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError, one_line
 from oialr_tune.files import writable_folder
-from oialr_tune.metrics import RETRAIN_COLUMNS, retrain_columns
+from oialr_tune.metrics import RETRAIN_COLUMNS, RETRAIN_SUMMARY_COLUMNS, retrain_columns
 from oialr_tune.model_io import load_model, read_model_file, save_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.plugins import uses_user_code
@@ -59,8 +59,6 @@ from oialr_tune.tuning.parallel import run_all
 
 __all__ = ["retrain"]
 
-SUMMARY_STATS = ("test_acc", "test_mae", "test_loss", "dense_test_acc", "dense_test_mae", "trainable_fraction",
-                 "trainable_params", "wall_time_s")
 TrainOn = Literal["train", "train+val"]
 
 
@@ -479,9 +477,9 @@ def _run_jobs(jobs: list[dict[str, Any]], res: SweepResults, main: str, *, addre
 
 def _arms_summary(plans: Sequence[_Plan], rows: list[dict[str, Any]], seed_list: list[int], main: str
                   ) -> dict[str, Any]:
-    """Per arm: the trial retrained and why, and mean ± std over its seeds of each `SUMMARY_STATS` column
+    """Per arm: the trial retrained and why, and mean ± std over its seeds of each `RETRAIN_SUMMARY_COLUMNS` column
     and of the sweep's test metric `main` (e.g. test_f1) and its dense export's."""
-    stats = dict.fromkeys((*SUMMARY_STATS, main, f"dense_{main}"))
+    stats = dict.fromkeys((*RETRAIN_SUMMARY_COLUMNS, main, f"dense_{main}"))
     arms_summary: dict[str, Any] = {}
     for p in plans:
         arm_rows = [r for r in rows if r["arm"] == p.arm]

@@ -17,12 +17,13 @@ from tiny_sweep import SPACE, TINY_BASE, tiny_sweep_dir
 
 from oialr_tune.metrics import (
     RETRAIN_COLUMNS,
+    RETRAIN_SUMMARY_COLUMNS,
     SIZE_COLUMNS,
     comparison_columns,
     trial_columns,
 )
 from oialr_tune.models import build_model
-from oialr_tune.retrain import SUMMARY_STATS, retrain
+from oialr_tune.retrain import retrain
 from oialr_tune.space import space_from_dict
 from oialr_tune.sweep_state import TRIALS_FILE
 
@@ -57,6 +58,6 @@ def test_retrain_writes_the_owners_columns_and_compare_takes_its_own_from_them(s
     header, rows = _read(tmp_path / "final" / "metrics.csv")
     assert header == list(RETRAIN_COLUMNS)
     assert len(rows) == 2 and all(r["total_params"] for r in rows)
-    assert set(SUMMARY_STATS) <= set(RETRAIN_COLUMNS)
+    assert set(RETRAIN_SUMMARY_COLUMNS) <= set(RETRAIN_COLUMNS)
     # comparison.csv is a retrain row per arm and seed, plus the arm's tuning time and source.
     assert set(comparison_columns("test_acc")) - set(header) == {"tuning_wall_time_s", "source"}
