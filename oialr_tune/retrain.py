@@ -43,7 +43,7 @@ from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_con
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError, one_line
 from oialr_tune.files import writable_folder
-from oialr_tune.metrics import RETRAIN_COLUMNS, RETRAIN_SUMMARY_COLUMNS, retrain_columns
+from oialr_tune.metrics import RETRAIN_COLUMNS, RETRAIN_SUMMARY_COLUMNS, SIZE_COLUMNS, retrain_columns
 from oialr_tune.model_io import load_model, read_model_file, save_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.plugins import uses_user_code
@@ -220,17 +220,11 @@ def _metrics_row(arm: str, cfg: TrainConfig, result: TrainResult) -> dict[str, A
     """The seed's ``metrics.csv`` row as training left it (the model files and their scores come later)."""
     final = result.final
     row: dict[str, Any] = dict.fromkeys(RETRAIN_COLUMNS)
-    row.update({
-        "arm": arm, "seed": cfg.seed, "status": result.status,
-        "test_acc": result.test_acc, "test_loss": result.test_loss, "reloaded_test_acc": None, "dense_test_acc": None,
-        "val_acc": final.get("val_acc"), "trainable_fraction": final.get("trainable_fraction"),
-        "trainable_params": final.get("trainable_params"), "total_params": final.get("total_params"),
-        "epochs": final.get("epoch"), "wall_time_s": result.wall_time_s, "model": None, "model_dense": None,
-        "test_mae": result.test_metrics.get("test_mae"), "val_mae": final.get("val_mae"),
-    })  # fmt: skip
-    # Every other metric the run reported: a user metric's test_f1 and val_f1 too.
-    row.update({k: v for k, v in result.test_metrics.items() if k not in row})
-    row.update({k: v for k, v in final.items() if k.startswith("val_") and k not in row})
+    # Every metric the run reported on the test and validation splits: a user metric's test_f1 and val_f1 too.
+    row.update(result.test_metrics)
+    row.update({k: v for k, v in final.items() if k.startswith("val_")})
+    row.update({"arm": arm, "seed": cfg.seed, "status": result.status, **{k: final.get(k) for k in SIZE_COLUMNS},
+                "epochs": final.get("epoch"), "wall_time_s": result.wall_time_s})
     return row
 
 

@@ -57,7 +57,7 @@ def test_retrain_writes_the_owners_columns_and_compare_takes_its_own_from_them(s
     retrain(sweep_dir, out=tmp_path / "final", seeds=1, epochs=1, max_concurrent=1, log=lambda message: None)
     header, rows = _read(tmp_path / "final" / "metrics.csv")
     assert header == list(RETRAIN_COLUMNS)
-    assert len(rows) == 2 and all(r["total_params"] for r in rows)
+    assert len(rows) == 2 and all(r["total_params"] and r["val_loss"] for r in rows)
     assert set(RETRAIN_SUMMARY_COLUMNS) <= set(RETRAIN_COLUMNS)
     # comparison.csv is a retrain row per arm and seed, plus the arm's tuning time and source.
     assert set(comparison_columns("test_acc")) - set(header) == {"tuning_wall_time_s", "source"}
