@@ -484,9 +484,9 @@ def load_space(path: str | os.PathLike[str] | None = None) -> SearchSpace:
     return space_from_dict(parse_yaml(text, where, "search space file"), source=where)
 
 
-def dump_space(space: SearchSpace, path: str | os.PathLike[str]) -> None:
-    """Write a space as YAML (what the sweep stores as ``sweep.yaml``)."""
-    Path(path).write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+def space_yaml(space: SearchSpace) -> str:
+    """A space as YAML text, in its own key order: what the sweep stores as ``sweep.yaml``."""
+    return yaml.safe_dump(space.to_dict(), sort_keys=False)
 
 
 def with_user_code(space: SearchSpace, **named: Any) -> SearchSpace:
