@@ -163,11 +163,15 @@ class Checkpoints:
         path = self.path
         return read_checkpoint(path) if resume and path is not None and path.exists() else None
 
+    def due(self, epoch: int) -> bool:
+        """Whether a checkpoint is written after (1-based) `epoch`."""
+        every = self.cfg.checkpoint_every
+        last = epoch >= self.cfg.schedule.epochs
+        return self.folder is not None and bool(last or (every and epoch % every == 0) or epoch in self.epochs)
+
     def save(self, epoch: int, payload: Callable[[], Mapping[str, Any]]) -> Path | None:
         """After (1-based) `epoch`: write `payload()` if a checkpoint is due; the folder written, else None."""
-        every = self.cfg.checkpoint_every
-        due = epoch >= self.cfg.schedule.epochs or (every and epoch % every == 0) or epoch in self.epochs
-        if self.folder is None or not due:
+        if not self.due(epoch):
             return None
         write_checkpoint(self.folder / CHECKPOINT_FILE, payload())
         return self.folder
