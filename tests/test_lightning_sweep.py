@@ -53,10 +53,14 @@ def _base(folder: Path, **changes: Any) -> dict[str, Any]:
 
 
 def test_a_lightning_module_sweep_reports_each_epoch_cuts_and_retrains(custom: Path, ray_session: Any) -> None:
-    """lightning.yaml, shrunk: 2 OIALR trials and one full-rank baseline of 3 epochs each."""
+    """lightning.yaml, shrunk: 2 OIALR trials and one full-rank baseline of 3 epochs each.
+
+    One trial at a time: the second reuses the first's worker, which has imported Lightning already
+    (seconds per process); retrain runs in this process for the same reason.
+    """
     doc = yaml.safe_load((custom / "lightning.yaml").read_text())
     doc.update(base=_base(custom), baseline="once", resources={"cpu": 1},
-               budget={"num_samples": 2, "max_epochs": 3, "grace_period": 3})
+               budget={"num_samples": 2, "max_epochs": 3, "grace_period": 3, "max_concurrent": 1})
     result = sweep(space_from_dict(doc), results_dir=custom / "results", name="pl", verbose=0)
     rows = list(csv.DictReader((result.path / "trials.csv").open()))
     assert {r["arm"] for r in rows} == {"oialr", "baseline"} and len(rows) == 3
@@ -68,7 +72,7 @@ def test_a_lightning_module_sweep_reports_each_epoch_cuts_and_retrains(custom: P
 
     best = best_trial(result.path)
     assert best.trial.config["lightning"]["module"] == "my_lightning:Classifier"
-    summary = retrain(result.path, seeds=[1000], log=lambda _: None)  # resumes nothing: fresh seeds
+    summary = retrain(result.path, seeds=[1000], max_concurrent=1, log=lambda _: None)
     for arm in ("oialr", "baseline"):
         acc = summary["arms"][arm]["test_acc"]["values"][0]
         assert acc is not None and 0.5 < acc <= 1.0  # trainer.test scored the test split
@@ -96,28 +100,21 @@ def test_a_resumed_lightning_trial_continues_as_if_never_stopped(custom: Path) -
     assert resumed.final["trainable_fraction"] < 0.7
 
 
-LOOP = '''
-import lightning.pytorch as pl
-from my_lightning import BreastCancer, Classifier
-from oialr_tune.lightning import OIALRCallback
-
-
-def train(config, trial):
-    module, data = Classifier(config), BreastCancer(config)
-    callback = OIALRCallback(trial=trial)
-    trainer = pl.Trainer(max_epochs=MAX_EPOCHS, callbacks=[callback], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    trainer.fit(module, datamodule=data, ckpt_path=callback.ckpt_path)
-    if trial.evaluate_test:
-        trainer.test(module, datamodule=data, verbose=False)
-'''
+def _readme_lightning_loop() -> str:
+    """The README's Lightning `train(config, trial)` snippet, as written there, on the example's classes."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("```python\ndef train(config, trial):\n    module, data = MyModule(config)")
+    snippet = readme[start + len("```python\n"): readme.index("```", start + 10)]
+    return ("import lightning.pytorch as pl\nfrom my_lightning import BreastCancer as MyData, Classifier as MyModule\n"
+            "from oialr_tune.lightning import OIALRCallback\n\n" + snippet)
 
 
 def test_the_callback_in_a_loop_of_ones_own_reports_through_the_trial(custom: Path) -> None:
-    """``trainable: "module:function"`` driving its own Trainer with `OIALRCallback(trial=trial)`: each epoch
-    reaches the run's callbacks (the sweep's Ray reporter is one) with its val metrics and the controller's
-    numbers, checkpoints are written when due, and ``trainer.test`` gives the retrain's test metrics."""
-    (custom / "my_lightning_loop.py").write_text(LOOP.replace("MAX_EPOCHS", "config.schedule.epochs"))
+    """The README's loop (``trainable: "module:function"``, its own Trainer with `OIALRCallback(trial=trial)`):
+    each epoch reaches the run's callbacks (the sweep's Ray reporter is one) with its val metrics and the
+    controller's numbers, checkpoints are written when due, and ``trainer.test`` gives retrain's test metrics."""
+    loop = _readme_lightning_loop()
+    (custom / "my_lightning_loop.py").write_text(loop)
     base = {k: v for k, v in _base(custom).items() if k != "lightning"}
     cfg = train_config_from_dict({**base, "trainable": "my_lightning_loop:train", "checkpoint_every": 2,
                                   "schedule": {"batch_size": 32, "epochs": 3}})
@@ -138,7 +135,7 @@ def test_the_callback_in_a_loop_of_ones_own_reports_through_the_trial(custom: Pa
     assert 0.5 < result.test_metrics["test_acc"] <= 1.0 and "test_loss" in result.test_metrics
 
     # A Trainer whose max_epochs is not the trial's schedule would misreport when the trial ends.
-    (custom / "my_lightning_loop.py").write_text(LOOP.replace("MAX_EPOCHS", "5"))
+    (custom / "my_lightning_loop.py").write_text(loop.replace("max_epochs=config.schedule.epochs", "max_epochs=5"))
     sys.modules.pop("my_lightning_loop", None)
     with pytest.raises(UserError, match=r"Trainer\(max_epochs=5\) but the trial's schedule.epochs is 3"):
         train(cfg)
