@@ -50,6 +50,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("OIALRCallback needs Lightning: pip install 'oialr-tune[lightning]'") from e
 
+from oialr_tune import safe_load
 from oialr_tune.config import OIALRConfig, train_config_from_dict
 from oialr_tune.errors import UserError
 from oialr_tune.oialr import OIALR, FullRank, apply_low_rank_structure
@@ -121,10 +122,16 @@ class OIALRCallback(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            pl_module.__dict__.pop("on_load_checkpoint", None)  # back to the class's hook
-            if self._resume_dir is not None:
-                shutil.rmtree(self._resume_dir, ignore_errors=True)
-                self._resume_dir = None
+            self._end_fit(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._end_fit(pl_module)  # Lightning skips `teardown` when the fit raises (a diverged or stopped trial)
+
+    def _end_fit(self, pl_module: pl.LightningModule) -> None:
+        pl_module.__dict__.pop("on_load_checkpoint", None)  # back to the class's hook
+        if self._resume_dir is not None:
+            shutil.rmtree(self._resume_dir, ignore_errors=True)
+            self._resume_dir = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
@@ -221,13 +228,30 @@ class OIALRCallback(pl.Callback):
         with tempfile.TemporaryDirectory(prefix="oialr-lightning-") as folder:
             path = Path(folder, "epoch.ckpt")
             trainer.save_checkpoint(path, weights_only=False)  # all of it; every rank calls this, rank 0 writes
-            data = path.read_bytes() if path.exists() else b""
-        return {"lightning": data, "rng": self.trial.rng_state()}
+            if not path.exists():
+                return {"lightning": b"", "rng": self.trial.rng_state()}
+            _check_loadable(path)
+            return {"lightning": path.read_bytes(), "rng": self.trial.rng_state()}
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.trial is not None:  # retrain's scores on the test split
             self.trial.test_metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
                                             if k.startswith("test_")})
+
+
+def _check_loadable(path: Path) -> None:
+    """Refuse, when it is written, a checkpoint that a resumed trial could not load safely.
+
+    A resume loads it with ``weights_only=True`` and `safe_load`'s allow-list (tensors, plain data,
+    numpy arrays): an object of another class, typically the `config` a module's
+    ``save_hyperparameters()`` stored, would fail only then, after the trial had run.
+    """
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in safe_load.allowed_globals()}
+    refused = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+    if refused:
+        raise UserError(f"OIALRCallback: Lightning's checkpoint holds {', '.join(sorted(refused))}, which a "
+                        f"resumed trial cannot load safely (only tensors, plain data, numpy arrays); e.g. "
+                        f"self.save_hyperparameters(ignore=['config'])")  # fmt: skip
 
 
 def _reorder(optimizer: torch.optim.Optimizer, module: nn.Module, order: list[list[str]]) -> None:

@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from oialr_tune import plugins
+from oialr_tune import plugins, safe_load
 from oialr_tune.config import TrainConfig
 from oialr_tune.lightning import OIALRCallback
 
@@ -68,7 +68,8 @@ def fit(config: TrainConfig, trial: Trial) -> None:
     module, datamodule = build(config)
     callback = OIALRCallback(trial=trial)
     trainer = pl.Trainer(callbacks=[callback], **trainer_settings(config, trial.device))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=callback.ckpt_path, weights_only=True)
+    with torch.serialization.safe_globals(safe_load.allowed_globals()):  # a resume: no arbitrary pickle
+        trainer.fit(module, datamodule=datamodule, ckpt_path=callback.ckpt_path, weights_only=True)
     if trial.evaluate_test and _tests(module, datamodule):
         trainer.test(module, datamodule=datamodule, verbose=False)
 

@@ -23,6 +23,7 @@ from test_bad_input import rejected, sweep_args, write_space  # noqa: F401 (reje
 
 from oialr_tune.config import LIGHTNING_TRAINABLE, train_config_from_dict
 from oialr_tune.errors import UserError
+from oialr_tune.lightning import OIALRCallback
 from oialr_tune.results import best_trial
 from oialr_tune.retrain import retrain
 from oialr_tune.run_record import Callback
@@ -139,6 +140,18 @@ def test_the_callback_in_a_loop_of_ones_own_reports_through_the_trial(custom: Pa
     sys.modules.pop("my_lightning_loop", None)
     with pytest.raises(UserError, match=r"Trainer\(max_epochs=5\) but the trial's schedule.epochs is 3"):
         train(cfg)
+
+    # A checkpoint a resume could not load safely is refused when it is written, not when the trial resumes.
+    saving = "class Saving(MyModule):\n    def __init__(self, config):\n        super().__init__(config)\n" \
+             "        self.save_hyperparameters()\n\n"
+    (custom / "my_lightning_loop.py").write_text(loop.replace("\n\ndef train", "\n\n" + saving + "def train")
+                                                 .replace("MyModule(config), MyData", "Saving(config), MyData"))
+    sys.modules.pop("my_lightning_loop", None)
+    with pytest.raises(UserError, match=r"holds oialr_tune\.config\..*save_hyperparameters\(ignore=\['config'\]\)"):
+        train(cfg, checkpoint_dir=custom / "run2")
+
+    with pytest.raises(UserError, match="with trial= the settings are the trial's oialr section; got delay"):
+        OIALRCallback(trial=object(), delay=3)
 
 
 @pytest.mark.parametrize(("edits", "names"), [
