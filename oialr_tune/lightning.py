@@ -246,8 +246,7 @@ def _check_loadable(path: Path) -> None:
     numpy arrays): an object of another class, typically the `config` a module's
     ``save_hyperparameters()`` stored, would fail only then, after the trial had run.
     """
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in safe_load.allowed_globals()}
-    refused = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+    refused = safe_load.refused_globals(path)
     if refused:
         raise UserError(f"OIALRCallback: Lightning's checkpoint holds {', '.join(sorted(refused))}, which a "
                         f"resumed trial cannot load safely (only tensors, plain data, numpy arrays); e.g. "
