@@ -68,17 +68,54 @@ def _check_trainable(cfg: TrainConfig) -> None:
         pass
 
 
+def _check_lightning(cfg: TrainConfig) -> None:
+    """``lightning.module`` must be a LightningModule class and ``lightning.datamodule`` a LightningDataModule
+    class; each is built once as ``Class(config)``, and between them they must give training and validation
+    batches and a validation step (the tuner needs ``val_*`` metrics every epoch)."""
+    try:
+        import lightning.pytorch as pl
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+    except ImportError:
+        raise UserError("lightning.module: needs Lightning: pip install 'oialr-tune[lightning]'") from None
+    built = {}
+    for which, base in (("module", pl.LightningModule), ("datamodule", pl.LightningDataModule)):
+        name, key = getattr(cfg.lightning, which), f"lightning.{which}"
+        if name is None:
+            continue
+        cls = plugins.resolve(name, key)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise UserError(f"{key}: {name} is not a {base.__name__} subclass")
+        built[which] = plugins.call(cls, name, key, cfg)
+    module, datamodule = built["module"], built.get("datamodule")
+    for hook in ("train_dataloader", "val_dataloader"):
+        if not (is_overridden(hook, module) or (datamodule is not None and is_overridden(hook, datamodule))):
+            module_name = cfg.lightning.module
+            if datamodule is None:
+                raise UserError(f"lightning.datamodule: not set, and lightning.module {module_name} defines no {hook}")
+            raise UserError(f"lightning.datamodule: neither {cfg.lightning.datamodule} nor lightning.module "
+                            f"{module_name} defines {hook}")  # fmt: skip
+    if not is_overridden("validation_step", module):
+        raise UserError(f"lightning.module: {cfg.lightning.module} has no validation_step; the tuner needs its "
+                        f"val_* metrics every epoch")  # fmt: skip
+
+
 def check_user_code(cfg: TrainConfig) -> None:
     """Resolve every import path `cfg` names; build its data and model once and check they fit.
 
     Does nothing for a config of built-in parts only. Raises UserError with one line naming the
     key. Loads the data on the CPU (cached for this process).
     """
+    if cfg.lightning.module is not None:  # first: a missing Lightning is said under its own key
+        _check_lightning(cfg)
     for key, name in plugins.code_keys(train_config_to_dict(cfg)):
         if isinstance(name, str) and plugins.is_import_path(name):
             plugins.resolve(name, key)
     if cfg.trainable is not None:
         _check_trainable(cfg)
+        weights = cfg.model.weights  # loaded (and fitted to the model) by trial.build_model
+        if weights is not None and not Path(weights).expanduser().is_file():
+            raise UserError(f"model.weights: {Path(weights).expanduser()} does not exist (a state dict saved with "
+                            f"torch.save)")  # fmt: skip
         return
     builtin = cfg.model.name in MODELS and cfg.data.name in DATASETS and cfg.task == "classification"
     if builtin:
@@ -92,7 +129,8 @@ def check_user_code(cfg: TrainConfig) -> None:
     if cfg.mixup.enabled and splits.collate_fn is not None:
         raise UserError(f"mixup: mixup/cutmix mixes image tensors; data.name {cfg.data.name}'s batches "
                         f"come from a collate_fn")  # fmt: skip
-    model = build_model(cfg.model.name, splits.in_shape, splits.num_outputs(cfg.task), **cfg.model.args)
+    model = build_model(cfg.model.name, splits.in_shape, splits.num_outputs(cfg.task), weights=cfg.model.weights,
+                        **cfg.model.args)
     check_model_output(model, splits, cfg.task, cfg.model.name)
     check_layer_patterns(cfg, model)
 
@@ -117,9 +155,9 @@ def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
 
     On a local sweep (`local`): GPUs must exist if trials ask for them, per-trial CPUs must fit the
     machine, a dataset root must exist, and the base config's data must load and one example go
-    through its model (:func:`_check_one_example`). Trials run in their own working directories, so
-    a relative ``data.root`` is made absolute here (on a cluster it is left as given: it names a
-    path on the workers).
+    through its model (:func:`_check_one_example`), started from ``model.weights`` when given.
+    Trials run in their own working directories, so a relative ``data.root`` or ``model.weights`` is
+    made absolute here (on a cluster it is left as given: it names a path on the workers).
     """
     base = copy.deepcopy(space.base)
     if space.resources.workers > 1 and base.get("trainable"):
@@ -131,6 +169,8 @@ def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
             if not root.exists() and not data.get("download"):
                 raise UserError(f"base.data.root: {root} does not exist (set data.download: true to fetch it)")
             data["root"] = str(root.resolve())
+    if local and base["model"].get("weights"):
+        base["model"]["weights"] = str(Path(base["model"]["weights"]).expanduser().resolve())
     if local:
         r = space.resources
         each = f" x {r.workers} workers" if r.workers > 1 else ""  # a multi-worker trial needs all at once
@@ -170,7 +210,8 @@ def _check_one_example(cfg: TrainConfig) -> None:
     """
     splits = load_data(cfg.data, "cpu")
     x, _ = next(iter(dataclasses.replace(splits, num_workers=0).loader("train", 1)))
-    model = build_model(cfg.model.name, splits.in_shape, splits.num_classes, **cfg.model.args)
+    model = build_model(cfg.model.name, splits.in_shape, splits.num_classes, weights=cfg.model.weights,
+                        **cfg.model.args)
     try:
         with torch.no_grad():
             model.eval()(x)

@@ -57,10 +57,16 @@ class ModelConfig:
 
     `name` is a catalogue name (a key of `oialr_tune.models.MODELS`: mlp, cnn, ...),
     ``"torchvision:<name>"``, ``"timm:<name>"`` or a user's ``"package.module:function"``.
+
+    `weights` is a local state dict (``torch.save(model.state_dict(), PATH)``, or a checkpoint
+    holding one under ``model``/``state_dict``) that any of them starts from instead of its
+    initialisation: fine-tuning. Read with an allow-list (`oialr_tune.safe_load`); every key must
+    fit the model (`oialr_tune.models.load_weights`).
     """
 
     name: str = "mlp"
     args: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
 
 
 @dataclass
@@ -123,9 +129,14 @@ class ScheduleConfig:
     longer and peaking `cycle_decay` times lower than the one before) that fill the rest of the
     run down to ``min_lr_fraction × lr``, shaped by `k_decay`. Those four keys are read by
     ``timm_cosine`` only.
+
+    `steps`: a user's loop that reports by optimizer step (``trial.report(step=...)``, a run of one
+    long epoch) runs this many steps; it is done at step `steps`. A sweep sets it from
+    ``budget.max_steps`` (its ASHA rungs are then steps).
     """
 
     epochs: int = rule(ge(1), 20)
+    steps: int | None = rule(ge(1), None)
     batch_size: int = rule(ge(1), 64)
     warmup_fraction: float = rule(within(0, 1, hi_open=True), 0.05)
     decay: Literal["cosine", "constant", "timm_cosine"] = "cosine"
@@ -190,6 +201,25 @@ class OIALRConfig:
     exclude: list[str] = field(default_factory=list)
 
 
+# The trainable a `lightning` section runs: Lightning's own loop around the user's module, reporting
+# to the tuner through `oialr_tune.lightning.OIALRCallback`. Named by import path, not imported: reading a
+# config must not import Lightning or torch.
+LIGHTNING_TRAINABLE = "oialr_tune.lightning_trainable:fit"
+
+
+@dataclass
+class LightningConfig:
+    """A LightningModule (and optionally a LightningDataModule) as the run's trainable, with no loop of yours.
+
+    Both are ``"package.module:Class"`` import paths; each class is built as ``Class(config)``, the
+    `TrainConfig` with the trial's searched values (``config.optimizer.lr``, ``config.schedule``, ...).
+    Without a datamodule the module's own ``train_dataloader`` / ``val_dataloader`` are used.
+    """
+
+    module: str | None = None
+    datamodule: str | None = None
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run needs; see the module docstring for how it is built."""
@@ -217,6 +247,11 @@ class TrainConfig:
     # A user's own training loop ``"module:function"`` f(config, trial) (`oialr_tune.loop`), run
     # instead of the built-in one.
     trainable: str | None = None
+    # That loop's own settings (dropout, warm-up, ...), read as ``config.loop["dropout"]`` and
+    # searched like any key (``loop.dropout``); `oialr_tune.loop` warns about one never read.
+    loop: dict[str, Any] = field(default_factory=dict)
+    # A LightningModule + DataModule trained by Lightning's loop: sets `trainable` to LIGHTNING_TRAINABLE.
+    lightning: LightningConfig = field(default_factory=LightningConfig)
     # A trainer-level preset (`RECIPES`): it fills in the keys of the config that are not given.
     recipe: Literal["default", "authors"] = "default"
 
@@ -260,8 +295,24 @@ def _with_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
+def _lightning_trainable(cfg: TrainConfig) -> None:
+    """A `lightning` section makes the run's trainable `LIGHTNING_TRAINABLE`; anything else is refused."""
+    module, trainable = cfg.lightning.module, cfg.trainable
+    if module is None:
+        if cfg.lightning.datamodule is not None:
+            raise UserError("lightning.datamodule: needs lightning.module (the LightningModule it feeds)")
+        if trainable == LIGHTNING_TRAINABLE:
+            raise UserError(f"trainable: {LIGHTNING_TRAINABLE} trains lightning.module, which is not set")
+    elif trainable not in (None, LIGHTNING_TRAINABLE):
+        raise UserError(f"lightning.module: runs Lightning's own loop; remove trainable {trainable!r} or the "
+                        f"lightning section")  # fmt: skip
+    else:
+        cfg.trainable = LIGHTNING_TRAINABLE
+
+
 def _cross_checks(cfg: TrainConfig) -> None:
     """Rules that involve more than one field, or another module's registry."""
+    _lightning_trainable(cfg)
     if not _DEVICE_RE.match(cfg.device):
         raise UserError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
     d = cfg.data
@@ -309,6 +360,12 @@ def _cross_checks(cfg: TrainConfig) -> None:
     if isinstance(delay, int) and delay < 1:
         raise UserError(f"oialr.delay: a step count must be >= 1, got {delay}")
     cfg.model.args = check_model_args(cfg.model.name, cfg.model.args)
+    if cfg.trainable is None and (cfg.loop or cfg.schedule.steps is not None):
+        key = "loop" if cfg.loop else "schedule.steps"
+        raise UserError(f"{key}: only for a user's own training loop (trainable); the built-in trainer ignores it")
+    for k in cfg.loop:
+        if not isinstance(k, str) or not k.isidentifier():
+            raise UserError(f"loop.{k}: loop setting names must be identifiers")
 
 
 def train_config_from_dict(data: Mapping[str, Any] | None) -> TrainConfig:
@@ -352,7 +409,7 @@ def with_overrides(cfg: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfi
             if not isinstance(node.get(part), dict):
                 raise UserError(f"{'.'.join(parents[: i + 1])}: unknown key")
             node = node[part]
-        if last not in node and parents not in (["model", "args"], ["data", "args"]):  # checked by their users
+        if last not in node and parents not in (["model", "args"], ["data", "args"], ["loop"]):  # their users check
             raise UserError(f"{dotted}: unknown key")
         node[last] = value
     return train_config_from_dict(data)
