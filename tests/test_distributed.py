@@ -8,20 +8,32 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from _ddp_ranks import BATCH, _data, _ddp_worker, _free_port, _model, _train
 from tiny_sweep import tiny_space
 from torch import nn
 
+from oialr_tune import distributed
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.distributed import current, launch
+from oialr_tune.model_io import load_model
+from oialr_tune.oialr import low_rank_structure
 from oialr_tune.oialr.distributed import state_digest
+from oialr_tune.results import SweepResults
+from oialr_tune.retrain import retrain
 from oialr_tune.run_record import Callback, TrainResult, read_checkpoint
 from oialr_tune.space import space_from_dict
 from oialr_tune.sweep_state import CHECKPOINT_FILE
@@ -174,25 +186,143 @@ def test_the_lightning_callback_under_lightnings_ddp_strategy(tmp_path: Path) ->
     assert sorted([r0["computed"], r1["computed"]]) == [6, 9]  # each rank ran its share of the 15 SVDs
 
 
-# --- a sweep of 2-worker trials (Ray Tune trial -> Ray Train TorchTrainer) ----------------------------------
+# --- sweeps of 2-worker trials (Ray Tune trial -> Ray Train TorchTrainer), and retrain on 2 workers -------------
+
+# Two trials of 2 Ray Train workers at 0.5 CPU each: the session's Ray has 2 CPUs, so one trial at a time.
+# OIALR factorizes at step 10 and cuts every 5 steps from then on (digits: 17 steps an epoch).
+TWO_WORKER_SPACE = tiny_space(
+    "ddp", resources={"cpu": 0.5, "workers": 2}, baseline="none", seed=0,
+    base={"oialr": TRAINER_CFG["oialr"]},
+    search={"optimizer.lr": {"type": "categorical", "choices": [3.0e-4, 2.0e-2]}},
+    budget={"num_samples": 2, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_worker_sweep(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> SweepResults:
+    """One ASHA sweep of 2-worker trials, read by several tests (each must leave the folder as it is).
+
+    ASHA's rungs are at epochs 1 and 2. The seeded TPE's first two proposals are lr 0.02, then 3e-4
+    (always, from this seed), so the second trial is far behind the first at epoch 1 and ASHA stops it.
+    """
+    return sweep(space_from_dict(TWO_WORKER_SPACE), name="d", results_dir=tmp_path_factory.mktemp("ddp-sweep"),
+                 verbose=0)
 
 
 def test_a_sweep_of_two_worker_trials_runs_on_ray_train_and_asha_stops_whole_trials(
-    ray_session: Any, tmp_path: Path
+    ray_session: Any, two_worker_sweep: SweepResults
 ) -> None:
-    """Each trial is 2 Ray Train workers at 0.5 CPU (the session's Ray has 2 CPUs: one trial at a time).
-    ASHA (rungs at epochs 1, 2 and 4) stops the two weaker trials after epoch 1: their workers end with
-    them and the next trial gets their CPUs. (Seeded TPE, one trial at a time and bit-identical CPU
-    training make the stops deterministic: trials 3 and 4 of this space.)"""
-    space = tiny_space("ddp", resources={"cpu": 0.5, "workers": 2}, baseline="none",
-                       budget={"num_samples": 4, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2})
-    result = sweep(space_from_dict(space), name="d", results_dir=tmp_path, verbose=0)
-    df = result.trials
-    assert len(df) == 4 and set(df["status"]) == {"TERMINATED"} and (df["workers"] == 2).all()
-    stopped = df[df["stopped_early"]]
-    assert len(stopped) and (stopped["training_iteration"] == 1).all(), df[["trial_id", "training_iteration"]]
-    finished = df[~df["stopped_early"]]
-    assert len(finished) and (finished["training_iteration"] == 4).all()
+    df = two_worker_sweep.trials.set_index("config.optimizer.lr")
+    assert len(df) == 2 and set(df["status"]) == {"TERMINATED"} and (df["workers"] == 2).all()
+    assert df.loc[3.0e-4, "stopped_early"] and df.loc[3.0e-4, "training_iteration"] == 1, df
+    assert not df.loc[2.0e-2, "stopped_early"] and df.loc[2.0e-2, "training_iteration"] == 2, df
+    # The stopped trial's workers ended with it: all the session's CPUs are free again.
+    deadline = time.monotonic() + 60
+    while ray_session.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_session.available_resources().get("CPU", 0) == 2, ray_session.available_resources()
     # Rank 0's checkpoint reached Tune: the best trial's last one is its final epoch's, readable as usual.
-    best = result.summary["best"]["oialr"]
-    assert read_checkpoint(tmp_path / "d" / best["checkpoint"] / CHECKPOINT_FILE)["epoch"] == 4
+    best = two_worker_sweep.summary["best"]["oialr"]
+    assert read_checkpoint(Path(two_worker_sweep.path) / best["checkpoint"] / CHECKPOINT_FILE)["epoch"] == 2
+
+
+def test_a_retrain_on_two_workers_matches_one_worker(
+    two_worker_sweep: SweepResults, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`retrain` runs each seed on the sweep's resources.workers (2; `workers=1` overrides), and the
+    2-worker run is the 1-worker run: the same ranks per layer and, in the dense export, the same
+    weights within 1e-4 (DDP's mean of two half-batch gradients is the global batch's up to float
+    rounding; a factorization or cut at another step would move them far more; measured ~5e-6), val and
+    test accuracy within 0.01 (as in the trainer test above: measured equal). metrics.csv has the same columns."""
+    launched: list[int] = []
+    real_launch = distributed.launch
+
+    def launch(fn: Any, workers: int, *args: Any, **kwargs: Any) -> Any:
+        launched.append(workers)
+        return real_launch(fn, workers, *args, **kwargs)
+
+    monkeypatch.setattr(distributed, "launch", launch)
+    lines: list[str] = []
+    retrain(two_worker_sweep.path, seeds=[1000], out=tmp_path / "two", log=lines.append)
+    assert launched == [2] and any("on 2 workers each" in line for line in lines), lines
+    retrain(two_worker_sweep.path, seeds=[1000], workers=1, out=tmp_path / "one", log=lines.append)
+    assert launched == [2]
+    two, one = (pd.read_csv(tmp_path / out / "metrics.csv") for out in ("two", "one"))
+    assert list(two.columns) == list(one.columns) and len(two) == len(one) == 1
+    for col in ("status", "epochs", "trainable_params", "total_params", "model", "model_dense"):
+        assert two.loc[0, col] == one.loc[0, col], col
+    for col in ("val_acc", "test_acc", "reloaded_test_acc", "dense_test_acc"):
+        assert abs(two.loc[0, col] - one.loc[0, col]) <= 0.01, col
+    models = {out: load_model(tmp_path / out / one.loc[0, "model"]) for out in ("two", "one")}
+    ranks = low_rank_structure(models["two"])
+    assert ranks and ranks == low_rank_structure(models["one"])
+    dense = {out: load_model(tmp_path / out / one.loc[0, "model_dense"]).state_dict() for out in ("two", "one")}
+    assert max(float((dense["two"][k] - dense["one"][k]).abs().max()) for k in dense["one"]) < 1e-4
+
+
+def test_a_retrain_asking_more_workers_than_this_machine_has_is_one_line(
+    two_worker_sweep: SweepResults, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from oialr_tune.cli import main
+
+    too_many = (os.cpu_count() or 1) + 1
+    assert main(["retrain", str(two_worker_sweep.path), "--workers", str(too_many), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"oialr-tune: error: --workers: {too_many} workers need {too_many} CPU cores, this machine has " \
+                  f"{os.cpu_count()}", err
+    assert not (tmp_path / "r").exists()
+
+
+def _done_lines(log: Path) -> list[str]:
+    """The trials the driver has printed as done (``[oialr] 1/2 <trial_id> done ...``)."""
+    return [line for line in log.read_text().splitlines() if line.startswith("[oialr]") and " done " in line]
+
+
+def _epochs_reported(arm: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each trial's reported epochs (Ray's result.json rows)."""
+    out = {}
+    for f in arm.glob("trial_*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows:
+            out[rows[-1]["trial_id"]] = rows
+    return out
+
+
+def test_a_killed_sweep_of_two_worker_trials_resumes_with_nothing_lost(ray_session: Any, tmp_path: Path) -> None:
+    """The driver of a sweep of 2 two-worker trials (2 epochs, a checkpoint each) is SIGKILLed, with the
+    Ray it started, once it has printed a trial done; `sweep --resume` then finishes the other one and
+    reruns nothing: the finished trial's reported epochs are the ones from before the kill."""
+    space = tiny_space("kr", resources={"cpu": 0.5, "workers": 2}, baseline="none", strategy={"scheduler": "fifo"},
+                       budget={"num_samples": 2, "max_epochs": 2, "max_concurrent": 1}, checkpoint={"every": 1})
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    results, log = tmp_path / "r", tmp_path / "driver.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "oialr_tune.cli", "sweep", str(tmp_path / "space.yaml"), "--name", "k",
+             "--results-dir", str(results)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        try:
+            while not _done_lines(log):
+                assert proc.poll() is None, f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no trial done within 5 minutes:\n{log.read_text()[-3000:]}"
+                time.sleep(0.1)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+            proc.wait()
+    done = _done_lines(log)
+    before = _epochs_reported(results / "k" / "oialr")
+    assert len(done) == 1, done  # killed mid-sweep: one trial done, the other not
+    done_id = done[0].split()[2]
+    assert [r["epoch"] for r in before[done_id]] == [1, 2]
+
+    df = sweep(resume=results / "k", verbose=0).trials.set_index("trial_id")
+    after = _epochs_reported(results / "k" / "oialr")
+    assert len(df) == 2 and set(df["status"]) == {"TERMINATED"} and (df["workers"] == 2).all()
+    assert (df["training_iteration"] == 2).all()
+    assert after[done_id] == before[done_id]  # not rerun: the same rows, from the same process
+    assert df.loc[done_id, "val_acc"] == before[done_id][-1]["val_acc"]
+    for trial_id, rows in after.items():  # every trial reported each epoch once
+        assert [r["epoch"] for r in rows] == [1, 2], (trial_id, rows)
