@@ -29,6 +29,7 @@ from torch import nn
 from oialr_tune import distributed
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.distributed import current, launch
+from oialr_tune.errors import UserError
 from oialr_tune.model_io import load_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.oialr.distributed import state_digest
@@ -39,6 +40,7 @@ from oialr_tune.space import space_from_dict
 from oialr_tune.sweep_state import CHECKPOINT_FILE
 from oialr_tune.trainer import train
 from oialr_tune.tuning import sweep
+from oialr_tune.tuning.cluster import check_cluster_fits
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +273,19 @@ def test_a_retrain_asking_more_workers_than_this_machine_has_is_one_line(
     assert err == f"oialr-tune: error: --workers: {too_many} workers need {too_many} CPU cores, this machine has " \
                   f"{os.cpu_count()}", err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_trial_of_n_workers_that_fills_the_cluster_is_refused_for_its_own_cpu(ray_session: Any,
+                                                                               tmp_path: Path) -> None:
+    """{cpu: 1, workers: 2} on the session's 2 CPUs: the workers fill them and the Tune trial that owns
+    them holds 0.01 more, so the trial would wait forever for its workers (it did). A retrain run of the
+    same resources (a Ray task of 2 CPUs that starts its 2 processes) fits."""
+    space = space_from_dict(tiny_space("full", resources={"cpu": 1, "workers": 2}, baseline="none"))
+    with pytest.raises(UserError, match=r"^resources\.cpu: 1(\.0)? per trial x 2 workers \(\+ 0\.01 for the trial "
+                                        r"itself\) but the Ray cluster has 2(\.0)? CPU"):
+        sweep(space, name="f", results_dir=tmp_path, verbose=0)
+    assert not (tmp_path / "f").exists()
+    check_cluster_fits(space.resources, trial=False)
 
 
 def _done_lines(log: Path) -> list[str]:

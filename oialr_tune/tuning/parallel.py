@@ -51,7 +51,7 @@ def run_all(
 
     started = start_ray(address, verbose=0)
     try:
-        check_cluster_fits(resources)
+        check_cluster_fits(resources, trial=False)
         n = resources.workers  # a run on n data-parallel workers holds n workers' resources (one node's)
         task = ray.remote(num_cpus=n * resources.cpu, num_gpus=n * resources.gpu, max_retries=0)(_run_with_threads)
         limit = max_concurrent or len(jobs)
