@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,48 +189,114 @@ def test_the_lightning_callback_under_lightnings_ddp_strategy(tmp_path: Path) ->
     assert sorted([r0["computed"], r1["computed"]]) == [6, 9]  # each rank ran its share of the 15 SVDs
 
 
-# --- sweeps of 2-worker trials (Ray Tune trial -> Ray Train TorchTrainer), and retrain on 2 workers -------------
+# --- a sweep of 2-worker trials (Ray Tune trial -> Ray Train TorchTrainer), killed and resumed; retrain ---------
 
-# Two trials of 2 Ray Train workers at 0.5 CPU each: the session's Ray has 2 CPUs, so one trial at a time.
-# OIALR factorizes at step 10 and cuts every 5 steps from then on (digits: 17 steps an epoch).
+# Three trials of 2 Ray Train workers at 0.5 CPU each (the session's Ray, like the driver's, has 2 CPUs: one
+# trial at a time); ASHA's rungs at epochs 1 and 2. OIALR factorizes at step 10 and cuts every 5 steps after
+# it (digits: 17 steps an epoch). The seeded TPE proposes lr 0.02 first, then 3e-4 (always, from this seed):
+# the second trial is far behind the first at epoch 1, and ASHA stops it there.
 TWO_WORKER_SPACE = tiny_space(
     "ddp", resources={"cpu": 0.5, "workers": 2}, baseline="none", seed=0,
     base={"oialr": TRAINER_CFG["oialr"]},
     search={"optimizer.lr": {"type": "categorical", "choices": [3.0e-4, 2.0e-2]}},
-    budget={"num_samples": 2, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
+    budget={"num_samples": 3, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
 )  # fmt: skip
 
 
+@dataclass
+class KilledSweep:
+    """The sweep folder and what it held when its driver was killed."""
+
+    path: Path
+    done: list[str]  # the trial ids the driver had printed done
+    in_flight: str  # the trial that had reported epoch 1 of 2
+    before: dict[str, list[dict[str, Any]]]  # each trial's reported epochs (result.json rows)
+    resumed: SweepResults
+
+
+def _done_trials(log: Path) -> list[str]:
+    """The trials the driver has printed done (``[oialr] 1/3 <trial_id> done ...``), in order."""
+    return [line.split()[2] for line in log.read_text().splitlines() if line.startswith("[oialr]") and " done " in line]
+
+
+def _epochs_reported(arm: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each trial's reported epochs so far (Ray's result.json rows)."""
+    out = {}
+    for f in arm.glob("trial_*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows:
+            out[rows[-1]["trial_id"]] = rows
+    return out
+
+
 @pytest.fixture(scope="module")
-def two_worker_sweep(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> SweepResults:
-    """One ASHA sweep of 2-worker trials, read by several tests (each must leave the folder as it is).
+def killed_sweep(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> KilledSweep:
+    """One sweep of 2-worker trials, read by several tests (each must leave the folder as it is).
 
-    ASHA's rungs are at epochs 1 and 2. The seeded TPE's first two proposals are lr 0.02, then 3e-4
-    (always, from this seed), so the second trial is far behind the first at epoch 1 and ASHA stops it.
+    Its driver (``oialr-tune sweep`` in a process of its own, with its own Ray) is SIGKILLed with that
+    Ray once two trials are done (the first finished, the second stopped by ASHA) and the third has
+    reported its first epoch, so the stopped trial's workers had let the next trial's start. Then
+    ``sweep --resume`` runs in this process, on the session's Ray.
     """
-    return sweep(space_from_dict(TWO_WORKER_SPACE), name="d", results_dir=tmp_path_factory.mktemp("ddp-sweep"),
-                 verbose=0)
+    tmp = tmp_path_factory.mktemp("ddp-sweep")
+    (tmp / "space.yaml").write_text(yaml.safe_dump(TWO_WORKER_SPACE))
+    log, arm = tmp / "driver.log", tmp / "r" / "d" / "oialr"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "oialr_tune.cli", "sweep", str(tmp / "space.yaml"), "--name", "d",
+             "--results-dir", str(tmp / "r")], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        deadline = time.monotonic() + 600
+
+        def in_flight() -> list[str]:
+            done = _done_trials(log)
+            return [t for t in _epochs_reported(arm) if t not in done] if len(done) == 2 else []
+
+        try:
+            while not in_flight():
+                assert proc.poll() is None, f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"not killed within 10 minutes:\n{log.read_text()[-3000:]}"
+                time.sleep(0.1)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+            proc.wait()
+    before, (running,) = _epochs_reported(arm), in_flight()
+    return KilledSweep(tmp / "r" / "d", _done_trials(log), running, before, sweep(resume=tmp / "r" / "d", verbose=0))
 
 
-def test_a_sweep_of_two_worker_trials_runs_on_ray_train_and_asha_stops_whole_trials(
-    ray_session: Any, two_worker_sweep: SweepResults
-) -> None:
-    df = two_worker_sweep.trials.set_index("config.optimizer.lr")
-    assert len(df) == 2 and set(df["status"]) == {"TERMINATED"} and (df["workers"] == 2).all()
-    assert df.loc[3.0e-4, "stopped_early"] and df.loc[3.0e-4, "training_iteration"] == 1, df
-    assert not df.loc[2.0e-2, "stopped_early"] and df.loc[2.0e-2, "training_iteration"] == 2, df
-    # The stopped trial's workers ended with it: all the session's CPUs are free again.
-    deadline = time.monotonic() + 60
-    while ray_session.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ray_session.available_resources().get("CPU", 0) == 2, ray_session.available_resources()
+def test_a_killed_sweep_of_two_worker_trials_resumes_with_nothing_lost(killed_sweep: KilledSweep) -> None:
+    """The trials printed done are kept as they were (not rerun), and the sweep ends with its 3 trials
+    each finished once. The trial in flight at the kill is continued from its checkpoint when Ray's
+    experiment snapshot (written every few seconds) had caught up with it, and else replaced by a new
+    trial (the journal holds ended trials only); either way it is finished once."""
+    k = killed_sweep
+    assert len(k.done) == 2 and k.in_flight not in k.done and len(k.before[k.in_flight]) == 1
+    df = k.resumed.trials.set_index("trial_id")
+    assert len(df) == 3 and df.index.is_unique and set(k.done) <= set(df.index)
+    assert set(df["status"]) == {"TERMINATED"} and (df["workers"] == 2).all()
+    after = _epochs_reported(k.path / "oialr")
+    for trial_id in k.done:  # not rerun: the same rows, from the same processes
+        assert after[trial_id] == k.before[trial_id]
+        assert df.loc[trial_id, "val_acc"] == k.before[trial_id][-1]["val_acc"]
+    (third,) = set(df.index) - set(k.done)
+    assert df.loc[third, "training_iteration"] == 2 and [r["epoch"] for r in after[third]][-1] == 2
+
+
+def test_asha_stops_whole_two_worker_trials(killed_sweep: KilledSweep) -> None:
+    df = killed_sweep.resumed.trials.set_index("trial_id")
+    first, second = killed_sweep.done
+    assert df.loc[first, "config.optimizer.lr"] == 2.0e-2 and not df.loc[first, "stopped_early"]
+    assert df.loc[second, "config.optimizer.lr"] == 3.0e-4 and df.loc[second, "stopped_early"], df
+    assert df.loc[second, "training_iteration"] == 1 and df.loc[first, "training_iteration"] == 2
     # Rank 0's checkpoint reached Tune: the best trial's last one is its final epoch's, readable as usual.
-    best = two_worker_sweep.summary["best"]["oialr"]
-    assert read_checkpoint(Path(two_worker_sweep.path) / best["checkpoint"] / CHECKPOINT_FILE)["epoch"] == 2
+    best = killed_sweep.resumed.summary["best"]["oialr"]
+    assert read_checkpoint(killed_sweep.path / best["checkpoint"] / CHECKPOINT_FILE)["epoch"] == 2
 
 
 def test_a_retrain_on_two_workers_matches_one_worker(
-    two_worker_sweep: SweepResults, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    killed_sweep: KilledSweep, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`retrain` runs each seed on the sweep's resources.workers (2; `workers=1` overrides), and the
     2-worker run is the 1-worker run: the same ranks per layer and, in the dense export, the same
@@ -245,9 +312,9 @@ def test_a_retrain_on_two_workers_matches_one_worker(
 
     monkeypatch.setattr(distributed, "launch", launch)
     lines: list[str] = []
-    retrain(two_worker_sweep.path, seeds=[1000], out=tmp_path / "two", log=lines.append)
+    retrain(killed_sweep.path, seeds=[1000], out=tmp_path / "two", log=lines.append)
     assert launched == [2] and any("on 2 workers each" in line for line in lines), lines
-    retrain(two_worker_sweep.path, seeds=[1000], workers=1, out=tmp_path / "one", log=lines.append)
+    retrain(killed_sweep.path, seeds=[1000], workers=1, out=tmp_path / "one", log=lines.append)
     assert launched == [2]
     two, one = (pd.read_csv(tmp_path / out / "metrics.csv") for out in ("two", "one"))
     assert list(two.columns) == list(one.columns) and len(two) == len(one) == 1
@@ -263,12 +330,12 @@ def test_a_retrain_on_two_workers_matches_one_worker(
 
 
 def test_a_retrain_asking_more_workers_than_this_machine_has_is_one_line(
-    two_worker_sweep: SweepResults, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    killed_sweep: KilledSweep, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from oialr_tune.cli import main
 
     too_many = (os.cpu_count() or 1) + 1
-    assert main(["retrain", str(two_worker_sweep.path), "--workers", str(too_many), "--out", str(tmp_path / "r")]) == 2
+    assert main(["retrain", str(killed_sweep.path), "--workers", str(too_many), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"oialr-tune: error: --workers: {too_many} workers need {too_many} CPU cores, this machine has " \
                   f"{os.cpu_count()}", err
@@ -286,58 +353,3 @@ def test_a_trial_of_n_workers_that_fills_the_cluster_is_refused_for_its_own_cpu(
         sweep(space, name="f", results_dir=tmp_path, verbose=0)
     assert not (tmp_path / "f").exists()
     check_cluster_fits(space.resources, trial=False)
-
-
-def _done_lines(log: Path) -> list[str]:
-    """The trials the driver has printed as done (``[oialr] 1/2 <trial_id> done ...``)."""
-    return [line for line in log.read_text().splitlines() if line.startswith("[oialr]") and " done " in line]
-
-
-def _epochs_reported(arm: Path) -> dict[str, list[dict[str, Any]]]:
-    """Each trial's reported epochs (Ray's result.json rows)."""
-    out = {}
-    for f in arm.glob("trial_*/result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        if rows:
-            out[rows[-1]["trial_id"]] = rows
-    return out
-
-
-def test_a_killed_sweep_of_two_worker_trials_resumes_with_nothing_lost(ray_session: Any, tmp_path: Path) -> None:
-    """The driver of a sweep of 2 two-worker trials (2 epochs, a checkpoint each) is SIGKILLed, with the
-    Ray it started, once it has printed a trial done; `sweep --resume` then finishes the other one and
-    reruns nothing: the finished trial's reported epochs are the ones from before the kill."""
-    space = tiny_space("kr", resources={"cpu": 0.5, "workers": 2}, baseline="none", strategy={"scheduler": "fifo"},
-                       budget={"num_samples": 2, "max_epochs": 2, "max_concurrent": 1}, checkpoint={"every": 1})
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    results, log = tmp_path / "r", tmp_path / "driver.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "oialr_tune.cli", "sweep", str(tmp_path / "space.yaml"), "--name", "k",
-             "--results-dir", str(results)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        deadline = time.monotonic() + 300
-        try:
-            while not _done_lines(log):
-                assert proc.poll() is None, f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no trial done within 5 minutes:\n{log.read_text()[-3000:]}"
-                time.sleep(0.1)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-            proc.wait()
-    done = _done_lines(log)
-    before = _epochs_reported(results / "k" / "oialr")
-    assert len(done) == 1, done  # killed mid-sweep: one trial done, the other not
-    done_id = done[0].split()[2]
-    assert [r["epoch"] for r in before[done_id]] == [1, 2]
-
-    df = sweep(resume=results / "k", verbose=0).trials.set_index("trial_id")
-    after = _epochs_reported(results / "k" / "oialr")
-    assert len(df) == 2 and set(df["status"]) == {"TERMINATED"} and (df["workers"] == 2).all()
-    assert (df["training_iteration"] == 2).all()
-    assert after[done_id] == before[done_id]  # not rerun: the same rows, from the same process
-    assert df.loc[done_id, "val_acc"] == before[done_id][-1]["val_acc"]
-    for trial_id, rows in after.items():  # every trial reported each epoch once
-        assert [r["epoch"] for r in rows] == [1, 2], (trial_id, rows)
