@@ -157,7 +157,7 @@ def replay(table: Table, strategy: str, objective: str, repeat: int, horizon: fl
     import optuna
     from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-    from oialr_tune.space import SIZE_METRIC
+    from oialr_tune.metrics import SIZE_METRIC
     from oialr_tune.tuning.search import scheduler, searcher
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)

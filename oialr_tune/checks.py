@@ -75,6 +75,10 @@ def check_user_code(cfg: TrainConfig) -> None:
             plugins.resolve(name, key)
     if cfg.trainable is not None:
         _check_trainable(cfg)
+        weights = cfg.model.weights  # loaded (and fitted to the model) by trial.build_model
+        if weights is not None and not Path(weights).expanduser().is_file():
+            raise UserError(f"model.weights: {Path(weights).expanduser()} does not exist (a state dict saved with "
+                            f"torch.save)")  # fmt: skip
         return
     builtin = cfg.model.name in MODELS and cfg.data.name in DATASETS and cfg.task == "classification"
     if builtin:
@@ -85,7 +89,8 @@ def check_user_code(cfg: TrainConfig) -> None:
             f"task: classification needs integer class labels (at least 2 classes) but data.name {cfg.data.name}'s "
             f"targets are not; use task: regression for numeric targets"
         )
-    model = build_model(cfg.model.name, splits.in_shape, splits.num_outputs(cfg.task), **cfg.model.args)
+    model = build_model(cfg.model.name, splits.in_shape, splits.num_outputs(cfg.task), weights=cfg.model.weights,
+                        **cfg.model.args)
     check_model_output(model, splits, cfg.task, cfg.model.name)
     check_layer_patterns(cfg, model)
 
@@ -110,9 +115,9 @@ def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
 
     On a local sweep (`local`): GPUs must exist if trials ask for them, per-trial CPUs must fit the
     machine, a dataset root must exist, and the base config's data must load and one example go
-    through its model (:func:`_check_one_example`). Trials run in their own working directories, so
-    a relative ``data.root`` is made absolute here (on a cluster it is left as given: it names a
-    path on the workers).
+    through its model (:func:`_check_one_example`), started from ``model.weights`` when given.
+    Trials run in their own working directories, so a relative ``data.root`` or ``model.weights`` is
+    made absolute here (on a cluster it is left as given: it names a path on the workers).
     """
     base = copy.deepcopy(space.base)
     if space.resources.workers > 1 and base.get("trainable"):
@@ -124,6 +129,8 @@ def preflight(space: SearchSpace, *, local: bool = True) -> SearchSpace:
             if not root.exists() and not data.get("download"):
                 raise UserError(f"base.data.root: {root} does not exist (set data.download: true to fetch it)")
             data["root"] = str(root.resolve())
+    if local and base["model"].get("weights"):
+        base["model"]["weights"] = str(Path(base["model"]["weights"]).expanduser().resolve())
     if local:
         r = space.resources
         each = f" x {r.workers} workers" if r.workers > 1 else ""  # a multi-worker trial needs all at once
@@ -163,7 +170,8 @@ def _check_one_example(cfg: TrainConfig) -> None:
     """
     splits = load_data(cfg.data, "cpu")
     x, _ = next(iter(dataclasses.replace(splits, num_workers=0).loader("train", 1)))
-    model = build_model(cfg.model.name, splits.in_shape, splits.num_classes, **cfg.model.args)
+    model = build_model(cfg.model.name, splits.in_shape, splits.num_classes, weights=cfg.model.weights,
+                        **cfg.model.args)
     try:
         with torch.no_grad():
             model.eval()(x)

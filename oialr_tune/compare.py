@@ -42,6 +42,7 @@ import pandas as pd
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.distributed import check_workers
 from oialr_tune.errors import UserError
+from oialr_tune.metrics import comparison_columns
 from oialr_tune.results import best_trial, check_max_trainable_fraction
 from oialr_tune.retrain import run_seed_anywhere, seed_jobs
 from oialr_tune.space import SearchSpace, load_space, space_from_dict, with_settings
@@ -60,20 +61,6 @@ ARMS = (
     ("oialr_gate_off", "tuned OIALR, stability gate off"),
 )
 REFERENCE = "full_rank_tuned"
-# comparison.csv's columns: the test metric (the sweep's objective on the test split) and its val_
-# counterpart follow "status" (see `csv_columns`).
-CSV_COLUMNS = (
-    "arm", "seed", "status", "test_loss", "trainable_fraction", "trainable_params",
-    "total_params", "wall_time_s", "tuning_wall_time_s", "source",
-)  # fmt: skip
-
-
-def csv_columns(metric: str) -> list[str]:
-    """comparison.csv's columns for a comparison by test `metric` (test_acc, test_mae, test_f1, ...)."""
-    val = "val_" + metric.removeprefix("test_")
-    return list(dict.fromkeys([*CSV_COLUMNS[:3], metric, val, *CSV_COLUMNS[3:]]))
-
-
 def gate_off_space(space: SearchSpace) -> SearchSpace:
     """The same OIALR search with the stability gate disabled and no baseline arm."""
     data = space.to_dict()
@@ -161,7 +148,7 @@ def compare(
 
     results = run_all(run_seed_anywhere, jobs, resources=space.resources, address=address,
                       max_concurrent=max_concurrent, on_done=done)  # fmt: skip
-    columns = csv_columns(metric)
+    columns = comparison_columns(metric)
     rows = [{**{k: row.get(k) for k in columns}, "tuning_wall_time_s": plans[row["arm"]][1],
              "source": plans[row["arm"]][2]} for row in results]  # fmt: skip
     table = pd.DataFrame(rows, columns=columns)

@@ -57,10 +57,16 @@ class ModelConfig:
 
     `name` is a catalogue name (a key of `oialr_tune.models.MODELS`: mlp, cnn, ...),
     ``"torchvision:<name>"``, ``"timm:<name>"`` or a user's ``"package.module:function"``.
+
+    `weights` is a local state dict (``torch.save(model.state_dict(), PATH)``, or a checkpoint
+    holding one under ``model``/``state_dict``) that any of them starts from instead of its
+    initialisation: fine-tuning. Read with an allow-list (`oialr_tune.safe_load`); every key must
+    fit the model (`oialr_tune.models.load_weights`).
     """
 
     name: str = "mlp"
     args: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
 
 
 @dataclass
@@ -123,9 +129,14 @@ class ScheduleConfig:
     longer and peaking `cycle_decay` times lower than the one before) that fill the rest of the
     run down to ``min_lr_fraction × lr``, shaped by `k_decay`. Those four keys are read by
     ``timm_cosine`` only.
+
+    `steps`: a user's loop that reports by optimizer step (``trial.report(step=...)``, a run of one
+    long epoch) runs this many steps; it is done at step `steps`. A sweep sets it from
+    ``budget.max_steps`` (its ASHA rungs are then steps).
     """
 
     epochs: int = rule(ge(1), 20)
+    steps: int | None = rule(ge(1), None)
     batch_size: int = rule(ge(1), 64)
     warmup_fraction: float = rule(within(0, 1, hi_open=True), 0.05)
     decay: Literal["cosine", "constant", "timm_cosine"] = "cosine"
@@ -217,6 +228,9 @@ class TrainConfig:
     # A user's own training loop ``"module:function"`` f(config, trial) (`oialr_tune.loop`), run
     # instead of the built-in one.
     trainable: str | None = None
+    # That loop's own settings (dropout, warm-up, ...), read as ``config.loop["dropout"]`` and
+    # searched like any key (``loop.dropout``); `oialr_tune.loop` warns about one never read.
+    loop: dict[str, Any] = field(default_factory=dict)
     # A trainer-level preset (`RECIPES`): it fills in the keys of the config that are not given.
     recipe: Literal["default", "authors"] = "default"
 
@@ -309,6 +323,12 @@ def _cross_checks(cfg: TrainConfig) -> None:
     if isinstance(delay, int) and delay < 1:
         raise UserError(f"oialr.delay: a step count must be >= 1, got {delay}")
     cfg.model.args = check_model_args(cfg.model.name, cfg.model.args)
+    if cfg.trainable is None and (cfg.loop or cfg.schedule.steps is not None):
+        key = "loop" if cfg.loop else "schedule.steps"
+        raise UserError(f"{key}: only for a user's own training loop (trainable); the built-in trainer ignores it")
+    for k in cfg.loop:
+        if not isinstance(k, str) or not k.isidentifier():
+            raise UserError(f"loop.{k}: loop setting names must be identifiers")
 
 
 def train_config_from_dict(data: Mapping[str, Any] | None) -> TrainConfig:
@@ -352,7 +372,7 @@ def with_overrides(cfg: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfi
             if not isinstance(node.get(part), dict):
                 raise UserError(f"{'.'.join(parents[: i + 1])}: unknown key")
             node = node[part]
-        if last not in node and parents not in (["model", "args"], ["data", "args"]):  # checked by their users
+        if last not in node and parents not in (["model", "args"], ["data", "args"], ["loop"]):  # their users check
             raise UserError(f"{dotted}: unknown key")
         node[last] = value
     return train_config_from_dict(data)

@@ -12,6 +12,12 @@ class UserError(Exception):
     """
 
 
+class LoopMistake(UserError):
+    """A mistake of a user's training loop that every trial would repeat: it never calls
+    ``trial.report``, or reports without a metric the sweep needs. A sweep stops at the first trial
+    that shows one (`oialr_tune.tuning.hooks`) instead of failing all of them."""
+
+
 class SweepInterrupted(Exception):
     """The sweep stopped before every arm finished (Ctrl-C, SIGTERM, a lost cluster, a full disk);
     it can be resumed. `signum` is the signal that stopped it (the CLI exits with 128 + it)."""

@@ -16,6 +16,18 @@ The function gets the trainer config with the searched values (`config`, a `Trai
                 metrics.update(test_loss=..., test_acc=...)
             trial.report(epoch=epoch, checkpoint={"model": model.state_dict(), ...}, **metrics)
 
+The loop's own settings are ``config.loop`` (``loop: {dropout: 0.1}`` in the config, searched as
+``loop.dropout``): read them as ``config.loop["dropout"]``. A setting the loop has not read by its
+first `trial.report` is warned about in one line (a misspelt or forgotten key would otherwise be
+searched for nothing).
+
+A run of one long epoch reports by optimizer step instead, ``trial.report(step=s, ...)``, every so
+many steps up to ``config.schedule.steps`` (a sweep's ``budget.max_steps``; its ASHA rungs are then
+steps); a resumed one continues after `trial.start_step`.
+
+The first report must hold the metrics the sweep needs (its objective): otherwise one error names
+the missing one and those that were reported, and the sweep stops at that first trial.
+
 `trial.oialr` is the OIALR controller with the searched knobs, or (the full-rank baseline arm) a
 :class:`~oialr_tune.oialr.FullRank`: the same attributes and methods, and it never changes the
 model. `trial.report` adds what the tuner needs (trainable parameters and fraction, ranks, status),
@@ -39,10 +51,12 @@ would train unsynchronized copies: a space that asks for several workers for it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +66,7 @@ from torch import nn
 
 from oialr_tune import distributed, plugins, run_record
 from oialr_tune.config import TrainConfig, resolve_device
-from oialr_tune.errors import UserError
+from oialr_tune.errors import LoopMistake, UserError
 from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, FullRank
 from oialr_tune.run_record import Callback
@@ -66,11 +80,37 @@ class _Stop(BaseException):
     """
 
 
+class LoopSettings(Mapping[str, Any]):
+    """``config.loop`` as the user's loop sees it: the settings, read like a dict, and which keys were read.
+
+    Every way of reading a value (``[]``, ``get``, ``in``, ``items()``, ``**``) goes through
+    ``__getitem__``, which records the key in `read`.
+    """
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self._settings = dict(settings)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._settings[key]
+        self.read.add(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._settings)
+
+    def __len__(self) -> int:
+        return len(self._settings)
+
+    def __repr__(self) -> str:
+        return f"LoopSettings({self._settings!r})"
+
+
 class Trial:
     """What a user's training loop gets besides its config (see the module docstring).
 
     Attributes:
-        config: the trainer config with this trial's searched values.
+        config: the trainer config with this trial's searched values; its ``loop`` is a `LoopSettings`.
         seed: the run's seed (torch's, numpy's and Python's global RNGs are seeded with it before
             the function is called).
         device: the torch device the run should use (``config.device`` resolved).
@@ -78,17 +118,22 @@ class Trial:
             last epoch; never used for tuning.
         checkpoint: what the last reported `checkpoint` was, when the run resumes; else None.
         start_epoch: the last epoch done before a resume (0 for a fresh run).
+        start_step: the last step reported before a resume, for a loop that reports by step (else 0).
         rank / world_size: this worker and the number of data-parallel workers (0 and 1 on one process).
     """
 
     def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callback], checkpoints: run_record.Checkpoints,
                  state: dict[str, Any] | None, evaluate_test: bool) -> None:
-        self.config, self.seed, self.evaluate_test = cfg, cfg.seed, evaluate_test
+        self._cfg = cfg  # what checkpoints record: plain data
+        self._loop = LoopSettings(cfg.loop)  # records which settings the loop reads
+        self.config = dataclasses.replace(cfg, loop=self._loop)
+        self.seed, self.evaluate_test = cfg.seed, evaluate_test
         self._workers = distributed.current()
         self.rank, self.world_size = (self._workers.rank, self._workers.world_size) if self._workers else (0, 1)
         self.device = distributed.local_device(resolve_device(cfg.device), self._workers)
         self.checkpoint = state["user"] if state else None
         self.start_epoch = state["epoch"] if state else 0
+        self.start_step = (state.get("step") or 0) if state else 0
         self.history: list[dict[str, Any]] = state["history"] if state else []
         self.model: nn.Module | None = None
         self.model_shapes: tuple[tuple[int, ...], int] | None = None
@@ -97,12 +142,15 @@ class Trial:
         self._callbacks, self._checkpoints = callbacks, checkpoints
         self._controller_state = state["controller"] if state else None
         self._seen_events = 0
+        self._last_at = (self.start_step if cfg.schedule.steps is not None else self.start_epoch)
 
     def build_model(self, in_shape: Iterable[int], num_outputs: int) -> nn.Module:
-        """``config.model`` built for this data, on the run's device; retrain can then save and
-        reload it as a model file (a model built otherwise is trained and tested but not saved)."""
+        """``config.model`` built for this data (from ``model.weights`` when given), on the run's device;
+        retrain can then save and reload it as a model file (a model built otherwise is trained and
+        tested but not saved)."""
         in_shape = tuple(int(d) for d in in_shape)
-        model = build_model(self.config.model.name, in_shape, num_outputs, **self.config.model.args)
+        model = build_model(self.config.model.name, in_shape, num_outputs, weights=self.config.model.weights,
+                            **self.config.model.args)
         self.model_shapes = (in_shape, int(num_outputs))
         return model.to(self.device)
 
@@ -177,35 +225,77 @@ class Trial:
         for g, g_state in zip(generators, state["generators"], strict=True):
             g.set_state(g_state)
 
-    def report(self, *, epoch: int, checkpoint: Any = None, **metrics: float) -> None:
-        """End of an epoch (1-based): its metrics (val_* for tuning, test_* in a retrain) and state.
+    def report(self, *, epoch: int | None = None, step: int | None = None, checkpoint: Any = None,
+               **metrics: float) -> None:
+        """End of an epoch (1-based `epoch`), or, in a run reported by optimizer step, after `step`
+        (``config.schedule.steps`` set; `epoch` then defaults to the number of reports): its metrics
+        (val_* for tuning, test_* in a retrain) and state.
 
         `checkpoint` is tensors and plain data (state dicts, numbers), numpy arrays and RNG states
-        (`rng_state`); it is kept when the sweep checkpoints this epoch and given back as
+        (`rng_state`); it is kept when the sweep checkpoints this report and given back as
         `Trial.checkpoint` on a resume (read with an allow-list, see `oialr_tune.safe_load`).
         """
         if self.controller is None:
             raise UserError("trainable: call trial.oialr(model, optimizer) before trial.report(...)")
+        at, last = self._position(epoch, step)
+        if epoch is None:
+            epoch = len(self.history) + 1
         self.test_metrics.update({k: float(v) for k, v in metrics.items() if k.startswith("test_")})
         values = {k: float(v) for k, v in metrics.items() if not k.startswith("test_")}
-        last = epoch >= self.config.schedule.epochs
+        warning = self._first_report_checks(values) if not self.history else None
         diverged = any(not math.isfinite(v) for k, v in values.items() if k.endswith("loss"))
         status = "diverged" if diverged else "finished" if last else "running"
         c = self.controller
         events = c.history[self._seen_events:]
         self._seen_events += len(events)
         train_loss = values.pop("train_loss", float("nan"))
+        if step is not None:
+            values["step"] = step  # what ASHA places this report by (`oialr_tune.tuning.search.scheduler`)
         row = run_record.epoch_row(epoch, train_loss=train_loss, metrics=values, controller=c, events=events,
                                    status=status)
+        if warning is not None:
+            row["warning"] = warning  # the sweep's driver prints it (`oialr_tune.tuning.hooks`)
         self.history.append(row)
+        previous, self._last_at = self._last_at, at
         main = self._workers is None or self._workers.main  # rank 0 writes; every rank reports
-        written = None if diverged or not main else self._checkpoints.save(epoch, lambda: run_record.checkpoint_payload(
-            self.config, epoch=epoch, history=self.history, controller=c.state_dict(), user=checkpoint,
-        ))  # fmt: skip
+        written = None if diverged or not main else self._checkpoints.save(at, lambda: run_record.checkpoint_payload(
+            self._cfg, epoch=epoch, history=self.history, controller=c.state_dict(), user=checkpoint, step=step,
+        ), since=previous)  # fmt: skip
         for cb in self._callbacks:
             cb.on_epoch_end(row, written)
         if diverged:
             raise _Stop
+
+    def _position(self, epoch: int | None, step: int | None) -> tuple[int, bool]:
+        """Where a report stands in the run (its epoch, or its step when the run counts steps) and
+        whether it is the last one; a report of the other kind is a `LoopMistake`."""
+        steps = self._cfg.schedule.steps
+        if steps is None:
+            if epoch is None or step is not None:
+                raise LoopMistake(f"trainable: {self._cfg.trainable} reports by epoch: trial.report(epoch=...); "
+                                  f"trial.report(step=...) needs schedule.steps (budget.max_steps in a sweep)")
+            return epoch, epoch >= self._cfg.schedule.epochs
+        if step is None:
+            raise LoopMistake(f"trainable: schedule.steps is {steps} (budget.max_steps): {self._cfg.trainable} "
+                              f"must report by optimizer step, trial.report(step=...)")  # fmt: skip
+        return step, step >= steps
+
+    def _first_report_checks(self, values: Mapping[str, float]) -> str | None:
+        """At the first report: the metrics the callbacks need are there (else a `LoopMistake` naming
+        them), and a loop setting never read yet is warned about: the one-line warning, or None."""
+        needed = dict.fromkeys(m for cb in self._callbacks for m in cb.required_metrics)
+        missing = [m for m in needed if m not in values]
+        if missing:
+            reported = ", ".join(sorted(k for k in values if k != "train_loss")) or "none"
+            raise LoopMistake(f"trainable: {self._cfg.trainable} reported no {', '.join(missing)}, which the "
+                              f"sweep's objective needs (objective.metric); it reported: {reported}")  # fmt: skip
+        unread = [k for k in self._loop if k not in self._loop.read]
+        if not unread:
+            return None
+        message = (f"{', '.join(f'loop.{k}' for k in unread)}: set but never read by {self._cfg.trainable} "
+                   f"before its first trial.report (read as config.loop[{unread[0]!r}])")
+        warnings.warn(message, UserWarning, stacklevel=3)
+        return message
 
 
 class _FollowingDDP(nn.Module):
@@ -243,9 +333,9 @@ def run_trainable(cfg: TrainConfig, *, callbacks: Sequence[Callback] = (), check
     random.seed(cfg.seed)
     trial = Trial(cfg, callbacks=callbacks, checkpoints=checkpoints, state=state, evaluate_test=evaluate_test)
     with contextlib.suppress(_Stop):
-        plugins.call(fn, cfg.trainable, "trainable", cfg, trial)
+        plugins.call(fn, cfg.trainable, "trainable", trial.config, trial)
     if not trial.history:
-        raise UserError(f"trainable: {cfg.trainable} returned without calling trial.report(...)")
+        raise LoopMistake(f"trainable: {cfg.trainable} returned without calling trial.report(...)")
     result = run_record.TrainResult.of(
         trial.history, test_metrics=trial.test_metrics, status=trial.history[-1]["status"], model=trial.model,
         controller=trial.controller if isinstance(trial.controller, OIALR) else None,

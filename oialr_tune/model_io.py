@@ -298,7 +298,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *,
             raise UserError(f"model.name: {name} returned a {type(model).__name__}, not a torch.nn.Module")
     else:
         check_trusted_model(mf.model_name, path, trust_code)
-        model = build_model(mf.model_name, mf.in_shape, mf.num_classes, **mf.model_args)
+        # The file's weights replace any a zoo model started from: no need for them in the local cache.
+        zoo = mf.model_name.startswith(plugins.ZOO_PREFIXES)
+        args = {k: v for k, v in mf.model_args.items() if not (zoo and k == "pretrained")}
+        model = build_model(mf.model_name, mf.in_shape, mf.num_classes, **args)
     if mf.ranks:
         apply_low_rank_structure(model, mf.ranks)
     model.load_state_dict(mf.state_dict, strict=True)

@@ -7,11 +7,15 @@ type hints are what `check_model_args` validates against, so adding a builder ne
 Besides the catalogue, `name` may be a user's builder by import path (``"my_models:build"``, called
 like the built-in builders, see `oialr_tune.plugins`), ``"torchvision:<name>"`` (any model of
 ``torchvision.models.get_model``) or ``"timm:<name>"`` (``timm.create_model``, extra
-``oialr-tune[timm]``), always with random weights and `num_classes` outputs. Their `args` go to the
-builder unchecked here: `oialr_tune.checks` builds the model once before a sweep starts instead.
+``oialr-tune[timm]``), with `num_classes` outputs. Their `args` go to the builder unchecked here:
+`oialr_tune.checks` builds the model once before a sweep starts instead.
+
+Any of them may start from a local state dict (``model.weights``, `load_weights`); zoo models also
+from their published weights (``model.args.pretrained: true``, `oialr_tune.zoo`), but only from the
+local cache. Nothing is ever downloaded.
 
 All layers that OIALR should factorize are plain nn.Linear / nn.Conv2d (or torchvision's
-nn.MultiheadAttention in `vit_b16`). No pretrained weights are ever fetched.
+nn.MultiheadAttention in `vit_b16`).
 
 torch is imported inside the builders, not at module level: validating a config (which checks
 `model.args` here) stays cheap for the sweep driver and the command line, which never build a model.
@@ -24,6 +28,7 @@ import inspect
 import types
 import typing
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oialr_tune import plugins
@@ -224,9 +229,11 @@ def check_model_args(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_model(name: str, in_shape: InShape, num_classes: int, **args: Any) -> nn.Module:
+def build_model(name: str, in_shape: InShape, num_classes: int, *, weights: str | None = None,
+                **args: Any) -> nn.Module:
     """Build model `name` for inputs of shape `in_shape` (C, H, W, or any example shape for an
-    import-path model) and `num_classes` outputs (classes, or the target width of a regression).
+    import-path model) and `num_classes` outputs (classes, or the target width of a regression),
+    starting from the state dict in the file `weights` when given (``model.weights``, `load_weights`).
 
     A user's or a zoo's builder that raises, or returns something that is not an ``nn.Module``,
     is a UserError naming ``model.name``.
@@ -236,8 +243,53 @@ def build_model(name: str, in_shape: InShape, num_classes: int, **args: Any) -> 
     args = check_model_args(name, args)
     builder = _builder(name)
     if name in MODELS:
-        return builder(tuple(in_shape), num_classes, **args)
-    model = plugins.call(builder, name, "model.name", tuple(in_shape), num_classes, **args)
+        model = builder(tuple(in_shape), num_classes, **args)
+    else:
+        model = plugins.call(builder, name, "model.name", tuple(in_shape), num_classes, **args)
     if not isinstance(model, nn.Module):
         raise UserError(f"model.name: {name} returned a {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        load_weights(model, weights, name)
     return model
+
+
+def load_weights(model: nn.Module, path: str, name: str, key: str = "model.weights") -> None:
+    """Fill `model` (model `name`) with the state dict saved at `path`: fine-tuning from it.
+
+    The file is ``torch.save(model.state_dict(), path)``, or a checkpoint holding the state dict
+    under ``model`` or ``state_dict`` (the trainer's checkpoints do), read with an allow-list
+    (`oialr_tune.safe_load`: tensors, plain data, numpy arrays; no arbitrary pickle). Every entry
+    must fit: a missing, unexpected or differently shaped one is a UserError naming `key` and the
+    first few, since a half-loaded network would train silently from a mix of both.
+    """
+    from oialr_tune import safe_load  # imports torch: only when weights are loaded
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{key}: {file} does not exist (a state dict saved with torch.save)")
+    try:
+        state = safe_load.load(file)
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+    if isinstance(state, Mapping) and not _is_state_dict(state):
+        state = next((state[k] for k in ("model", "state_dict") if _is_state_dict(state.get(k))), state)
+    if not _is_state_dict(state):
+        raise UserError(f"{key}: {file} holds no state dict (a mapping of parameter names to tensors, "
+                        f"or a checkpoint with one under 'model' or 'state_dict')")  # fmt: skip
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k} is {tuple(state[k].shape)}, the model's {tuple(own[k].shape)}"
+                 for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]  # fmt: skip
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{key}: {file} does not fit model {name}: {'; '.join(problems[:3])}{more}")
+    model.load_state_dict(state)
+
+
+def _is_state_dict(value: Any) -> bool:
+    """A non-empty mapping of names to tensors (what ``nn.Module.state_dict()`` gives)."""
+    import torch
+
+    return isinstance(value, Mapping) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from oialr_tune.errors import UserError
-from oialr_tune.metrics import SELECTABLE_DIRECTIONS, SIZE_METRIC
+from oialr_tune.metrics import CONFIG_PREFIX, SELECTABLE_DIRECTIONS, SIZE_METRIC, trial_metric_columns
 from oialr_tune.space import Param, SearchSpace, load_space
 from oialr_tune.sweep_state import (
     CHECKPOINT_FILE,
@@ -55,17 +55,10 @@ __all__ = [
     "incomplete", "open_results", "pareto_mask", "pareto_rows", "summarize",
 ]  # fmt: skip
 
-CONFIG_PREFIX = "config."
-
 # Ray's status of a trial that ended without error (ran out its epochs or was stopped by ASHA).
 FINISHED_STATUSES = {"TERMINATED"}
 # The trainer's verdict (``trainer_status`` column) of runs that produced nothing usable.
 BROKEN_TRAINER_STATUSES = {"diverged", "error"}
-# Metric columns copied into a trial's `metrics`, when present.
-METRIC_COLUMNS = (
-    "val_acc", "val_loss", "val_mae", "train_loss", SIZE_METRIC, "trainable_params", "total_params",
-    "training_iteration", "time_total_s", "train_time_s",
-)  # fmt: skip
 
 
 def metric_direction(res: SweepResults, metric: str) -> str:
@@ -254,8 +247,8 @@ class SweepResults:
         cfg = self.space.trial_config(arm, params)
         from oialr_tune.config import train_config_to_dict
 
-        columns = dict.fromkeys((*METRIC_COLUMNS, self.space.objective.metric))  # a user metric too
-        metrics = {c: _plain(row[c]) for c in columns if c in row}
+        columns = trial_metric_columns(self.space.objective.metric)
+        metrics = {c: _plain(row[c]) for c in columns if c in row}  # (an older trials.csv may lack some)
         ckpt = row.get("checkpoint")
         checkpoint = None
         if not _is_blank(ckpt):

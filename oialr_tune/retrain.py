@@ -43,6 +43,7 @@ from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_con
 from oialr_tune.data import load_data
 from oialr_tune.errors import UserError, one_line
 from oialr_tune.files import writable_folder
+from oialr_tune.metrics import RETRAIN_COLUMNS, RETRAIN_SUMMARY_COLUMNS, SIZE_COLUMNS, retrain_columns
 from oialr_tune.model_io import load_model, read_model_file, save_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.plugins import uses_user_code
@@ -59,16 +60,6 @@ from oialr_tune.tuning.parallel import run_all
 
 __all__ = ["retrain"]
 
-# The first columns of metrics.csv; every other test_*/val_* metric a run reports (test_f1 of a user
-# metric, reloaded_/dense_ of the sweep's test metric) follows them (see `_write_outputs`).
-METRICS_COLUMNS = (
-    "arm", "seed", "status", "test_acc", "test_loss", "reloaded_test_acc", "dense_test_acc", "val_acc",
-    "trainable_fraction",
-    "trainable_params", "total_params", "epochs", "wall_time_s", "model", "model_dense",
-    "test_mae", "reloaded_test_mae", "dense_test_mae", "val_mae",  # regression (empty for classification)
-)  # fmt: skip
-SUMMARY_STATS = ("test_acc", "test_mae", "test_loss", "dense_test_acc", "dense_test_mae", "trainable_fraction",
-                 "trainable_params", "wall_time_s")
 TrainOn = Literal["train", "train+val"]
 
 
@@ -240,18 +231,12 @@ def _train_seed(cfg: TrainConfig, *, train_on: TrainOn, start_from: Path | None)
 def _metrics_row(arm: str, cfg: TrainConfig, result: TrainResult) -> dict[str, Any]:
     """The seed's ``metrics.csv`` row as training left it (the model files and their scores come later)."""
     final = result.final
-    row: dict[str, Any] = dict.fromkeys(METRICS_COLUMNS)
-    row.update({
-        "arm": arm, "seed": cfg.seed, "status": result.status,
-        "test_acc": result.test_acc, "test_loss": result.test_loss, "reloaded_test_acc": None, "dense_test_acc": None,
-        "val_acc": final.get("val_acc"), "trainable_fraction": final.get("trainable_fraction"),
-        "trainable_params": final.get("trainable_params"), "total_params": final.get("total_params"),
-        "epochs": final.get("epoch"), "wall_time_s": result.wall_time_s, "model": None, "model_dense": None,
-        "test_mae": result.test_metrics.get("test_mae"), "val_mae": final.get("val_mae"),
-    })  # fmt: skip
-    # Every other metric the run reported: a user metric's test_f1 and val_f1 too.
-    row.update({k: v for k, v in result.test_metrics.items() if k not in row})
-    row.update({k: v for k, v in final.items() if k.startswith("val_") and k not in row})
+    row: dict[str, Any] = dict.fromkeys(RETRAIN_COLUMNS)
+    # Every metric the run reported on the test and validation splits: a user metric's test_f1 and val_f1 too.
+    row.update(result.test_metrics)
+    row.update({k: v for k, v in final.items() if k.startswith("val_")})
+    row.update({"arm": arm, "seed": cfg.seed, "status": result.status, **{k: final.get(k) for k in SIZE_COLUMNS},
+                "epochs": final.get("epoch"), "wall_time_s": result.wall_time_s})
     return row
 
 
@@ -469,7 +454,8 @@ def _write_arm_configs(plans: Sequence[_Plan], seed_list: list[int], out_dir: Pa
         arm_dir = out_dir / p.arm
         arm_dir.mkdir(parents=True, exist_ok=True)
         (arm_dir / "config.yaml").write_text(yaml.safe_dump(train_config_to_dict(p.cfg), sort_keys=False))
-        how = f"fine-tuning from {p.start_from}" if p.start_from else "training from scratch"
+        start = f"from model.weights {p.cfg.model.weights}" if p.cfg.model.weights else "from scratch"
+        how = f"fine-tuning from {p.start_from}" if p.start_from else f"training {start}"
         on = f" on {workers} workers each" if workers > 1 else ""
         log(f"{p.arm}: {p.why}; {len(seed_list)} seed(s) {seed_list}{on}, {p.cfg.schedule.epochs} epochs, {how}")
         jobs += seed_jobs(p.arm, p.cfg, seed_list, out_dir, metric=metric, train_on=train_on,
@@ -495,9 +481,9 @@ def _run_jobs(jobs: list[dict[str, Any]], resources: Resources, main: str, *, ad
 
 def _arms_summary(plans: Sequence[_Plan], rows: list[dict[str, Any]], seed_list: list[int], main: str
                   ) -> dict[str, Any]:
-    """Per arm: the trial retrained and why, and mean ± std over its seeds of each `SUMMARY_STATS` column
+    """Per arm: the trial retrained and why, and mean ± std over its seeds of each `RETRAIN_SUMMARY_COLUMNS` column
     and of the sweep's test metric `main` (e.g. test_f1) and its dense export's."""
-    stats = dict.fromkeys((*SUMMARY_STATS, main, f"dense_{main}"))
+    stats = dict.fromkeys((*RETRAIN_SUMMARY_COLUMNS, main, f"dense_{main}"))
     arms_summary: dict[str, Any] = {}
     for p in plans:
         arm_rows = [r for r in rows if r["arm"] == p.arm]
@@ -536,7 +522,7 @@ def _summary(res: SweepResults, out_dir: Path, plans: Sequence[_Plan], rows: lis
 
 def _write_outputs(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """``metrics.csv`` (one row per arm and seed) and ``summary.json``."""
-    columns = list(dict.fromkeys([*METRICS_COLUMNS, *(k for r in rows for k in r)]))
+    columns = retrain_columns(k for r in rows for k in r)
     with open(out_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -49,7 +49,12 @@ class Callback:
 
     The tuning layer's Ray callback forwards `on_epoch_end` to ``ray.tune.report``. A callback may
     raise to stop the run (the last checkpoint stays valid).
+
+    `required_metrics` are the metric names the callback needs in every row (a sweep's objective):
+    a user's loop whose first report lacks one is stopped with an error naming it (`oialr_tune.loop`).
     """
+
+    required_metrics: tuple[str, ...] = ()
 
     def on_epoch_end(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         """After each epoch's validation, with that epoch's metrics row (see `epoch_row`).
@@ -163,10 +168,18 @@ class Checkpoints:
         path = self.path
         return read_checkpoint(path) if resume and path is not None and path.exists() else None
 
-    def save(self, epoch: int, payload: Callable[[], Mapping[str, Any]]) -> Path | None:
-        """After (1-based) `epoch`: write `payload()` if a checkpoint is due; the folder written, else None."""
-        every = self.cfg.checkpoint_every
-        due = epoch >= self.cfg.schedule.epochs or (every and epoch % every == 0) or epoch in self.epochs
+    def save(self, epoch: int, payload: Callable[[], Mapping[str, Any]], *, since: int | None = None) -> Path | None:
+        """After (1-based) `epoch`: write `payload()` if a checkpoint is due; the folder written, else None.
+
+        A run that counts optimizer steps (``schedule.steps``) passes the step it reports at as
+        `epoch` and the last one reported as `since`: a checkpoint is due when a due step (`epochs`, a
+        multiple of ``checkpoint_every``, the last) lies in (since, epoch], as the reports need not
+        land on it. By default `since` is the epoch before.
+        """
+        since = epoch - 1 if since is None else since
+        every, last = self.cfg.checkpoint_every, self.cfg.schedule.steps or self.cfg.schedule.epochs
+        crossed = any(since < e <= epoch for e in self.epochs)
+        due = epoch >= last or (every and epoch // every > since // every) or crossed
         if self.folder is None or not due:
             return None
         write_checkpoint(self.folder / CHECKPOINT_FILE, payload())

@@ -51,6 +51,7 @@ JOURNAL_TEMPLATE = "journal-{arm}.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"  # a run's checkpoint (`oialr_tune.run_record`), in each Ray checkpoint folder
 RETRAIN_DIR = "retrain"  # what `oialr-tune retrain` writes, by default
 REPORT_FILE = "report.md"  # what `oialr-tune report` writes
+MLFLOW_FILE = "mlflow.db"  # `sweep --log mlflow`: the MLflow tracking store
 _FORMAT = 1
 # The one fault-injection hook: `OIALR_TUNE_TEST_KILL_AT=<point>` in the driver's environment makes
 # it SIGKILL its own process group when it reaches that point (see `kill_point`), so the kill-point

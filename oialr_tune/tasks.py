@@ -16,7 +16,6 @@ objective against them before a sweep starts.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,20 +28,7 @@ from torch import nn
 from oialr_tune import plugins
 from oialr_tune.config import MixupConfig, TrainConfig
 from oialr_tune.metrics import main_metric
-
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for `precision` (bf16/fp16) on `device`; nothing at all for fp32.
-
-    ``bf16_on_gpu`` is bf16 on a CUDA device and fp32 elsewhere (the authors' ``autocast: True``).
-    """
-    if precision == "bf16_on_gpu":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()  # cheaper per step than a disabled autocast
-    return torch.autocast(device.type, dtype=_AMP_DTYPES[precision])
+from oialr_tune.precision import autocast
 
 
 def _regression_targets(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from oialr_tune.loop import run_trainable
 from oialr_tune.lr_schedule import lr_at
 from oialr_tune.models import build_model
 from oialr_tune.oialr import OIALR, FullRank, RankEvent
+from oialr_tune.precision import autocast, grad_scaler
 from oialr_tune.run_record import (
     Callback,
     Checkpoints,
@@ -49,7 +50,6 @@ from oialr_tune.run_record import (
 )
 from oialr_tune.splits import Loader, Splits
 from oialr_tune.tasks import Task, task_for
-from oialr_tune.tasks import autocast as _autocast
 
 if TYPE_CHECKING:
     from oialr_tune.progress import TrainProgress
@@ -172,7 +172,7 @@ def _start(cfg: TrainConfig, device: torch.device, splits: Splits | None, state:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
     num_outputs = splits.num_outputs(cfg.task)
-    model = build_model(cfg.model.name, splits.in_shape, num_outputs, **cfg.model.args)
+    model = build_model(cfg.model.name, splits.in_shape, num_outputs, weights=cfg.model.weights, **cfg.model.args)
     model = model.to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, cfg)
     batch_size = cfg.schedule.batch_size
@@ -186,8 +186,7 @@ def _start(cfg: TrainConfig, device: torch.device, splits: Splits | None, state:
         cfg=cfg, device=device, task=task, splits=splits, num_outputs=num_outputs, workers=workers,
         eval_shard=(0, 1) if task.metric_fns else shard,  # user metrics: every output on every worker
         memory_format=memory_format, model=model, optimizer=optimizer, train_loader=train_loader, controller=controller,
-        # One backward path for every precision: a disabled scaler passes the loss and step through.
-        scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"), total_steps=total_steps,
+        scaler=grad_scaler(device, cfg.precision), total_steps=total_steps,
         warmup_steps=round(cfg.schedule.warmup_fraction * total_steps),
         meter=controller or FullRank(model), forward=model,
     )  # fmt: skip
@@ -249,7 +248,7 @@ def _optimizer_step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float) -> t
     for group in optimizer.param_groups:
         group["lr"] = lr
     x, y = run.task.mix(x, y, run.step, run.num_outputs)  # mixup/cutmix when configured
-    with _autocast(run.device, cfg.precision):
+    with autocast(run.device, cfg.precision):
         loss = run.task.train_loss((run.train_forward or run.forward)(x), y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()

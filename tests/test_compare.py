@@ -13,7 +13,8 @@ from matplotlib.image import imread
 from tiny_sweep import TINY_BASE
 
 from oialr_tune.cli import main
-from oialr_tune.compare import ARMS, compare, csv_columns, gate_off_space, summarize, untuned_config, write_comparison
+from oialr_tune.compare import ARMS, compare, gate_off_space, summarize, untuned_config, write_comparison
+from oialr_tune.metrics import comparison_columns
 from oialr_tune.model_io import load_model
 from oialr_tune.space import space_from_dict
 from oialr_tune.stats import welch_interval
@@ -63,7 +64,7 @@ def test_compare_files_agree_with_the_per_seed_results(compared: Path) -> None:
             assert load_model(model_file) is not None
     # Every figure in comparison.md is recomputed here from comparison.csv.
     md = (compared / "comparison.md").read_text()
-    assert list(table.columns) == csv_columns("test_acc")
+    assert list(table.columns) == comparison_columns("test_acc")
     ref = table.loc[table["arm"] == "full_rank_tuned", "test_acc"].tolist()
     for arm, label in ARMS:
         accs = table.loc[table["arm"] == arm, "test_acc"].tolist()
@@ -103,7 +104,7 @@ def test_a_regression_comparison_is_by_test_mae_and_lower_is_better(tmp_path: Pa
              "trainable_fraction": 1.0 if arm == "full_rank_tuned" else 0.3, "trainable_params": 10,
              "total_params": 10, "wall_time_s": 1.0, "tuning_wall_time_s": 2.0, "source": "-"}
             for arm, values in maes.items() for seed, v in enumerate(values)]  # fmt: skip
-    table = pd.DataFrame(rows, columns=csv_columns("test_mae"))
+    table = pd.DataFrame(rows, columns=comparison_columns("test_mae"))
     verdicts = {s["arm"]: s.get("verdict") for s in summarize(table, "test_mae", "min")}
     assert verdicts == {"full_rank_tuned": None, "oialr_tuned": "better", "oialr_untuned": "worse",
                         "oialr_gate_off": "no detectable difference"}  # fmt: skip

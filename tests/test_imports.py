@@ -16,13 +16,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "oialr_tune"
 # modules on its own floor or below. A new module must be given a floor here.
 FLOORS = [
     # helpers with no concept of a run, and the OIALR method (torch only)
-    {"oialr_tune", "errors", "files", "stats", "schema", "plugins", "metrics", "safe_load",
+    {"oialr_tune", "errors", "files", "stats", "schema", "plugins", "metrics", "safe_load", "precision",
      "oialr", "oialr.controller", "oialr.distributed", "oialr.export", "oialr.lowrank", "oialr.optimizer_state",
      "oialr.presets", "oialr.full_rank", "oialr.selection"},
     # what a run trains on: models, data, the trainer config, the task, its data-parallel workers
     {"models", "vit", "zoo", "config", "splits", "user_data", "data", "tasks", "lr_schedule", "distributed"},
     # search spaces and the checks run before a sweep
-    {"space", "space._distributions", "checks"},
+    {"space", "space._budget", "space._distributions", "checks"},
     # the records every loop and every sweep writes: the run record and the sweep folder's state
     {"run_record", "sweep_state"},
     # the training loops
@@ -170,3 +170,38 @@ def test_the_tests_readme_indexes_every_module() -> None:
     files = {f for _, cell in rows for f in re.findall(r"`(test_\w+\.py)`", cell)}
     assert listed == set(_modules())
     assert files and all((PACKAGE.parent / "tests" / f).is_file() for f in files)
+
+
+def test_the_readme_layout_lists_every_module_on_its_floor() -> None:
+    """README's Layout names every module, one paragraph per floor of `FLOORS`, lowest first.
+
+    A ``name.py`` in a paragraph about a package (``oialr_tune/tuning/``) is that package's module.
+    """
+    import re
+
+    text = (PACKAGE.parent / "README.md").read_text()
+    section = text[text.index("## Layout"):]
+    block = section.split("```")[1]
+    modules = _modules()
+    floors: list[set[str]] = []
+    package = None
+    for line in block.splitlines():
+        if not line.strip():
+            package = None
+            continue
+        if line.startswith("oialr_tune/"):
+            if package is None:
+                floors.append(set())
+            found = re.match(r"oialr_tune/(\w+)/", line)
+            package = found.group(1) if found else ""
+            if package:  # the package and its modules
+                floors[-1] |= {m for m in modules if f"{m}.".startswith(f"oialr_tune.{package}.")}
+        elif not line.startswith(" "):
+            package = None  # search_spaces/, tests/, ...: not the package
+        if package is None:
+            continue
+        for name in re.findall(r"\b(\w+)\.py\b", line):
+            inside = f"oialr_tune.{package}.{name}"
+            floors[-1].add(inside if inside in modules else f"oialr_tune.{name}")
+    expected = [{f"oialr_tune.{m}" for m in floor} - {"oialr_tune.oialr_tune"} for floor in FLOORS]
+    assert floors == expected

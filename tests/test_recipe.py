@@ -12,7 +12,8 @@ from timm.scheduler import CosineLRScheduler
 from oialr_tune.config import train_config_from_dict, train_config_to_dict, with_overrides
 from oialr_tune.errors import UserError
 from oialr_tune.models import build_model
-from oialr_tune.tasks import autocast, task_for
+from oialr_tune.precision import autocast, grad_scaler
+from oialr_tune.tasks import task_for
 from oialr_tune.trainer import lr_at, make_optimizer, train
 
 
@@ -81,6 +82,11 @@ def test_weight_decay_on(where: str) -> None:
 def test_bf16_on_gpu_is_fp32_on_the_cpu() -> None:
     assert isinstance(autocast(torch.device("cpu"), "bf16_on_gpu"), contextlib.nullcontext)
     assert isinstance(autocast(torch.device("cpu"), "bf16"), torch.autocast)
+
+
+def test_only_fp16_scales_the_loss() -> None:
+    cpu = torch.device("cpu")
+    assert [grad_scaler(cpu, p).is_enabled() for p in ("fp32", "bf16", "bf16_on_gpu", "fp16")] == [False] * 3 + [True]
 
 
 def _digits(**extra: Any) -> dict[str, Any]:

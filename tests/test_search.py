@@ -11,7 +11,8 @@ import pytest
 from optuna.trial import TrialState
 from tiny_sweep import tiny_space
 
-from oialr_tune.space import SIZE_METRIC, space_from_dict
+from oialr_tune.metrics import SIZE_METRIC
+from oialr_tune.space import space_from_dict
 from oialr_tune.tuning import sweep
 from oialr_tune.tuning.search import scheduler, searcher
 

@@ -145,6 +145,46 @@ def test_rays_experiment_state_lists_the_ended_trials_of_the_journal(sweep_copy:
     assert ended_trial_ids(state.read_text()) == set(ended_trials(journal_path(sweep_copy, "oialr"), key=None))
 
 
+def test_a_restored_tuner_runs_the_callbacks_given_after_restore(ray_session: Any, tmp_path: Path) -> None:
+    """The journal callback is pickled into tuner.pkl without the driver's run (an open journal,
+    stdout); a restored arm runs the callback given to it through `_internals.restored_callbacks`,
+    which journals the resumed trial. Fails when a Ray upgrade moves the restored tuner's run config."""
+    from ray import tune
+
+    from oialr_tune.tuning import hooks
+    from oialr_tune.tuning._internals import restored_callbacks
+
+    failed_once = tmp_path / "failed-once"
+
+    def trainable(config: dict[str, Any]) -> None:
+        if not failed_once.exists():
+            failed_once.touch()
+            raise RuntimeError("the first attempt fails")
+        tune.report({"val_acc": 0.5})
+
+    journal = sweep_state.Journal(tmp_path / "journal.jsonl", b"key")
+
+    def arm_run() -> hooks.ArmRun:
+        return hooks.ArmRun("oialr", 1, ["val_acc"], journal, None, str, print_progress=False, out=sys.stdout)
+
+    first = arm_run()
+    run_config = tune.RunConfig(name="arm", storage_path=str(tmp_path), callbacks=[hooks.SweepCallback(first)],
+                                verbose=0)
+    tune.Tuner(trainable, run_config=run_config).fit()  # pickling the callback into tuner.pkl must work
+    (trial_id,) = first.ended
+
+    tuner = tune.Tuner.restore(str(tmp_path / "arm"), trainable, resume_errored=True)
+    callbacks = restored_callbacks(tuner)
+    assert [type(c) for c in callbacks] == [hooks.SweepCallback] and callbacks[0].run is None
+    resumed = arm_run()
+    callbacks[:] = [hooks.SweepCallback(resumed)]
+    tuner.fit()
+    assert resumed.ended == {trial_id} and resumed.epochs_seen == 1
+    journal.close()
+    ended = sweep_state.ended_trials(tmp_path / "journal.jsonl", b"key")
+    assert ended[trial_id]["status"] == "TERMINATED" and ended[trial_id]["result"]["val_acc"] == 0.5
+
+
 @pytest.fixture
 def sweep_copy(ray_session: Any, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
     """A copy of the session's finished tiny sweep (signed with the tests' key), to change freely."""

@@ -192,9 +192,9 @@ def _find_slots(model: nn.Module, grouped_convs: bool = True) -> list[_Slot]:
             continue
         if isinstance(module, nn.MultiheadAttention):
             # MHA reads its weights directly in a fused kernel: parametrize them instead of swapping.
-            # Packed (one in_proj_weight) or separate q/k/v weights (kdim/vdim != embed_dim).
-            separate = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-            for attr in ("in_proj_weight",) if module._qkv_same_embed_dim else separate:
+            # Packed (one in_proj_weight) or separate q/k/v weights (kdim/vdim != embed_dim): MHA
+            # registers the ones it does not use as None.
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
                 if getattr(module, attr) is not None:
                     slots.append(_Slot(f"{name}.{attr}", module, attr, True))
             slots.append(_Slot(f"{name}.out_proj.weight", module.out_proj, "weight", True))

@@ -127,8 +127,13 @@ def ddp_ignore_frozen_bases(model: nn.Module) -> list[str]:
 
     DDP with ``broadcast_buffers=True`` re-sends every buffer from rank 0 before each forward; the
     bases are buffers as large as the dense weights they replace, and OIALR keeps them identical on
-    every rank already. Returns the ignored names. Uses DDP's
-    ``_set_params_and_buffers_to_ignore_for_model`` (a static method that FSDP and DDP's own tests use).
+    every rank already. Returns the ignored names.
+
+    A private name of torch: DDP's static ``_set_params_and_buffers_to_ignore_for_model`` (FSDP and
+    DDP's own tests use it). Missing public API: DDP takes no list of buffers to leave alone (only
+    ``broadcast_buffers`` for all of them, which a BatchNorm needs). Pinned by
+    ``tests/test_distributed.py::test_every_rank_is_bit_identical_after_each_factorization_and_cut``
+    (its ranks call this before wrapping).
     """
     names = [name for name, _ in model.named_buffers() if name.rpartition(".")[2] in ("U", "Vt")]
     DDP._set_params_and_buffers_to_ignore_for_model(model, names)

@@ -10,7 +10,8 @@ copies in ``oialr_tune/search_spaces/``)::
       oialr.delay: {type: uniform, low: 0.05, high: 0.5}
       oialr.stability_threshold: {type: categorical, choices: [null, 0.9, 0.99]}
     objective: {metric: val_acc, mode: max}      # or mode: multi (+ minimize trainable_fraction)
-    budget: {num_samples: 16, max_epochs: 10, grace_period: 2, reduction_factor: 2}
+    budget: {num_samples: 16, max_epochs: 10, grace_period: 2, reduction_factor: 2}   # or max_steps: a loop
+                                 # reporting by optimizer step (trial.report(step=...)): rungs in steps
     resources: {cpu: 1, gpu: 0}  # per trial; {workers: 4, gpu: 1}: each trial on 4 DDP workers of one GPU
     baseline: same-budget        # same-budget | once | none
     seed: 0
@@ -55,6 +56,7 @@ from oialr_tune.errors import UserError
 from oialr_tune.files import read_text
 from oialr_tune.metrics import METRIC_DIRECTIONS, SIZE_METRIC, main_metric, reported_metrics
 from oialr_tune.schema import convert_value, dataclass_from_dict, ge, gt, rule
+from oialr_tune.space._budget import Budget, parse_budget
 from oialr_tune.space._distributions import Param, categorical_choices, distribution_type, range_bounds
 
 BASELINES = ("same-budget", "once", "none")
@@ -64,6 +66,7 @@ OIALR_ONLY_KEYS = ("schedule.rewarm_steps", "schedule.rewarm_start")
 # Keys the sweep itself decides, so searching them would silently fight the sweep.
 UNSEARCHABLE = {
     "schedule.epochs": "set budget.max_epochs instead",
+    "schedule.steps": "set budget.max_steps instead",
     "oialr.enabled": "the sweep runs the OIALR arm with it on and the baseline arm with it off",
     "checkpoint_every": "set checkpoint.every instead",
 }
@@ -113,20 +116,6 @@ class Objective:
 
     def modes(self, arm: str = "oialr") -> list[str]:
         return [self.direction, "min"] if self.is_multi and arm == "oialr" else [self.direction]
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much to spend per arm. `max_epochs` is the trainer's ``schedule.epochs``; ASHA's rungs are
-    at ``grace_period * reduction_factor**i`` epochs. `max_concurrent` None lets the per-trial
-    resources decide; `max_failures` is how often a failing trial is retried (from its checkpoint)."""
-
-    num_samples: int = rule(ge(1), 16)
-    max_epochs: int = rule(ge(1), 10)
-    grace_period: int = 1  # in [1, max_epochs]: checked with the epochs (`_budget_epochs`)
-    reduction_factor: float = rule(gt(1), 2.0)
-    max_concurrent: int | None = rule(ge(1), None)
-    max_failures: int = rule(ge(0), 0)
 
 
 @dataclass(frozen=True)
@@ -231,18 +220,18 @@ class SearchSpace:
         return "fifo" if self.objective.is_multi else "asha"
 
     def rungs(self) -> list[int]:
-        """Epochs at which ASHA may stop a trial (empty under FIFO), as Ray computes them:
-        ``grace_period * reduction_factor**k`` below ``max_epochs``, rounded up to whole epochs."""
+        """Epochs (steps, with ``budget.max_steps``) at which ASHA may stop a trial (empty under FIFO),
+        as Ray computes them: ``grace_period * reduction_factor**k`` below the run's length, rounded up."""
         if self.scheduler() != "asha":
             return []
         b = self.budget
-        count = int(math.log(b.max_epochs / b.grace_period) / math.log(b.reduction_factor) + 1)
+        count = int(math.log(b.horizon / b.grace_period) / math.log(b.reduction_factor) + 1)
         return sorted({math.ceil(b.grace_period * b.reduction_factor**k) for k in range(count)})
 
     def checkpoint_epochs(self) -> list[int]:
-        """1-based epochs at which a trial saves a checkpoint: every `checkpoint.every`, the ASHA
-        rungs and the last epoch."""
-        last = self.budget.max_epochs
+        """1-based epochs (steps, with ``budget.max_steps``) at which a trial saves a checkpoint: every
+        `checkpoint.every`, the ASHA rungs and the end of the run."""
+        last = self.budget.horizon
         every = self.checkpoint.every
         epochs = {e for e in self.rungs() if e <= last} | {last}
         if every:
@@ -303,12 +292,12 @@ def _parse_param(key: str, spec: Any, trainer_keys: list[str]) -> Param:
 
 
 def _check_param_key(key: Any, where: str, trainer_keys: list[str]) -> None:
-    """A searched key must be a trainer config key (or under model.args / data.args) that may be searched."""
+    """A searched key must be a trainer config key (or under model.args / data.args / loop) that may be searched."""
     if not isinstance(key, str) or not key:
         raise UserError(f"search: keys must be dotted trainer config keys, got {key!r}")
     if key in UNSEARCHABLE:
         raise UserError(f"{where}: cannot be searched ({UNSEARCHABLE[key]})")
-    if key not in trainer_keys and not key.startswith(("model.args.", "data.args.")):
+    if key not in trainer_keys and not key.startswith(("model.args.", "data.args.", "loop.")):
         raise UserError(f"{where}: not a trainer config key{_suggest(key, trainer_keys)}")
 
 
@@ -337,8 +326,7 @@ def space_from_dict(data: Any, *, source: str = "search space") -> SearchSpace:
     description = data.get("description") or ""
     if not isinstance(description, str):
         raise UserError(f"description: expected a string, got {description!r}")
-    budget = _parse_budget(data.get("budget"))
-    base_cfg, budget = _parse_base(data, budget)
+    base_cfg, budget = _parse_base(data)
     base = train_config_to_dict(base_cfg)
     params = _parse_search(data["search"], base, base_cfg)
     objective = _parse_objective(data.get("objective"), base_cfg)
@@ -368,19 +356,9 @@ def _check_top_level(data: Any, source: str) -> None:
             raise UserError(f"{k}: required")
 
 
-def _parse_budget(raw: Any) -> Budget:
-    """The ``budget`` section: trials, epochs and the ASHA settings, each in range."""
-    budget = dataclass_from_dict(Budget, raw, "budget")
-    if not 1 <= budget.grace_period <= budget.max_epochs:
-        raise UserError(
-            f"budget.grace_period: must be in [1, max_epochs={budget.max_epochs}], got {budget.grace_period}"
-        )
-    return budget
-
-
-def _parse_base(data: Mapping[str, Any], budget: Budget) -> tuple[TrainConfig, Budget]:
+def _parse_base(data: Mapping[str, Any]) -> tuple[TrainConfig, Budget]:
     """The ``base`` trainer config, validated by the trainer (errors re-rooted under ``base.``), with
-    the budget's epochs; returns it and the budget (whose max_epochs the base may set)."""
+    the budget's epochs and steps; returns it and the budget (whose run length the base may set)."""
     raw_base = data["base"]
     if not isinstance(raw_base, Mapping):
         raise UserError(f"base: expected a trainer config mapping, got {raw_base!r}")
@@ -388,9 +366,8 @@ def _parse_base(data: Mapping[str, Any], budget: Budget) -> tuple[TrainConfig, B
     schedule = raw_base.get("schedule") or {}
     if not isinstance(schedule, Mapping):
         raise UserError(f"base.schedule: expected a mapping, got {schedule!r}")
-    budget_sets_epochs = "max_epochs" in (data.get("budget") or {})
-    budget = _budget_epochs(budget, schedule.get("epochs"), budget_sets_epochs=budget_sets_epochs)
-    raw_base["schedule"] = {**schedule, "epochs": budget.max_epochs}
+    budget = parse_budget(data.get("budget"), schedule)
+    raw_base["schedule"] = {**schedule, "epochs": budget.max_epochs, "steps": budget.max_steps}
     try:
         base_cfg = train_config_from_dict(raw_base)
     except UserError as e:
@@ -398,23 +375,6 @@ def _parse_base(data: Mapping[str, Any], budget: Budget) -> tuple[TrainConfig, B
     if not base_cfg.oialr.enabled:
         raise UserError("base.oialr.enabled: must be true (the sweep makes the full-rank baseline arm itself)")
     return base_cfg, budget
-
-
-def _budget_epochs(budget: Budget, epochs: Any, *, budget_sets_epochs: bool) -> Budget:
-    """The epochs per trial: budget.max_epochs, or base.schedule.epochs when the budget does not say
-    (set both and they must agree)."""
-    if not budget_sets_epochs:
-        if epochs is not None:  # take the epochs from the base when the budget does not say
-            budget = dataclasses.replace(budget, max_epochs=convert_value(epochs, int, "base.schedule.epochs"))
-            if budget.max_epochs < 1:
-                raise UserError(f"base.schedule.epochs: must be >= 1, got {budget.max_epochs}")
-            if budget.grace_period > budget.max_epochs:
-                raise UserError(f"budget.grace_period: must be <= max_epochs={budget.max_epochs}")
-    elif epochs is not None and epochs != budget.max_epochs:
-        raise UserError(
-            f"base.schedule.epochs: {epochs} differs from budget.max_epochs {budget.max_epochs} (set only one)"
-        )
-    return budget
 
 
 def _parse_search(search_data: Any, base: dict[str, Any], base_cfg: TrainConfig) -> tuple[Param, ...]:
@@ -524,9 +484,9 @@ def load_space(path: str | os.PathLike[str] | None = None) -> SearchSpace:
     return space_from_dict(parse_yaml(text, where, "search space file"), source=where)
 
 
-def dump_space(space: SearchSpace, path: str | os.PathLike[str]) -> None:
-    """Write a space as YAML (what the sweep stores as ``sweep.yaml``)."""
-    Path(path).write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+def space_yaml(space: SearchSpace) -> str:
+    """A space as YAML text, in its own key order: what the sweep stores as ``sweep.yaml``."""
+    return yaml.safe_dump(space.to_dict(), sort_keys=False)
 
 
 def with_user_code(space: SearchSpace, **named: Any) -> SearchSpace:
@@ -585,7 +545,8 @@ def with_settings(
                 raise UserError(f"--set {key}: {part!r} holds a value, not a mapping")
             node = node.setdefault(part, {})
         node[path[-1]] = value
-    if "budget.max_epochs" in settings:
-        data["base"].setdefault("schedule", {})["epochs"] = data["budget"]["max_epochs"]
+    for budget_key, schedule_key in (("max_epochs", "epochs"), ("max_steps", "steps")):  # kept equal (see above)
+        if f"budget.{budget_key}" in settings:
+            data["base"].setdefault("schedule", {})[schedule_key] = data["budget"][budget_key]
     return space_from_dict(data, source="search space")
 

@@ -1,9 +1,24 @@
 """Every use of a private name of Ray or Optuna, in one place.
 
 Each function below is the only door to one private name or layout. Each says why it is used, what
-public API is missing, and which test fails when an upgrade of the library changes it. Nothing else
-in the package touches another library's internals (torch's included: see `oialr_tune.trainer`,
-which uses the public ``torch.compiler.reset``).
+public API is missing, and which test fails when an upgrade of the library changes it.
+
+Outside Ray and Optuna, three private names are used where they are needed, because the modules
+that use them must not import this Ray package (the method, the loops, the model loader):
+
+* torch: DDP's ``_set_params_and_buffers_to_ignore_for_model``, in
+  `oialr_tune.oialr.distributed.ddp_ignore_frozen_bases` (its docstring says why; pinned by
+  ``tests/test_distributed.py::test_every_rank_is_bit_identical_after_each_factorization_and_cut``);
+* Lightning: ``strategy._setup_model``, in `oialr_tune.lightning` (``_rewrap``): once the controller
+  replaced parameters (a factorization, a rank cut), the module is wrapped in a new DDP exactly as
+  Lightning's strategy wraps it; Lightning has no public call to rewrap. Pinned by
+  ``tests/test_distributed.py::test_the_lightning_callback_under_lightnings_ddp_strategy``;
+* NumPy: ``numpy._core.multiarray._reconstruct``, in `oialr_tune.safe_load.allowed_globals`: the
+  name a pickled array is stored under, which torch's allow-listed load must be given. Pinned by
+  ``tests/test_custom.py::test_a_resumed_loop_continues_the_same_random_sequence``.
+
+Nothing else in the package touches another library's internals (`oialr_tune.trainer` uses the
+public ``torch.compiler.reset``).
 """
 
 from __future__ import annotations
@@ -68,6 +83,19 @@ def ping_gcs(gcs_address: str, timeout_ms: int) -> None:
     from ray._raylet import InnerGcsClient  # imported here, so only this call breaks if it goes
 
     InnerGcsClient.standalone(gcs_address, None, timeout_ms)
+
+
+def restored_callbacks(tuner: Any) -> list[Any]:
+    """The callbacks a Tuner made by ``Tuner.restore`` will run: the list unpickled from its
+    ``tuner.pkl``, which may be changed in place before ``fit``.
+
+    Why: the sweep's journal callback (`oialr_tune.tuning.hooks.SweepCallback`) holds the driver's
+    run (its open journal, stdout), which is never pickled; a restored arm must be given this
+    driver's. Missing public API: ``Tuner.restore`` takes no run config or callbacks, and a Tuner
+    does not show its run config (private ``Tuner._local_tuner``). Pinned by
+    ``tests/test_sweep_state.py::test_a_restored_tuner_runs_the_callbacks_given_after_restore``.
+    """
+    return tuner._local_tuner.get_run_config().callbacks
 
 
 def ended_trial_ids(experiment_state: str) -> set[str]:

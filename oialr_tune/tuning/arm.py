@@ -27,7 +27,7 @@ from oialr_tune import sweep_state as state
 from oialr_tune.errors import DiskFull, SweepInterrupted, UserError
 from oialr_tune.space import SearchSpace
 from oialr_tune.tuning import hooks
-from oialr_tune.tuning._internals import ended_trial_ids
+from oialr_tune.tuning._internals import ended_trial_ids, restored_callbacks
 from oialr_tune.tuning.cluster import slots
 from oialr_tune.tuning.collect import rows_of
 from oialr_tune.tuning.search import scheduler, searcher
@@ -35,8 +35,6 @@ from oialr_tune.tuning.storage import Store
 from oialr_tune.tuning.worker import make_trainable
 
 __all__ = ["run_arm"]
-
-MLFLOW_FILE = "mlflow.db"  # `sweep --log mlflow`: the MLflow tracking store in the results folder
 
 
 class TensorBoardAtTrialEnd(TBXLoggerCallback):
@@ -102,13 +100,15 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[str, Any]], verbose: int,
-           log: Sequence[str] = ()) -> Any:
-    """The restored Tuner when Ray's saved state of the arm can be trusted, else a new one.
+def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[str, Any]], run: hooks.ArmRun,
+           verbose: int, log: Sequence[str] = ()) -> Any:
+    """The restored Tuner when Ray's saved state of the arm can be trusted, else a new one; either
+    records into `run` (its journal callback is built for `run`).
 
     A new Tuner's searcher starts with the journal's ended trials and runs only the trials left;
     Ray's old state files of the arm are deleted first (its trial folders stay: they hold the
-    ended trials' checkpoints and histories).
+    ended trials' checkpoints and histories). A restored one runs the callbacks pickled in its
+    ``tuner.pkl``, whose journal callback holds no run: it is replaced by `run`'s.
     """
     trainable = make_trainable(space, arm)
     arm_path = store.join(arm)
@@ -121,6 +121,8 @@ def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[
         else:
             if verbose:
                 print(f"[{arm}] resuming {arm_path}", flush=True)
+            callbacks = restored_callbacks(tuner)
+            callbacks[:] = [hooks.SweepCallback(run) if isinstance(c, hooks.SweepCallback) else c for c in callbacks]
             return tuner
     if ended or store.top_files(arm):
         if verbose:
@@ -143,7 +145,7 @@ def _tuner(space: SearchSpace, arm: str, store: Store, ended: Mapping[str, dict[
         checkpoint_config=tune.CheckpointConfig(num_to_keep=space.checkpoint.num_to_keep),
         failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
         verbose=1 if verbose >= 2 else 0,
-        callbacks=[hooks.SweepCallback(), TensorBoardAtTrialEnd(), *_trackers(space, arm, store, log)],
+        callbacks=[hooks.SweepCallback(run), TensorBoardAtTrialEnd(), *_trackers(space, arm, store, log)],
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
@@ -161,7 +163,7 @@ def _trackers(space: SearchSpace, arm: str, store: Store, log: Sequence[str]) ->
         return []
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    uri = f"sqlite:///{Path(store.join(MLFLOW_FILE))}"
+    uri = f"sqlite:///{Path(store.join(state.MLFLOW_FILE))}"
     return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=space.name, tags={"arm": arm}, save_artifact=False)]
 
 
@@ -231,8 +233,9 @@ def _describe_arm(space: SearchSpace, arm: str) -> str:
         b = space.budget
         sched = f"ASHA(grace={b.grace_period}, rf={b.reduction_factor:g}, rungs={space.rungs()})"
     what = "+".join(space.objective.metrics(arm))
+    b = space.budget
     return (
-        f"[{arm}] {n} trials x <= {space.budget.max_epochs} epochs, {space.strategy.sampler.upper()} + {sched}, "
+        f"[{arm}] {n} trials x <= {b.horizon} {b.unit}, {space.strategy.sampler.upper()} + {sched}, "
         f"objective {what}, searching {', '.join(p.key for p in space.arm_params(arm))}"
     )
 
@@ -249,10 +252,9 @@ def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int, log: Seque
         arm, total, space.objective.metrics(arm), journal, signature, store.relative, set(ended), verbose >= 1,
         out=sys.stdout,
     )
-    hooks.ACTIVE = run
     try:
         if len(ended) < total:
-            tuner = _tuner(space, arm, store, ended, verbose, log)
+            tuner = _tuner(space, arm, store, ended, run, verbose, log)
             if signature is not None:
                 signature.refresh(arm)  # tuner.pkl, written by the Tuner itself
             state.kill_point("arm-start", arm)
@@ -265,7 +267,6 @@ def run_arm(space: SearchSpace, arm: str, store: Store, verbose: int, log: Seque
             if run.error is None and signature is not None:
                 signature.refresh(arm)  # Ray's last snapshot
     finally:
-        hooks.ACTIVE = None
         journal.close()
     if run.fatal is not None:
         raise UserError(f"arm {arm}: {run.fatal}")

@@ -20,7 +20,7 @@ import pandas as pd
 
 from oialr_tune import sweep_state as state
 from oialr_tune.errors import UserError
-from oialr_tune.metrics import SIZE_METRIC
+from oialr_tune.metrics import CONFIG_PREFIX, PLACEMENT_COLUMNS, TRIAL_RESULT_COLUMNS, trial_columns
 from oialr_tune.results import SweepResults, find_results_dir, incomplete, summarize
 from oialr_tune.space import SearchSpace
 from oialr_tune.sweep_state import SUMMARY_FILE, TRIALS_FILE
@@ -31,7 +31,8 @@ __all__ = ["collect", "rebuild_results", "repair_if_incomplete", "rows_of"]
 
 
 def rows_of(space: SearchSpace, arm: str, ended: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One dict per ended trial of an arm (a trials.csv row), from the arm's journal records."""
+    """One dict per ended trial of an arm (a trials.csv row, see `oialr_tune.metrics.trial_columns`,
+    and its per-epoch objective values, ``_history``, and trial folder, ``_dir``), from the arm's journal records."""
     keys = [p.key for p in space.arm_params(arm)]
     metric = space.objective.metric
     rows = []
@@ -46,26 +47,15 @@ def rows_of(space: SearchSpace, arm: str, ended: Mapping[str, dict[str, Any]]) -
         row["trainer_status"] = "error" if rec.get("error") else trainer_status
         row["stopped_early"] = rec["status"] == "TERMINATED" and stopped_early(last)
         config = rec.get("config", {})
-        for k in keys:
-            row[f"config.{k}"] = config.get(k)
+        row.update({CONFIG_PREFIX + k: config.get(k) for k in keys})
         best = (max if space.objective.direction == "max" else min)(values) if values else None
-        row.update({
-            metric: last.get(metric),
-            f"best_{metric}": best,
-            "val_acc": last.get("val_acc"),
-            SIZE_METRIC: last.get(SIZE_METRIC),
-            "trainable_params": last.get("trainable_params"),
-            "training_iteration": int(last.get("training_iteration") or 0),
-            "time_total_s": last.get("time_total_s"),
-            "train_time_s": float(sum(e.get("train_time_s") or 0.0 for e in epochs)),
-            "node_id": last.get("node_id"),
-            "gpu_ids": last.get("gpu_ids"),
-            "workers": last.get("workers", 1),
-            "checkpoint": rec.get("checkpoint"),
-            "error": rec.get("error"),
-            "_history": history,
-            "_dir": rec.get("dir"),
-        })  # fmt: skip
+        row.update({metric: last.get(metric), f"best_{metric}": best})
+        row.update({k: last.get(k) for k in (*TRIAL_RESULT_COLUMNS, *PLACEMENT_COLUMNS)})
+        row["training_iteration"] = int(last.get("training_iteration") or 0)
+        row["train_time_s"] = float(sum(e.get("train_time_s") or 0.0 for e in epochs))
+        row["workers"] = last.get("workers", 1)
+        row.update({"checkpoint": rec.get("checkpoint"), "error": rec.get("error"),
+                    "_history": history, "_dir": rec.get("dir")})  # (the last two: not columns)
         rows.append(row)
     return rows
 
@@ -91,9 +81,10 @@ def collect(space: SearchSpace, store: Store, pool: ThreadPoolExecutor) -> tuple
             store.prune_checkpoints(row["_dir"], row["checkpoint"])
 
     studies = pool.submit(write_studies, space, per_arm, store)
-    df = pd.DataFrame(all_rows).drop(columns=["_history", "_dir"], errors="ignore")
+    searched = dict.fromkeys(p.key for arm in space.arms() for p in space.arm_params(arm))
+    df = pd.DataFrame(all_rows, columns=trial_columns(space.objective.metric, searched))
     for p in space.search:  # integer knobs stay integers in the CSV (the baseline rows leave gaps)
-        col = f"config.{p.key}"
+        col = CONFIG_PREFIX + p.key
         if p.type == "int" and col in df:
             df[col] = df[col].astype("Int64")
     csv = df.to_csv(index=False)

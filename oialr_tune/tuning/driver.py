@@ -21,18 +21,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from oialr_tune import sweep_state as state
 from oialr_tune.errors import DiskFull, SweepInterrupted, UserError
 from oialr_tune.files import remove_empty, writable_folder
+from oialr_tune.metrics import SIZE_METRIC
 from oialr_tune.results import SweepResults
 from oialr_tune.space import (
     BASELINES,
     NAME_RE,
-    SIZE_METRIC,
     SearchSpace,
     load_space,
+    space_yaml,
     with_settings,
     with_user_code,
 )
@@ -219,7 +218,7 @@ def _run_sweep(
                 cluster.check_cluster_fits(space.resources)
                 if not resume:
                     store.key = state.load_key(create=True)
-                    store.write_text(SWEEP_FILE, yaml.safe_dump(space.to_dict(), sort_keys=False))
+                    store.write_text(SWEEP_FILE, space_yaml(space))
                     write_state(store, [])
                     if store.is_local:
                         store.signature = state.Signature.create(Path(store.root), space.to_dict())

@@ -2,8 +2,9 @@
 
 A module of its own so that the callback is a module-level class: Ray pickles the callbacks into
 ``tuner.pkl``, and a class pickled by name runs this version's code on resume, not a copy frozen
-into the folder. For the same reason it holds no state: what it needs comes from :data:`ACTIVE`, set
-by the driver for the arm it runs.
+into the folder. The callback is given the arm's run (`ArmRun`: the open journal, stdout) when it is
+built; that run is this driver's, so the pickled copy carries none and does nothing, and a restored
+arm is given this driver's callback again (`oialr_tune.tuning.arm`).
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ from typing import Any, TextIO
 
 from ray import tune
 
-from oialr_tune.metrics import SIZE_METRIC
+from oialr_tune.metrics import PLACEMENT_COLUMNS, SIZE_METRIC, TRIAL_RESULT_COLUMNS
 from oialr_tune.sweep_state import Journal, Signature, kill_point
 
-# Last-result keys an end record keeps (what trials.csv shows of a trial).
-RESULT_KEYS = (
-    "val_acc", "val_loss", SIZE_METRIC, "trainable_params", "training_iteration", "time_total_s",
-    "node_id", "gpu_ids", "workers", "run_status",
-)  # fmt: skip
+# Last-result keys an end record keeps besides the objective: what trials.csv shows of a trial
+# (`oialr_tune.metrics.trial_columns`) and the trainer's verdict (the worker's ``run_status``).
+RESULT_KEYS = (*TRIAL_RESULT_COLUMNS, *PLACEMENT_COLUMNS, "run_status")
 
 
 @dataclass
@@ -40,12 +39,11 @@ class ArmRun:
     # Where the progress lines go: the real stdout, captured before Ray's own output is silenced.
     out: TextIO | None = None
     epochs_seen: int = 0
+    warned: set[str] = field(default_factory=set)  # the trials' warnings printed so far (each once)
     error: OSError | None = None
     # A trial error that every trial would repeat (a loop that never reports): the sweep stops at it.
     fatal: str | None = None
 
-
-ACTIVE: ArmRun | None = None
 
 
 def _fmt(v: Any) -> str:
@@ -53,10 +51,21 @@ def _fmt(v: Any) -> str:
 
 
 class SweepCallback(tune.Callback):
-    """One journal line per reported epoch; per ended trial a durable journal line, then its done line."""
+    """One journal line per reported epoch; per ended trial a durable journal line, then its done line.
+
+    `run` is the arm being run, which the callback records into and reports to (its `error`,
+    `fatal` and `ended`, read by the driver after ``fit``).
+    """
+
+    def __init__(self, run: ArmRun) -> None:
+        self.run: ArmRun | None = run
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What Ray pickles into ``tuner.pkl``: no run (an open journal and this driver's stdout)."""
+        return {"run": None}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
-        run = ACTIVE
+        run = self.run
         if run is None or run.error is not None:
             return
         record = {"kind": "epoch", "trial_id": trial.trial_id, "training_iteration": result.get("training_iteration")}
@@ -68,6 +77,10 @@ class SweepCallback(tune.Callback):
             run.error = e
             return
         run.epochs_seen += 1
+        warning = result.get("warning")  # a user loop's first report: loop settings it never read
+        if warning and warning not in run.warned and run.print_progress:
+            run.warned.add(warning)
+            print(f"[{run.arm}] warning: {warning}", file=run.out or sys.stdout, flush=True)
         kill_point("epoch", run.arm, run.epochs_seen)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -78,12 +91,12 @@ class SweepCallback(tune.Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A failed trial Ray will retry: a retry of a loop that never reports fails the same way, so stop."""
-        run = ACTIVE
+        run = self.run
         if run is not None and run.fatal is None and _never_reports(_error_text(trial)):
             self._ended(trial, "ERROR")
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        run = ACTIVE
+        run = self.run
         if run is None:
             return
         if run.error is not None:
@@ -97,7 +110,7 @@ class SweepCallback(tune.Callback):
                 run.error = e
 
     def _ended(self, trial: Any, status: str) -> None:
-        run = ACTIVE
+        run = self.run
         if run is None or run.error is not None or run.fatal is not None:  # (fatal: the sweep is stopping)
             return
         last = trial.last_result or {}
@@ -143,12 +156,13 @@ def _progress_line(run: ArmRun, trial: Any, record: dict[str, Any], traceback_fi
             f"frac={_fmt(r.get(SIZE_METRIC))} {params}")
 
 
-_NO_REPORT = "returned without calling trial.report"
+_LOOP_MISTAKE = "LoopMistake: "  # how `oialr_tune.errors.LoopMistake` shows in a trial's error text
 
 
 def _never_reports(error: str | None) -> bool:
-    """Whether a trial's error is a user loop that never called ``trial.report`` (see `oialr_tune.loop`)."""
-    return error is not None and _NO_REPORT in error
+    """Whether a trial's error is a user loop's mistake every trial would repeat: it never called
+    ``trial.report``, or reported without the objective's metric (`oialr_tune.errors.LoopMistake`)."""
+    return error is not None and _LOOP_MISTAKE in error
 
 
 def _message(error: str | None) -> str:

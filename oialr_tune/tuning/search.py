@@ -153,18 +153,21 @@ def searcher(space: SearchSpace, arm: str, prior: Sequence[dict[str, Any]],
 
 
 def scheduler(space: SearchSpace, brackets: int = 1) -> Any:
-    """ASHA on the main metric (per epoch = training_iteration), or FIFO.
+    """ASHA on the main metric, or FIFO.
 
+    ASHA's time is the budget's unit: epochs are Ray's count of reports (training_iteration, one
+    report per epoch); with ``budget.max_steps`` it is the optimizer step each report carries (``step``,
+    `oialr_tune.loop.Trial.report`), so rungs and `max_t` are steps.
     `brackets` > 1 gives asynchronous Hyperband: trials spread over brackets whose first rung is
     `grace_period` × `reduction_factor`**k epochs (benchmarks/search_replay.py compares it)."""
     if space.scheduler() != "asha":
         return FIFOScheduler()
     b = space.budget
     return ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr=TRAINING_ITERATION if b.unit == "epochs" else "step",
         metric=space.objective.metric,
         mode=space.objective.direction,
-        max_t=b.max_epochs,
+        max_t=b.horizon,
         grace_period=b.grace_period,
         reduction_factor=b.reduction_factor,
         brackets=brackets,

@@ -65,10 +65,12 @@ class ReportToRay(Callback):
 
     To Ray Tune (``tune.report``) from a one-worker trial, to Ray Train (``ray.train.report``, which
     every worker calls and only rank 0 with a checkpoint) from a worker of a multi-worker trial.
+    `required` are the metrics the sweep needs in every report (its objective; a user loop's first
+    report is checked against them).
     """
 
-    def __init__(self, extra: Mapping[str, Any], report: Any = tune.report):
-        self.extra, self.report = dict(extra), report
+    def __init__(self, extra: Mapping[str, Any], report: Any = tune.report, required: tuple[str, ...] = ()):
+        self.extra, self.report, self.required_metrics = dict(extra), report, tuple(required)
 
     def on_epoch_end(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         row = _scalar_metrics(metrics)
@@ -110,7 +112,8 @@ def _trial_config(config: dict[str, Any], base: dict[str, Any], user_code: bytes
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], checkpoint_epochs: list[int],
-              user_code: bytes | None = None, resources: Resources | None = None) -> None:
+              user_code: bytes | None = None, resources: Resources | None = None,
+              required_metrics: tuple[str, ...] = ()) -> None:
     """One Ray Tune trial: the trainer on `base` with the sampled `config` (dotted keys).
 
     `user_code` is the driver's resolved user functions (`oialr_tune.plugins.pickled`), so a
@@ -120,13 +123,14 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], checkpoint_epochs
     failure). Everything the run depends on comes from `base` and `config`, so a reused worker
     process gives the same result as a fresh one; only the trainer's dataset cache survives.
     With ``resources.workers > 1`` the trial runs on that many Ray Train workers (module notes).
+    `required_metrics` are what the sweep's objective reads from every report.
     """
     if resources is not None and resources.workers > 1:
         _run_on_workers(config, base=base, checkpoint_epochs=checkpoint_epochs, user_code=user_code,
-                        resources=resources)
+                        resources=resources, required_metrics=required_metrics)
         return
     cfg = _trial_config(config, base, user_code)
-    reporter = ReportToRay({**_where(), "workers": 1})
+    reporter = ReportToRay({**_where(), "workers": 1}, required=required_metrics)
     _train_in(Path(tempfile.mkdtemp(prefix="oialr-trial-")), cfg, tune.get_checkpoint(), reporter, checkpoint_epochs)
 
 
@@ -147,7 +151,7 @@ def _train_worker(loop: dict[str, Any]) -> None:
     }
     if dist.get_rank() == 0:  # the trial removes it at the end, should Ray Train leave it behind
         loop["queue"].put(("placement_group", ray.util.get_current_placement_group()))
-    reporter = ReportToRay(extra, report=ray.train.report)
+    reporter = ReportToRay(extra, report=ray.train.report, required=loop["required_metrics"])
     _train_in(Path(tempfile.mkdtemp(prefix="oialr-trial-")), cfg, loop["checkpoint"], reporter,
               loop["checkpoint_epochs"])
 
@@ -163,7 +167,7 @@ class _ForwardToTrial(ray.train.UserCallback):
 
 
 def _run_on_workers(config: dict[str, Any], *, base: dict[str, Any], checkpoint_epochs: list[int],
-                    user_code: bytes | None, resources: Resources) -> None:
+                    user_code: bytes | None, resources: Resources, required_metrics: tuple[str, ...]) -> None:
     """The Tune side of a multi-worker trial: a TorchTrainer on a thread, its reports passed on to Tune."""
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
@@ -182,7 +186,8 @@ def _run_on_workers(config: dict[str, Any], *, base: dict[str, Any], checkpoint_
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": config, "base": base, "checkpoint_epochs": checkpoint_epochs,
-                           "user_code": user_code, "checkpoint": tune.get_checkpoint(), "queue": queue},
+                           "user_code": user_code, "checkpoint": tune.get_checkpoint(), "queue": queue,
+                           "required_metrics": required_metrics},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=resources.gpu > 0,
             resources_per_worker={"CPU": resources.cpu, "GPU": resources.gpu},
@@ -239,7 +244,7 @@ def make_trainable(space: SearchSpace, arm: str) -> Any:
     user_code = plugins.pickled(base) if plugins.names_in(base) else None
     r = space.resources
     fn = tune.with_parameters(run_trial, base=base, checkpoint_epochs=space.checkpoint_epochs(), user_code=user_code,
-                              resources=r)
+                              resources=r, required_metrics=(space.objective.metric,))
     if r.workers > 1:  # the trial only waits on its Ray Train workers, which hold the resources
         return tune.with_resources(fn, {"cpu": 0.01})
     return tune.with_resources(fn, {"cpu": r.cpu, "gpu": r.gpu})
