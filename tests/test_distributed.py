@@ -342,6 +342,24 @@ def test_a_retrain_asking_more_workers_than_this_machine_has_is_one_line(
     assert not (tmp_path / "r").exists()
 
 
+def test_a_compare_asking_more_workers_than_this_machine_has_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`compare --workers N` sets the space's resources.workers (checked with its batch sizes, as in the
+    YAML), and a local compare refuses more workers than this machine has before any sweep starts."""
+    from oialr_tune.cli import main
+
+    too_many, space, out = (os.cpu_count() or 1) + 1, str(tmp_path / "space.yaml"), str(tmp_path / "c")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(batch_size=8 * too_many)))
+    assert main(["compare", space, "--workers", str(too_many), "--out", out]) == 2
+    assert capsys.readouterr().err.strip() == (f"oialr-tune: error: --workers: {too_many} workers need {too_many} CPU "
+                                               f"cores, this machine has {os.cpu_count()}")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tiny_space(batch_size=8 * too_many + 1)))
+    assert main(["compare", space, "--workers", "2", "--out", out]) == 2
+    assert "must be a multiple of the 2 workers (resources.workers)" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_trial_of_n_workers_that_fills_the_cluster_is_refused_for_its_own_cpu(ray_session: Any,
                                                                                tmp_path: Path) -> None:
     """{cpu: 1, workers: 2} on the session's 2 CPUs: the workers fill them and the Tune trial that owns
