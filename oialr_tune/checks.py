@@ -64,12 +64,45 @@ def _check_trainable(cfg: TrainConfig) -> None:
         pass
 
 
+def _check_lightning(cfg: TrainConfig) -> None:
+    """``lightning.module`` must be a LightningModule class and ``lightning.datamodule`` a LightningDataModule
+    class; each is built once as ``Class(config)``, and between them they must give training and validation
+    batches and a validation step (the tuner needs ``val_*`` metrics every epoch)."""
+    try:
+        import lightning.pytorch as pl
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+    except ImportError:
+        raise UserError("lightning.module: needs Lightning: pip install 'oialr-tune[lightning]'") from None
+    built = {}
+    for which, base in (("module", pl.LightningModule), ("datamodule", pl.LightningDataModule)):
+        name, key = getattr(cfg.lightning, which), f"lightning.{which}"
+        if name is None:
+            continue
+        cls = plugins.resolve(name, key)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise UserError(f"{key}: {name} is not a {base.__name__} subclass")
+        built[which] = plugins.call(cls, name, key, cfg)
+    module, datamodule = built["module"], built.get("datamodule")
+    for hook in ("train_dataloader", "val_dataloader"):
+        if not (is_overridden(hook, module) or (datamodule is not None and is_overridden(hook, datamodule))):
+            module_name = cfg.lightning.module
+            if datamodule is None:
+                raise UserError(f"lightning.datamodule: not set, and lightning.module {module_name} defines no {hook}")
+            raise UserError(f"lightning.datamodule: neither {cfg.lightning.datamodule} nor lightning.module "
+                            f"{module_name} defines {hook}")  # fmt: skip
+    if not is_overridden("validation_step", module):
+        raise UserError(f"lightning.module: {cfg.lightning.module} has no validation_step; the tuner needs its "
+                        f"val_* metrics every epoch")  # fmt: skip
+
+
 def check_user_code(cfg: TrainConfig) -> None:
     """Resolve every import path `cfg` names; build its data and model once and check they fit.
 
     Does nothing for a config of built-in parts only. Raises UserError with one line naming the
     key. Loads the data on the CPU (cached for this process).
     """
+    if cfg.lightning.module is not None:  # first: a missing Lightning is said under its own key
+        _check_lightning(cfg)
     for key, name in plugins.code_keys(train_config_to_dict(cfg)):
         if isinstance(name, str) and plugins.is_import_path(name):
             plugins.resolve(name, key)

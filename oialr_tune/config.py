@@ -201,6 +201,25 @@ class OIALRConfig:
     exclude: list[str] = field(default_factory=list)
 
 
+# The trainable a `lightning` section runs: Lightning's own loop around the user's module, reporting
+# to the tuner through `oialr_tune.lightning.OIALRCallback`. Named by import path, not imported: reading a
+# config must not import Lightning or torch.
+LIGHTNING_TRAINABLE = "oialr_tune.lightning_trainable:fit"
+
+
+@dataclass
+class LightningConfig:
+    """A LightningModule (and optionally a LightningDataModule) as the run's trainable, with no loop of yours.
+
+    Both are ``"package.module:Class"`` import paths; each class is built as ``Class(config)``, the
+    `TrainConfig` with the trial's searched values (``config.optimizer.lr``, ``config.schedule``, ...).
+    Without a datamodule the module's own ``train_dataloader`` / ``val_dataloader`` are used.
+    """
+
+    module: str | None = None
+    datamodule: str | None = None
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run needs; see the module docstring for how it is built."""
@@ -231,6 +250,8 @@ class TrainConfig:
     # That loop's own settings (dropout, warm-up, ...), read as ``config.loop["dropout"]`` and
     # searched like any key (``loop.dropout``); `oialr_tune.loop` warns about one never read.
     loop: dict[str, Any] = field(default_factory=dict)
+    # A LightningModule + DataModule trained by Lightning's loop: sets `trainable` to LIGHTNING_TRAINABLE.
+    lightning: LightningConfig = field(default_factory=LightningConfig)
     # A trainer-level preset (`RECIPES`): it fills in the keys of the config that are not given.
     recipe: Literal["default", "authors"] = "default"
 
@@ -274,8 +295,24 @@ def _with_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
+def _lightning_trainable(cfg: TrainConfig) -> None:
+    """A `lightning` section makes the run's trainable `LIGHTNING_TRAINABLE`; anything else is refused."""
+    module, trainable = cfg.lightning.module, cfg.trainable
+    if module is None:
+        if cfg.lightning.datamodule is not None:
+            raise UserError("lightning.datamodule: needs lightning.module (the LightningModule it feeds)")
+        if trainable == LIGHTNING_TRAINABLE:
+            raise UserError(f"trainable: {LIGHTNING_TRAINABLE} trains lightning.module, which is not set")
+    elif trainable not in (None, LIGHTNING_TRAINABLE):
+        raise UserError(f"lightning.module: runs Lightning's own loop; remove trainable {trainable!r} or the "
+                        f"lightning section")  # fmt: skip
+    else:
+        cfg.trainable = LIGHTNING_TRAINABLE
+
+
 def _cross_checks(cfg: TrainConfig) -> None:
     """Rules that involve more than one field, or another module's registry."""
+    _lightning_trainable(cfg)
     if not _DEVICE_RE.match(cfg.device):
         raise UserError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
     d = cfg.data

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from oialr_tune import plugins
-from oialr_tune.config import TrainConfig, resolve_device
+from oialr_tune.config import LIGHTNING_TRAINABLE, TrainConfig, resolve_device
 from oialr_tune.errors import UserError
 from oialr_tune.oialr.distributed import active, ddp_ignore_frozen_bases
 
@@ -144,8 +144,12 @@ def check_loop_runs_distributed(trainable: str, workers: int, key: str) -> None:
     """Refuse a user's loop on several workers when it never calls ``trial.wrap``: its model would not be
     wrapped in DDP, and each worker would train its own unsynchronized copy.
 
-    Read from the function's code (the attribute names it uses), before anything starts.
+    Read from the function's code (the attribute names it uses), before anything starts. A
+    ``lightning`` section's trainable runs on one process: Lightning's own strategies are not set up
+    inside a trial.
     """
+    if trainable == LIGHTNING_TRAINABLE:
+        raise UserError(f"{key}: {workers} workers, but a lightning.module trial trains on one process")
     fn = plugins.resolve(trainable, "trainable")
     code = getattr(fn, "__code__", None)
     if code is not None and "wrap" not in code.co_names:

@@ -14,6 +14,17 @@ just before it loads the weights. The optimizer, built afterwards over the rebui
 parameters put in the checkpoint's order (by name) and then gets its state from the checkpoint, and
 the controller continues its schedule.
 
+Inside a sweep's trial (``OIALRCallback(trial=trial)`` in a ``trainable: "module:function"`` loop, or
+the ``lightning:`` section, `oialr_tune.lightning_trainable`) the settings are the trial's searched
+``oialr`` section, and at the end of each training epoch the callback reports that epoch's validation
+metrics (every ``val_*`` key of ``trainer.callback_metrics``, and ``train_loss``) through
+``trial.report``, so ASHA, the baseline arm, best and retrain see the trial like any other. When the
+sweep keeps a checkpoint of that epoch, it is Lightning's own (``trainer.save_checkpoint``, as
+``ModelCheckpoint(save_on_train_epoch_end=True)`` writes it) and the RNG states; a resumed trial
+gets it back as ``callback.ckpt_path`` for ``trainer.fit(..., ckpt_path=...)``. A ``trainer.test`` with
+the callback hands its ``test_*`` metrics to the trial (retrain's scores). The callback knows the
+trial only through that `Trial` API: nothing here imports Ray.
+
 Under Lightning's DDP strategy (``strategy="ddp"``: NCCL on GPUs, gloo on CPUs) the controller splits
 its SVDs across the ranks and keeps them bit-identical (:mod:`oialr_tune.oialr.distributed`).
 Lightning wraps the module in DDP before ``on_fit_start``, and DDP's reducer keeps the parameters it
@@ -23,8 +34,12 @@ callback has the strategy build a new DDP wrapper around the same module, before
 
 from __future__ import annotations
 
+import math
+import shutil
+import tempfile
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,16 +50,23 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("OIALRCallback needs Lightning: pip install 'oialr-tune[lightning]'") from e
 
+from oialr_tune import safe_load
 from oialr_tune.config import OIALRConfig, train_config_from_dict
+from oialr_tune.errors import UserError
 from oialr_tune.oialr import OIALR, FullRank, apply_low_rank_structure
 from oialr_tune.oialr.distributed import ddp_ignore_frozen_bases
 from oialr_tune.run_record import make_controller
+
+if TYPE_CHECKING:
+    from oialr_tune.loop import Trial
 
 
 class OIALRCallback(pl.Callback):
     """Run OIALR inside a Lightning fit.
 
     Args:
+        trial: the `oialr_tune.loop.Trial` of a sweep's trial: its ``config.oialr`` are the settings,
+            and each epoch is reported to it (module notes). Give either `trial` or `oialr` keys.
         **oialr: the keys of a config's ``oialr`` section (`OIALRConfig`: ``enabled``, ``delay`` as
             a fraction of the fit's optimizer steps (``trainer.estimated_stepping_batches``) or a
             step count, ``preset``, ``include``/``exclude``, ...), checked like the config: a bad
@@ -54,14 +76,31 @@ class OIALRCallback(pl.Callback):
     (no change to the model, ``trainable_fraction`` 1.0) for ``enabled: false``.
     """
 
-    def __init__(self, **oialr: Any) -> None:
-        self.settings: OIALRConfig = train_config_from_dict({"oialr": oialr}).oialr
+    def __init__(self, *, trial: Trial | None = None, **oialr: Any) -> None:
+        if trial is not None and oialr:
+            raise UserError(f"OIALRCallback: with trial= the settings are the trial's oialr section; got "
+                            f"{', '.join(sorted(oialr))} as well")  # fmt: skip
+        self.settings: OIALRConfig = trial.config.oialr if trial else train_config_from_dict({"oialr": oialr}).oialr
+        self.trial = trial
         self.controller: OIALR | FullRank | None = None
         self._last_step = 0
         self._version = 0  # the controller's parameters_version the strategy's DDP wrapper holds
         self._resume: dict[str, Any] | None = None  # the controller state of the checkpoint being resumed
         self._resume_order: list[list[str]] = []  # and the names of its optimizer's parameters, group by group
         self._fitted: tuple[pl.LightningModule, torch.optim.Optimizer] | None = None  # what the controller manages
+        self._validated_epoch = -1  # the (0-based) epoch whose validation ran last, outside the sanity check
+        self._resume_dir: Path | None = None  # holds the trial's Lightning checkpoint while a fit resumes from it
+
+    @property
+    def ckpt_path(self) -> str | None:
+        """The Lightning checkpoint a resumed trial continues from, for ``trainer.fit(..., ckpt_path=...)``;
+        None for a fresh trial or without a trial."""
+        if self.trial is None or self.trial.checkpoint is None:
+            return None
+        if self._resume_dir is None:
+            self._resume_dir = Path(tempfile.mkdtemp(prefix="oialr-lightning-"))
+            (self._resume_dir / "resume.ckpt").write_bytes(self.trial.checkpoint["lightning"])
+        return str(self._resume_dir / "resume.ckpt")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # The module's own hook runs before Lightning loads its weights (the callbacks' hooks run
@@ -83,13 +122,26 @@ class OIALRCallback(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            pl_module.__dict__.pop("on_load_checkpoint", None)  # back to the class's hook
+            self._end_fit(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._end_fit(pl_module)  # Lightning skips `teardown` when the fit raises (a diverged or stopped trial)
+
+    def _end_fit(self, pl_module: pl.LightningModule) -> None:
+        pl_module.__dict__.pop("on_load_checkpoint", None)  # back to the class's hook
+        if self._resume_dir is not None:
+            shutil.rmtree(self._resume_dir, ignore_errors=True)
+            self._resume_dir = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
             raise ValueError(f"OIALRCallback: needs exactly one optimizer, the module has {len(trainer.optimizers)}")
         optimizer = trainer.optimizers[0]
         self._fitted = pl_module, optimizer
+        if self._resume is not None and self.trial is not None and self.trial.checkpoint is not None:
+            # The RNG states of the checkpointed epoch's end, put back before anything draws: the step
+            # count below sets up the train loader, whose iterator takes its seed from torch's RNG.
+            self.trial.restore_rng_state(self.trial.checkpoint["rng"])
         total = int(trainer.estimated_stepping_batches)
         self.controller = make_controller(pl_module, optimizer, self.settings, total) or FullRank(pl_module, optimizer)
         if self._resume is not None:
@@ -102,6 +154,21 @@ class OIALRCallback(pl.Callback):
             self._resume = None
             self._sync_wrapper(trainer)
         self._last_step = trainer.global_step
+        if self.trial is not None:
+            self.trial.attach(pl_module, self.controller)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning has restored its loops by now: the fit must continue the trial, and end with it.
+        trial = self.trial
+        if trial is None:
+            return
+        epochs = trial.config.schedule.epochs
+        if trainer.max_epochs != epochs:
+            raise UserError(f"OIALRCallback: Trainer(max_epochs={trainer.max_epochs}) but the trial's "
+                            f"schedule.epochs is {epochs} (config.schedule.epochs)")  # fmt: skip
+        if trainer.current_epoch != trial.start_epoch:
+            raise UserError(f"OIALRCallback: the trial resumes after epoch {trial.start_epoch} but the fit starts at "
+                            f"epoch {trainer.current_epoch}: pass trainer.fit(..., ckpt_path=callback.ckpt_path)")
 
     def _sync_wrapper(self, trainer: pl.Trainer) -> None:
         """Rewrap the module in DDP if the controller replaced parameters since the wrapper was built."""
@@ -131,9 +198,59 @@ class OIALRCallback(pl.Callback):
             self.controller.step()
             self._sync_wrapper(trainer)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.controller is not None:
             pl_module.log("trainable_fraction", self.controller.trainable_fraction)
+        if self.trial is not None:
+            self._report(trainer)
+
+    def _report(self, trainer: pl.Trainer) -> None:
+        """This epoch's validation metrics (and its checkpoint when the sweep keeps one) to the trial."""
+        epoch = trainer.current_epoch + 1
+        if self._validated_epoch != trainer.current_epoch:
+            raise UserError(f"OIALRCallback: epoch {epoch} ran no validation; the tuner needs val_* metrics every "
+                            f"epoch (a val dataloader, check_val_every_n_epoch=1)")  # fmt: skip
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics = {k: v for k, v in logged.items() if k.startswith("val_")}
+        if not metrics:
+            raise UserError("OIALRCallback: the module logged no val_* metric; log them in validation_step, "
+                            "e.g. self.log('val_loss', loss)")  # fmt: skip
+        train_loss = logged.get("train_loss", logged.get("train_loss_epoch", math.nan))
+        checkpoint = self._checkpoint(trainer) if self.trial.checkpoint_due(epoch) else None
+        self.trial.report(epoch=epoch, train_loss=train_loss, checkpoint=checkpoint, **metrics)
+
+    def _checkpoint(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Lightning's checkpoint file (its bytes: the trial's checkpoint holds plain data) and the RNG states."""
+        with tempfile.TemporaryDirectory(prefix="oialr-lightning-") as folder:
+            path = Path(folder, "epoch.ckpt")
+            trainer.save_checkpoint(path, weights_only=False)  # all of it; every rank calls this, rank 0 writes
+            if not path.exists():
+                return {"lightning": b"", "rng": self.trial.rng_state()}
+            _check_loadable(path)
+            return {"lightning": path.read_bytes(), "rng": self.trial.rng_state()}
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.trial is not None:  # retrain's scores on the test split
+            self.trial.test_metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
+                                            if k.startswith("test_")})
+
+
+def _check_loadable(path: Path) -> None:
+    """Refuse, when it is written, a checkpoint that a resumed trial could not load safely.
+
+    A resume loads it with ``weights_only=True`` and `safe_load`'s allow-list (tensors, plain data,
+    numpy arrays): an object of another class, typically the `config` a module's
+    ``save_hyperparameters()`` stored, would fail only then, after the trial had run.
+    """
+    refused = safe_load.refused_globals(path)
+    if refused:
+        raise UserError(f"OIALRCallback: Lightning's checkpoint holds {', '.join(sorted(refused))}, which a "
+                        f"resumed trial cannot load safely (only tensors, plain data, numpy arrays); e.g. "
+                        f"self.save_hyperparameters(ignore=['config'])")  # fmt: skip
 
 
 def _reorder(optimizer: torch.optim.Optimizer, module: nn.Module, order: list[list[str]]) -> None:

@@ -175,6 +175,17 @@ class Trial:
         self.controller = controller
         return controller
 
+    def attach(self, model: nn.Module, controller: OIALR | FullRank) -> None:
+        """Report for a controller built and restored elsewhere, instead of one from `oialr`: the
+        Lightning callback (`oialr_tune.lightning.OIALRCallback`) builds its own and resumes it from
+        Lightning's checkpoint. Its rank events so far count as reported."""
+        self.model, self.controller = model, controller
+        self._seen_events = len(controller.history)
+
+    def checkpoint_due(self, epoch: int) -> bool:
+        """Whether `report` keeps the checkpoint of (1-based) `epoch`: build a costly one only then."""
+        return self._checkpoints.due(epoch)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """What to train `model` through: itself on one process, else DDP that follows OIALR's changes."""
         return model if self._workers is None else _FollowingDDP(model, self)

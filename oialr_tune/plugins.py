@@ -127,12 +127,14 @@ def code_keys(cfg: Mapping[str, Any], *, catalogue: bool = True) -> list[tuple[s
     """(dotted key, value) of each key of a trainer config (plain data) that may name user code.
 
     The one list of those keys: ``model.name`` and ``data.name`` (an import path or a catalogue
-    name; left out with ``catalogue=False``), ``trainable``, ``loss`` and ``metrics.<name>``
-    (import paths only).
+    name; left out with ``catalogue=False``), ``trainable``, ``lightning.module``,
+    ``lightning.datamodule``, ``loss`` and ``metrics.<name>`` (import paths only).
     """
     named = [("model.name", (cfg.get("model") or {}).get("name")), ("data.name", (cfg.get("data") or {}).get("name"))]
-    return [*(named if catalogue else []), ("trainable", cfg.get("trainable")), ("loss", cfg.get("loss")),
-            *((f"metrics.{k}", v) for k, v in (cfg.get("metrics") or {}).items())]
+    lightning = cfg.get("lightning") or {}
+    return [*(named if catalogue else []), ("trainable", cfg.get("trainable")),
+            ("lightning.module", lightning.get("module")), ("lightning.datamodule", lightning.get("datamodule")),
+            ("loss", cfg.get("loss")), *((f"metrics.{k}", v) for k, v in (cfg.get("metrics") or {}).items())]
 
 
 def names_in(cfg: Mapping[str, Any]) -> list[str]:

@@ -168,8 +168,8 @@ class Checkpoints:
         path = self.path
         return read_checkpoint(path) if resume and path is not None and path.exists() else None
 
-    def save(self, epoch: int, payload: Callable[[], Mapping[str, Any]], *, since: int | None = None) -> Path | None:
-        """After (1-based) `epoch`: write `payload()` if a checkpoint is due; the folder written, else None.
+    def due(self, epoch: int, *, since: int | None = None) -> bool:
+        """Whether a checkpoint is written after (1-based) `epoch`.
 
         A run that counts optimizer steps (``schedule.steps``) passes the step it reports at as
         `epoch` and the last one reported as `since`: a checkpoint is due when a due step (`epochs`, a
@@ -180,7 +180,11 @@ class Checkpoints:
         every, last = self.cfg.checkpoint_every, self.cfg.schedule.steps or self.cfg.schedule.epochs
         crossed = any(since < e <= epoch for e in self.epochs)
         due = epoch >= last or (every and epoch // every > since // every) or crossed
-        if self.folder is None or not due:
+        return self.folder is not None and bool(due)
+
+    def save(self, epoch: int, payload: Callable[[], Mapping[str, Any]], *, since: int | None = None) -> Path | None:
+        """After (1-based) `epoch`: write `payload()` if a checkpoint is `due`; the folder written, else None."""
+        if not self.due(epoch, since=since):
             return None
         write_checkpoint(self.folder / CHECKPOINT_FILE, payload())
         return self.folder

@@ -19,7 +19,7 @@ import torch
 
 from oialr_tune.errors import UserError
 
-__all__ = ["allowed_globals", "load", "unpickle"]
+__all__ = ["allowed_globals", "load", "refused_globals", "unpickle"]
 
 
 def allowed_globals() -> list[Any]:
@@ -46,7 +46,7 @@ def load(path: str | Path) -> Any:
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except pickle.UnpicklingError:
-        names = _refused(path)
+        names = refused_globals(path)
         if names:
             raise UserError(f"{path}: holds {', '.join(names)}, not on the allow-list of what a checkpoint may "
                             f"hold (tensors, plain data, numpy arrays, RNG states)") from None  # fmt: skip
@@ -55,8 +55,9 @@ def load(path: str | Path) -> Any:
         raise UserError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
 
 
-def _refused(path: Path) -> list[str]:
-    """The globals in the file that the allow-list refuses (empty when the file cannot be read so far)."""
+def refused_globals(path: str | Path) -> list[str]:
+    """The globals in the file that the allow-list refuses (empty when the file cannot be read so far):
+    what would make `load` fail, found without unpickling anything."""
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in allowed_globals()}
     try:
         return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]

@@ -26,7 +26,7 @@ FLOORS = [
     # the records every loop and every sweep writes: the run record and the sweep folder's state
     {"run_record", "sweep_state"},
     # the training loops
-    {"loop", "trainer", "lightning", "progress"},
+    {"loop", "trainer", "lightning", "lightning_trainable", "progress"},
     # reading what runs and sweeps left: the results folder, model files
     {"results", "model_io", "trust", "best_format"},
     # Ray Tune + Optuna
