@@ -121,6 +121,9 @@ def _add_parallel_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--max-concurrent", type=_positive_int, default=None, metavar="N",
                    help=f"at most N {what} at once, each with the sweep's per-trial resources "
                         "(default: as many as fit; 1: one after another)")
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="data-parallel workers per run, each with the per-worker resources (default: the "
+                        "sweep's resources.workers; a run's workers share one machine)")
 
 
 def _add_trust_option(p: argparse.ArgumentParser) -> None:
@@ -154,7 +157,7 @@ def _retrain(args: argparse.Namespace) -> None:
         _repaired(args.results_dir), seeds=args.seeds, first_seed=args.first_seed, epochs=args.epochs,
         train_on=args.train_on, out=args.out, from_trial=args.from_trial, from_checkpoint=args.from_checkpoint,
         arms=[args.arm] if args.arm else None, address=args.address, max_concurrent=args.max_concurrent,
-        trust_code=args.trust_code,
+        workers=args.workers, trust_code=args.trust_code,
     )  # fmt: skip
     print(format_summary(summary))
 
@@ -170,7 +173,7 @@ def _compare(args: argparse.Namespace) -> None:
 
     table = compare(args.space, trials=args.trials, seeds=args.seeds, out=args.out, resume=args.resume,
                     max_trainable_fraction=args.max_trainable_fraction, address=args.address,
-                    max_concurrent=args.max_concurrent, trust_code=args.trust_code)
+                    max_concurrent=args.max_concurrent, workers=args.workers, trust_code=args.trust_code)
     for s in summarize(table):
         diff = f"  diff {s['diff']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}] {s['verdict']}" if "diff" in s else ""
         print(f"{s['label']:<34} {s['metric']} {s['mean']:.4f} ± {s['std']:.4f}  "

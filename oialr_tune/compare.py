@@ -40,6 +40,7 @@ from typing import Any
 import pandas as pd
 
 from oialr_tune.config import train_config_from_dict
+from oialr_tune.distributed import check_workers
 from oialr_tune.errors import UserError
 from oialr_tune.metrics import comparison_columns
 from oialr_tune.results import best_trial, check_max_trainable_fraction
@@ -97,6 +98,7 @@ def compare(
     max_trainable_fraction: float | None = None,
     address: str | None = None,
     max_concurrent: int | None = None,
+    workers: int | None = None,
     trust_code: bool = False,
     log: Callable[[str], None] = lambda message: print(f"[compare] {message}", file=sys.stderr, flush=True),
 ) -> pd.DataFrame:
@@ -110,10 +112,12 @@ def compare(
 
     The sweeps and the (arm, seed) retrains run on the Ray cluster at `address` (default: a local
     Ray); at most `max_concurrent` retrains run at once (1: one after another in this process).
+    `workers` replaces the space's ``resources.workers``: every trial and retrain on that many
+    data-parallel workers.
     A finished sweep that `resume` reuses from `out` must pass the trust rule (`oialr_tune.trust`)
     unless `trust_code`.
     """
-    space, max_trainable_fraction = _protocol_space(space, trials, max_trainable_fraction)
+    space, max_trainable_fraction = _protocol_space(space, trials, max_trainable_fraction, workers)
     metric, mode = space.objective.test_metric, space.objective.direction
     seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) else list(seeds)
     if len(seed_list) < 2:
@@ -126,12 +130,16 @@ def compare(
         from oialr_tune.tuning.cluster import check_address
 
         check_address(address)
+    elif space.resources.workers > 1:  # a local compare: this machine runs each retrain's workers
+        check_workers(train_config_from_dict(space.base), space.resources.workers,
+                      key="--workers" if workers else "resources.workers")
 
     tuned = _run_sweeps(out_dir, {"tuned": space, "gate_off": gate_off_space(space)}, address, trust_code, log)
     plans = _plans(space, tuned, max_trainable_fraction)
     # Every (arm, seed) retrain is independent: Ray runs them side by side (see oialr_tune.tuning.parallel).
     jobs = [job for arm, (config, _, _) in plans.items()
-            for job in seed_jobs(arm, train_config_from_dict(config), seed_list, out_dir / "retrain", metric=metric)]
+            for job in seed_jobs(arm, train_config_from_dict(config), seed_list, out_dir / "retrain", metric=metric,
+                                 workers=space.resources.workers)]
 
     def done(i: int, row: dict[str, Any]) -> None:
         value = row.get(metric)
@@ -154,12 +162,15 @@ def compare(
 
 
 def _protocol_space(
-    space: SearchSpace | str | Path | None, trials: int | None, max_trainable_fraction: float | None
+    space: SearchSpace | str | Path | None, trials: int | None, max_trainable_fraction: float | None,
+    workers: int | None = None,
 ) -> tuple[SearchSpace, float | None]:
     """The space both tuned arms search (same budget, `trials` per arm, the size budget in the
-    OIALR search), and the size budget that applies (given, or the space's own)."""
+    OIALR search, `workers` per trial), and the size budget that applies (given, or the space's own)."""
     check_max_trainable_fraction(max_trainable_fraction)
     space = space if isinstance(space, SearchSpace) else load_space(space)
+    if workers is not None:  # validated with the batch sizes, as in the space's YAML
+        space = with_settings(space, overrides={"resources.workers": workers})
     if max_trainable_fraction is not None:  # the budget goes into the OIALR searches, not only the pick
         objective = dataclasses.replace(space.objective, max_trainable_fraction=max_trainable_fraction)
         space = dataclasses.replace(space, objective=objective)

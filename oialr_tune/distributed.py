@@ -19,7 +19,9 @@ Imports no Ray: the trainer knows nothing of how its processes were started.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +37,8 @@ from oialr_tune.config import LIGHTNING_TRAINABLE, TrainConfig, resolve_device
 from oialr_tune.errors import UserError
 from oialr_tune.oialr.distributed import active, ddp_ignore_frozen_bases
 
-__all__ = ["Workers", "batch_shard", "count_allreduced_bytes", "current", "launch", "local_device",
-           "sum_over_workers", "wrap"]
+__all__ = ["Workers", "batch_shard", "count_allreduced_bytes", "current", "finish_on_rank_0", "launch",
+           "local_device", "sum_over_workers", "wrap"]
 
 
 @dataclass(frozen=True)
@@ -161,22 +163,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable[..., Any], args: tuple) -> None:
+def finish_on_rank_0() -> bool:
+    """End the data-parallel part of a run: whether this process goes on, alone (rank 0 or a single process).
+
+    Every worker waits for the others (their collectives are done), then leaves the process group;
+    what follows (saving a model, scoring the saved file) is one process's work, and rank 0 does it
+    as a run on one process would, with no collective left for the others to join.
+    """
+    if not active():
+        return True
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    return rank == 0
+
+
+def _worker(rank: int, world_size: int, port: int, backend: str, threads: int, fn: Callable[..., Any],
+            args: tuple, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
-    if backend == "gloo":  # CPU workers share the cores rather than each taking all of them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(threads)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
-        fn(*args)
+        result = fn(*args)
+        if rank == 0:
+            with open(out, "wb") as f:
+                pickle.dump(result, f)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # `fn` may have left it already (`finish_on_rank_0`)
+            dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., Any], world_size: int, *args: Any, gpu: bool = False) -> None:
-    """Run ``fn(*args)`` in `world_size` new local processes joined in one process group (gloo, NCCL on GPUs).
+def launch(fn: Callable[..., Any], world_size: int, *args: Any, gpu: bool = False, threads: int | None = None
+           ) -> Any:
+    """Run ``fn(*args)`` in `world_size` new local processes joined in one process group (gloo, NCCL on
+    GPUs); returns rank 0's return value (which must pickle).
 
-    `fn` must be picklable (a module-level function); it reads its rank from :func:`current`.
+    `fn` must be picklable (a module-level function, or a partial of one); it reads its rank from
+    :func:`current`. Each process uses `threads` torch threads; by default CPU workers share the
+    cores (cores / workers each) rather than each taking all of them.
     """
     backend = "nccl" if gpu else "gloo"
-    mp.spawn(_worker, args=(world_size, _free_port(), backend, fn, args), nprocs=world_size, join=True)
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // world_size) if backend == "gloo" else torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="oialr-workers-") as tmp:
+        out = os.path.join(tmp, "rank0.pkl")
+        mp.spawn(_worker, args=(world_size, _free_port(), backend, threads, fn, args, out), nprocs=world_size,
+                 join=True)
+        with open(out, "rb") as f:  # written by this call's own rank 0, into this call's private folder
+            return pickle.load(f)

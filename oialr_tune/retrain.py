@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -37,7 +37,7 @@ import torch
 import yaml
 from torch.utils.data import ConcatDataset, Subset
 
-from oialr_tune import plugins
+from oialr_tune import distributed, plugins
 from oialr_tune.checks import check_user_code
 from oialr_tune.config import TrainConfig, check_seed, resolve_device, train_config_from_dict, train_config_to_dict
 from oialr_tune.data import load_data
@@ -49,8 +49,9 @@ from oialr_tune.oialr import low_rank_structure
 from oialr_tune.plugins import uses_user_code
 from oialr_tune.results import BestTrial, SweepResults, TrialInfo, best_trial, open_results
 from oialr_tune.run_record import TrainResult, checkpoint_payload, read_checkpoint, write_checkpoint
+from oialr_tune.space import Resources
 from oialr_tune.splits import Splits, TensorData
-from oialr_tune.stats import verdict, welch_interval
+from oialr_tune.stats import difference, mean_std
 from oialr_tune.sweep_state import CHECKPOINT_FILE, RETRAIN_DIR, SUMMARY_FILE
 from oialr_tune.tasks import task_for
 from oialr_tune.trainer import train
@@ -154,11 +155,11 @@ def _write_start_checkpoint(source: Path, cfg: TrainConfig, work_dir: Path) -> N
 
 
 def seed_jobs(arm: str, cfg: TrainConfig, seeds: Sequence[int], out_dir: Path, *, metric: str,
-              train_on: TrainOn = "train", start_from: Path | None = None) -> list[dict[str, Any]]:
+              train_on: TrainOn = "train", start_from: Path | None = None, workers: int = 1) -> list[dict[str, Any]]:
     """One `run_seed_anywhere` job per seed: what retrain and compare hand to `oialr_tune.parallel.run_all`.
 
     `metric` is the sweep's objective on the test split (`Objective.test_metric`): the saved model
-    files are scored again by it.
+    files are scored again by it. Each seed trains on `workers` data-parallel workers.
 
     The user functions `cfg` names travel pickled with each job, so a Ray worker (whose working
     directory is not the user's) can resolve them.
@@ -166,13 +167,22 @@ def seed_jobs(arm: str, cfg: TrainConfig, seeds: Sequence[int], out_dir: Path, *
     config = train_config_to_dict(cfg)
     user_code = plugins.pickled(config) if plugins.names_in(config) else None
     return [{"arm": arm, "cfg": dataclasses.replace(cfg, seed=seed), "out_dir": out_dir, "metric": metric,
-             "train_on": train_on, "start_from": start_from, "user_code": user_code} for seed in seeds]  # fmt: skip
+             "train_on": train_on, "start_from": start_from, "user_code": user_code, "workers": workers}
+            for seed in seeds]  # fmt: skip
 
 
-def run_seed_anywhere(user_code: bytes | None, **job: Any) -> dict[str, Any]:
-    """`run_seed` in any process (a Ray worker too): first make the driver's user functions resolvable."""
+def run_seed_anywhere(user_code: bytes | None, workers: int = 1, **job: Any) -> dict[str, Any]:
+    """`run_seed` in any process (a Ray worker too): first make the driver's user functions resolvable.
+
+    With `workers` > 1, on that many new local processes (DDP, with this process's torch threads
+    each, as a Ray Train worker gets its ``resources.cpu``); rank 0's row comes back.
+    """
     if user_code is not None:
         plugins.install(user_code)
+    if workers > 1:  # each new process installs the user code itself
+        gpu = distributed.check_workers(job["cfg"], workers, key="resources.workers")
+        return distributed.launch(functools.partial(run_seed_anywhere, user_code, **job), workers, gpu=gpu,
+                                  threads=torch.get_num_threads())
     return run_seed(**job)
 
 
@@ -183,8 +193,10 @@ def run_seed(
     seed_dir = out_dir / arm / f"seed_{cfg.seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = train_config_to_dict(cfg)
-    (seed_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    (seed_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))  # the same on every worker
     result = _train_seed(cfg, train_on=train_on, start_from=start_from)
+    if not distributed.finish_on_rank_0():  # of several workers, rank 0 alone saves and scores the model
+        return {}
     row = _metrics_row(arm, cfg, result)
     if result.status == "diverged":
         _log(f"{arm} seed {cfg.seed}: diverged; no model saved")
@@ -278,17 +290,6 @@ def _score_files(cfg: TrainConfig, main: str, model_path: Path, dense_path: Path
 # --- the whole retrain -----------------------------------------------------------------------------
 
 
-def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean, sample standard deviation (n - 1; None below two values) and the values themselves."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return {
-        "mean": statistics.fmean(finite) if finite else None,
-        "std": statistics.stdev(finite) if len(finite) >= 2 else None,
-        "n": len(finite),
-        "values": [None if v is None else float(v) for v in values],
-    }
-
-
 def _choose(res: SweepResults, arm: str, from_trial: str | None) -> tuple[TrialInfo, str]:
     """The trial to retrain for `arm`: the one named by `from_trial` if it is of this arm, else the best."""
     if from_trial is not None:
@@ -312,6 +313,7 @@ def retrain(
     arms: Sequence[str] | None = None,
     address: str | None = None,
     max_concurrent: int | None = None,
+    workers: int | None = None,
     trust_code: bool = False,
     log: Callable[[str], None] = _log,
 ) -> dict[str, Any]:
@@ -334,6 +336,8 @@ def retrain(
         arms: which arms; default every arm the sweep ran (``oialr`` and, if present, ``baseline``).
         address: a Ray cluster to run on (default: a local Ray, started for this call).
         max_concurrent: at most this many runs at once (default: as many as the resources allow).
+        workers: data-parallel workers per run (default: the sweep's ``resources.workers``), each with
+            the sweep's per-worker ``resources.cpu`` / ``.gpu``, on one machine.
         trust_code: run the user code the folder names even when this user's key did not sign it
             (see `oialr_tune.trust`); without it such a folder is refused before anything runs.
 
@@ -349,16 +353,20 @@ def retrain(
                   from_checkpoint=from_checkpoint, log=log)
     main, mode = res.space.objective.test_metric, res.space.objective.direction
     no_test = _no_test_split(plans, log)
+    resources = res.space.resources if workers is None else dataclasses.replace(res.space.resources, workers=workers)
     if address is not None:  # as `sweep` does: one line at once, not Ray's minutes of retries after configs are written
         from oialr_tune.tuning.cluster import check_address
 
         check_address(address)
+    for p in plans if resources.workers != 1 and address is None else ():  # a local run: this machine's workers
+        distributed.check_workers(p.cfg, resources.workers, key="--workers" if workers else "resources.workers")
     out_dir = Path(out) if out is not None else res.path / RETRAIN_DIR
     writable_folder(out_dir, "--out folder")
     if train_on == "train+val":
         log("training on train+val: the validation examples are part of training, so there are no val metrics")
-    jobs = _write_arm_configs(plans, seed_list, out_dir, metric=main, train_on=train_on, log=log)
-    rows = _run_jobs(jobs, res, main, address=address, max_concurrent=max_concurrent, log=log)
+    jobs = _write_arm_configs(plans, seed_list, out_dir, metric=main, train_on=train_on, workers=resources.workers,
+                              log=log)
+    rows = _run_jobs(jobs, resources, main, address=address, max_concurrent=max_concurrent, log=log)
     summary = _summary(res, out_dir, plans, rows, seed_list, train_on=train_on, from_checkpoint=from_checkpoint,
                        main=main, mode=mode, no_test=no_test)
     _write_outputs(out_dir, rows, summary)
@@ -439,7 +447,7 @@ def _no_test_split(plans: Sequence[_Plan], log: Callable[[str], None]) -> str | 
 
 
 def _write_arm_configs(plans: Sequence[_Plan], seed_list: list[int], out_dir: Path, *, metric: str,
-                       train_on: TrainOn, log: Callable[[str], None]) -> list[dict[str, Any]]:
+                       train_on: TrainOn, workers: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Write each arm's ``config.yaml`` and say what it will run; returns the (arm, seed) jobs."""
     jobs = []
     for p in plans:
@@ -448,13 +456,14 @@ def _write_arm_configs(plans: Sequence[_Plan], seed_list: list[int], out_dir: Pa
         (arm_dir / "config.yaml").write_text(yaml.safe_dump(train_config_to_dict(p.cfg), sort_keys=False))
         start = f"from model.weights {p.cfg.model.weights}" if p.cfg.model.weights else "from scratch"
         how = f"fine-tuning from {p.start_from}" if p.start_from else f"training {start}"
-        log(f"{p.arm}: {p.why}; {len(seed_list)} seed(s) {seed_list}, {p.cfg.schedule.epochs} epochs, {how}")
+        on = f" on {workers} workers each" if workers > 1 else ""
+        log(f"{p.arm}: {p.why}; {len(seed_list)} seed(s) {seed_list}{on}, {p.cfg.schedule.epochs} epochs, {how}")
         jobs += seed_jobs(p.arm, p.cfg, seed_list, out_dir, metric=metric, train_on=train_on,
-                          start_from=p.start_from)
+                          start_from=p.start_from, workers=workers)
     return jobs
 
 
-def _run_jobs(jobs: list[dict[str, Any]], res: SweepResults, main: str, *, address: str | None,
+def _run_jobs(jobs: list[dict[str, Any]], resources: Resources, main: str, *, address: str | None,
               max_concurrent: int | None, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Run every (arm, seed) job (in parallel where resources allow), logging each as it finishes."""
     finished = 0
@@ -466,7 +475,7 @@ def _run_jobs(jobs: list[dict[str, Any]], res: SweepResults, main: str, *, addre
             f"{main}={_num(row.get(main))} test_loss={_num(row['test_loss'])} "
             f"trainable_fraction={_num(row['trainable_fraction'])} ({row['wall_time_s']:.1f}s)")  # fmt: skip
 
-    return run_all(run_seed_anywhere, jobs, resources=res.space.resources, address=address,
+    return run_all(run_seed_anywhere, jobs, resources=resources, address=address,
                    max_concurrent=max_concurrent, on_done=done)  # fmt: skip
 
 
@@ -539,15 +548,7 @@ def _compare(arms: dict[str, Any], metric: str = "test_acc", mode: str = "max") 
     verdict (better/worse) follows `mode`, the direction that makes `metric` better."""
     if "oialr" not in arms or "baseline" not in arms:
         return None
-    a = [v for v in arms["oialr"][metric]["values"] if v is not None and math.isfinite(v)]
-    b = [v for v in arms["baseline"][metric]["values"] if v is not None and math.isfinite(v)]
-    if not a or not b:
-        return None
-    out: dict[str, Any] = {"metric": metric, "mode": mode, "difference": statistics.fmean(a) - statistics.fmean(b)}
-    if len(a) >= 2 and len(b) >= 2:
-        iv = welch_interval(a, b)
-        out.update(low=iv.low, high=iv.high, confidence=iv.confidence, verdict=verdict(iv, mode))
-    return out
+    return difference(arms["oialr"][metric]["values"], arms["baseline"][metric]["values"], metric, mode)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -160,12 +160,26 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
-def check_cluster_fits(r: Resources) -> None:
-    """A trial (or retrain run) asking for more than the cluster has would wait forever: refuse it now."""
+# What the Tune trial of a multi-worker trial holds itself beside its Ray Train workers (worker.make_trainable).
+TRIAL_CPU = 0.01
+
+
+def _trial_cpus(r: Resources, trial: bool) -> float:
+    """The CPUs one trial (`trial`) or one retrain run holds: its workers', and a multi-worker trial's own."""
+    return r.cpu * r.workers + (TRIAL_CPU if trial and r.workers > 1 else 0)
+
+
+def check_cluster_fits(r: Resources, *, trial: bool = True) -> None:
+    """A trial (`trial`) or retrain run asking for more than the cluster has would wait forever: refuse it now.
+
+    (A trial of N workers at ``cpu: 1`` on N CPUs does not fit: its Tune trial holds 0.01 CPU more.)
+    """
     have = ray.cluster_resources()
     each = f" x {r.workers} workers" if r.workers > 1 else ""
-    if r.cpu * r.workers > have.get("CPU", 0):
-        raise UserError(f"resources.cpu: {r.cpu} per trial{each} but the Ray cluster has {have.get('CPU', 0)} CPU(s)")
+    if _trial_cpus(r, trial) > have.get("CPU", 0):
+        plus = f" (+ {TRIAL_CPU} for the trial itself)" if trial and r.workers > 1 else ""
+        raise UserError(f"resources.cpu: {r.cpu} per trial{each}{plus} but the Ray cluster has "
+                        f"{have.get('CPU', 0)} CPU(s)")
     if r.gpu * r.workers > have.get("GPU", 0):
         raise UserError(f"resources.gpu: {r.gpu} per trial{each} but the Ray cluster has {have.get('GPU', 0)} GPU(s)")
 
@@ -179,8 +193,8 @@ def slots(resources: Resources, have: Mapping[str, float]) -> int:
     the previous trial runs; with the limit they start together, and the searcher proposes no config
     that could not run yet.
     """
-    n = resources.workers  # a multi-worker trial holds n workers' resources (its own 0.01 CPU aside)
-    fits = [have.get("CPU", 0) / (n * resources.cpu + (0.01 if n > 1 else 0))] if resources.cpu > 0 else []
+    n = resources.workers  # a multi-worker trial holds n workers' resources (and its own TRIAL_CPU)
+    fits = [have.get("CPU", 0) / _trial_cpus(resources, trial=True)] if resources.cpu > 0 else []
     if resources.gpu > 0:
         fits.append(have.get("GPU", 0) / (n * resources.gpu))
     return max(1, int(min(fits, default=1) + 1e-9))

@@ -1,8 +1,9 @@
 """Independent training runs (retrain seeds, compare arms × seeds) as Ray tasks, so no slot idles.
 
 Each run is a Ray task sized by the sweep's per-trial resources (``resources.cpu`` / ``.gpu``,
-fractional GPUs included), so retraining packs onto the machine (or, with ``address``, the
-cluster) as the sweep's trials did. The task calls the same function the sequential path calls,
+fractional GPUs included; times ``resources.workers`` for a run on several data-parallel workers,
+which the task starts on its node), so retraining packs onto the machine (or, with ``address``,
+the cluster) as the sweep's trials did. The task calls the same function the sequential path calls,
 with the same config and seed and the same number of torch threads (``resources.cpu``, as Ray
 gives a trial: float results depend on the thread count), so the metrics are the same; results
 come back in job order whatever order the runs finish in. ``max_concurrent`` bounds how many run
@@ -50,8 +51,9 @@ def run_all(
 
     started = start_ray(address, verbose=0)
     try:
-        check_cluster_fits(resources)
-        task = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu, max_retries=0)(_run_with_threads)
+        check_cluster_fits(resources, trial=False)
+        n = resources.workers  # a run on n data-parallel workers holds n workers' resources (one node's)
+        task = ray.remote(num_cpus=n * resources.cpu, num_gpus=n * resources.gpu, max_retries=0)(_run_with_threads)
         limit = max_concurrent or len(jobs)
         waiting = list(enumerate(jobs))
         running: dict[Any, int] = {}
