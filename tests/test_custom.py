@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers import EXAMPLES, custom_examples
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -34,20 +34,13 @@ from oialr_tune.space import space_from_dict
 from oialr_tune.trainer import train
 from oialr_tune.tuning import sweep
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "custom"
 TINY = {"budget": {"num_samples": 2, "max_epochs": 2, "grace_period": 1}, "resources": {"cpu": 1}}
 
 
 @pytest.fixture
 def custom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of examples/custom as the working directory; its modules are forgotten afterwards."""
-    folder = tmp_path / "custom"
-    shutil.copytree(EXAMPLES, folder, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.chdir(folder)
-    monkeypatch.setattr(sys, "path", list(sys.path))  # plugins adds the working directory
-    for name in ("my_models", "my_data", "my_loop", "my_metrics"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    return folder
+    """A copy of examples/custom as the working directory (`helpers.custom_examples`)."""
+    return custom_examples(tmp_path, monkeypatch, on_path=False)
 
 
 def _tiny_space(folder: Path, file: str, **changes: Any) -> Any:

@@ -9,14 +9,13 @@ vocabulary most of their tokens come from; chance is 50 %, counting tokens gives
 from __future__ import annotations
 
 import csv
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from helpers import custom_examples
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import BertForSequenceClassification, Trainer, TrainingArguments
@@ -29,19 +28,11 @@ from oialr_tune.huggingface import OIALRTrainerCallback
 from oialr_tune.oialr import OIALR, FullRank, export_dense
 from oialr_tune.trainer import train
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "custom"
-
 
 @pytest.fixture
 def hf_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of examples/custom as the working directory, its hf_* modules importable (and forgotten after)."""
-    folder = tmp_path / "custom"
-    shutil.copytree(EXAMPLES, folder, ignore=shutil.ignore_patterns("__pycache__", "results"))
-    monkeypatch.chdir(folder)
-    monkeypatch.setattr(sys, "path", [str(folder), *sys.path])
-    for name in ("hf_data", "hf_models"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    return folder
+    """A copy of examples/custom as the working directory, its hf_* modules importable."""
+    return custom_examples(tmp_path, monkeypatch)
 
 
 def _hf_trainer(model: nn.Module, train_set: Dataset, collate: Any, callback: OIALRTrainerCallback, out: Path,

@@ -9,7 +9,6 @@ a user would; the sweep shares the session's Ray.
 from __future__ import annotations
 
 import csv
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import yaml
 
 pytest.importorskip("lightning.pytorch", reason="Lightning is an optional extra: pip install 'oialr-tune[lightning]'")
 
+from helpers import custom_examples
 from test_bad_input import rejected, sweep_args, write_space  # noqa: F401 (rejected: fixture)
 
 from oialr_tune.config import LIGHTNING_TRAINABLE, train_config_from_dict
@@ -31,21 +31,14 @@ from oialr_tune.space import space_from_dict
 from oialr_tune.trainer import train
 from oialr_tune.tuning import sweep
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "custom"
 # Cuts every 5 steps once factorized (13 steps an epoch), whatever the basis stability: a cut is certain.
 OIALR = {"delay": 0.2, "stability_frequency": 5, "stability_threshold": None, "sigma_cutoff_fraction": 0.3}
 
 
 @pytest.fixture
 def custom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of examples/custom as the working directory; its modules are forgotten afterwards."""
-    folder = tmp_path / "custom"
-    shutil.copytree(EXAMPLES, folder, ignore=shutil.ignore_patterns("__pycache__", "results"))
-    monkeypatch.chdir(folder)
-    monkeypatch.setattr(sys, "path", [str(folder), *sys.path])
-    for name in ("my_models", "my_data", "my_lightning", "my_lightning_loop"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    return folder
+    """A copy of examples/custom as the working directory (`helpers.custom_examples`)."""
+    return custom_examples(tmp_path, monkeypatch, written=("my_lightning_loop",))
 
 
 def _base(folder: Path, **changes: Any) -> dict[str, Any]:
