@@ -75,7 +75,7 @@ def merge_train_val(splits: Splits) -> Splits:
     """A copy of `splits` whose training set also holds the validation examples; val is empty.
 
     For tensor datasets the examples are concatenated; for folder datasets the two index lists are
-    joined. The test split is untouched. With an empty val split the trainer reports NaN val
+    joined; a user's data read through a loader has its two Datasets concatenated. The test split is untouched. With an empty val split the trainer reports NaN val
     metrics, which is the honest value: there is nothing left to validate on.
     """
     train, val = splits.train, splits.val
@@ -90,6 +90,9 @@ def merge_train_val(splits: Splits) -> Splits:
             ConcatDataset([eval_view, val]), ConcatDataset([train_view, Subset(train_view.dataset, val.indices)])
         )
         return dataclasses.replace(splits, train=merged, val=Subset(val.dataset, []))
+    if plugins.is_import_path(splits.name) and not isinstance(train, TensorData):
+        # A user's data read through a loader (large, or dict examples): one Dataset, no augmented view.
+        return dataclasses.replace(splits, train=ConcatDataset([train, val]), val=Subset(val, []))
     raise UserError(f"--train-on: train+val is not supported for data.name {splits.name!r}")
 
 

@@ -23,9 +23,11 @@ from transformers import BertForSequenceClassification, Trainer, TrainingArgumen
 from oialr_tune.checks import check_run
 from oialr_tune.cli import main
 from oialr_tune.config import train_config_from_dict
+from oialr_tune.data import load_data
 from oialr_tune.errors import UserError
 from oialr_tune.huggingface import OIALRTrainerCallback
 from oialr_tune.oialr import OIALR, FullRank, export_dense
+from oialr_tune.retrain import merge_train_val
 from oialr_tune.trainer import train
 
 
@@ -119,6 +121,13 @@ def test_dict_examples_train_and_score_in_the_builtin_trainer(hf_examples: Path)
     assert result.final["trainable_fraction"] < 0.5
     assert result.test_metrics["test_acc"] > 0.8  # chance: 0.5
     assert result.model_shapes is not None and result.model_shapes[1] == 2  # classes from the labels
+
+    # retrain --train-on train+val: the validation examples join the training Dataset, batched alike.
+    splits = load_data(cfg.data, torch.device("cpu"))
+    merged = merge_train_val(splits)
+    assert len(merged.train) == len(splits.train) + len(splits.val) and len(merged.val) == 0
+    inputs, labels = next(iter(merged.loader("train", 16, train=True)))
+    assert set(inputs) == {"input_ids", "attention_mask"} and labels.shape == (16,)
 
 
 BAD_DATA = """
