@@ -75,8 +75,9 @@ def merge_train_val(splits: Splits) -> Splits:
     """A copy of `splits` whose training set also holds the validation examples; val is empty.
 
     For tensor datasets the examples are concatenated; for folder datasets the two index lists are
-    joined; a user's data read through a loader has its two Datasets concatenated. The test split is untouched. With an empty val split the trainer reports NaN val
-    metrics, which is the honest value: there is nothing left to validate on.
+    joined; a user's data read through a loader has its two Datasets concatenated. The test split is
+    untouched. With an empty val split the trainer reports NaN val metrics, which is the honest
+    value: there is nothing left to validate on.
     """
     train, val = splits.train, splits.val
     if isinstance(train, TensorData) and isinstance(val, TensorData):
