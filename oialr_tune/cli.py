@@ -50,16 +50,9 @@ def _train_and_print(cfg: Any, checkpoint_dir: str | None) -> None:
 
     workers = distributed.current()
     main = workers is None or workers.main
-    try:
-        # Progress on stderr (a start line, then a bar on a terminal or a line per epoch); the result on stdout.
-        result = train(cfg, checkpoint_dir=checkpoint_dir, evaluate_test=True,
-                       progress=TrainProgress() if main else None)
-    except UserError as e:
-        if workers is None:
-            raise
-        if main:
-            print(f"oialr-tune: error: {one_line(str(e))}", file=sys.stderr, flush=True)
-        sys.exit(2)  # the launcher exits with this status
+    # Progress on stderr (a start line, then a bar on a terminal or a line per epoch); the result on stdout.
+    # A UserError on a worker reaches `main` through `distributed.launch` as itself: one line, exit 2.
+    result = train(cfg, checkpoint_dir=checkpoint_dir, evaluate_test=True, progress=TrainProgress() if main else None)
     if not main:
         return
     final = result.history[-1] if result.history else {}

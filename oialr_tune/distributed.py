@@ -189,6 +189,10 @@ def _worker(rank: int, world_size: int, port: int, backend: str, threads: int, f
         if rank == 0:
             with open(out, "wb") as f:
                 pickle.dump(result, f)
+    except UserError as e:  # bad input found while training: the parent raises it as one line
+        with open(f"{out}.{rank}.error", "wb") as f:
+            pickle.dump(e, f)
+        raise
     finally:
         if dist.is_initialized():  # `fn` may have left it already (`finish_on_rank_0`)
             dist.destroy_process_group()
@@ -201,14 +205,22 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, gpu: bool = Fals
 
     `fn` must be picklable (a module-level function, or a partial of one); it reads its rank from
     :func:`current`. Each process uses `threads` torch threads; by default CPU workers share the
-    cores (cores / workers each) rather than each taking all of them.
+    cores (cores / workers each) rather than each taking all of them. A `UserError` in a worker (bad
+    input that shows only while training) is raised here as it is, so the CLI prints it as one line.
     """
     backend = "nccl" if gpu else "gloo"
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // world_size) if backend == "gloo" else torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="oialr-workers-") as tmp:
         out = os.path.join(tmp, "rank0.pkl")
-        mp.spawn(_worker, args=(world_size, _free_port(), backend, threads, fn, args, out), nprocs=world_size,
-                 join=True)
+        try:
+            mp.spawn(_worker, args=(world_size, _free_port(), backend, threads, fn, args, out), nprocs=world_size,
+                     join=True)
+        except mp.ProcessRaisedException:  # spawn's message is the worker's whole traceback
+            errors = [os.path.join(tmp, name) for name in sorted(os.listdir(tmp)) if name.endswith(".error")]
+            if not errors:
+                raise
+            with open(errors[0], "rb") as f:  # written by this call's own worker, into its private folder
+                raise pickle.load(f) from None
         with open(out, "rb") as f:  # written by this call's own rank 0, into this call's private folder
             return pickle.load(f)

@@ -84,3 +84,10 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+
+
+def refuse_on_every_rank(message: str) -> None:
+    """A worker that finds bad input while training (as a loop that never reports does)."""
+    from oialr_tune.errors import LoopMistake
+
+    raise LoopMistake(f"{message} (rank {dist.get_rank()})")

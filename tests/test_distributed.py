@@ -23,14 +23,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from _ddp_ranks import BATCH, _data, _ddp_worker, _free_port, _model, _train
+from _ddp_ranks import BATCH, _data, _ddp_worker, _free_port, _model, _train, refuse_on_every_rank
 from tiny_sweep import tiny_space
 from torch import nn
 
 from oialr_tune import distributed
 from oialr_tune.config import train_config_from_dict
 from oialr_tune.distributed import current, launch
-from oialr_tune.errors import UserError
+from oialr_tune.errors import LoopMistake, UserError
 from oialr_tune.model_io import load_model
 from oialr_tune.oialr import low_rank_structure
 from oialr_tune.oialr.distributed import state_digest
@@ -121,6 +121,14 @@ def _trainer_worker(out_dir: str) -> None:
     out = {"full": _summary(full), "resumed": _summary(resumed), "saved_epoch": saved_epoch,
            "rank": workers.rank, "world": workers.world_size}
     Path(out_dir, f"trainer{workers.rank}.json").write_text(json.dumps(out))
+
+
+def test_bad_input_found_in_a_worker_is_raised_by_launch_as_one_line() -> None:
+    """A UserError raised while training on N workers reaches the caller as itself (the CLI's one line,
+    exit 2), not as torch.multiprocessing's ProcessRaisedException with the worker's traceback."""
+    with pytest.raises(LoopMistake, match=r"^trainable: never calls trial\.report \(rank 0\)$") as e:
+        launch(refuse_on_every_rank, 2, "trainable: never calls trial.report")
+    assert "\n" not in str(e.value)
 
 
 def test_two_workers_match_one_process_and_resume_from_rank_0s_checkpoint(tmp_path: Path) -> None:
