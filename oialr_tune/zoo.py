@@ -59,11 +59,7 @@ def torchvision_model(arch: str, in_shape: tuple[int, ...], num_classes: int, pr
         args = {**args, "image_size": in_shape[-1]}
     model = get_model(arch, weights=None, num_classes=num_classes, **args)
     if pretrained:
-        url = get_model_weights(arch).DEFAULT.url
-        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-        if not file.is_file():
-            raise UserError(f"{_WHERE}: torchvision {arch}'s weights are not in the local cache and are never "
-                            f"downloaded: put {file.name} (from {url}) in {file.parent}")  # fmt: skip
+        file = _torch_hub_file(get_model_weights(arch).DEFAULT.url, f"torchvision {arch}")
         _load_except_head(model, file, f"torchvision {arch}")
     return adapt_channels(model, in_shape[0])
 
@@ -132,10 +128,16 @@ def _timm_cached_file(arch: str) -> Path:
         raise UserError(f"{_WHERE}: timm {arch}'s weights are not in the local Hugging Face cache and are never "
                         f"downloaded: fetch model.safetensors of {cfg.hf_hub_id} where there is network (e.g. "
                         f"huggingface-cli download {cfg.hf_hub_id}) and copy the cache (HF_HUB_CACHE) here")
-    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+    return _torch_hub_file(cfg.url, f"timm {arch}")
+
+
+def _torch_hub_file(url: str, what: str) -> Path:
+    """Where torch hub caches the weights at `url` (``$TORCH_HOME/hub/checkpoints``); a UserError
+    saying which file to put where when it is not there (it is never downloaded)."""
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
     if not file.is_file():
-        raise UserError(f"{_WHERE}: timm {arch}'s weights are not in the local cache and are never "
-                        f"downloaded: put {file.name} (from {cfg.url}) in {file.parent}")  # fmt: skip
+        raise UserError(f"{_WHERE}: {what}'s weights are not in the local cache and are never "
+                        f"downloaded: put {file.name} (from {url}) in {file.parent}")  # fmt: skip
     return file
 
 
