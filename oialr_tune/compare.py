@@ -46,7 +46,7 @@ from oialr_tune.metrics import comparison_columns
 from oialr_tune.results import best_trial, check_max_trainable_fraction
 from oialr_tune.retrain import run_seed_anywhere, seed_jobs
 from oialr_tune.space import SearchSpace, load_space, space_from_dict, with_settings
-from oialr_tune.stats import verdict, welch_interval
+from oialr_tune.stats import finite, verdict, welch_interval
 from oialr_tune.sweep_state import SWEEP_FILE, TRIALS_FILE
 from oialr_tune.trust import check_folder
 from oialr_tune.tuning.parallel import run_all
@@ -233,13 +233,13 @@ def summarize(table: pd.DataFrame, metric: str | None = None, mode: str | None =
     """
     metric = metric or table.attrs.get("metric", "test_acc")
     mode = mode or table.attrs.get("mode", "max")
-    ref = _finite(table.loc[table["arm"] == REFERENCE, metric])
+    ref = finite(table.loc[table["arm"] == REFERENCE, metric])
     out = []
     for arm, label in ARMS:
         rows = table[table["arm"] == arm]
         if rows.empty:
             continue
-        values = _finite(rows[metric])
+        values = finite(rows[metric])
         entry: dict[str, Any] = {
             "arm": arm,
             "label": label,
@@ -308,7 +308,3 @@ def _plot(path: Path, summary: list[dict[str, Any]], title: str, metric: str) ->
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _finite(values: pd.Series) -> list[float]:
-    return [float(v) for v in values if v is not None and math.isfinite(float(v))]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Interval", "difference", "in_words", "mean_std", "verdict", "welch_interval"]
+__all__ = ["Interval", "difference", "finite", "in_words", "mean_std", "verdict", "welch_interval"]
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,18 @@ def in_words(a: float, b: float, mode: str = "max", scale: float = 1.0, unit: st
     return f"{'better' if better else 'worse'} by {abs(a - b) * scale:.4g}{unit}"
 
 
+def finite(values: Iterable[float | None]) -> list[float]:
+    """The values that are numbers (not None, NaN or infinite): what a mean or an interval is taken over."""
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
 def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
     """Mean, sample standard deviation (n - 1; None below two values) and the values themselves."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    numbers = finite(values)
     return {
-        "mean": statistics.fmean(finite) if finite else None,
-        "std": statistics.stdev(finite) if len(finite) >= 2 else None,
-        "n": len(finite),
+        "mean": statistics.fmean(numbers) if numbers else None,
+        "std": statistics.stdev(numbers) if len(numbers) >= 2 else None,
+        "n": len(numbers),
         "values": [None if v is None else float(v) for v in values],
     }
 
@@ -86,8 +91,7 @@ def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
 def difference(a: Sequence[float | None], b: Sequence[float | None], metric: str, mode: str) -> dict[str, Any] | None:
     """mean(a) − mean(b) of `metric` over the finite values, with a Welch 95 % interval when both have ≥ 2;
     the verdict (better/worse) follows `mode`, the direction that makes `metric` better. None if one is empty."""
-    xs = [float(v) for v in a if v is not None and math.isfinite(v)]
-    ys = [float(v) for v in b if v is not None and math.isfinite(v)]
+    xs, ys = finite(a), finite(b)
     if not xs or not ys:
         return None
     out: dict[str, Any] = {"metric": metric, "mode": mode, "difference": statistics.fmean(xs) - statistics.fmean(ys)}
